@@ -1,0 +1,32 @@
+"""qkernels: the integer engine of qtrain (numpy + numba only, never torch).
+
+The fixed-point spec lives in :mod:`qkernels.fixedpoint`, integer tensors in
+:mod:`qkernels.format`, the int8 L1BN kernels in :mod:`qkernels.l1bn`, the counter-based random
+stream and stochastic rounding in :mod:`qkernels.rng`, operation counts and the ASIC estimate in
+:mod:`qkernels.opcount`, and the slow references every kernel is tested against in
+:mod:`qkernels.oracle`.
+"""
+
+from .format import QTensor, code_dtype
+from .l1bn import (
+    L1BNCache,
+    count_ops,
+    l1bn_backward,
+    l1bn_fold,
+    l1bn_forward,
+    l1bn_inference,
+    l1bn_update_running,
+)
+
+__all__ = [
+    "QTensor",
+    "code_dtype",
+    "L1BNCache",
+    "count_ops",
+    "l1bn_backward",
+    "l1bn_fold",
+    "l1bn_forward",
+    "l1bn_inference",
+    "l1bn_update_running",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,209 @@
+"""The fixed-point spec: number format, rounding, saturation, dyadic scalars, reciprocal.
+
+Everything numeric that qkernels and qtrain agree on is defined here, once.
+
+Number format
+-------------
+An integer tensor is a pair ``(q, e)``: integer codes ``q`` and a per-tensor power-of-two
+exponent ``e``; the value it stands for is ``q * 2**e``. A ``k``-bit code is symmetric:
+``-(2**(k-1) - 1) <= q <= 2**(k-1) - 1`` (so ``-2**(k-1)`` never occurs and negation never
+overflows). ``k`` is 2..16 for weights, activations, errors and gradients; codes of up to 8 bits
+are stored as ``int8`` and wider ones as ``int16``.
+
+Accumulators and stores
+-----------------------
+* per-row partial sums of int8 codes: ``int32`` (a row is at most ``ROW_MAX`` elements);
+* per-channel sums and every per-channel intermediate: ``int64``;
+* BN scale/shift (gamma, beta) codes: ``int32`` with their own exponent (the wide weight store);
+* running statistics: ``int64`` codes with the fixed exponent ``RUN_EXP``.
+
+Rounding
+--------
+Round-to-nearest is *round half up*: ``floor(t + 1/2)``, done on integers as
+``(v + 2**(s-1)) >> s``. Stochastic rounding (``qkernels.rng``) adds a uniform integer in
+``[0, 2**s)`` before the shift. Saturation clamps to the symmetric code range.
+
+Dyadic scalars
+--------------
+Per-channel quantities that are not integers (a reciprocal, a slope) are *dyadic numbers*
+``(mant, exp)`` with value ``mant * 2**exp`` and ``2**30 <= |mant| < 2**31`` (or ``mant == 0``).
+A product of two mantissas fits in 62 bits, so multiplying is one int64 multiply and a
+renormalising shift; each operation truncates toward zero with a relative error below 2**-30.
+This is the (multiplier, shift) pair of integer-only inference, kept normalised.
+
+All functions here are Numba ``njit`` functions on Python ints/NumPy integers: kernels inline
+them, and the oracle (``qkernels.oracle``) calls the very same functions from Python, so the
+per-channel arithmetic has exactly one definition.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+#: Code widths accepted for W, A, G and E.
+BITS_MIN = 2
+BITS_MAX = 16
+
+#: Mantissa width of dyadic scalars: normalised mantissas satisfy 2**30 <= |mant| < 2**31.
+MANT_BITS = 31
+_MANT_LO = np.int64(1) << np.int64(MANT_BITS - 1)
+
+#: Largest number of values per channel (m = N*H*W) the L1BN kernels accept. It keeps every
+#: exact per-channel intermediate inside int64: |m*x - S| <= 254*m < 2**31, the L1 sum
+#: D <= 254*m**2 < 2**54, and the backward's sum |sum g*(m*x - S)| <= 127*254*m**2 < 2**61.
+M_MAX = 1 << 23
+
+#: Largest row (H*W, or N for 2-D input) summed in an int32 partial: 127*2**23 < 2**31.
+ROW_MAX = 1 << 23
+
+#: Exponent of running-statistics codes (value = code * 2**RUN_EXP).
+RUN_EXP = -24
+
+#: Momentum is a fixed-point fraction momentum_q / 2**MOMENTUM_BITS (torch convention:
+#: new = (1 - momentum) * old + momentum * batch).
+MOMENTUM_BITS = 16
+
+#: Fractional bits of the per-channel affine (A, B, sh): SH_MIN keeps the offset's rounding below
+#: 2**-9 LSB, SH_MAX keeps |B * 2**sh| inside int64 for |B| <= OFFSET_MAX.
+SH_MIN = 8
+SH_MAX = 40
+
+#: Largest |offset| (beta, in output LSBs) the forward accepts; with SH_MAX it keeps every
+#: per-element sum below 2**62.
+OFFSET_MAX = 1 << 20
+
+#: Slopes beyond this many output LSBs per unit are clamped: any |u| >= 1 saturates anyway.
+SLOPE_MAX_LOG2 = MANT_BITS - 1 - SH_MIN
+
+
+@njit(cache=True)
+def qmax(bits):
+    """Largest code of a symmetric ``bits``-wide format: 2**(bits-1) - 1."""
+    return (np.int64(1) << np.int64(bits - 1)) - np.int64(1)
+
+
+@njit(cache=True)
+def saturate(v, q):
+    """Clamp ``v`` to ``[-q, q]``."""
+    return min(max(v, -q), q)
+
+
+@njit(cache=True)
+def round_shift(v, s):
+    """``round(v / 2**s)`` with ties up, for ``s >= 0`` and ``|v| < 2**62``."""
+    if s <= 0:
+        return v << np.int64(-s)
+    if s > 62:
+        return np.int64(0)
+    return (v + (np.int64(1) << np.int64(s - 1))) >> np.int64(s)
+
+
+@njit(cache=True)
+def bit_length(v):
+    """Number of bits of ``|v|`` (0 for 0), by binary search with shifts and compares."""
+    a = abs(np.int64(v))
+    n = np.int64(0)
+    for step in (32, 16, 8, 4, 2, 1):
+        if a >> np.int64(step):
+            a >>= np.int64(step)
+            n += step
+    return n + (a > 0)
+
+
+@njit(cache=True)
+def dy_norm(v, e):
+    """Dyadic ``(mant, exp)`` for the exact integer ``v * 2**e`` (truncating toward zero)."""
+    v = np.int64(v)
+    if v == 0:
+        return np.int64(0), np.int64(0)
+    a = abs(v)
+    b = bit_length(a)
+    if b > MANT_BITS:
+        a >>= np.int64(b - MANT_BITS)
+    else:
+        a <<= np.int64(MANT_BITS - b)
+    exp = np.int64(e) + b - MANT_BITS
+    return (a if v > 0 else -a), exp
+
+
+@njit(cache=True)
+def dy_mul(am, ae, bm, be):
+    """Product of two dyadic numbers."""
+    return dy_norm(am * bm, ae + be)
+
+
+@njit(cache=True)
+def dy_add(am, ae, bm, be):
+    """Sum of two dyadic numbers (the smaller is aligned to the larger, truncating)."""
+    if am == 0:
+        return am, ae
+    if bm == 0:
+        return am, ae
+    if ae < be:
+        am, ae, bm, be = bm, be, am, ae
+    d = ae - be
+    bm = bm >> np.int64(d) if d < 63 else np.int64(0)
+    return dy_norm(am + bm, ae)
+
+
+@njit(cache=True)
+def dy_recip(dm, de):
+    """Reciprocal of a positive dyadic number: ``2**62 // mant``, the one division per channel."""
+    r = (np.int64(1) << np.int64(62)) // dm
+    return dy_norm(r, -np.int64(62) - de)
+
+
+@njit(cache=True)
+def dy_to_fixed(m, e, sh):
+    """``round(m * 2**(e + sh))`` as an int64, saturated to ``+-2**62``."""
+    if m != 0 and e + sh + bit_length(m) > 62:
+        return np.int64(1 << 62) if m > 0 else -np.int64(1 << 62)
+    return round_shift(m, -(e + sh))
+
+
+@njit(cache=True)
+def affine_params(km, ke, a1, b1, om, oe, q):
+    """Integer affine ``y = saturate((A*x + B) >> sh, q)`` for ``y = K*(a1*x - b1) + O``.
+
+    ``K = km * 2**ke`` is the slope in output LSBs per unit of ``u = a1*x - b1`` (exact
+    integers with ``|u| < 2**31``), ``O = om * 2**oe`` the offset in output LSBs. The slope is
+    held with ``sh`` fractional bits, ``SH_MIN <= sh <= SH_MAX``, as ``Kf < 2**30``; slopes above
+    ``2**SLOPE_MAX_LOG2`` are clamped (every ``|u| >= 1`` saturates either way). The rounding
+    half is folded into ``B``, so applying is one multiply, one add, one shift and a clamp, and
+    ``A*x + B = Kf*u + round(O * 2**sh) + 2**(sh-1)`` exactly (no cancellation error).
+
+    Returns ``(A, B, sh)``.
+    """
+    if km != 0 and ke + bit_length(km) - 1 > SLOPE_MAX_LOG2:
+        km = np.int64(1 << 30) if km > 0 else -np.int64(1 << 30)
+        ke = np.int64(SLOPE_MAX_LOG2 - 30)
+    sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
+    kf = dy_to_fixed(km, ke, sh)
+    lim = np.int64(1) << np.int64(60)
+    of = saturate(dy_to_fixed(om, oe, sh) if om != 0 else np.int64(0), lim)
+    a = kf * a1
+    b = of - kf * b1 + (np.int64(1) << np.int64(sh - 1))
+    return a, b, np.int64(sh)
+
+
+@njit(cache=True)
+def affine_apply(a, b, sh, x, q):
+    """One output code of an affine from :func:`affine_params`."""
+    return saturate((a * np.int64(x) + b) >> sh, q)
+
+
+@njit(cache=True)
+def floor_div_by_recip(s, m, rm, re):
+    """``floor(s / m)`` for ``m > 0`` without a division, from ``1/m ~ rm * 2**re``.
+
+    The estimate ``s * (1/m)`` is within one of the answer; one multiply-and-compare each way
+    corrects it.
+    """
+    qm, qe = dy_mul(*dy_norm(s, 0), rm, re)
+    t = round_shift(qm, -qe) if qe < 0 else qm << qe
+    while m * t > s:
+        t -= 1
+    while m * (t + 1) <= s:
+        t += 1
+    return t

@@ -1,0 +1,609 @@
+r"""Integer L1-norm batch normalization (L1BN) kernels for int8 codes.
+
+Per channel, over its ``m = N*H*W`` codes ``x`` (see ``docs/l1bn-integer.md`` for the
+derivation and the error bounds):
+
+.. math::
+
+    S = \sum x_i, \qquad D = \sum |m x_i - S| = m \sum s_i x_i - S \sum s_i,
+    \qquad s_i = \operatorname{sgn}(m x_i - S),
+
+so :math:`\mu = S/m` and :math:`\sigma = D/m^2` exactly, in input LSBs, and
+
+.. math::
+
+    \hat x_i = \frac{x_i - \mu}{\sigma + \epsilon} = \frac{m\,(m x_i - S)}{D_\epsilon},
+    \qquad y_i = \gamma \hat x_i + \beta .
+
+The statistics use only add, sub and sign; ``1/D_eps`` is the one division per channel
+(:func:`~qkernels.fixedpoint.dy_recip`); every output code is one integer multiply-and-shift
+``saturate((A*x + B) >> sh)``. The backward is equation (20) of the paper with the integer sums
+``sum g``, ``sum g*x`` and ``sum s`` and the forward's reciprocal reused. No floating point
+is used anywhere in this module's kernels (``tests/qkernels/test_no_float.py`` reads their LLVM
+IR to prove it).
+
+Drivers run the same per-channel worker serially or with ``prange`` over channels, so each
+channel's sums stay on one thread and results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from .fixedpoint import (
+    M_MAX,
+    MOMENTUM_BITS,
+    OFFSET_MAX,
+    RUN_EXP,
+    affine_params,
+    bit_length,
+    dy_add,
+    dy_mul,
+    dy_norm,
+    dy_recip,
+    dy_to_fixed,
+    floor_div_by_recip,
+    qmax,
+    round_shift,
+    saturate,
+)
+from .format import QTensor, check_array, check_bits, check_exp, check_qtensor, code_dtype
+
+# ---------------------------------------------------------------------------------------------
+# Operation counter slots (Table IV's columns). Workers tally into ``cnt`` when it is non-empty;
+# the public functions pass an empty array, so counting costs one branch per row.
+SIGN, ABS, ADD, SUB, MUL, DIV, SQUARE, SQRT = range(8)
+OP_NAMES = ("SIGN", "ABS", "ADD", "SUB", "MUL", "DIV", "SQUARE", "SQRT")
+
+# Columns of the per-channel statistics a forward leaves for its backward.
+ST_SUM, ST_DEV, ST_SIGNSUM, ST_TLO, ST_THI, ST_RMANT, ST_REXP, N_STATS = range(8)
+
+#: Elements summed into one int32 partial (127*127*BLOCK < 2**31).
+BLOCK = 4096
+
+_NO_COUNT = np.zeros(0, dtype=np.int64)
+
+
+@njit(cache=True, inline="always")
+def _tally(cnt, op, n):
+    if cnt.shape[0]:
+        cnt[op] += n
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element passes over one channel of x with shape (N, C, L).
+
+
+@njit(cache=True, inline="always")
+def _sum_pass(x, c, cnt):
+    """S = sum of the channel's codes (add only)."""
+    n_rows, _, n_cols = x.shape
+    total = np.int64(0)
+    for n in range(n_rows):
+        for l0 in range(0, n_cols, BLOCK):
+            part = np.int32(0)
+            for l in range(l0, min(l0 + BLOCK, n_cols)):
+                part += np.int32(x[n, c, l])
+            total += part
+        _tally(cnt, ADD, n_cols)
+    return total
+
+
+@njit(cache=True, inline="always")
+def _sign_pass(x, c, t_lo, t_hi, cnt):
+    """sum(s*x) and sum(s) for s = sgn(x - mu) = [x >= t_hi] - [x <= t_lo]."""
+    n_rows, _, n_cols = x.shape
+    sx = np.int64(0)
+    ss = np.int64(0)
+    for n in range(n_rows):
+        for l0 in range(0, n_cols, BLOCK):
+            part_sx = np.int32(0)
+            part_s = np.int32(0)
+            for l in range(l0, min(l0 + BLOCK, n_cols)):
+                v = np.int32(x[n, c, l])
+                s = np.int32(v >= t_hi) - np.int32(v <= t_lo)
+                part_sx += s * v
+                part_s += s
+            sx += part_sx
+            ss += part_s
+        _tally(cnt, SIGN, n_cols)
+        _tally(cnt, MUL, n_cols)
+        _tally(cnt, ADD, 2 * n_cols)
+    return sx, ss
+
+
+@njit(cache=True, inline="always")
+def _affine_pass(x, y, c, a, b, sh, q, cnt):
+    """y = saturate((a*x + b) >> sh): one multiply-and-shift per element."""
+    n_rows, _, n_cols = x.shape
+    for n in range(n_rows):
+        for l in range(n_cols):
+            y[n, c, l] = saturate((a * np.int64(x[n, c, l]) + b) >> sh, q)
+        _tally(cnt, MUL, n_cols)
+        _tally(cnt, ADD, n_cols)
+
+
+@njit(cache=True, inline="always")
+def _grad_sums_pass(x, g, c, cnt):
+    """sum(g) and sum(g*x) over the channel."""
+    n_rows, _, n_cols = x.shape
+    sg = np.int64(0)
+    sgx = np.int64(0)
+    for n in range(n_rows):
+        for l0 in range(0, n_cols, BLOCK):
+            part_g = np.int32(0)
+            part_gx = np.int32(0)
+            for l in range(l0, min(l0 + BLOCK, n_cols)):
+                gv = np.int32(g[n, c, l])
+                part_g += gv
+                part_gx += gv * np.int32(x[n, c, l])
+            sg += part_g
+            sgx += part_gx
+        _tally(cnt, MUL, n_cols)
+        _tally(cnt, ADD, 2 * n_cols)
+    return sg, sgx
+
+
+@njit(cache=True, inline="always")
+def _grad_affine_pass(x, g, dx, c, a, b_neg, b_zero, b_pos, sh, t_lo, t_hi, q, cnt):
+    """dx = saturate((a*g + b[s]) >> sh) with s = sgn(x - mu) selecting the offset."""
+    n_rows, _, n_cols = x.shape
+    for n in range(n_rows):
+        for l in range(n_cols):
+            v = x[n, c, l]
+            b = b_pos if v >= t_hi else (b_neg if v <= t_lo else b_zero)
+            dx[n, c, l] = saturate((a * np.int64(g[n, c, l]) + b) >> sh, q)
+        _tally(cnt, SIGN, n_cols)
+        _tally(cnt, MUL, n_cols)
+        _tally(cnt, ADD, n_cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel arithmetic shared by the kernels and the oracle (all integer).
+
+
+@njit(cache=True)
+def mean_thresholds(s, m, inv_m_mant, inv_m_exp):
+    """Integer thresholds of sgn(m*x - s): x <= t_lo gives -1, x >= t_hi gives +1."""
+    t = floor_div_by_recip(s, m, inv_m_mant, inv_m_exp)
+    t_lo = t - 1 if m * t == s else t
+    return t_lo, t + 1
+
+
+@njit(cache=True)
+def dev_reciprocal(dev, m, eps_shift, use_eps):
+    """Dyadic 1/(D + m*m*2**eps_shift), or (0, 0) for a constant channel without epsilon."""
+    dm, de = dy_norm(dev, 0)
+    if use_eps:
+        dm, de = dy_add(dm, de, *dy_norm(m * m, eps_shift))
+    if dm == 0:
+        return np.int64(0), np.int64(0)
+    return dy_recip(dm, de)
+
+
+@njit(cache=True)
+def forward_params(s, m, rm, re, gamma_q, gamma_shift, beta_q, beta_shift, q):
+    """(A, B, sh) of the training forward for one channel.
+
+    y = gamma_lsb * m*(m*x - S)/D_eps + beta_lsb, i.e. slope K = gamma_q*m/D_eps *
+    2**gamma_shift per unit of u = m*x - S and offset beta_q * 2**beta_shift (output LSBs).
+    """
+    km, ke = dy_mul(*dy_norm(gamma_q * m, gamma_shift), rm, re)
+    if rm == 0:
+        km, ke = np.int64(0), np.int64(0)
+    om, oe = dy_norm(beta_q, beta_shift)
+    return affine_params(km, ke, m, s, om, oe, q)
+
+
+@njit(cache=True)
+def backward_params(s, m, sign_sum, rm, re, sg, sgx, gamma_q, k_shift, q):
+    """(A, B_neg, B_zero, B_pos, sh) of equation (20) for one channel.
+
+    dx = K*(m*g - sum g) - K*(P/D_eps)*(m*s - sum s), with K = gamma_q*m/D_eps * 2**k_shift and
+    P = sum g*(m*x - S) = m*sum(g*x) - S*sum(g): affine in g, with one offset per sign s.
+    """
+    if rm == 0:
+        z = np.int64(0)
+        return z, z, z, z, np.int64(1)
+    p = m * sgx - s * sg
+    km, ke = dy_mul(*dy_norm(gamma_q * m, k_shift), rm, re)
+    kqm, kqe = dy_mul(km, ke, *dy_mul(*dy_norm(p, 0), rm, re))
+    out = np.zeros(3, dtype=np.int64)
+    a = np.int64(0)
+    sh = np.int64(0)
+    for i in range(3):
+        w = m * (i - 1) - sign_sum
+        cm, ce = dy_mul(kqm, kqe, *dy_norm(-w, 0))
+        a, out[i], sh = affine_params(km, ke, m, sg, cm, ce, q)
+    return a, out[0], out[1], out[2], sh
+
+
+@njit(cache=True)
+def dgamma_code(m, p, rm, re, shift):
+    """round(sum(g*xhat) * 2**shift) = round(m*P/D_eps * 2**shift)."""
+    if rm == 0 or p == 0:
+        return np.int64(0)
+    dm, de = dy_mul(*dy_mul(*dy_norm(p, 0), rm, re), *dy_norm(m, 0))
+    return dy_to_fixed(dm, de, shift)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel workers and their serial / parallel drivers.
+
+
+@njit(cache=True, inline="always")
+def _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
+                     use_eps, q, stats, cnt):
+    n_rows, _, n_cols = x.shape
+    m = np.int64(n_rows * n_cols)
+    s = _sum_pass(x, c, cnt)
+    t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
+    sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
+    dev = m * sx - s * ss
+    rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
+    a, b, sh = forward_params(s, m, rm, re, np.int64(gamma_q[c]), gamma_shift,
+                              np.int64(beta_q[c]), beta_shift, q)
+    _affine_pass(x, y, c, a, b, sh, q, cnt)
+    # per channel: thresholds (2 MUL), D (2 MUL, 1 SUB), eps (1 MUL, 1 ADD), reciprocal (1 DIV),
+    # slope (2 MUL), affine (2 MUL, 2 ADD, 1 SUB)
+    _tally(cnt, MUL, 7 + use_eps)
+    _tally(cnt, ADD, 2 + use_eps)
+    _tally(cnt, SUB, 2)
+    _tally(cnt, DIV, 1)
+    st = stats[c]
+    st[ST_SUM] = s
+    st[ST_DEV] = dev
+    st[ST_SIGNSUM] = ss
+    st[ST_TLO] = t_lo
+    st[ST_THI] = t_hi
+    st[ST_RMANT] = rm
+    st[ST_REXP] = re
+
+
+@njit(cache=True)
+def _forward_serial(x, y, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps,
+                    q, stats, cnt):
+    for c in range(x.shape[1]):
+        _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
+                         use_eps, q, stats, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _forward_parallel(x, y, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
+                      use_eps, q, stats, cnt):
+    for c in prange(x.shape[1]):
+        _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
+                         use_eps, q, stats, cnt)
+
+
+@njit(cache=True, inline="always")
+def _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                      cnt):
+    n_rows, _, n_cols = x.shape
+    m = np.int64(n_rows * n_cols)
+    st = stats[c]
+    sg, sgx = _grad_sums_pass(x, g, c, cnt)
+    a, b_neg, b_zero, b_pos, sh = backward_params(
+        st[ST_SUM], m, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP], sg, sgx,
+        np.int64(gamma_q[c]), k_shift, q)
+    _grad_affine_pass(x, g, dx, c, a, b_neg, b_zero, b_pos, sh, st[ST_TLO], st[ST_THI], q, cnt)
+    dbeta[c] = sg
+    dgamma[c] = dgamma_code(m, m * sgx - st[ST_SUM] * sg, st[ST_RMANT], st[ST_REXP],
+                            dgamma_shift)
+    # per channel: P (2 MUL, 1 SUB), slopes (4 MUL), three offsets (3 MUL, 3 SUB), affine
+    # (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL)
+    _tally(cnt, MUL, 13)
+    _tally(cnt, ADD, 2)
+    _tally(cnt, SUB, 5)
+
+
+@njit(cache=True)
+def _backward_serial(x, g, dx, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, cnt):
+    for c in range(x.shape[1]):
+        _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                          cnt)
+
+
+@njit(cache=True, parallel=True)
+def _backward_parallel(x, g, dx, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, cnt):
+    for c in prange(x.shape[1]):
+        _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                          cnt)
+
+
+@njit(cache=True, parallel=True)
+def _affine_parallel(x, y, params, q, cnt):
+    for c in prange(x.shape[1]):
+        _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
+
+
+@njit(cache=True)
+def _affine_serial(x, y, params, q, cnt):
+    for c in range(x.shape[1]):
+        _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
+
+
+@njit(cache=True)
+def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev, x_exp,
+                     eps_shift, use_eps, q):
+    """Fold running statistics into one (A, B, sh) per channel (Algorithm 1, step 9).
+
+    The running mean is taken to ``f`` fractional bits of the input code (as many as keep
+    |x*2**f - mu| < 2**31), so y = K*(x*2**f - mu_f) + beta with K = gamma/(sigma + eps)*2**-f.
+    """
+    n = gamma_q.shape[0]
+    out = np.zeros((n, 3), dtype=np.int64)
+    to_code = np.int64(RUN_EXP) - x_exp
+    for c in range(n):
+        mum, mue = dy_norm(run_mean[c], to_code)
+        mag = max(np.int64(8), bit_length(mum) + mue + 1) if mum != 0 else np.int64(8)
+        f = max(np.int64(0), np.int64(30) - mag)
+        mu_f = saturate(dy_to_fixed(mum, mue, f), np.int64(1) << np.int64(30))
+        sm, se = dy_norm(max(run_dev[c], np.int64(0)), to_code)
+        if use_eps:
+            sm, se = dy_add(sm, se, np.int64(1) << np.int64(30), eps_shift - 30)
+        if sm == 0:
+            km, ke = np.int64(0), np.int64(0)
+        else:
+            km, ke = dy_mul(*dy_norm(gamma_q[c], gamma_shift), *dy_recip(sm, se))
+        om, oe = dy_norm(beta_q[c], beta_shift)
+        a, b, sh = affine_params(km, ke - f, np.int64(1) << f, mu_f, om, oe, q)
+        out[c, 0] = a
+        out[c, 1] = b
+        out[c, 2] = sh
+    return out
+
+
+@njit(cache=True)
+def _momentum_step(old, new, momentum_q, lim):
+    """old + momentum*(new - old), momentum = momentum_q / 2**MOMENTUM_BITS, saturated."""
+    delta = saturate(new, lim) - old
+    return saturate(old + round_shift(momentum_q * delta, MOMENTUM_BITS), lim)
+
+
+@njit(cache=True)
+def running_update(run_mean, run_dev, stats, m, x_exp, momentum_q):
+    """In-place integer momentum update of the running mean and running L1 deviation."""
+    inv_m = dy_recip(*dy_norm(m, 0))
+    shift = x_exp - np.int64(RUN_EXP)
+    lim = np.int64(1) << np.int64(46)
+    for c in range(run_mean.shape[0]):
+        mean = dy_to_fixed(*dy_mul(*dy_norm(stats[c, ST_SUM], 0), *inv_m), shift)
+        dm, de = dy_mul(*dy_mul(*dy_norm(stats[c, ST_DEV], 0), *inv_m), *inv_m)
+        dev = dy_to_fixed(dm, de, shift)
+        run_mean[c] = _momentum_step(run_mean[c], mean, momentum_q, lim)
+        run_dev[c] = _momentum_step(run_dev[c], dev, momentum_q, lim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: validate, reshape to (N, C, L), call a driver, reshape back.
+
+
+class L1BNCache(NamedTuple):
+    """What a training forward leaves for its backward and for the running statistics."""
+
+    x: np.ndarray  # the input codes as (N, C, L)
+    shape: tuple  # the caller's input shape
+    x_exp: int
+    gamma: QTensor
+    eps_log2: int | None
+    stats: np.ndarray  # int64 (C, N_STATS): sum, D, sum of signs, thresholds, reciprocal
+
+
+def _as_ncl(a: np.ndarray) -> np.ndarray:
+    """(N, C) -> (1, C, N) contiguous copy; (N, C, H, W) -> (N, C, H*W) view."""
+    if a.ndim == 2:
+        return np.ascontiguousarray(a.T)[None]
+    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+def _from_ncl(a: np.ndarray, shape: tuple) -> np.ndarray:
+    if len(shape) == 2:
+        return np.ascontiguousarray(a[0].T)
+    return a.reshape(shape)
+
+
+def _check_input(x: np.ndarray, name: str) -> tuple[int, int]:
+    check_array(x, name, (np.int8,), (2, 4))
+    n_channels = x.shape[1]
+    m = x.size // max(n_channels, 1)
+    if n_channels == 0 or m == 0:
+        raise ValueError(f"{name} has an empty dimension: shape {x.shape}")
+    if m == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {name} "
+                         f"of shape {x.shape} (N*H*W = 1)")
+    if m > M_MAX:
+        raise ValueError(f"{name} has N*H*W = {m} values per channel; the int8 L1BN kernels "
+                         f"support at most {M_MAX} (qkernels.fixedpoint.M_MAX)")
+    return n_channels, m
+
+
+def _check_affine(gamma: QTensor, beta: QTensor, n_channels: int, out_exp: int) -> None:
+    for t, name in ((gamma, "gamma"), (beta, "beta")):
+        check_qtensor(t, name)
+        check_array(t.q, f"{name}.q", (np.int32,), (1,))
+        if t.q.shape[0] != n_channels:
+            raise ValueError(f"{name}.q has {t.q.shape[0]} entries, expected one per channel "
+                             f"({n_channels})")
+    beta_max = int(np.abs(beta.q.astype(np.int64)).max(initial=0))
+    if beta_max and beta_max.bit_length() + beta.exp - out_exp > OFFSET_MAX.bit_length() - 1:
+        raise ValueError(f"beta is too large for the output format: |beta| must stay below "
+                         f"2**{OFFSET_MAX.bit_length() - 1} output LSBs (raise out_exp)")
+
+
+def _eps_shift(eps_log2: int | None, x_exp: int) -> tuple[int, bool]:
+    if eps_log2 is None:
+        return 0, False
+    return check_exp(eps_log2, "eps_log2") - x_exp, True
+
+
+def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int, out_exp: int,
+                 eps_log2: int | None = None, parallel: bool = True
+                 ) -> tuple[QTensor, L1BNCache]:
+    r"""Training-mode L1BN forward on int8 codes.
+
+    .. math:: y = \gamma \frac{x - \mu_B}{\sigma_B + \epsilon} + \beta, \qquad
+              \sigma_B = \frac{1}{m}\sum |x_i - \mu_B|
+
+    Args:
+        x: input codes (int8, up to 8 bits), shape (N, C) or (N, C, H, W), with exponent.
+        gamma, beta: per-channel int32 codes with their exponents.
+        out_bits: width of the output codes (2..16; int8 storage up to 8, int16 above).
+        out_exp: exponent of the output codes.
+        eps_log2: epsilon = 2**eps_log2 in the input's real units; None for epsilon = 0, where a
+            constant channel (sigma = 0) outputs beta and passes back no error.
+        parallel: run channels on all Numba threads (results are identical either way).
+
+    Returns:
+        ``(y, cache)``: the output codes (same shape as x) and what :func:`l1bn_backward` and
+        :func:`l1bn_update_running` need.
+
+    Every output code is within one LSB of the float64 evaluation of the same equations,
+    rounded half up and saturated (``docs/l1bn-integer.md`` states the conditions).
+    """
+    check_qtensor(x, "x")
+    n_channels, m = _check_input(x.q, "x.q")
+    out_bits = check_bits(out_bits, "out_bits")
+    out_exp = check_exp(out_exp, "out_exp")
+    _check_affine(gamma, beta, n_channels, out_exp)
+    eps_shift, use_eps = _eps_shift(eps_log2, x.exp)
+
+    x3 = _as_ncl(x.q)
+    y3 = np.empty(x3.shape, dtype=code_dtype(out_bits))
+    stats = np.empty((n_channels, N_STATS), dtype=np.int64)
+    inv_m = np.array(dy_recip(*dy_norm(m, 0)), dtype=np.int64)
+    args = (inv_m, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift, use_eps,
+            qmax(out_bits), stats)
+    (_forward_parallel if parallel else _forward_serial)(x3, y3, *args, _NO_COUNT)
+    cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats)
+    return QTensor(_from_ncl(y3, x.q.shape), out_exp), cache
+
+
+def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int,
+                  dgamma_exp: int | None = None, parallel: bool = True
+                  ) -> tuple[QTensor, QTensor, QTensor]:
+    r"""L1BN backward, equation (20), reusing the forward's reciprocal.
+
+    .. math:: \frac{\partial \ell}{\partial x_i} = \frac{1}{\sigma_B + \epsilon}\Big\{
+              g_i - \mu(g) - \mu(g \hat x)\,[\operatorname{sgn}(\hat x_i)
+              - \mu(\operatorname{sgn}(\hat x))]\Big\}, \qquad g_i = \gamma\,
+              \frac{\partial \ell}{\partial y_i}
+
+    Args:
+        dy: error codes (int8) with the forward output's shape, and their exponent.
+        cache: the forward's cache.
+        dx_bits, dx_exp: width and exponent of the returned error codes.
+        dgamma_exp: exponent of the returned dgamma codes (default ``dy.exp - 16``).
+
+    Returns:
+        ``(dx, dgamma, dbeta)``: dx codes like x; dgamma = sum(dy * xhat) as int64 codes rounded
+        to ``dgamma_exp``; dbeta = sum(dy), exact, with ``dy``'s exponent.
+    """
+    if not isinstance(cache, L1BNCache):
+        raise TypeError(f"cache must be the L1BNCache returned by l1bn_forward, got "
+                        f"{type(cache).__name__}")
+    check_qtensor(dy, "dy")
+    check_array(dy.q, "dy.q", (np.int8,), (2, 4))
+    if dy.q.shape != cache.shape:
+        raise ValueError(f"dy.q has shape {dy.q.shape}, expected the forward's {cache.shape}")
+    dx_bits = check_bits(dx_bits, "dx_bits")
+    dx_exp = check_exp(dx_exp, "dx_exp")
+    dgamma_exp = dy.exp - 16 if dgamma_exp is None else check_exp(dgamma_exp, "dgamma_exp")
+
+    g3 = _as_ncl(dy.q)
+    dx3 = np.empty(g3.shape, dtype=code_dtype(dx_bits))
+    n_channels = g3.shape[1]
+    dgamma = np.empty(n_channels, dtype=np.int64)
+    dbeta = np.empty(n_channels, dtype=np.int64)
+    k_shift = cache.gamma.exp + dy.exp - cache.x_exp - dx_exp
+    args = (cache.stats, cache.gamma.q, k_shift, qmax(dx_bits), dy.exp - dgamma_exp, dgamma,
+            dbeta)
+    (_backward_parallel if parallel else _backward_serial)(cache.x, g3, dx3, *args, _NO_COUNT)
+    return (QTensor(_from_ncl(dx3, cache.shape), dx_exp), QTensor(dgamma, dgamma_exp),
+            QTensor(dbeta, dy.exp))
+
+
+def l1bn_update_running(running_mean: np.ndarray, running_dev: np.ndarray, cache: L1BNCache,
+                        momentum_q: int) -> None:
+    """Update int64 running statistics in place from a training forward.
+
+    ``running_mean`` and ``running_dev`` (the running L1 deviation) hold codes with exponent
+    :data:`~qkernels.fixedpoint.RUN_EXP`; ``momentum_q / 2**MOMENTUM_BITS`` is the momentum
+    (torch's convention: ``new = (1 - momentum)*old + momentum*batch``).
+    """
+    n_channels = cache.stats.shape[0]
+    for a, name in ((running_mean, "running_mean"), (running_dev, "running_dev")):
+        check_array(a, name, (np.int64,), (1,))
+        if a.shape[0] != n_channels:
+            raise ValueError(f"{name} has {a.shape[0]} entries, expected {n_channels}")
+    if not 0 <= momentum_q <= (1 << MOMENTUM_BITS):
+        raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}")
+    m = cache.x.shape[0] * cache.x.shape[2]
+    running_update(running_mean, running_dev, cache.stats, m, cache.x_exp, momentum_q)
+
+
+def l1bn_fold(gamma: QTensor, beta: QTensor, running_mean: np.ndarray, running_dev: np.ndarray,
+              *, x_exp: int, out_bits: int, out_exp: int, eps_log2: int | None = None
+              ) -> np.ndarray:
+    """Fold inference L1BN into one (multiplier A, offset B, shift sh) per channel.
+
+    Returns an int64 array of shape (C, 3); an input code ``x`` maps to
+    ``saturate((A*x + B) >> sh, 2**(out_bits-1) - 1)``.
+    """
+    out_bits = check_bits(out_bits, "out_bits")
+    out_exp = check_exp(out_exp, "out_exp")
+    x_exp = check_exp(x_exp, "x_exp")
+    for a, name in ((running_mean, "running_mean"), (running_dev, "running_dev")):
+        check_array(a, name, (np.int64,), (1,))
+    _check_affine(gamma, beta, running_mean.shape[0], out_exp)
+    eps_shift, use_eps = _eps_shift(eps_log2, x_exp)
+    return inference_params(gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
+                            running_mean, running_dev, x_exp, eps_shift, use_eps,
+                            qmax(out_bits))
+
+
+def l1bn_inference(x: QTensor, folded: np.ndarray, *, out_bits: int, out_exp: int,
+                   parallel: bool = True) -> QTensor:
+    """Apply folded inference parameters from :func:`l1bn_fold` to int8 codes."""
+    check_qtensor(x, "x")
+    check_array(x.q, "x.q", (np.int8,), (2, 4))
+    check_array(folded, "folded", (np.int64,), (2,))
+    if folded.shape != (x.q.shape[1], 3):
+        raise ValueError(f"folded has shape {folded.shape}, expected ({x.q.shape[1]}, 3)")
+    out_bits = check_bits(out_bits, "out_bits")
+    x3 = _as_ncl(x.q)
+    y3 = np.empty(x3.shape, dtype=code_dtype(out_bits))
+    (_affine_parallel if parallel else _affine_serial)(x3, y3, folded, qmax(out_bits), _NO_COUNT)
+    return QTensor(_from_ncl(y3, x.q.shape), check_exp(out_exp, "out_exp"))
+
+
+def count_ops(shape: tuple, eps_log2: int | None = None, seed: int = 0) -> dict[str, dict]:
+    """Operations one L1BN forward and backward perform on int8 input of ``shape``.
+
+    Runs the serial drivers with the counter on random codes and returns
+    ``{"forward": {op: n}, "backward": {op: n}}`` with Table IV's op names.
+    """
+    rng = np.random.default_rng(seed)
+    xq = rng.integers(-127, 128, size=shape, dtype=np.int8)
+    n_channels = shape[1]
+    gamma = QTensor(np.full(n_channels, 1 << 12, dtype=np.int32), -12)
+    beta = QTensor(np.zeros(n_channels, dtype=np.int32), -12)
+    eps_shift, use_eps = _eps_shift(eps_log2, -4)
+    x3 = _as_ncl(xq)
+    y3 = np.empty_like(x3)
+    stats = np.empty((n_channels, N_STATS), dtype=np.int64)
+    m = x3.shape[0] * x3.shape[2]
+    inv_m = np.array(dy_recip(*dy_norm(m, 0)), dtype=np.int64)
+    fwd = np.zeros(8, dtype=np.int64)
+    _forward_serial(x3, y3, inv_m, gamma.q, 8, beta.q, 8, eps_shift, use_eps, qmax(8), stats,
+                    fwd)
+    fwd[DIV] += 1  # the per-call reciprocal of m
+    g3 = rng.integers(-127, 128, size=x3.shape, dtype=np.int8)
+    bwd = np.zeros(8, dtype=np.int64)
+    _backward_serial(x3, g3, np.empty_like(g3), stats, gamma.q, 0, qmax(8), 16,
+                     np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), bwd)
+    return {"forward": dict(zip(OP_NAMES, map(int, fwd))),
+            "backward": dict(zip(OP_NAMES, map(int, bwd)))}

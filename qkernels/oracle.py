@@ -1,0 +1,174 @@
+"""Slow, readable references that define the kernels' results.
+
+* ``*_oracle`` functions are numpy int64 implementations of the same integer algorithm as the
+  kernels, element by element and channel by channel, with every sum written as a plain
+  ``np.sum``. They call the spec's per-channel scalar functions (``qkernels.fixedpoint`` and the
+  ``*_params`` functions of ``qkernels.l1bn``), so the per-channel arithmetic is defined once;
+  the per-element arithmetic here is independent of the kernels'. Kernels must equal these bit
+  for bit.
+* ``*_float64`` functions evaluate the paper's equations (10, 11, 20) in float64 and round the
+  result to the output format; kernels must be within one LSB of them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .fixedpoint import MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
+from .l1bn import (
+    backward_params,
+    dev_reciprocal,
+    dgamma_code,
+    forward_params,
+    inference_params,
+    mean_thresholds,
+)
+
+
+def _channels(a: np.ndarray) -> np.ndarray:
+    """(N, C[, H, W]) -> (C, m) int64: one row of values per channel."""
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).astype(np.int64)
+
+
+def _unchannels(rows: np.ndarray, shape: tuple) -> np.ndarray:
+    moved = (shape[1], shape[0]) + tuple(shape[2:])
+    return np.moveaxis(rows.reshape(moved), 0, 1)
+
+
+def _affine(x: np.ndarray, a: int, b: int, sh: int, q: int) -> np.ndarray:
+    return np.clip((int(a) * x + int(b)) >> int(sh), -q, q)
+
+
+def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits, out_exp,
+                        eps_log2=None):
+    """Integer L1BN training forward; returns (y codes as int64, per-channel stats dict)."""
+    rows = _channels(xq)
+    m = rows.shape[1]
+    q = int(qmax(out_bits))
+    inv_m = dy_recip(*dy_norm(m, 0))
+    use_eps = eps_log2 is not None
+    eps_shift = (eps_log2 - x_exp) if use_eps else 0
+    out = np.empty_like(rows)
+    stats = {k: np.empty(rows.shape[0], dtype=np.int64)
+             for k in ("sum", "dev", "sign_sum", "t_lo", "t_hi", "rmant", "rexp")}
+    for c, x in enumerate(rows):
+        s = int(np.sum(x))
+        sign = np.sign(m * x - s)                       # sgn(x - mu), exactly
+        dev = int(np.sum(np.abs(m * x - s)))            # D = m**2 * sigma
+        rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
+        a, b, sh = forward_params(s, m, rm, re, int(gamma_q[c]), gamma_exp - out_exp,
+                                  int(beta_q[c]), beta_exp - out_exp, q)
+        out[c] = _affine(x, a, b, sh, q)
+        t_lo, t_hi = mean_thresholds(s, m, *inv_m)
+        for k, v in zip(stats, (s, dev, int(np.sum(sign)), t_lo, t_hi, rm, re)):
+            stats[k][c] = v
+    return _unchannels(out, xq.shape), stats
+
+
+def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bits, dx_exp,
+                         dgamma_exp):
+    """Integer equation (20); returns (dx codes, dgamma codes, dbeta) as int64."""
+    rows, grows = _channels(xq), _channels(gq)
+    m = rows.shape[1]
+    q = int(qmax(dx_bits))
+    k_shift = gamma_exp + g_exp - x_exp - dx_exp
+    dx = np.empty_like(rows)
+    dgamma = np.empty(rows.shape[0], dtype=np.int64)
+    dbeta = np.empty(rows.shape[0], dtype=np.int64)
+    for c, (x, g) in enumerate(zip(rows, grows)):
+        s, rm, re, ss = (int(stats[k][c]) for k in ("sum", "rmant", "rexp", "sign_sum"))
+        sg, sgx = int(np.sum(g)), int(np.sum(g * x))
+        a, b_neg, b_zero, b_pos, sh = backward_params(s, m, ss, rm, re, sg, sgx,
+                                                      int(gamma_q[c]), k_shift, q)
+        sign = np.sign(m * x - s)
+        offset = np.where(sign > 0, b_pos, np.where(sign < 0, b_neg, b_zero))
+        dx[c] = np.clip((int(a) * g + offset) >> int(sh), -q, q)
+        dbeta[c] = sg
+        dgamma[c] = dgamma_code(m, m * sgx - s * sg, rm, re, g_exp - dgamma_exp)
+    return _unchannels(dx, xq.shape), dgamma, dbeta
+
+
+def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_mean, run_dev,
+                          out_bits, out_exp, eps_log2=None):
+    """Folded inference, element by element."""
+    use_eps = eps_log2 is not None
+    q = int(qmax(out_bits))
+    params = inference_params(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp,
+                              run_mean, run_dev, x_exp, (eps_log2 - x_exp) if use_eps else 0,
+                              use_eps, q)
+    rows = _channels(xq)
+    out = np.stack([_affine(x, *params[c], q) for c, x in enumerate(rows)])
+    return _unchannels(out, xq.shape)
+
+
+def running_update_oracle(run_mean, run_dev, stats, m, x_exp, momentum_q):
+    """Running statistics after one update, from exact rationals rounded the kernels' way.
+
+    Returns new (run_mean, run_dev); the batch statistics are rounded to RUN_EXP codes exactly
+    (Python integers), so the kernel may differ by the dyadic reciprocal's last bit.
+    """
+    new_mean, new_dev = run_mean.copy(), run_dev.copy()
+    lim = 1 << 46
+    for c in range(run_mean.shape[0]):
+        for buf, num, den in ((new_mean, int(stats["sum"][c]), m),
+                              (new_dev, int(stats["dev"][c]), m * m)):
+            shift = x_exp - RUN_EXP
+            num, den = (num << shift, den) if shift >= 0 else (num, den << -shift)
+            batch = (2 * num + den) // (2 * den)               # round half up
+            delta = max(-lim, min(lim, batch)) - int(buf[c])
+            step = (momentum_q * delta + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS
+            buf[c] = max(-lim, min(lim, int(buf[c]) + step))
+    return new_mean, new_dev
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 evaluations of the paper's equations, rounded to the output format.
+
+
+def _round_sat(v: np.ndarray, q: int) -> np.ndarray:
+    return np.clip(np.floor(v + 0.5), -q, q).astype(np.int64)
+
+
+def l1bn_forward_float64(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits, out_exp,
+                         eps_log2=None, rounded=True):
+    """Equations (9)-(11) in float64, in units of the output LSB (rounded unless told not)."""
+    x = np.ldexp(_channels(xq).astype(np.float64), x_exp)
+    mu = x.mean(axis=1, keepdims=True)
+    sigma = np.abs(x - mu).mean(axis=1, keepdims=True)
+    eps = 0.0 if eps_log2 is None else 2.0 ** eps_log2
+    den = sigma + eps
+    xhat = np.divide(x - mu, den, out=np.zeros_like(x), where=den > 0)
+    gamma = np.ldexp(gamma_q.astype(np.float64), gamma_exp)[:, None]
+    beta = np.ldexp(beta_q.astype(np.float64), beta_exp)[:, None]
+    y = np.ldexp(gamma * xhat + beta, -out_exp)
+    y = _round_sat(y, int(qmax(out_bits))) if rounded else y
+    return _unchannels(y, xq.shape)
+
+
+def l1bn_backward_float64(xq, x_exp, gq, g_exp, gamma_q, gamma_exp, dx_bits, dx_exp,
+                          eps_log2=None, rounded=True):
+    """Equation (20) in float64: returns (dx in output LSBs, dgamma, dbeta) in real units."""
+    x = np.ldexp(_channels(xq).astype(np.float64), x_exp)
+    dy = np.ldexp(_channels(gq).astype(np.float64), g_exp)
+    dx, dgamma, dbeta = l1bn_backward_equation20(x, dy, np.ldexp(
+        gamma_q.astype(np.float64), gamma_exp), 0.0 if eps_log2 is None else 2.0 ** eps_log2)
+    dx = np.ldexp(dx, -dx_exp)
+    dx = _round_sat(dx, int(qmax(dx_bits))) if rounded else dx
+    return _unchannels(dx, xq.shape), dgamma, dbeta
+
+
+def l1bn_backward_equation20(x, dy, gamma, eps):
+    """Equation (20) on float rows (C, m): returns (dx, dgamma, dbeta).
+
+    A channel with sigma + eps = 0 is constant: its xhat is 0 and it passes back no error.
+    """
+    mu = x.mean(axis=1, keepdims=True)
+    den = np.abs(x - mu).mean(axis=1, keepdims=True) + eps
+    safe = np.where(den > 0, den, 1.0)
+    xhat = np.where(den > 0, (x - mu) / safe, 0.0)
+    g = dy * gamma[:, None]
+    sgn = np.sign(xhat)
+    dx = (g - g.mean(axis=1, keepdims=True)
+          - (g * xhat).mean(axis=1, keepdims=True) * (sgn - sgn.mean(axis=1, keepdims=True)))
+    dx = np.where(den > 0, dx / safe, 0.0)
+    return dx, (dy * xhat).sum(axis=1), dy.sum(axis=1)
