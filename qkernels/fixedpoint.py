@@ -137,7 +137,7 @@ def dy_mul(am, ae, bm, be):
 def dy_add(am, ae, bm, be):
     """Sum of two dyadic numbers (the smaller is aligned to the larger, truncating)."""
     if am == 0:
-        return am, ae
+        return bm, be
     if bm == 0:
         return am, ae
     if ae < be:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fixedpoint import MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
+from .format import code_dtype
 from .l1bn import (
     backward_params,
     dev_reciprocal,
@@ -23,6 +24,7 @@ from .l1bn import (
     inference_params,
     mean_thresholds,
 )
+from .rng import random_u64_np, stream_key_np
 
 
 def _channels(a: np.ndarray) -> np.ndarray:
@@ -172,3 +174,28 @@ def l1bn_backward_equation20(x, dy, gamma, eps):
           - (g * xhat).mean(axis=1, keepdims=True) * (sgn - sgn.mean(axis=1, keepdims=True)))
     dx = np.where(den > 0, dx / safe, 0.0)
     return dx, (dy * xhat).sum(axis=1), dy.sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding of wide codes (qkernels.rng), on exact Python integers: the spec's formulas as
+# written, with no overflow to avoid.
+
+
+def _saturate_codes(y: np.ndarray, bits: int) -> np.ndarray:
+    q = int(qmax(bits))
+    return np.minimum(np.maximum(y, -q), q).astype(code_dtype(bits))
+
+
+def round_shift_nearest_oracle(w, shift, bits):
+    """``saturate((w + 2**(shift-1)) >> shift)`` (``saturate(w)`` for shift 0), round half up."""
+    half = (1 << (shift - 1)) if shift else 0
+    return _saturate_codes((w.astype(object) + half) >> shift, bits)
+
+
+def stochastic_round_shift_oracle(w, shift, bits, *, seed, step, tensor_id):
+    """``saturate((w + (r & (2**shift - 1))) >> shift)`` with ``r`` the numpy random stream
+    (:func:`qkernels.rng.random_u64_np`) at each element's flat C-order index."""
+    key = stream_key_np(seed, step, tensor_id)
+    r = random_u64_np(key, np.arange(w.size)).reshape(w.shape)
+    add = (r & np.uint64((1 << shift) - 1)).astype(object)
+    return _saturate_codes((w.astype(object) + add) >> shift, bits)

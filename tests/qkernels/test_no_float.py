@@ -1,0 +1,81 @@
+"""No floating point inside any kernel, proven on the compiled LLVM IR; qkernels never imports torch."""
+
+import re
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from qkernels import l1bn
+
+FLOAT_IR = re.compile(r"\b(half|bfloat|float|double|x86_fp80|fp128|ppc_fp128|fadd|fsub|fmul|"
+                      r"fdiv|frem|fcmp|fneg|sitofp|uitofp|fptosi|fptoui|fpext|fptrunc)\b")
+
+
+def fresh_ir(dispatcher, *args) -> str:
+    """Compile the dispatcher's Python function anew (the on-disk cache hides IR) and return
+    the LLVM IR of every function in its library, including prange gufunc bodies."""
+    opts = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("cache", "nopython")}
+    fn = numba.njit(**opts)(dispatcher.py_func)
+    fn(*args)
+    return "\n".join(fn.inspect_llvm().values())
+
+
+def kernel_cases():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-127, 128, size=(4, 3, 25), dtype=np.int8)
+    gq = np.full(3, 4096, np.int32)
+    bq = np.zeros(3, np.int32)
+    stats = np.zeros((3, l1bn.N_STATS), np.int64)
+    cnt = np.zeros(0, np.int64)
+    inv_m = np.array([1 << 30, -36], np.int64)
+    fwd = (x, np.empty_like(x), inv_m, gq, 0, bq, 0, 3, True, 127, stats, cnt)
+    bwd = (x, x, np.empty_like(x), stats, gq, 0, 127, 16, np.zeros(3, np.int64),
+           np.zeros(3, np.int64), cnt)
+    folded = np.array([[3, 5, 8]] * 3, np.int64)
+    run = np.zeros(3, np.int64)
+    return {
+        "_forward_serial": fwd, "_forward_parallel": fwd,
+        "_backward_serial": bwd, "_backward_parallel": bwd,
+        "_affine_serial": (x, np.empty_like(x), folded, 127, cnt),
+        "_affine_parallel": (x, np.empty_like(x), folded, 127, cnt),
+        "inference_params": (gq, 0, bq, 0, run, run + 100, -4, 3, True, 127),
+        "running_update": (run.copy(), run.copy(), stats, 100, -4, 6554),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(kernel_cases()))
+def test_kernel_ir_has_no_floating_point(name):
+    """The compiled kernel (all its functions, inlined helpers included) uses integers only."""
+    ir = fresh_ir(getattr(l1bn, name), *kernel_cases()[name])
+    assert "define" in ir
+    hits = sorted(set(FLOAT_IR.findall(ir)))
+    assert not hits, f"{name} uses floating point in its LLVM IR: {hits}"
+
+
+def test_float_detector_catches_float():
+    """Control: the same check flags a kernel that does use floating point."""
+    def mean_of(a):
+        return a.sum() / a.size
+
+    ir = fresh_ir(numba.njit(mean_of), np.arange(4, dtype=np.int64))
+    assert FLOAT_IR.search(ir)
+
+
+def test_prange_body_is_inspected():
+    """Control: the IR of a parallel driver contains the prange gufunc body."""
+    ir = fresh_ir(l1bn._forward_parallel, *kernel_cases()["_forward_parallel"])
+    assert "parfor_gufunc" in ir
+
+
+def test_import_qkernels_does_not_import_torch():
+    """qkernels runs on numpy + numba alone: importing it never loads torch."""
+    code = ("import sys, qkernels, qkernels.oracle, qkernels.l1bn\n"
+            "import qkernels.fixedpoint, qkernels.format\n"
+            "import pkgutil\n"
+            "for m in pkgutil.iter_modules(qkernels.__path__):\n"
+            "    __import__('qkernels.' + m.name)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
