@@ -12,7 +12,7 @@ are stored as ``int8`` and wider ones as ``int16``.
 
 Accumulators and stores
 -----------------------
-* per-row partial sums of int8 codes: ``int32`` (a row is at most ``ROW_MAX`` elements);
+* per-element products of int8 codes: ``int32``;
 * per-channel sums and every per-channel intermediate: ``int64``;
 * BN scale/shift (gamma, beta) codes: ``int32`` with their own exponent (the wide weight store);
 * running statistics: ``int64`` codes with the fixed exponent ``RUN_EXP``.
@@ -53,9 +53,6 @@ _MANT_LO = np.int64(1) << np.int64(MANT_BITS - 1)
 #: exact per-channel intermediate inside int64: |m*x - S| <= 254*m < 2**31, the L1 sum
 #: D <= 254*m**2 < 2**54, and the backward's sum |sum g*(m*x - S)| <= 127*254*m**2 < 2**61.
 M_MAX = 1 << 23
-
-#: Largest row (H*W, or N for 2-D input) summed in an int32 partial: 127*2**23 < 2**31.
-ROW_MAX = 1 << 23
 
 #: Exponent of running-statistics codes (value = code * 2**RUN_EXP).
 RUN_EXP = -24

@@ -61,9 +61,6 @@ OP_NAMES = ("SIGN", "ABS", "ADD", "SUB", "MUL", "DIV", "SQUARE", "SQRT")
 # Columns of the per-channel statistics a forward leaves for its backward.
 ST_SUM, ST_DEV, ST_SIGNSUM, ST_TLO, ST_THI, ST_RMANT, ST_REXP, N_STATS = range(8)
 
-#: Elements summed into one int32 partial (127*127*BLOCK < 2**31).
-BLOCK = 4096
-
 _NO_COUNT = np.zeros(0, dtype=np.int64)
 
 
@@ -74,91 +71,83 @@ def _tally(cnt, op, n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-element passes over one channel of x with shape (N, C, L).
+# Per-element passes over one channel of x with shape (N, C, L). Each loops over the channel's
+# N rows as 1-D views indexed from 0 (the form LLVM vectorizes) and accumulates in int64.
 
 
 @njit(cache=True, inline="always")
 def _sum_pass(x, c, cnt):
     """S = sum of the channel's codes (add only)."""
-    n_rows, _, n_cols = x.shape
     total = np.int64(0)
-    for n in range(n_rows):
-        for l0 in range(0, n_cols, BLOCK):
-            part = np.int32(0)
-            for l in range(l0, min(l0 + BLOCK, n_cols)):
-                part += np.int32(x[n, c, l])
-            total += part
-        _tally(cnt, ADD, n_cols)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        for i in range(row.shape[0]):
+            total += row[i]
+        _tally(cnt, ADD, row.shape[0])
     return total
 
 
 @njit(cache=True, inline="always")
 def _sign_pass(x, c, t_lo, t_hi, cnt):
     """sum(s*x) and sum(s) for s = sgn(x - mu) = [x >= t_hi] - [x <= t_lo]."""
-    n_rows, _, n_cols = x.shape
     sx = np.int64(0)
     ss = np.int64(0)
-    for n in range(n_rows):
-        for l0 in range(0, n_cols, BLOCK):
-            part_sx = np.int32(0)
-            part_s = np.int32(0)
-            for l in range(l0, min(l0 + BLOCK, n_cols)):
-                v = np.int32(x[n, c, l])
-                s = np.int32(v >= t_hi) - np.int32(v <= t_lo)
-                part_sx += s * v
-                part_s += s
-            sx += part_sx
-            ss += part_s
-        _tally(cnt, SIGN, n_cols)
-        _tally(cnt, MUL, n_cols)
-        _tally(cnt, ADD, 2 * n_cols)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        for i in range(row.shape[0]):
+            v = np.int32(row[i])
+            s = np.int32(v >= t_hi) - np.int32(v <= t_lo)
+            sx += s * v
+            ss += s
+        _tally(cnt, SIGN, row.shape[0])
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, 2 * row.shape[0])
     return sx, ss
 
 
 @njit(cache=True, inline="always")
 def _affine_pass(x, y, c, a, b, sh, q, cnt):
     """y = saturate((a*x + b) >> sh): one multiply-and-shift per element."""
-    n_rows, _, n_cols = x.shape
-    for n in range(n_rows):
-        for l in range(n_cols):
-            y[n, c, l] = saturate((a * np.int64(x[n, c, l]) + b) >> sh, q)
-        _tally(cnt, MUL, n_cols)
-        _tally(cnt, ADD, n_cols)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        out = y[n, c]
+        for i in range(row.shape[0]):
+            out[i] = saturate((a * np.int64(row[i]) + b) >> sh, q)
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, row.shape[0])
 
 
 @njit(cache=True, inline="always")
 def _grad_sums_pass(x, g, c, cnt):
     """sum(g) and sum(g*x) over the channel."""
-    n_rows, _, n_cols = x.shape
     sg = np.int64(0)
     sgx = np.int64(0)
-    for n in range(n_rows):
-        for l0 in range(0, n_cols, BLOCK):
-            part_g = np.int32(0)
-            part_gx = np.int32(0)
-            for l in range(l0, min(l0 + BLOCK, n_cols)):
-                gv = np.int32(g[n, c, l])
-                part_g += gv
-                part_gx += gv * np.int32(x[n, c, l])
-            sg += part_g
-            sgx += part_gx
-        _tally(cnt, MUL, n_cols)
-        _tally(cnt, ADD, 2 * n_cols)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        grow = g[n, c]
+        for i in range(row.shape[0]):
+            gv = np.int32(grow[i])
+            sg += gv
+            sgx += gv * np.int32(row[i])
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, 2 * row.shape[0])
     return sg, sgx
 
 
 @njit(cache=True, inline="always")
 def _grad_affine_pass(x, g, dx, c, a, b_neg, b_zero, b_pos, sh, t_lo, t_hi, q, cnt):
     """dx = saturate((a*g + b[s]) >> sh) with s = sgn(x - mu) selecting the offset."""
-    n_rows, _, n_cols = x.shape
-    for n in range(n_rows):
-        for l in range(n_cols):
-            v = x[n, c, l]
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        grow = g[n, c]
+        out = dx[n, c]
+        for i in range(row.shape[0]):
+            v = row[i]
             b = b_pos if v >= t_hi else (b_neg if v <= t_lo else b_zero)
-            dx[n, c, l] = saturate((a * np.int64(g[n, c, l]) + b) >> sh, q)
-        _tally(cnt, SIGN, n_cols)
-        _tally(cnt, MUL, n_cols)
-        _tally(cnt, ADD, n_cols)
+            out[i] = saturate((a * np.int64(grow[i]) + b) >> sh, q)
+        _tally(cnt, SIGN, row.shape[0])
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, row.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,9 @@
+"""qtrain: fully quantized, integer-only training with L1-norm batch normalization (L1BN).
+
+The PyTorch-facing toolkit: float references (:mod:`qtrain.reference`), quantizers, layers,
+models, data, training, sweeps and the ``qtrain`` command line. The integer engine it drives is
+:mod:`qkernels` (numpy + numba, no torch). Importing this package imports no heavy modules;
+import the submodule you need.
+"""
+
+__version__ = "0.1.0"
