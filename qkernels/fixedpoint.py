@@ -73,6 +73,11 @@ OFFSET_MAX = 1 << 20
 #: Slopes beyond this many output LSBs per unit are clamped: any |u| >= 1 saturates anyway.
 SLOPE_MAX_LOG2 = MANT_BITS - 1 - SH_MIN
 
+#: The narrow (int32) affine form is used while |slope|*128 and |intercept| stay below
+#: 2**NARROW_MAG output LSBs; it then has at least SH_NARROW = 29 - NARROW_MAG fractional bits.
+NARROW_MAG = 19
+SH_NARROW = 29 - NARROW_MAG
+
 
 @njit(cache=True)
 def qmax(bits):
@@ -160,34 +165,62 @@ def dy_to_fixed(m, e, sh):
 
 
 @njit(cache=True)
-def affine_params(km, ke, a1, b1, om, oe, q):
-    """Integer affine ``y = saturate((A*x + B) >> sh, q)`` for ``y = K*(a1*x - b1) + O``.
+def affine_params(km, ke, a1, b1, om, oe):
+    """Integer affines ``y = saturate((A*x + B[j]) >> sh, q)`` for ``y = K*(a1*x - b1) + O[j]``.
 
-    ``K = km * 2**ke`` is the slope in output LSBs per unit of ``u = a1*x - b1`` (exact
-    integers with ``|u| < 2**31``), ``O = om * 2**oe`` the offset in output LSBs. The slope is
-    held with ``sh`` fractional bits, ``SH_MIN <= sh <= SH_MAX``, as ``Kf < 2**30``; slopes above
-    ``2**SLOPE_MAX_LOG2`` are clamped (every ``|u| >= 1`` saturates either way). The rounding
-    half is folded into ``B``, so applying is one multiply, one add, one shift and a clamp, and
-    ``A*x + B = Kf*u + round(O * 2**sh) + 2**(sh-1)`` exactly (no cancellation error).
+    ``K = km * 2**ke`` is the slope in output LSBs per unit of ``u = a1*x - b1`` (exact integers,
+    ``|u| < 2**31`` for every int8 ``x``), ``O[j] = om[j] * 2**oe[j]`` the offsets in output LSBs
+    (one per affine sharing the slope). The rounding half is folded into ``B``, so applying one
+    is a multiply, an add, a shift and a clamp. Two forms, chosen by magnitude:
 
-    Returns ``(A, B, sh)``.
+    * narrow (when ``|K*a1|*128`` and every ``|O[j] - K*b1|`` are below ``2**NARROW_MAG``): slope
+      per code ``A = round(K*a1 * 2**sh)`` and intercepts ``B[j] = round((O[j] - K*b1)*2**sh)``
+      with ``SH_NARROW <= sh <= 30`` chosen so that ``|A|*128 + |B[j]| < 2**31``: the kernels
+      evaluate it in int32 lanes. Rounding ``A`` costs at most ``64.5 / 2**sh`` LSB.
+    * wide (otherwise): exactly centred, ``A*x + B = Kf*u + round(O*2**sh) + 2**(sh-1)`` with
+      ``Kf = round(K * 2**sh) < 2**30`` and ``SH_MIN <= sh <= SH_MAX``, evaluated in int64, so
+      a large slope on a near-constant channel loses nothing to cancellation. Slopes above
+      ``2**SLOPE_MAX_LOG2`` are clamped there (every ``|u| >= 1`` saturates either way).
+
+    Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``.
     """
+    n = om.shape[0]
+    b = np.empty(n, dtype=np.int64)
+    # narrow: slope per code and intercepts as dyadics
+    am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
+    pm, pe = dy_mul(km, ke, *dy_norm(b1, 0))
+    cm = np.empty(n, dtype=np.int64)
+    ce = np.empty(n, dtype=np.int64)
+    mag = ae + bit_length(am) + 7 if am != 0 else np.int64(-64)
+    for j in range(n):
+        cm[j], ce[j] = dy_add(om[j], oe[j], -pm, pe)
+        if cm[j] != 0:
+            mag = max(mag, ce[j] + bit_length(cm[j]))
+    if mag <= NARROW_MAG:
+        sh = min(np.int64(29) - mag, np.int64(30))
+        half = np.int64(1) << np.int64(sh - 1)
+        for j in range(n):
+            b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
+        return dy_to_fixed(am, ae, sh), b, sh
+    # wide: centred on the exact integer u
     if km != 0 and ke + bit_length(km) - 1 > SLOPE_MAX_LOG2:
         km = np.int64(1 << 30) if km > 0 else -np.int64(1 << 30)
         ke = np.int64(SLOPE_MAX_LOG2 - 30)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
     kf = dy_to_fixed(km, ke, sh)
     lim = np.int64(1) << np.int64(60)
-    of = saturate(dy_to_fixed(om, oe, sh) if om != 0 else np.int64(0), lim)
-    a = kf * a1
-    b = of - kf * b1 + (np.int64(1) << np.int64(sh - 1))
-    return a, b, np.int64(sh)
+    half = np.int64(1) << np.int64(sh - 1)
+    for j in range(n):
+        of = saturate(dy_to_fixed(om[j], oe[j], sh) if om[j] != 0 else np.int64(0), lim)
+        b[j] = of - kf * b1 + half
+    return kf * a1, b, np.int64(sh)
 
 
 @njit(cache=True)
-def affine_apply(a, b, sh, x, q):
-    """One output code of an affine from :func:`affine_params`."""
-    return saturate((a * np.int64(x) + b) >> sh, q)
+def fits_int32(a, b_abs_max, sh):
+    """True when ``(a*x + b) >> sh`` stays inside int32 for every int8 ``x`` and every
+    ``|b| <= b_abs_max``."""
+    return sh <= 30 and abs(a) * 128 + b_abs_max < (np.int64(1) << np.int64(31))
 
 
 @njit(cache=True)

@@ -282,7 +282,8 @@ def l2bn_reference(x: np.ndarray, dy: np.ndarray, gamma: np.ndarray, beta: np.nd
     _l2bn_backward(x3, dy3, dx3, gamma, stats, dgamma, dbeta, bwd)
     counts = {"forward": dict(zip(OPS, map(int, fwd))),
               "backward": dict(zip(OPS, map(int, bwd)))}
-    return L2BNResult(_from_ncl(y3, x.shape), _from_ncl(dx3, x.shape), dgamma, dbeta, counts)
+    return L2BNResult(_from_ncl(y3, x.shape, None), _from_ncl(dx3, x.shape, None), dgamma, dbeta,
+                       counts)
 
 
 def count_ops_l2bn(shape: tuple, eps: float = 1e-5, seed: int = 0) -> dict[str, dict]:

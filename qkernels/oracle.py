@@ -59,7 +59,7 @@ def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bit
         dev = int(np.sum(np.abs(m * x - s)))            # D = m**2 * sigma
         rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
         a, b, sh = forward_params(s, m, rm, re, int(gamma_q[c]), gamma_exp - out_exp,
-                                  int(beta_q[c]), beta_exp - out_exp, q)
+                                  int(beta_q[c]), beta_exp - out_exp)
         out[c] = _affine(x, a, b, sh, q)
         t_lo, t_hi = mean_thresholds(s, m, *inv_m)
         for k, v in zip(stats, (s, dev, int(np.sum(sign)), t_lo, t_hi, rm, re)):
@@ -80,8 +80,8 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
     for c, (x, g) in enumerate(zip(rows, grows)):
         s, rm, re, ss = (int(stats[k][c]) for k in ("sum", "rmant", "rexp", "sign_sum"))
         sg, sgx = int(np.sum(g)), int(np.sum(g * x))
-        a, b_neg, b_zero, b_pos, sh = backward_params(s, m, ss, rm, re, sg, sgx,
-                                                      int(gamma_q[c]), k_shift, q)
+        a, (b_neg, b_zero, b_pos), sh = backward_params(s, m, ss, rm, re, sg, sgx,
+                                                        int(gamma_q[c]), k_shift)
         sign = np.sign(m * x - s)
         offset = np.where(sign > 0, b_pos, np.where(sign < 0, b_neg, b_zero))
         dx[c] = np.clip((int(a) * g + offset) >> int(sh), -q, q)
@@ -97,7 +97,7 @@ def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_m
     q = int(qmax(out_bits))
     params = inference_params(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp,
                               run_mean, run_dev, x_exp, (eps_log2 - x_exp) if use_eps else 0,
-                              use_eps, q)
+                              use_eps)
     rows = _channels(xq)
     out = np.stack([_affine(x, *params[c], q) for c, x in enumerate(rows)])
     return _unchannels(out, xq.shape)

@@ -295,3 +295,29 @@ def test_backward_rejects_bad_arguments():
         l1bn_backward(QTensor(dy, -6), (1, 2), dx_bits=8, dx_exp=-6)
     with pytest.raises(ValueError, match="dx_bits"):
         l1bn_backward(QTensor(dy, -6), cache, dx_bits=0, dx_exp=-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (8, 6, 4, 4)])
+def test_out_buffers_receive_the_same_codes(shape):
+    """Writing into caller-owned out= buffers gives the same codes and returns those buffers."""
+    x, gamma, beta, dy, _ = make_case(shape, seed=12)
+    y, cache = run_forward(x, gamma, beta, 8, -4)
+    dx, _, _ = l1bn_backward(QTensor(dy, -6), cache, dx_bits=16, dx_exp=-10)
+    y_buf = np.full(shape, 99, dtype=np.int8)
+    dx_buf = np.full(shape, 99, dtype=np.int16)
+    y2, cache2 = l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4, out=y_buf)
+    dx2, _, _ = l1bn_backward(QTensor(dy, -6), cache2, dx_bits=16, dx_exp=-10, out=dx_buf)
+    assert y2.q is y_buf and dx2.q is dx_buf
+    np.testing.assert_array_equal(y_buf, y.q)
+    np.testing.assert_array_equal(dx_buf, dx.q)
+
+
+def test_out_buffer_must_match():
+    """An out= buffer of the wrong dtype or shape is refused, naming it."""
+    x, gamma, beta, _, _ = make_case((8, 3, 2, 2))
+    with pytest.raises(TypeError, match="out"):
+        l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4,
+                     out=np.empty(x.shape, np.int16))
+    with pytest.raises(ValueError, match="out"):
+        l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4,
+                     out=np.empty((8, 3, 4), np.int8))

@@ -30,8 +30,7 @@ def kernel_cases():
     bq = np.zeros(3, np.int32)
     stats = np.zeros((3, l1bn.N_STATS), np.int64)
     cnt = np.zeros(0, np.int64)
-    inv_m = np.array([1 << 30, -36], np.int64)
-    fwd = (x, np.empty_like(x), inv_m, gq, 0, bq, 0, 3, True, 127, stats, cnt)
+    fwd = (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt)
     bwd = (x, x, np.empty_like(x), stats, gq, 0, 127, 16, np.zeros(3, np.int64),
            np.zeros(3, np.int64), cnt)
     folded = np.array([[3, 5, 8]] * 3, np.int64)
@@ -41,7 +40,7 @@ def kernel_cases():
         "_backward_serial": bwd, "_backward_parallel": bwd,
         "_affine_serial": (x, np.empty_like(x), folded, 127, cnt),
         "_affine_parallel": (x, np.empty_like(x), folded, 127, cnt),
-        "inference_params": (gq, 0, bq, 0, run, run + 100, -4, 3, True, 127),
+        "inference_params": (gq, 0, bq, 0, run, run + 100, -4, 3, True),
         "running_update": (run.copy(), run.copy(), stats, 100, -4, 6554),
     }
 

@@ -1,0 +1,54 @@
+"""int32 arithmetic that Numba does not widen.
+
+Numba types every integer operation on small integers as int64, and LLVM cannot narrow a
+variable arithmetic shift back, so a loop written with ``np.int32`` casts still runs in 64-bit
+vector lanes (8 per AVX-512 register). These intrinsics emit 32-bit ``mul``/``add``/``ashr``/
+``select`` directly, so the affine passes run 16 lanes wide. Callers prove that nothing
+overflows (``qkernels.l1bn._narrow``); a shift count is always below 32.
+
+With ``NUMBA_DISABLE_JIT=1`` the same names are plain Python functions.
+"""
+
+from numba import config, types
+from numba.core.extending import intrinsic
+
+if config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT run
+
+    def mul_add_shr(a, x, b, s):
+        return (int(a) * int(x) + int(b)) >> int(s)
+
+    def pick3(v, lo, hi, below, between, above):
+        return above if v >= hi else (below if v <= lo else between)
+
+    def clamp(t, q):
+        return min(max(t, -q), q)
+
+else:
+    _i32 = types.int32
+
+    @intrinsic
+    def mul_add_shr(typingctx, a, x, b, s):
+        """``(a*x + b) >> s`` on int32."""
+        def codegen(context, builder, sig, args):
+            a_, x_, b_, s_ = args
+            return builder.ashr(builder.add(builder.mul(a_, x_), b_), s_)
+        return _i32(_i32, _i32, _i32, _i32), codegen
+
+    @intrinsic
+    def pick3(typingctx, v, lo, hi, below, between, above):
+        """``above`` if v >= hi, ``below`` if v <= lo, else ``between`` (int32 operands)."""
+        def codegen(context, builder, sig, args):
+            v_, lo_, hi_, below_, between_, above_ = args
+            low = builder.select(builder.icmp_signed("<=", v_, lo_), below_, between_)
+            return builder.select(builder.icmp_signed(">=", v_, hi_), above_, low)
+        return _i32(_i32, _i32, _i32, _i32, _i32, _i32), codegen
+
+    @intrinsic
+    def clamp(typingctx, t, q):
+        """``t`` clamped to ``[-q, q]`` (int32)."""
+        def codegen(context, builder, sig, args):
+            t_, q_ = args
+            neg = builder.neg(q_)
+            t_ = builder.select(builder.icmp_signed("<", t_, q_), t_, q_)
+            return builder.select(builder.icmp_signed(">", t_, neg), t_, neg)
+        return _i32(_i32, _i32), codegen
