@@ -3,9 +3,9 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=. python bench/bench_bn.py            # readable table
-    PYTHONPATH=. python bench/bench_bn.py --json     # exactly one JSON object on stdout
-    PYTHONPATH=. python bench/bench_bn.py --shapes 64x8x16x16,128x16x10x10 --repeat 9
+    python bench/bench_bn.py            # readable table
+    python bench/bench_bn.py --json     # exactly one JSON object on stdout
+    python bench/bench_bn.py --shapes 64x8x16x16,128x16x10x10 --repeat 9
 
 Progress and info go to stderr; with ``--json`` stdout carries only the JSON object.
 
@@ -54,6 +54,10 @@ Methodology (the machine is assumed noisy):
    recommends for additive noise. The median is also reported (``*_median_s``), and
    ``foreign_cpu_load`` says how busy the machine was with other work while a shape ran. The
    garbage collector is disabled while timing.
+
+Allocator: glibc's mmap/trim thresholds are raised at start (both sides), so neither pays a
+first-touch page fault per 4 KiB of every freshly allocated multi-MB output
+(``keep_freed_memory``; ``--default-malloc`` turns this off).
 
 Threads: torch uses as many threads as Numba (``torch.set_num_threads(numba.get_num_threads())``);
 set ``NUMBA_NUM_THREADS`` to change both. (Torch and Numba load separate libgomp copies, so

@@ -383,10 +383,8 @@ def bn_report(shape: tuple, eps_log2: int | None = None, l2_eps: float = 1e-5,
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m qkernels.opcount [--markdown] SHAPE ...   (SHAPE like 128x6x24x24)
-
-
-def _markdown(reports: list[dict]) -> str:
+def markdown_tables(reports: list[dict]) -> str:
+    """Counts, ASIC estimates and savings of :func:`bn_report` results as Markdown tables."""
     names = (("l1bn_kernel", "L1BN int8 kernel"), ("l2bn_reference", "L2BN reference"),
              ("l1bn_table4", "L1BN Table IV"), ("l2bn_table4", "L2BN Table IV"))
     lines = ["| shape | m | c | counted | " + " | ".join(OPS) + " |",
@@ -414,25 +412,3 @@ def _markdown(reports: list[dict]) -> str:
                 lines.append(f"| {'x'.join(map(str, rep['shape']))} | {dtype} | {label} | "
                              f"{s['time']:.1%} | {s['energy']:.1%} | {s['area']:.1%} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m qkernels.opcount",
-                                description="BN operation counts and Table IV ASIC estimates.")
-    p.add_argument("shapes", nargs="+", help="BN input shapes, e.g. 128x6x24x24 128x120")
-    p.add_argument("--eps-log2", type=int, default=None, help="int8 L1BN epsilon = 2**EPS_LOG2")
-    p.add_argument("--markdown", action="store_true", help="print tables instead of JSON")
-    args = p.parse_args(argv)
-    try:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-        reports = [bn_report(s, eps_log2=args.eps_log2) for s in shapes]
-    except ValueError as err:
-        p.error(str(err))
-    print(_markdown(reports) if args.markdown else json.dumps(reports, indent=1))
-
-
-if __name__ == "__main__":
-    main()

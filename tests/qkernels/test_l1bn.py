@@ -321,3 +321,32 @@ def test_out_buffer_must_match():
     with pytest.raises(ValueError, match="out"):
         l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4,
                      out=np.empty((8, 3, 4), np.int8))
+
+
+def test_both_affine_forms_are_exercised():
+    """A typical channel takes the int32 (narrow) affine, a near-constant one with a 16-bit
+    output the exactly centred int64 (wide) one; both are oracle-exact and within 1 LSB."""
+    from qkernels.fixedpoint import fits_int32
+    from qkernels.l1bn import backward_params, forward_params
+
+    x, gamma, beta, dy, _ = make_case((64, 2, 8, 8), seed=13)
+    x[:, 1] = 5
+    x[0, 1, 0, 0] = 6  # sigma = 2(m-1)/m**2 LSB: a slope of about m/2 output LSBs per code
+    out_exp = -12
+    _, cache, stats = check_forward(x, gamma, beta, 16, out_exp)
+    check_backward(x, dy, gamma, cache, stats, 16, -10)
+    m = 64 * 64
+    narrow = []
+    for c in range(2):
+        a, b, sh = forward_params(stats["sum"][c], m, stats["rmant"][c], stats["rexp"][c],
+                                  int(gamma.q[c]), gamma.exp - out_exp, int(beta.q[c]),
+                                  beta.exp - out_exp)
+        narrow.append(bool(fits_int32(a, abs(b), sh)))
+    assert narrow == [True, False]
+    g_rows = np.moveaxis(dy, 1, 0).reshape(2, -1).astype(np.int64)
+    x_rows = np.moveaxis(x, 1, 0).reshape(2, -1).astype(np.int64)
+    k_shift = gamma.exp + (-6) - (-4) - (-10)
+    a, b, sh = backward_params(stats["sum"][1], m, stats["sign_sum"][1], stats["rmant"][1],
+                               stats["rexp"][1], g_rows[1].sum(), (g_rows[1] * x_rows[1]).sum(),
+                               int(gamma.q[1]), k_shift)
+    assert not fits_int32(a, np.abs(b).max(), sh)
