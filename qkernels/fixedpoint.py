@@ -28,7 +28,8 @@ Dyadic scalars
 Per-channel quantities that are not integers (a reciprocal, a slope) are *dyadic numbers*
 ``(mant, exp)`` with value ``mant * 2**exp`` and ``2**30 <= |mant| < 2**31`` (or ``mant == 0``).
 A product of two mantissas fits in 62 bits, so multiplying is one int64 multiply and a
-renormalising shift; each operation truncates toward zero with a relative error below 2**-30.
+renormalising shift; each operation truncates (toward zero, or toward -inf when aligning a sum)
+with a relative error below 2**-29 (the reciprocal: below 1.5 * 2**-30).
 This is the (multiplier, shift) pair of integer-only inference, kept normalised.
 
 All functions here are Numba ``njit`` functions on Python ints/NumPy integers: kernels inline
@@ -50,8 +51,9 @@ MANT_BITS = 31
 _MANT_LO = np.int64(1) << np.int64(MANT_BITS - 1)
 
 #: Largest number of values per channel (m = N*H*W) the L1BN kernels accept. It keeps every
-#: exact per-channel intermediate inside int64: |m*x - S| <= 254*m < 2**31, the L1 sum
-#: D <= 254*m**2 < 2**54, and the backward's sum |sum g*(m*x - S)| <= 127*254*m**2 < 2**61.
+#: exact per-channel intermediate inside int64 even for int8's -128: |m*x - S| <= 255*m < 2**31,
+#: the L1 sum D <= 255*m**2 < 2**54, and the backward's |sum g*(m*x - S)| <= 128*255*m**2
+#: < 2**61.
 M_MAX = 1 << 23
 
 #: Exponent of running-statistics codes (value = code * 2**RUN_EXP).
@@ -70,8 +72,11 @@ SH_MAX = 40
 #: per-element sum below 2**62.
 OFFSET_MAX = 1 << 20
 
-#: Slopes beyond this many output LSBs per unit are clamped: any |u| >= 1 saturates anyway.
-SLOPE_MAX_LOG2 = MANT_BITS - 1 - SH_MIN
+#: Slopes of 2**SLOPE_MAX_LOG2 output LSBs per unit or more are clamped below it, which keeps
+#: the fixed-point slope Kf < 2**30 at SH_MIN; with an offset below OFFSET_MAX every |u| >= 1
+#: saturates either way. (The backward scales its offsets down with the slope, see
+#: qkernels.l1bn.backward_params.)
+SLOPE_MAX_LOG2 = MANT_BITS - 2 - SH_MIN
 
 #: The narrow (int32) affine form is used while |slope|*128 and |intercept| stay below
 #: 2**NARROW_MAG output LSBs; it then has at least SH_NARROW = 29 - NARROW_MAG fractional bits.
@@ -203,12 +208,13 @@ def affine_params(km, ke, a1, b1, om, oe):
             b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
         return dy_to_fixed(am, ae, sh), b, sh
     # wide: centred on the exact integer u
-    if km != 0 and ke + bit_length(km) - 1 > SLOPE_MAX_LOG2:
+    if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
         km = np.int64(1 << 30) if km > 0 else -np.int64(1 << 30)
-        ke = np.int64(SLOPE_MAX_LOG2 - 30)
+        ke = np.int64(SLOPE_MAX_LOG2 - 31)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
     kf = dy_to_fixed(km, ke, sh)
-    lim = np.int64(1) << np.int64(60)
+    # |Kf*u| < 2**30 * 2**31; offsets up to 2**61 keep |A*x + B| < 2**62 + 2**61 + 2**60
+    lim = np.int64(1) << np.int64(61)
     half = np.int64(1) << np.int64(sh - 1)
     for j in range(n):
         of = saturate(dy_to_fixed(om[j], oe[j], sh) if om[j] != 0 else np.int64(0), lim)

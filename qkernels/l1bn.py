@@ -39,6 +39,7 @@ from .fixedpoint import (
     MOMENTUM_BITS,
     OFFSET_MAX,
     RUN_EXP,
+    SLOPE_MAX_LOG2,
     affine_params,
     bit_length,
     dy_add,
@@ -61,7 +62,9 @@ SIGN, ABS, ADD, SUB, MUL, DIV, SQUARE, SQRT = range(8)
 OP_NAMES = ("SIGN", "ABS", "ADD", "SUB", "MUL", "DIV", "SQUARE", "SQRT")
 
 # Columns of the per-channel statistics a forward leaves for its backward.
-ST_SUM, ST_DEV, ST_SIGNSUM, ST_TLO, ST_THI, ST_RMANT, ST_REXP, N_STATS = range(8)
+ST_SUM, ST_DEV, ST_SIGNSUM, ST_TLO, ST_THI, ST_RMANT, ST_REXP, ST_MIN, ST_MAX, N_STATS = range(10)
+# Columns of the per-channel error statistics of a backward.
+GS_SUM, GS_SUMX, GS_MIN, GS_MAX, N_GSTATS = range(5)
 
 _NO_COUNT = np.zeros(0, dtype=np.int64)
 
@@ -89,18 +92,23 @@ BLOCK32 = 1 << 16
 
 @njit(cache=True)
 def _sum_pass(x, c, cnt):
-    """S = sum of the channel's codes (add only)."""
+    """S = sum of the channel's codes (add only), and the smallest and largest code."""
     total = np.int64(0)
+    lo = x[0, c, 0]
+    hi = lo
     for n in range(x.shape[0]):
         row = x[n, c]
         for start in range(0, row.shape[0], BLOCK16):
             block = row[start:start + BLOCK16]
             part = np.int16(0)
             for i in range(block.shape[0]):
-                part = np.int16(part + block[i])
+                v = block[i]
+                part = np.int16(part + v)
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
             total += part
         _tally(cnt, ADD, row.shape[0])
-    return total
+    return total, np.int64(lo), np.int64(hi)
 
 
 @njit(cache=True)
@@ -149,9 +157,11 @@ def _affine_pass(x, y, c, a, b, sh, q, cnt):
 
 @njit(cache=True)
 def _grad_sums_pass(x, g, c, cnt):
-    """sum(g) and sum(g*x) over the channel."""
+    """sum(g), sum(g*x), and the smallest and largest g, over the channel."""
     sg = np.int64(0)
     sgx = np.int64(0)
+    lo = g[0, c, 0]
+    hi = lo
     for n in range(x.shape[0]):
         row = x[n, c]
         grow = g[n, c]
@@ -164,11 +174,13 @@ def _grad_sums_pass(x, g, c, cnt):
                 gv = gblock[i]
                 part_g = np.int32(part_g + gv)
                 part_gx = np.int32(part_gx + np.int16(gv * block[i]))
+                lo = gv if gv < lo else lo
+                hi = gv if gv > hi else hi
             sg += part_g
             sgx += part_gx
         _tally(cnt, MUL, row.shape[0])
         _tally(cnt, ADD, 2 * row.shape[0])
-    return sg, sgx
+    return sg, sgx, np.int64(lo), np.int64(hi)
 
 
 @njit(cache=True)
@@ -250,6 +262,13 @@ def backward_params(s, m, sign_sum, rm, re, sg, sgx, gamma_q, k_shift):
     oe = np.empty(3, dtype=np.int64)
     for i in range(3):
         om[i], oe[i] = dy_mul(kqm, kqe, *dy_norm(sign_sum - m * (i - 1), 0))
+    # The offsets grow with the slope: past the slope clamp, scale the whole affine down by a
+    # power of two (signs and saturation kept) instead of clamping the slope alone.
+    excess = ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0)
+    if excess > 0:
+        ke -= excess
+        for i in range(3):
+            oe[i] -= excess
     return affine_params(km, ke, m, sg, om, oe)
 
 
@@ -276,23 +295,18 @@ def _inv_m(x, cnt):
 
 
 @njit(cache=True, inline="always")
-def _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
-                     use_eps, q, stats, cnt):
-    n_rows, _, n_cols = x.shape
-    m = np.int64(n_rows * n_cols)
-    s = _sum_pass(x, c, cnt)
+def _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt):
+    """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, range."""
+    m = np.int64(x.shape[0] * x.shape[2])
+    s, lo, hi = _sum_pass(x, c, cnt)
     t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
     sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
     dev = m * sx - s * ss
     rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
-    a, b, sh = forward_params(s, m, rm, re, np.int64(gamma_q[c]), gamma_shift,
-                              np.int64(beta_q[c]), beta_shift)
-    _affine_pass(x, y, c, a, b, sh, q, cnt)
-    # per channel: thresholds (2 MUL), D (2 MUL, 1 SUB), eps (1 MUL, 1 ADD), reciprocal (1 DIV),
-    # slope (2 MUL), affine (2 MUL, 2 ADD, 1 SUB)
-    _tally(cnt, MUL, 7 + use_eps)
-    _tally(cnt, ADD, 2 + use_eps)
-    _tally(cnt, SUB, 2)
+    # thresholds (2 MUL), D (2 MUL, 1 SUB), epsilon (1 MUL, 1 ADD), reciprocal (1 DIV)
+    _tally(cnt, MUL, 4 + use_eps)
+    _tally(cnt, ADD, use_eps)
+    _tally(cnt, SUB, 1)
     _tally(cnt, DIV, 1)
     st = stats[c]
     st[ST_SUM] = s
@@ -302,33 +316,65 @@ def _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, e
     st[ST_THI] = t_hi
     st[ST_RMANT] = rm
     st[ST_REXP] = re
-
-
-@njit(cache=True)
-def _forward_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, stats,
-                    cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
-                         use_eps, q, stats, cnt)
-
-
-@njit(cache=True, parallel=True)
-def _forward_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-                      stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in prange(x.shape[1]):
-        _forward_channel(x, y, c, inv_m, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift,
-                         use_eps, q, stats, cnt)
+    st[ST_MIN] = lo
+    st[ST_MAX] = hi
 
 
 @njit(cache=True, inline="always")
-def _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                      cnt):
-    n_rows, _, n_cols = x.shape
-    m = np.int64(n_rows * n_cols)
+def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+    """y = gamma*xhat + beta for one channel, from its statistics."""
+    m = np.int64(x.shape[0] * x.shape[2])
     st = stats[c]
-    sg, sgx = _grad_sums_pass(x, g, c, cnt)
+    a, b, sh = forward_params(st[ST_SUM], m, st[ST_RMANT], st[ST_REXP], np.int64(gamma_q[c]),
+                              gamma_shift, np.int64(beta_q[c]), beta_shift)
+    _affine_pass(x, y, c, a, b, sh, q, cnt)
+    _tally(cnt, MUL, 3)  # slope (2), affine (1)
+    _tally(cnt, ADD, 2)
+    _tally(cnt, SUB, 1)
+
+
+@njit(cache=True)
+def _stats_serial(x, eps_shift, use_eps, stats, cnt):
+    inv_m = _inv_m(x, cnt)
+    for c in range(x.shape[1]):
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _stats_parallel(x, eps_shift, use_eps, stats, cnt):
+    inv_m = _inv_m(x, cnt)
+    for c in prange(x.shape[1]):
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+
+
+@njit(cache=True)
+def _apply_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+    for c in range(x.shape[1]):
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _apply_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+    for c in prange(x.shape[1]):
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
+@njit(cache=True, inline="always")
+def _grad_stats_channel(x, g, c, gstats, cnt):
+    sg, sgx, lo, hi = _grad_sums_pass(x, g, c, cnt)
+    gs = gstats[c]
+    gs[GS_SUM] = sg
+    gs[GS_SUMX] = sgx
+    gs[GS_MIN] = lo
+    gs[GS_MAX] = hi
+
+
+@njit(cache=True, inline="always")
+def _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                        dbeta, cnt):
+    m = np.int64(x.shape[0] * x.shape[2])
+    st = stats[c]
+    sg, sgx = gstats[c, GS_SUM], gstats[c, GS_SUMX]
     a, b, sh = backward_params(st[ST_SUM], m, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP], sg,
                                sgx, np.int64(gamma_q[c]), k_shift)
     _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
@@ -343,17 +389,88 @@ def _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dga
 
 
 @njit(cache=True)
-def _backward_serial(x, g, dx, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, cnt):
+def _grad_stats_serial(x, g, gstats, cnt):
     for c in range(x.shape[1]):
-        _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                          cnt)
+        _grad_stats_channel(x, g, c, gstats, cnt)
 
 
 @njit(cache=True, parallel=True)
-def _backward_parallel(x, g, dx, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, cnt):
+def _grad_stats_parallel(x, g, gstats, cnt):
     for c in prange(x.shape[1]):
-        _backward_channel(x, g, dx, c, stats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                          cnt)
+        _grad_stats_channel(x, g, c, gstats, cnt)
+
+
+@njit(cache=True)
+def _grad_apply_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                       dbeta, cnt):
+    for c in range(x.shape[1]):
+        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
+                            dgamma, dbeta, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _grad_apply_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                         dbeta, cnt):
+    for c in prange(x.shape[1]):
+        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
+                            dgamma, dbeta, cnt)
+
+
+@njit(cache=True)
+def _magnitude_exp(vm, ve):
+    """Binary exponent bound of a dyadic: |v| < 2**result (very negative for 0)."""
+    return ve + bit_length(vm) if vm != 0 else np.int64(-1 << 20)
+
+
+@njit(cache=True)
+def output_exponent(stats, m, gamma_q, gamma_exp, beta_q, beta_exp, bits):
+    """Exponent of the forward's output chosen from its range: ``e = E - (bits - 1)``.
+
+    ``E`` bounds the binary exponent of the largest |gamma*xhat + beta| over all channels,
+    evaluated (dyadically) at each channel's smallest and largest code: the affine is monotone,
+    so its extremes are there. Like the normalization, it depends on the input's exponent only
+    through epsilon. An all-zero output gets ``beta_exp``.
+    """
+    top = np.int64(-1 << 20)
+    for c in range(stats.shape[0]):
+        st = stats[c]
+        km, ke = dy_mul(*dy_norm(np.int64(gamma_q[c]) * m, gamma_exp), st[ST_RMANT], st[ST_REXP])
+        if st[ST_RMANT] == 0:
+            km, ke = np.int64(0), np.int64(0)
+        bm, be = dy_norm(np.int64(beta_q[c]), beta_exp)
+        for code in (st[ST_MIN], st[ST_MAX]):
+            ym, ye = dy_add(*dy_mul(km, ke, *dy_norm(m * code - st[ST_SUM], 0)), bm, be)
+            top = max(top, _magnitude_exp(ym, ye))
+    if top < -(1 << 19):
+        return np.int64(beta_exp)
+    return top - (bits - 1)
+
+
+@njit(cache=True)
+def grad_exponent(stats, gstats, m, gamma_q, k_base, bits):
+    """Exponent of the backward's dx chosen from a bound of its range: ``E - (bits - 1)``.
+
+    ``k_base = gamma_exp + g_exp - x_exp`` (dx's exponent is then ``k_base - k_shift``).
+    Per channel dx is affine in g with an offset linear in the sign s; ``E`` bounds its binary
+    exponent at the channel's smallest and largest g with s = -1 and s = +1.
+    """
+    top = np.int64(-1 << 20)
+    for c in range(stats.shape[0]):
+        st = stats[c]
+        gs = gstats[c]
+        if st[ST_RMANT] == 0:
+            continue
+        p = m * gs[GS_SUMX] - st[ST_SUM] * gs[GS_SUM]
+        km, ke = dy_mul(*dy_norm(np.int64(gamma_q[c]) * m, k_base), st[ST_RMANT], st[ST_REXP])
+        kqm, kqe = dy_mul(km, ke, *dy_mul(*dy_norm(p, 0), st[ST_RMANT], st[ST_REXP]))
+        for gv in (gs[GS_MIN], gs[GS_MAX]):
+            am, ae = dy_mul(km, ke, *dy_norm(m * gv - gs[GS_SUM], 0))
+            for sgn in (-1, 1):
+                om, oe = dy_mul(kqm, kqe, *dy_norm(st[ST_SIGNSUM] - m * sgn, 0))
+                top = max(top, _magnitude_exp(*dy_add(am, ae, om, oe)))
+    if top < -(1 << 19):
+        return np.int64(k_base)
+    return top - (bits - 1)
 
 
 @njit(cache=True, parallel=True)
@@ -400,9 +517,15 @@ def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev
     return out
 
 
+#: Running statistics saturate at +-2**44 codes (2**20 in real units at RUN_EXP = -24), so
+#: momentum_q * (new - old) <= 2**16 * 2**45 stays far inside int64.
+RUN_LIMIT = np.int64(1) << np.int64(44)
+
+
 @njit(cache=True)
 def _momentum_step(old, new, momentum_q, lim):
     """old + momentum*(new - old), momentum = momentum_q / 2**MOMENTUM_BITS, saturated."""
+    old = saturate(old, lim)
     delta = saturate(new, lim) - old
     return saturate(old + round_shift(momentum_q * delta, MOMENTUM_BITS), lim)
 
@@ -412,7 +535,7 @@ def running_update(run_mean, run_dev, stats, m, x_exp, momentum_q):
     """In-place integer momentum update of the running mean and running L1 deviation."""
     inv_m = dy_recip(*dy_norm(m, 0))
     shift = x_exp - np.int64(RUN_EXP)
-    lim = np.int64(1) << np.int64(46)
+    lim = RUN_LIMIT
     for c in range(run_mean.shape[0]):
         mean = dy_to_fixed(*dy_mul(*dy_norm(stats[c, ST_SUM], 0), *inv_m), shift)
         dm, de = dy_mul(*dy_mul(*dy_norm(stats[c, ST_DEV], 0), *inv_m), *inv_m)
@@ -480,13 +603,16 @@ def _check_input(x: np.ndarray, name: str) -> tuple[int, int]:
     return n_channels, m
 
 
-def _check_affine(gamma: QTensor, beta: QTensor, n_channels: int, out_exp: int) -> None:
+def _check_affine(gamma: QTensor, beta: QTensor, n_channels: int) -> None:
     for t, name in ((gamma, "gamma"), (beta, "beta")):
         check_qtensor(t, name)
         check_array(t.q, f"{name}.q", (np.int32,), (1,))
         if t.q.shape[0] != n_channels:
             raise ValueError(f"{name}.q has {t.q.shape[0]} entries, expected one per channel "
                              f"({n_channels})")
+
+
+def _check_offset(beta: QTensor, out_exp: int) -> None:
     beta_max = max(-int(beta.q.min()), int(beta.q.max()))
     if beta_max and beta_max.bit_length() + beta.exp - out_exp > OFFSET_MAX.bit_length() - 1:
         raise ValueError(f"beta is too large for the output format: |beta| must stay below "
@@ -499,9 +625,10 @@ def _eps_shift(eps_log2: int | None, x_exp: int) -> tuple[int, bool]:
     return check_exp(eps_log2, "eps_log2") - x_exp, True
 
 
-def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int, out_exp: int,
-                 eps_log2: int | None = None, out: np.ndarray | None = None,
-                 parallel: bool = True) -> tuple[QTensor, L1BNCache]:
+def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
+                 out_exp: int | None = None, eps_log2: int | None = None,
+                 out: np.ndarray | None = None, parallel: bool = True
+                 ) -> tuple[QTensor, L1BNCache]:
     r"""Training-mode L1BN forward on int8 codes.
 
     .. math:: y = \gamma \frac{x - \mu_B}{\sigma_B + \epsilon} + \beta, \qquad
@@ -511,7 +638,8 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int, ou
         x: input codes (int8, up to 8 bits), shape (N, C) or (N, C, H, W), with exponent.
         gamma, beta: per-channel int32 codes with their exponents.
         out_bits: width of the output codes (2..16; int8 storage up to 8, int16 above).
-        out_exp: exponent of the output codes.
+        out_exp: exponent of the output codes; None chooses it from the output's range
+            (:func:`output_exponent`), as the requantizers do.
         eps_log2: epsilon = 2**eps_log2 in the input's real units; None for epsilon = 0, where a
             constant channel (sigma = 0) outputs beta and passes back no error.
         out: optional C-contiguous array (x's shape, int8 or int16 per out_bits) to write the
@@ -528,21 +656,26 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int, ou
     check_qtensor(x, "x")
     n_channels, m = _check_input(x.q, "x.q")
     out_bits = check_bits(out_bits, "out_bits")
-    out_exp = check_exp(out_exp, "out_exp")
-    _check_affine(gamma, beta, n_channels, out_exp)
+    _check_affine(gamma, beta, n_channels)
     eps_shift, use_eps = _eps_shift(eps_log2, x.exp)
 
     x3 = _as_ncl(x.q)
-    y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
-    args = (gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift, use_eps,
-            (1 << (out_bits - 1)) - 1, stats)
-    (_forward_parallel if parallel else _forward_serial)(x3, y3, *args, _NO_COUNT)
+    (_stats_parallel if parallel else _stats_serial)(x3, eps_shift, use_eps, stats, _NO_COUNT)
+    if out_exp is None:
+        out_exp = int(output_exponent(stats, m, gamma.q, gamma.exp, beta.q, beta.exp,
+                                      out_bits))
+    out_exp = check_exp(out_exp, "out_exp")
+    _check_offset(beta, out_exp)
+    y3 = _output_ncl(out, "out", x.q.shape, out_bits)
+    (_apply_parallel if parallel else _apply_serial)(
+        x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
+        (1 << (out_bits - 1)) - 1, stats, _NO_COUNT)
     cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats)
     return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
 
 
-def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int,
+def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | None = None,
                   dgamma_exp: int | None = None, out: np.ndarray | None = None,
                   parallel: bool = True) -> tuple[QTensor, QTensor, QTensor]:
     r"""L1BN backward, equation (20), reusing the forward's reciprocal.
@@ -555,7 +688,8 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int,
     Args:
         dy: error codes (int8) with the forward output's shape, and their exponent.
         cache: the forward's cache.
-        dx_bits, dx_exp: width and exponent of the returned error codes.
+        dx_bits, dx_exp: width and exponent of the returned error codes; ``dx_exp=None``
+            chooses the exponent from a bound of dx's range (:func:`grad_exponent`).
         dgamma_exp: exponent of the returned dgamma codes (default ``dy.exp - 16``).
         out: optional C-contiguous array for the dx codes (like ``out`` of the forward).
 
@@ -571,18 +705,23 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int,
     if dy.q.shape != cache.shape:
         raise ValueError(f"dy.q has shape {dy.q.shape}, expected the forward's {cache.shape}")
     dx_bits = check_bits(dx_bits, "dx_bits")
-    dx_exp = check_exp(dx_exp, "dx_exp")
     dgamma_exp = dy.exp - 16 if dgamma_exp is None else check_exp(dgamma_exp, "dgamma_exp")
 
     g3 = _as_ncl(dy.q)
-    dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     n_channels = g3.shape[1]
+    m = g3.shape[0] * g3.shape[2]
+    gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
+    (_grad_stats_parallel if parallel else _grad_stats_serial)(cache.x, g3, gstats, _NO_COUNT)
+    k_base = cache.gamma.exp + dy.exp - cache.x_exp
+    if dx_exp is None:
+        dx_exp = int(grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base, dx_bits))
+    dx_exp = check_exp(dx_exp, "dx_exp")
+    dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     dgamma = np.empty(n_channels, dtype=np.int64)
     dbeta = np.empty(n_channels, dtype=np.int64)
-    k_shift = cache.gamma.exp + dy.exp - cache.x_exp - dx_exp
-    args = (cache.stats, cache.gamma.q, k_shift, (1 << (dx_bits - 1)) - 1, dy.exp - dgamma_exp,
-            dgamma, dbeta)
-    (_backward_parallel if parallel else _backward_serial)(cache.x, g3, dx3, *args, _NO_COUNT)
+    (_grad_apply_parallel if parallel else _grad_apply_serial)(
+        cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp,
+        (1 << (dx_bits - 1)) - 1, dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
     return (QTensor(_from_ncl(dx3, cache.shape, out), dx_exp), QTensor(dgamma, dgamma_exp),
             QTensor(dbeta, dy.exp))
 
@@ -619,7 +758,8 @@ def l1bn_fold(gamma: QTensor, beta: QTensor, running_mean: np.ndarray, running_d
     x_exp = check_exp(x_exp, "x_exp")
     for a, name in ((running_mean, "running_mean"), (running_dev, "running_dev")):
         check_array(a, name, (np.int64,), (1,))
-    _check_affine(gamma, beta, running_mean.shape[0], out_exp)
+    _check_affine(gamma, beta, running_mean.shape[0])
+    _check_offset(beta, out_exp)
     eps_shift, use_eps = _eps_shift(eps_log2, x_exp)
     return inference_params(gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
                             running_mean, running_dev, x_exp, eps_shift, use_eps)
@@ -656,10 +796,13 @@ def count_ops(shape: tuple, eps_log2: int | None = None, seed: int = 0) -> dict[
     y3 = np.empty_like(x3)
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
     fwd = np.zeros(8, dtype=np.int64)
-    _forward_serial(x3, y3, gamma.q, 8, beta.q, 8, eps_shift, use_eps, qmax(8), stats, fwd)
+    _stats_serial(x3, eps_shift, use_eps, stats, fwd)
+    _apply_serial(x3, y3, gamma.q, 8, beta.q, 8, qmax(8), stats, fwd)
     g3 = rng.integers(-127, 128, size=x3.shape, dtype=np.int8)
     bwd = np.zeros(8, dtype=np.int64)
-    _backward_serial(x3, g3, np.empty_like(g3), stats, gamma.q, 0, qmax(8), 16,
-                     np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), bwd)
+    gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
+    _grad_stats_serial(x3, g3, gstats, bwd)
+    _grad_apply_serial(x3, g3, np.empty_like(g3), stats, gstats, gamma.q, 0, qmax(8), 16,
+                       np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), bwd)
     return {"forward": dict(zip(OP_NAMES, map(int, fwd))),
             "backward": dict(zip(OP_NAMES, map(int, bwd)))}

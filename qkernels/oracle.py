@@ -17,13 +17,30 @@ import numpy as np
 from .fixedpoint import MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
 from .format import code_dtype
 from .l1bn import (
+    GS_MAX,
+    GS_MIN,
+    GS_SUM,
+    GS_SUMX,
+    N_GSTATS,
+    N_STATS,
+    ST_MAX,
+    ST_MIN,
+    ST_REXP,
+    ST_RMANT,
+    ST_SIGNSUM,
+    ST_SUM,
     backward_params,
     dev_reciprocal,
     dgamma_code,
     forward_params,
+    grad_exponent,
     inference_params,
     mean_thresholds,
+    output_exponent,
 )
+
+_STAT_COLUMNS = {"sum": ST_SUM, "sign_sum": ST_SIGNSUM, "rmant": ST_RMANT, "rexp": ST_REXP,
+                 "min": ST_MIN, "max": ST_MAX}
 from .rng import random_u64_np, stream_key_np
 
 
@@ -41,9 +58,21 @@ def _affine(x: np.ndarray, a: int, b: int, sh: int, q: int) -> np.ndarray:
     return np.clip((int(a) * x + int(b)) >> int(sh), -q, q)
 
 
+def _stats_array(stats: dict) -> np.ndarray:
+    """The oracle's statistics in the kernels' column layout (for the exponent functions)."""
+    out = np.zeros((len(stats["sum"]), N_STATS), dtype=np.int64)
+    for key, col in _STAT_COLUMNS.items():
+        out[:, col] = stats[key]
+    return out
+
+
 def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits, out_exp,
                         eps_log2=None):
-    """Integer L1BN training forward; returns (y codes as int64, per-channel stats dict)."""
+    """Integer L1BN training forward; returns (y codes as int64, out_exp, per-channel stats).
+
+    ``out_exp=None`` chooses the exponent from the range, with the spec's
+    :func:`~qkernels.l1bn.output_exponent` applied to the statistics computed here.
+    """
     rows = _channels(xq)
     m = rows.shape[1]
     q = int(qmax(out_bits))
@@ -52,28 +81,45 @@ def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bit
     eps_shift = (eps_log2 - x_exp) if use_eps else 0
     out = np.empty_like(rows)
     stats = {k: np.empty(rows.shape[0], dtype=np.int64)
-             for k in ("sum", "dev", "sign_sum", "t_lo", "t_hi", "rmant", "rexp")}
+             for k in ("sum", "dev", "sign_sum", "t_lo", "t_hi", "rmant", "rexp", "min", "max")}
     for c, x in enumerate(rows):
         s = int(np.sum(x))
         sign = np.sign(m * x - s)                       # sgn(x - mu), exactly
         dev = int(np.sum(np.abs(m * x - s)))            # D = m**2 * sigma
         rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
-        a, b, sh = forward_params(s, m, rm, re, int(gamma_q[c]), gamma_exp - out_exp,
+        t_lo, t_hi = mean_thresholds(s, m, *inv_m)
+        for k, v in zip(stats, (s, dev, int(np.sum(sign)), t_lo, t_hi, rm, re, x.min(),
+                                x.max())):
+            stats[k][c] = v
+    if out_exp is None:
+        out_exp = int(output_exponent(_stats_array(stats), m, gamma_q, gamma_exp, beta_q,
+                                      beta_exp, out_bits))
+    for c, x in enumerate(rows):
+        a, b, sh = forward_params(int(stats["sum"][c]), m, int(stats["rmant"][c]),
+                                  int(stats["rexp"][c]), int(gamma_q[c]), gamma_exp - out_exp,
                                   int(beta_q[c]), beta_exp - out_exp)
         out[c] = _affine(x, a, b, sh, q)
-        t_lo, t_hi = mean_thresholds(s, m, *inv_m)
-        for k, v in zip(stats, (s, dev, int(np.sum(sign)), t_lo, t_hi, rm, re)):
-            stats[k][c] = v
-    return _unchannels(out, xq.shape), stats
+    return _unchannels(out, xq.shape), out_exp, stats
 
 
 def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bits, dx_exp,
                          dgamma_exp):
-    """Integer equation (20); returns (dx codes, dgamma codes, dbeta) as int64."""
+    """Integer equation (20); returns (dx codes, dx_exp, dgamma codes, dbeta) as int64.
+
+    ``dx_exp=None`` chooses the exponent with the spec's :func:`~qkernels.l1bn.grad_exponent`.
+    """
     rows, grows = _channels(xq), _channels(gq)
     m = rows.shape[1]
     q = int(qmax(dx_bits))
-    k_shift = gamma_exp + g_exp - x_exp - dx_exp
+    k_base = gamma_exp + g_exp - x_exp
+    if dx_exp is None:
+        gstats = np.zeros((rows.shape[0], N_GSTATS), dtype=np.int64)
+        gstats[:, GS_SUM] = grows.sum(axis=1)
+        gstats[:, GS_SUMX] = (grows * rows).sum(axis=1)
+        gstats[:, GS_MIN] = grows.min(axis=1)
+        gstats[:, GS_MAX] = grows.max(axis=1)
+        dx_exp = int(grad_exponent(_stats_array(stats), gstats, m, gamma_q, k_base, dx_bits))
+    k_shift = k_base - dx_exp
     dx = np.empty_like(rows)
     dgamma = np.empty(rows.shape[0], dtype=np.int64)
     dbeta = np.empty(rows.shape[0], dtype=np.int64)
@@ -87,7 +133,7 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
         dx[c] = np.clip((int(a) * g + offset) >> int(sh), -q, q)
         dbeta[c] = sg
         dgamma[c] = dgamma_code(m, m * sgx - s * sg, rm, re, g_exp - dgamma_exp)
-    return _unchannels(dx, xq.shape), dgamma, dbeta
+    return _unchannels(dx, xq.shape), dx_exp, dgamma, dbeta
 
 
 def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_mean, run_dev,
@@ -110,16 +156,17 @@ def running_update_oracle(run_mean, run_dev, stats, m, x_exp, momentum_q):
     (Python integers), so the kernel may differ by the dyadic reciprocal's last bit.
     """
     new_mean, new_dev = run_mean.copy(), run_dev.copy()
-    lim = 1 << 46
+    lim = 1 << 44
     for c in range(run_mean.shape[0]):
         for buf, num, den in ((new_mean, int(stats["sum"][c]), m),
                               (new_dev, int(stats["dev"][c]), m * m)):
             shift = x_exp - RUN_EXP
             num, den = (num << shift, den) if shift >= 0 else (num, den << -shift)
             batch = (2 * num + den) // (2 * den)               # round half up
-            delta = max(-lim, min(lim, batch)) - int(buf[c])
+            old = max(-lim, min(lim, int(buf[c])))
+            delta = max(-lim, min(lim, batch)) - old
             step = (momentum_q * delta + (1 << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS
-            buf[c] = max(-lim, min(lim, int(buf[c]) + step))
+            buf[c] = max(-lim, min(lim, old + step))
     return new_mean, new_dev
 
 

@@ -34,13 +34,13 @@ def run_forward(x, gamma, beta, out_bits, out_exp, eps_log2=None, parallel=True,
 def check_forward(x, gamma, beta, out_bits, out_exp, eps_log2=None, x_exp=-4):
     """Kernel == oracle bit for bit, and within 1 LSB of float64 equations (10)-(11)."""
     y, cache = run_forward(x, gamma, beta, out_bits, out_exp, eps_log2, x_exp=x_exp)
-    y_or, stats = oracle.l1bn_forward_oracle(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp,
-                                            out_bits, out_exp, eps_log2)
+    y_or, exp_or, stats = oracle.l1bn_forward_oracle(x, x_exp, gamma.q, gamma.exp, beta.q,
+                                                     beta.exp, out_bits, out_exp, eps_log2)
     np.testing.assert_array_equal(y.q, y_or)
     assert y.q.dtype == (np.int8 if out_bits <= 8 else np.int16)
-    assert y.exp == out_exp
+    assert y.exp == exp_or and (out_exp is None or y.exp == out_exp)
     y_f = oracle.l1bn_forward_float64(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp, out_bits,
-                                      out_exp, eps_log2)
+                                      y.exp, eps_log2)
     assert np.abs(y.q.astype(np.int64) - y_f).max(initial=0) <= 1
     for col, key in ((ST_SUM, "sum"), (ST_SIGNSUM, "sign_sum"), (ST_TLO, "t_lo"),
                      (ST_THI, "t_hi")):
@@ -53,13 +53,14 @@ def check_backward(x, dy, gamma, cache, stats, dx_bits, dx_exp, eps_log2=None, x
     """Kernel == oracle bit for bit, and within 1 LSB of float64 equation (20)."""
     dx, dgamma, dbeta = l1bn_backward(QTensor(dy, dy_exp), cache, dx_bits=dx_bits,
                                       dx_exp=dx_exp)
-    dx_or, dg_or, db_or = oracle.l1bn_backward_oracle(x, dy, stats, gamma.q, gamma.exp, x_exp,
-                                                      dy_exp, dx_bits, dx_exp, dgamma.exp)
+    dx_or, dx_exp_or, dg_or, db_or = oracle.l1bn_backward_oracle(
+        x, dy, stats, gamma.q, gamma.exp, x_exp, dy_exp, dx_bits, dx_exp, dgamma.exp)
     np.testing.assert_array_equal(dx.q, dx_or)
+    assert dx.exp == dx_exp_or and (dx_exp is None or dx.exp == dx_exp)
     np.testing.assert_array_equal(dgamma.q, dg_or)
     np.testing.assert_array_equal(dbeta.q, db_or)
     dx_f, dg_f, db_f = oracle.l1bn_backward_float64(x, x_exp, dy, dy_exp, gamma.q, gamma.exp,
-                                                    dx_bits, dx_exp, eps_log2)
+                                                    dx_bits, dx.exp, eps_log2)
     assert np.abs(dx.q.astype(np.int64) - dx_f).max(initial=0) <= 1
     np.testing.assert_allclose(dgamma.value(), dg_f, rtol=0, atol=2.0 ** dgamma.exp + 1e-9 *
                                np.abs(dg_f).max(initial=0))
@@ -350,3 +351,62 @@ def test_both_affine_forms_are_exercised():
                                stats["rexp"][1], g_rows[1].sum(), (g_rows[1] * x_rows[1]).sum(),
                                int(gamma.q[1]), k_shift)
     assert not fits_int32(a, np.abs(b).max(), sh)
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (16, 6, 6, 6)])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_exponents_chosen_from_the_range(shape, bits):
+    """out_exp/dx_exp=None pick the exponent from the range: results stay oracle-exact and
+    within 1 LSB, the largest code reaches the top half of the format, and at most the few
+    values rounding up to 2**(bits-1) saturate."""
+    x, gamma, beta, dy, _ = make_case(shape, in_bits=8, out_bits=bits, seed=bits)
+    y, cache, stats = check_forward(x, gamma, beta, bits, None)
+    dx = check_backward(x, dy, gamma, cache, stats, bits, None)
+    q = (1 << (bits - 1)) - 1
+    for t in (y.q, dx.q):
+        top = int(np.abs(t.astype(np.int64)).max())
+        assert (q + 1) // 2 <= top <= q
+        assert np.mean(np.abs(t.astype(np.int64)) == q) < 0.01
+
+
+def test_backward_offsets_at_the_largest_m():
+    """m = M_MAX with one outlier and dy = 127*sgn(x - mu): the exact dx is 0 everywhere; the
+    backward's offsets (about 2**61 in fixed point) must not be clipped."""
+    m = M_MAX
+    x = np.full((m, 1), -127, np.int8)
+    x[0] = 127
+    dy = np.where(x > -127, 127, -127).astype(np.int8)
+    gamma, beta = QTensor(np.array([5000], np.int32), -12), QTensor(np.zeros(1, np.int32), -12)
+    y, cache = l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4)
+    dx, _, _ = l1bn_backward(QTensor(dy, -6), cache, dx_bits=8, dx_exp=-6)
+    want = oracle.l1bn_backward_float64(x, -4, dy, -6, gamma.q, -12, 8, -6)[0]
+    assert np.abs(dx.q.astype(np.int64) - want).max() <= 1
+
+
+@pytest.mark.parametrize("dx_exp", [-10, -14, -18, -22])
+def test_huge_gain_keeps_signs(dx_exp):
+    """A slope far past the clamp (gamma = 2**18) scales the whole backward affine down, so
+    saturated errors keep the sign of the float64 result (they used to flip)."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-127, 128, size=(16, 1), dtype=np.int8)
+    dy = rng.integers(-127, 128, size=(16, 1), dtype=np.int8)
+    gamma, beta = QTensor(np.array([1 << 30], np.int32), -12), QTensor(np.zeros(1, np.int32), -12)
+    _, cache = l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=-4)
+    dx, _, _ = l1bn_backward(QTensor(dy, -6), cache, dx_bits=8, dx_exp=dx_exp)
+    want = oracle.l1bn_backward_float64(x, -4, dy, -6, gamma.q, -12, 8, dx_exp)[0]
+    assert (np.sign(dx.q[:, 0]) == np.sign(want[:, 0])).all()
+
+
+def test_running_statistics_saturate_without_overflow():
+    """Running statistics at the limit move toward a batch at the opposite limit without
+    wrapping around (momentum 1 copies the batch, saturated)."""
+    from qkernels.l1bn import RUN_LIMIT
+
+    x = np.full((4, 1), 127, np.int8)
+    x[0] = -127
+    gamma, beta = QTensor(np.ones(1, np.int32), 0), QTensor(np.zeros(1, np.int32), 0)
+    _, cache = l1bn_forward(QTensor(x, 30), gamma, beta, out_bits=8, out_exp=-4)
+    mean = np.array([-(1 << 62)], np.int64)
+    dev = np.array([1 << 62], np.int64)
+    l1bn_update_running(mean, dev, cache, 1 << MOMENTUM_BITS)
+    assert mean[0] == RUN_LIMIT and dev[0] == RUN_LIMIT

@@ -30,14 +30,20 @@ def kernel_cases():
     bq = np.zeros(3, np.int32)
     stats = np.zeros((3, l1bn.N_STATS), np.int64)
     cnt = np.zeros(0, np.int64)
-    fwd = (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt)
-    bwd = (x, x, np.empty_like(x), stats, gq, 0, 127, 16, np.zeros(3, np.int64),
-           np.zeros(3, np.int64), cnt)
+    gstats = np.zeros((3, l1bn.N_GSTATS), np.int64)
+    stats_args = (x, 3, True, stats, cnt)
+    apply_args = (x, np.empty_like(x), gq, 0, bq, 0, 127, stats, cnt)
+    grad_args = (x, x, np.empty_like(x), stats, gstats, gq, 0, 127, 16, np.zeros(3, np.int64),
+                 np.zeros(3, np.int64), cnt)
     folded = np.array([[3, 5, 8]] * 3, np.int64)
     run = np.zeros(3, np.int64)
     return {
-        "_forward_serial": fwd, "_forward_parallel": fwd,
-        "_backward_serial": bwd, "_backward_parallel": bwd,
+        "_stats_serial": stats_args, "_stats_parallel": stats_args,
+        "_apply_serial": apply_args, "_apply_parallel": apply_args,
+        "_grad_stats_serial": (x, x, gstats, cnt), "_grad_stats_parallel": (x, x, gstats, cnt),
+        "_grad_apply_serial": grad_args, "_grad_apply_parallel": grad_args,
+        "output_exponent": (stats, 100, gq, -12, bq, -12, 8),
+        "grad_exponent": (stats, gstats, 100, gq, -12, 8),
         "_affine_serial": (x, np.empty_like(x), folded, 127, cnt),
         "_affine_parallel": (x, np.empty_like(x), folded, 127, cnt),
         "inference_params": (gq, 0, bq, 0, run, run + 100, -4, 3, True),
@@ -65,7 +71,7 @@ def test_float_detector_catches_float():
 
 def test_prange_body_is_inspected():
     """Control: the IR of a parallel driver contains the prange gufunc body."""
-    ir = fresh_ir(l1bn._forward_parallel, *kernel_cases()["_forward_parallel"])
+    ir = fresh_ir(l1bn._stats_parallel, *kernel_cases()["_stats_parallel"])
     assert "parfor_gufunc" in ir
 
 

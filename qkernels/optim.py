@@ -1,0 +1,81 @@
+r"""Integer SGD with momentum on a wide weight store.
+
+A trainable tensor lives in a *store*: int32 codes ``w`` with a fixed exponent ``e_s`` and
+``store_bits`` significant bits (wider than the ``k_W``-bit weights the layers use), plus an
+int64 velocity ``v`` with the same exponent. One step with gradient codes ``g`` (exponent
+``e_g``, already quantized to ``k_G`` bits) is, with torch's SGD convention,
+
+.. math::
+
+    g_s = \operatorname{round}(g \cdot 2^{e_g - e_s}), \qquad
+    v \leftarrow \operatorname{round}(\mu_q v / 2^{16}) + g_s, \qquad
+    w \leftarrow \operatorname{sat}\big(w - \operatorname{round}(\eta_q v / 2^{24})\big),
+
+where ``mu_q / 2**MOMENTUM_BITS`` is the momentum and ``eta_q / 2**LR_BITS`` the learning rate
+(per unit of ``g``: a batch mean folds its ``1/N`` in here). Rounding is half up; the store
+saturates at ``2**(store_bits-1) - 1`` and saturations are counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
+from .format import QTensor, check_array, check_exp
+
+#: The learning rate is a fixed-point fraction lr_q / 2**LR_BITS.
+LR_BITS = 24
+#: Widest store the update supports (int32 codes).
+STORE_BITS_MAX = 31
+
+
+def lr_code(lr: float) -> int:
+    """Fixed-point learning rate ``round(lr * 2**LR_BITS)`` (a config constant, set once)."""
+    return int(round(lr * (1 << LR_BITS)))
+
+
+def momentum_code(momentum: float) -> int:
+    """Fixed-point momentum ``round(momentum * 2**MOMENTUM_BITS)``."""
+    return int(round(momentum * (1 << MOMENTUM_BITS)))
+
+
+@njit(cache=True, parallel=True)
+def _sgd(w, v, g, g_shift, momentum_q, lr_q, q):
+    saturated = 0
+    for i in prange(w.shape[0]):
+        gi = np.int64(g[i])
+        gs = gi << g_shift if g_shift >= 0 else round_shift(gi, -g_shift)
+        vi = round_shift(momentum_q * v[i], MOMENTUM_BITS) + gs
+        v[i] = vi
+        wi = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
+        if wi > q or wi < -q:
+            saturated += 1
+            wi = q if wi > 0 else -q
+        w[i] = wi
+    return saturated
+
+
+def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
+             momentum_q: int, store_bits: int) -> int:
+    """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
+
+    Returns the number of store codes that saturated.
+    """
+    check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
+    check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
+    check_array(grad.q, "grad.q", (np.int8, np.int16, np.int32, np.int64), (store.q.ndim,))
+    if velocity.shape != store.q.shape or grad.q.shape != store.q.shape:
+        raise ValueError(f"store, velocity and grad shapes differ: {store.q.shape}, "
+                         f"{velocity.shape}, {grad.q.shape}")
+    if not store.q.flags.c_contiguous or not velocity.flags.c_contiguous:
+        raise ValueError("store.q and velocity must be C-contiguous (they are updated in place)")
+    if not 2 <= store_bits <= STORE_BITS_MAX:
+        raise ValueError(f"store_bits={store_bits} is outside 2..{STORE_BITS_MAX}")
+    g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
+    if g_shift > 40:
+        raise ValueError(f"gradient exponent {grad.exp} is 2**{g_shift} above the store's "
+                         f"{store.exp}: the store is far too fine for these gradients")
+    return int(_sgd(store.q.reshape(-1), velocity.reshape(-1),
+                    np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
+                    qmax(store_bits)))

@@ -1,0 +1,126 @@
+r"""Requantization with a per-tensor power-of-two exponent chosen from the tensor's range.
+
+Given integer codes ``c`` with exponent ``e_c`` (value ``c * 2**e_c``), quantizing to ``k``
+bits picks the output exponent from the largest magnitude,
+
+.. math::
+
+    e = b + e_c - (k - 1), \qquad b = \text{bit\_length}(\max_i |c_i|),
+
+so the largest value lands in ``[2**(k-2), 2**(k-1))`` codes. This ``e`` depends only on the
+real values (``b + e_c`` is the binary exponent of the maximum), never on how the input was
+scaled, and so does every result below. Then
+
+* nearest: ``y = sat(round_half_up(c * 2**(e_c - e)))``;
+* stochastic: ``y = sat((floor(c * 2**(e_c - e + 24)) + r) >> 24)`` with ``r`` the top 24
+  bits of ``random_u64(stream_key(seed, step, tensor_id), i)``: a 24-bit uniform fraction,
+  so ``E[y] = c * 2**(e_c - e)`` exactly whenever the value has at most 24 fractional bits
+  below the new LSB (always, for codes of up to 24 bits), and within ``2**-24`` LSB otherwise.
+
+Each call also counts saturated codes (``|y|`` would exceed ``2**(k-1) - 1``: only the maximum
+rounding up can) and codes rounded to zero from a nonzero input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from .fixedpoint import bit_length, qmax, round_shift
+from .format import QTensor, check_array, check_bits, check_exp, code_dtype
+from .rng import check_stream_args, random_u64, stream_key
+
+#: Random bits of a stochastic rounding: the fraction added below the new LSB.
+SR_BITS = 24
+
+
+class QuantCounts(NamedTuple):
+    """Elements a quantization saturated and nonzero elements it rounded to zero."""
+
+    saturated: int
+    zeroed: int
+    total: int
+
+
+@njit(cache=True)
+def _max_abs(c):
+    m = np.int64(0)
+    for i in range(c.shape[0]):
+        v = abs(np.int64(c[i]))
+        if v > m:
+            m = v
+    return m
+
+
+@njit(cache=True)
+def range_exponent(max_abs, exp, bits):
+    """Exponent that puts ``max_abs * 2**exp`` in ``[2**(bits-2), 2**(bits-1))`` codes."""
+    if max_abs == 0:
+        return np.int64(exp)
+    return bit_length(max_abs) + exp - (bits - 1)
+
+
+@njit(cache=True, parallel=True)
+def _nearest(c, shift, q, out):
+    saturated = 0
+    zeroed = 0
+    for i in prange(c.shape[0]):
+        v = np.int64(c[i])
+        y = round_shift(v, shift) if shift > 0 else v << -shift
+        if y > q or y < -q:
+            saturated += 1
+            y = q if y > 0 else -q
+        if y == 0 and v != 0:
+            zeroed += 1
+        out[i] = y
+    return saturated, zeroed
+
+
+@njit(cache=True, parallel=True)
+def _stochastic(c, up, q, key, out):
+    """``up = e_c - e + SR_BITS``: bits to move the code left (right if negative)."""
+    saturated = 0
+    zeroed = 0
+    for i in prange(c.shape[0]):
+        v = np.int64(c[i])
+        w = v << up if up >= 0 else v >> -up
+        r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
+        y = (w + r) >> SR_BITS
+        if y > q or y < -q:
+            saturated += 1
+            y = q if y > 0 else -q
+        if y == 0 and v != 0:
+            zeroed += 1
+        out[i] = y
+    return saturated, zeroed
+
+
+def _prepare(c: QTensor, bits: int, name: str):
+    check_array(c.q, f"{name}.q", (np.int8, np.int16, np.int32, np.int64), tuple(range(0, 9)))
+    bits = check_bits(bits, "bits")
+    flat = np.ascontiguousarray(c.q).reshape(-1)
+    exp = range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits)
+    return flat, bits, int(exp), np.empty(flat.shape[0], dtype=code_dtype(bits))
+
+
+def quantize_nearest(c: QTensor, bits: int) -> tuple[QTensor, QuantCounts]:
+    """Requantize codes to ``bits`` with the range exponent, rounding half up."""
+    flat, bits, exp, out = _prepare(c, bits, "c")
+    sat, zero = _nearest(flat, exp - c.exp, qmax(bits), out)
+    return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
+
+
+def quantize_stochastic(c: QTensor, bits: int, *, seed: int, step: int, tensor_id: int
+                        ) -> tuple[QTensor, QuantCounts]:
+    """Requantize codes to ``bits`` with the range exponent, rounding stochastically.
+
+    The random fraction of element ``i`` (C order) comes from the counter-based stream keyed by
+    ``(seed, step, tensor_id)``, so the result is the same on every machine.
+    """
+    flat, bits, exp, out = _prepare(c, bits, "c")
+    key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
+    up = c.exp - exp + SR_BITS  # <= 15 + SR_BITS: |code << up| < 2**(bits - 1 + SR_BITS)
+    sat, zero = _stochastic(flat, up, qmax(bits), key, out)
+    return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
