@@ -2,7 +2,10 @@
 
 The fixed-point spec lives in :mod:`qkernels.fixedpoint`, integer tensors in
 :mod:`qkernels.format`, the int8 L1BN kernels in :mod:`qkernels.l1bn`, the counter-based random
-stream and stochastic rounding in :mod:`qkernels.rng`, operation counts and the ASIC estimate in
+stream and stochastic rounding in :mod:`qkernels.rng`, requantization with range-chosen
+exponents in :mod:`qkernels.quant`, the integer softmax cross-entropy error in
+:mod:`qkernels.loss`, integer SGD in :mod:`qkernels.optim`, integer reading and writing of
+float32 containers in :mod:`qkernels.ieee`, operation counts and the ASIC estimate in
 :mod:`qkernels.opcount`, and the slow references every kernel is tested against in
 :mod:`qkernels.oracle`.
 """

@@ -72,9 +72,9 @@ SH_MAX = 40
 #: per-element sum below 2**62.
 OFFSET_MAX = 1 << 20
 
-#: Slopes of 2**SLOPE_MAX_LOG2 output LSBs per unit or more are clamped below it, which keeps
-#: the fixed-point slope Kf < 2**30 at SH_MIN; with an offset below OFFSET_MAX every |u| >= 1
-#: saturates either way. (The backward scales its offsets down with the slope, see
+#: Slopes of 2**SLOPE_MAX_LOG2 output LSBs per unit or more are clamped just below it, which
+#: keeps the fixed-point slope |Kf| <= 2**30 at SH_MIN; as 2**SLOPE_MAX_LOG2 = 2 * OFFSET_MAX,
+#: with an offset below OFFSET_MAX every |u| >= 1 saturates either way. (The backward scales its offsets down with the slope, see
 #: qkernels.l1bn.backward_params.)
 SLOPE_MAX_LOG2 = MANT_BITS - 2 - SH_MIN
 
@@ -183,7 +183,7 @@ def affine_params(km, ke, a1, b1, om, oe):
       with ``SH_NARROW <= sh <= 30`` chosen so that ``|A|*128 + |B[j]| < 2**31``: the kernels
       evaluate it in int32 lanes. Rounding ``A`` costs at most ``64.5 / 2**sh`` LSB.
     * wide (otherwise): exactly centred, ``A*x + B = Kf*u + round(O*2**sh) + 2**(sh-1)`` with
-      ``Kf = round(K * 2**sh) < 2**30`` and ``SH_MIN <= sh <= SH_MAX``, evaluated in int64, so
+      ``Kf = round(K * 2**sh) <= 2**30`` and ``SH_MIN <= sh <= SH_MAX``, evaluated in int64, so
       a large slope on a near-constant channel loses nothing to cancellation. Slopes above
       ``2**SLOPE_MAX_LOG2`` are clamped there (every ``|u| >= 1`` saturates either way).
 
@@ -209,7 +209,8 @@ def affine_params(km, ke, a1, b1, om, oe):
         return dy_to_fixed(am, ae, sh), b, sh
     # wide: centred on the exact integer u
     if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
-        km = np.int64(1 << 30) if km > 0 else -np.int64(1 << 30)
+        # just below 2**SLOPE_MAX_LOG2 = 2 * OFFSET_MAX: every |u| >= 1 still saturates
+        km = np.int64((1 << 31) - 1) if km > 0 else -np.int64((1 << 31) - 1)
         ke = np.int64(SLOPE_MAX_LOG2 - 31)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
     kf = dy_to_fixed(km, ke, sh)

@@ -263,7 +263,8 @@ def backward_params(s, m, sign_sum, rm, re, sg, sgx, gamma_q, k_shift):
     for i in range(3):
         om[i], oe[i] = dy_mul(kqm, kqe, *dy_norm(sign_sum - m * (i - 1), 0))
     # The offsets grow with the slope: past the slope clamp, scale the whole affine down by a
-    # power of two (signs and saturation kept) instead of clamping the slope alone.
+    # power of two instead of clamping the slope alone. Signs and saturated outputs are kept;
+    # unsaturated ones shrink by that power of two (outside the accuracy contract anyway).
     excess = ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0)
     if excess > 0:
         ke -= excess
@@ -556,7 +557,7 @@ class L1BNCache(NamedTuple):
     x_exp: int
     gamma: QTensor
     eps_log2: int | None
-    stats: np.ndarray  # int64 (C, N_STATS): sum, D, sum of signs, thresholds, reciprocal
+    stats: np.ndarray  # int64 (C, N_STATS): sum, D, sum of signs, thresholds, 1/D, min, max
 
 
 def _as_ncl(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ The table is built once from exact decimal arithmetic, so it is the same on ever
 
 from __future__ import annotations
 
-from decimal import Decimal, getcontext
+from decimal import Decimal, localcontext
 
 import numpy as np
 from numba import njit, prange
@@ -33,11 +33,12 @@ PROB_BITS = 16
 
 
 def _exp2_table() -> np.ndarray:
-    getcontext().prec = 40
     n = 1 << EXP2_FRAC_BITS
-    two = Decimal(2)
-    return np.array([int((two ** (Decimal(j) / n) * (1 << 15)).to_integral_value())
-                     for j in range(n)], dtype=np.int64)
+    with localcontext() as ctx:
+        ctx.prec = 40
+        two = Decimal(2)
+        return np.array([int((two ** (Decimal(j) / n) * (1 << 15)).to_integral_value())
+                         for j in range(n)], dtype=np.int64)
 
 
 #: round(2**(j / 2**EXP2_FRAC_BITS) * 2**15) for j in 0 .. 2**EXP2_FRAC_BITS - 1.
@@ -85,6 +86,9 @@ def softmax_xent_error(logits: QTensor, labels: np.ndarray) -> QTensor:
     if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in [0, {k}), got {int(labels.min())}.."
                          f"{int(labels.max())}")
+    if logits.exp + EXP2_FRAC_BITS > 40:
+        raise ValueError(f"logits.exp={logits.exp} is too coarse: logits above 2**30 would "
+                         f"overflow the exponent's fixed point (requantize them to 16 bits)")
     err = np.empty((n, k), dtype=np.int64)
     _xent_error(np.ascontiguousarray(logits.q), logits.exp + EXP2_FRAC_BITS,
                 labels.astype(np.int64), EXP2_TABLE, err)

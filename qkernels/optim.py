@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
+from .fixedpoint import MOMENTUM_BITS, qmax, round_shift, saturate
 from .format import QTensor, check_array, check_exp
 
 #: The learning rate is a fixed-point fraction lr_q / 2**LR_BITS.
@@ -40,13 +40,19 @@ def momentum_code(momentum: float) -> int:
     return int(round(momentum * (1 << MOMENTUM_BITS)))
 
 
+#: The velocity saturates at +-2**VELOCITY_BITS codes, so momentum_q * v and lr_q * v stay far
+#: inside int64 (momentum_q <= 2**16, lr_q < 2**LR_BITS).
+VELOCITY_BITS = 38
+
+
 @njit(cache=True, parallel=True)
 def _sgd(w, v, g, g_shift, momentum_q, lr_q, q):
     saturated = 0
+    vmax = np.int64(1) << VELOCITY_BITS
     for i in prange(w.shape[0]):
         gi = np.int64(g[i])
         gs = gi << g_shift if g_shift >= 0 else round_shift(gi, -g_shift)
-        vi = round_shift(momentum_q * v[i], MOMENTUM_BITS) + gs
+        vi = saturate(round_shift(momentum_q * v[i], MOMENTUM_BITS) + saturate(gs, vmax), vmax)
         v[i] = vi
         wi = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
         if wi > q or wi < -q:
@@ -72,10 +78,16 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
         raise ValueError("store.q and velocity must be C-contiguous (they are updated in place)")
     if not 2 <= store_bits <= STORE_BITS_MAX:
         raise ValueError(f"store_bits={store_bits} is outside 2..{STORE_BITS_MAX}")
+    if not 0 <= momentum_q < (1 << MOMENTUM_BITS):
+        raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}-1")
+    if not 0 < lr_q < (1 << LR_BITS):
+        raise ValueError(f"lr_q={lr_q} is outside 1..2**{LR_BITS}-1 (a learning rate below 1)")
     g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
-    if g_shift > 40:
+    if g_shift > 16:
         raise ValueError(f"gradient exponent {grad.exp} is 2**{g_shift} above the store's "
                          f"{store.exp}: the store is far too fine for these gradients")
+    if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
+        raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
     return int(_sgd(store.q.reshape(-1), velocity.reshape(-1),
                     np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
                     qmax(store_bits)))

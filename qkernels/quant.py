@@ -101,8 +101,9 @@ def _prepare(c: QTensor, bits: int, name: str):
     check_array(c.q, f"{name}.q", (np.int8, np.int16, np.int32, np.int64), tuple(range(0, 9)))
     bits = check_bits(bits, "bits")
     flat = np.ascontiguousarray(c.q).reshape(-1)
-    exp = range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits)
-    return flat, bits, int(exp), np.empty(flat.shape[0], dtype=code_dtype(bits))
+    exp = int(range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits))
+    check_exp(exp, "the chosen exponent")
+    return flat, bits, exp, np.empty(flat.shape[0], dtype=code_dtype(bits))
 
 
 def quantize_nearest(c: QTensor, bits: int) -> tuple[QTensor, QuantCounts]:

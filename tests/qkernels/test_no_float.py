@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from qkernels import l1bn
+from qkernels import ieee, l1bn, loss, optim, quant
 
 FLOAT_IR = re.compile(r"\b(half|bfloat|float|double|x86_fp80|fp128|ppc_fp128|fadd|fsub|fmul|"
                       r"fdiv|frem|fcmp|fneg|sitofp|uitofp|fptosi|fptoui|fpext|fptrunc)\b")
@@ -49,6 +49,36 @@ def kernel_cases():
         "inference_params": (gq, 0, bq, 0, run, run + 100, -4, 3, True),
         "running_update": (run.copy(), run.copy(), stats, 100, -4, 6554),
     }
+
+
+def step_kernel_cases():
+    """Kernels of the training step (module, name, arguments)."""
+    c = np.arange(-50, 50, dtype=np.int64)
+    out8 = np.empty(100, np.int8)
+    bits = np.arange(-50, 50, dtype=np.float32).view(np.int32)
+    key = np.uint64(12345)
+    return {
+        "quant._nearest": (quant, (c, 3, 127, out8)),
+        "quant._stochastic": (quant, (c, 20, 127, key, out8)),
+        "ieee._peak_bits": (ieee, (bits,)),
+        "ieee._quantize_nearest": (ieee, (bits, np.empty_like(bits), -3, 127)),
+        "ieee._quantize_stochastic": (ieee, (bits, np.empty_like(bits), -3, 127, key)),
+        "ieee._to_codes": (ieee, (bits, np.empty(100, np.int32), -3)),
+        "ieee._from_codes": (ieee, (out8, np.empty_like(bits), -3)),
+        "loss._xent_error": (loss, (np.zeros((4, 10), np.int16), 2, np.zeros(4, np.int64),
+                                    loss.EXP2_TABLE, np.empty((4, 10), np.int64))),
+        "optim._sgd": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
+                               np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(step_kernel_cases()))
+def test_step_kernel_ir_has_no_floating_point(name):
+    """Requantization, container decoding, the softmax error and SGD use integers only."""
+    module, args = step_kernel_cases()[name]
+    ir = fresh_ir(getattr(module, name.split(".")[1]), *args)
+    hits = sorted(set(FLOAT_IR.findall(ir)))
+    assert not hits, f"{name} uses floating point in its LLVM IR: {hits}"
 
 
 @pytest.mark.parametrize("name", sorted(kernel_cases()))

@@ -1,0 +1,186 @@
+r"""Reading and writing float32 containers of codes with integer operations only.
+
+qtrain hands tensors between layers as float32 values ``code * 2**e`` (autograd needs float
+tensors). These kernels treat such an array as what it is in memory, IEEE-754 bit patterns
+(viewed as int32), and decode, round and encode them with shifts and masks:
+
+.. math:: \text{bits} = s\,2^{31} + f\,2^{23} + m \;\mapsto\;
+          (-1)^s \cdot (m + [f > 0]\,2^{23}) \cdot 2^{\max(f, 1) - 150}
+
+so quantizing a container is one pass that never touches a floating-point unit (the LLVM IR
+test covers these kernels too). Infinities and NaNs are not codes; they saturate.
+
+* :func:`peak_exponent` -- the binary exponent ``E`` of the largest magnitude
+  (``max|v| < 2**E``), from the largest bit pattern (IEEE order is integer order);
+* :func:`quantize_f32` -- round every value to ``bits`` at exponent ``E - (bits - 1)``
+  (nearest, ties up; or stochastic with the 24-bit counter-based fraction of
+  :mod:`qkernels.quant`), saturate, count, and write the new container;
+* :func:`f32_to_codes` / :func:`codes_to_f32` -- containers to integer codes and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .fixedpoint import bit_length, round_shift
+from .format import QTensor, check_array, check_bits, check_exp, code_dtype
+from .quant import SR_BITS, QuantCounts
+from .rng import check_stream_args, random_u64, stream_key
+
+_ABS = np.int32(0x7FFFFFFF)
+_MANT = np.int64(0x7FFFFF)
+_NO_TOP = -(1 << 20)
+
+
+@njit(cache=True, inline="always")
+def _decode(b):
+    """(signed mantissa, exponent) of float32 bits: value = mant * 2**exp."""
+    b = np.int64(b)
+    f = (b >> 23) & 0xFF
+    m = b & _MANT
+    if f > 0:
+        m |= np.int64(1) << 23
+    exp = max(f, np.int64(1)) - 150
+    return (-m if b & (np.int64(1) << 31) else m), exp
+
+
+@njit(cache=True, inline="always")
+def _encode(code, exp):
+    """float32 bits of ``code * 2**exp`` (|code| < 2**24; normal range assumed)."""
+    if code == 0:
+        return np.int32(0)
+    a = abs(code)
+    n = bit_length(a)
+    m = (a << (24 - n)) & _MANT
+    f = exp + n - 1 + 127
+    bits = (f << 23) | m
+    if code < 0:
+        bits |= np.int64(1) << 31
+    return np.int32(bits - (np.int64(1) << 32) if bits >= (np.int64(1) << 31) else bits)
+
+
+@njit(cache=True, parallel=True)
+def _peak_bits(bits):
+    top = np.int32(0)
+    for i in prange(bits.shape[0]):
+        top = max(top, bits[i] & _ABS)
+    return top
+
+
+@njit(cache=True)
+def _top_exponent(peak):
+    if peak == 0:
+        return np.int64(_NO_TOP)
+    m, exp = _decode(peak)
+    return exp + bit_length(m)
+
+
+@njit(cache=True, parallel=True)
+def _quantize_nearest(bits, out, e, q):
+    saturated = 0
+    zeroed = 0
+    for i in prange(bits.shape[0]):
+        m, exp = _decode(bits[i])
+        s = e - exp
+        y = round_shift(m, s) if s > 0 else m << -s
+        if y > q or y < -q:
+            saturated += 1
+            y = q if y > 0 else -q
+        if y == 0 and m != 0:
+            zeroed += 1
+        out[i] = _encode(y, e)
+    return saturated, zeroed
+
+
+@njit(cache=True, parallel=True)
+def _quantize_stochastic(bits, out, e, q, key):
+    saturated = 0
+    zeroed = 0
+    for i in prange(bits.shape[0]):
+        m, exp = _decode(bits[i])
+        up = exp - e + SR_BITS
+        w = m << up if up >= 0 else (m >> -up if -up < 63 else (np.int64(-1) if m < 0 else 0))
+        r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
+        y = (w + r) >> SR_BITS
+        if y > q or y < -q:
+            saturated += 1
+            y = q if y > 0 else -q
+        if y == 0 and m != 0:
+            zeroed += 1
+        out[i] = _encode(y, e)
+    return saturated, zeroed
+
+
+@njit(cache=True, parallel=True)
+def _to_codes(bits, out, e):
+    for i in prange(bits.shape[0]):
+        m, exp = _decode(bits[i])
+        s = e - exp
+        out[i] = round_shift(m, s) if s > 0 else m << -s
+
+
+@njit(cache=True, parallel=True)
+def _from_codes(codes, out, e):
+    for i in prange(codes.shape[0]):
+        out[i] = _encode(np.int64(codes[i]), e)
+
+
+def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
+    check_array(x, name, (np.float32,), tuple(range(0, 9)))
+    return np.ascontiguousarray(x).reshape(-1).view(np.int32)
+
+
+def peak_exponent(x: np.ndarray) -> int | None:
+    """``E`` with ``max|x| < 2**E <= 2*max|x|`` for a float32 array, or None if all zero."""
+    top = int(_top_exponent(_peak_bits(_bits_of(x, "x"))))
+    return None if top == _NO_TOP else top
+
+
+def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: int = 0,
+                 step: int = 0, tensor_id: int = 0) -> tuple[np.ndarray, int, QuantCounts]:
+    """Round a float32 container to ``bits``-wide codes at the range exponent.
+
+    Returns the new float32 container (same shape), its exponent, and the counts. Same results
+    as :func:`qkernels.quant.quantize_nearest` / ``quantize_stochastic`` on the exact codes.
+    """
+    b = _bits_of(x, "x")
+    bits = check_bits(bits, "bits")
+    top = int(_top_exponent(_peak_bits(b)))
+    if top == _NO_TOP:
+        return np.zeros_like(x, dtype=np.float32), 0, QuantCounts(0, 0, b.size)
+    e = top - (bits - 1)
+    out = np.empty_like(b)
+    q = (1 << (bits - 1)) - 1
+    if stochastic:
+        key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
+        sat, zero = _quantize_stochastic(b, out, e, q, key)
+    else:
+        sat, zero = _quantize_nearest(b, out, e, q)
+    return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)
+
+
+def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) -> QTensor:
+    """Codes of a float32 container at exponent ``E - width`` (or ``exp`` when given): exact
+    for containers of codes of at most ``width`` bits, rounded half up otherwise."""
+    b = _bits_of(x, "x")
+    if exp is None:
+        top = int(_top_exponent(_peak_bits(b)))
+        e = 0 if top == _NO_TOP else top - width
+    else:
+        e = check_exp(exp, "exp")
+    out = np.empty(b.shape[0], dtype=dtype or (np.int32 if width < 31 else np.int64))
+    _to_codes(b, out, e)
+    return QTensor(out.reshape(x.shape), e)
+
+
+def codes_to_f32(q: QTensor) -> np.ndarray:
+    """The float32 container of codes (``|code| < 2**24``)."""
+    check_exp(q.exp, "q.exp")
+    flat = np.ascontiguousarray(q.q).reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.int32)
+    _from_codes(flat, out, q.exp)
+    return out.view(np.float32).reshape(q.q.shape)
+
+
+__all__ = ["peak_exponent", "quantize_f32", "f32_to_codes", "codes_to_f32", "code_dtype"]

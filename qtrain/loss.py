@@ -1,0 +1,51 @@
+"""The training loss: float cross-entropy, or the integer base-2 softmax cross-entropy.
+
+In a quantized network the loss's gradient is computed without floating point
+(:func:`qkernels.loss.softmax_xent_error`): probabilities ``p = 2**L / sum 2**L`` of the logits
+``L``, error ``p - onehot(y)`` per sample (the gradient of ``-log2 p_y``, in bits). The batch's
+``1/N`` is not applied here but by the optimizer (``lr / N`` as a fixed-point constant), so the
+error stays an exact integer grid. The loss value returned for people is the mean of
+``-log2 p_y`` computed in float64 from the same logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkernels.loss import softmax_xent_error
+
+from .quant import QConfig, from_codes, to_codes
+
+#: Width of the logits fed to the integer loss.
+LOGIT_BITS = 16
+
+
+class _IntXentFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels):
+        ctx.save_for_backward(logits, labels)
+        lg = logits.detach().double()
+        log2_sum = torch.logsumexp(lg * np.log(2.0), dim=1) / np.log(2.0)
+        return (log2_sum - lg.gather(1, labels[:, None])[:, 0]).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels = ctx.saved_tensors
+        err = softmax_xent_error(to_codes(logits, LOGIT_BITS), labels.cpu().numpy())
+        return from_codes(err, logits), None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                  qconfig: QConfig | None = None) -> torch.Tensor:
+    """Mean cross-entropy of a batch.
+
+    Float networks: ``F.cross_entropy`` (natural log, mean reduction). Quantized networks: the
+    integer base-2 softmax cross-entropy (loss in bits; ``backward`` produces the per-sample
+    error ``p - onehot``, the optimizer divides by the batch size, and the loss's own scale is
+    not applied to the error).
+    """
+    if qconfig is None or not qconfig.quantized:
+        return F.cross_entropy(logits, labels)
+    return _IntXentFn.apply(logits, labels)

@@ -1,0 +1,166 @@
+"""Models of the paper and of WAGE, built from qtrain's layers.
+
+Every model takes ``norm`` in {"l1", "l2", "none"} and an optional :class:`QConfig`. A
+quantized block is ``conv -> Quantize -> norm -> ReLU [-> pool] -> Quantize``: the first
+quantizer rounds the exact accumulator to ``bits_a`` (and the error coming back to ``bits_e``),
+the second hands the next layer ``bits_a`` codes and rounds the (wide) error from it to
+``bits_e``. The last layer's logits are rounded to 16 bits for the loss. In a float network the
+quantizers are absent.
+
+* ``lenet5``: the paper's LeNet-5 for 28x28 inputs: conv5x5 6, pool, conv5x5 16, pool, fc 120,
+  fc 84, fc 10, with BN after every conv and hidden fc.
+* ``mlp``: 784-256-256-10 with BN after each hidden layer.
+* ``vgg7``: WAGE's 2x128C3-MP-2x256C3-MP-2x512C3-MP-1024FC-10 for 32x32x3 inputs.
+* ``resnet20``: He et al.'s CIFAR ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels,
+  option-A shortcuts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .loss import LOGIT_BITS
+from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
+from .quant import QConfig, QState, Quantize
+
+NORMS = ("l1", "l2", "none")
+
+
+class _Parts:
+    """Layer factories bound to one network's qconfig, shared state and norm."""
+
+    def __init__(self, norm: str, qconfig: QConfig | None):
+        if norm not in NORMS:
+            raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
+        if qconfig is not None and qconfig.quantized and qconfig.backend == "int" \
+                and norm == "l2":
+            raise ValueError("the int backend runs integer L1 batch norm only: use norm l1 or "
+                             "none, or backend emulate for float L2BN in a quantized network")
+        self.norm = norm
+        self.qconfig = qconfig if qconfig is not None and qconfig.quantized else None
+        self.qstate = QState()
+
+    def conv(self, cin, cout, k, stride=1, padding=0):
+        return QuantConv2d(cin, cout, k, stride, padding, bias=False, qconfig=self.qconfig,
+                           qstate=self.qstate)
+
+    def linear(self, fin, fout, bias=False):
+        return QuantLinear(fin, fout, bias=bias and self.qconfig is None, qconfig=self.qconfig,
+                           qstate=self.qstate)
+
+    def bn(self, c, dims=2):
+        if self.norm == "none":
+            return nn.Identity()
+        if self.norm == "l2":
+            return nn.BatchNorm2d(c) if dims == 2 else nn.BatchNorm1d(c)
+        cls = L1BatchNorm2d if dims == 2 else L1BatchNorm1d
+        return cls(c, qconfig=self.qconfig, qstate=self.qstate)
+
+    def quant(self, bits_fwd=None):
+        if self.qconfig is None:
+            return nn.Identity()
+        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd)
+
+    def block(self, layer, c, dims=2, pool=False):
+        """layer -> Quantize -> norm -> ReLU [-> max-pool 2] -> Quantize."""
+        parts = [layer, self.quant(), self.bn(c, dims), nn.ReLU()]
+        if pool:
+            parts.append(nn.MaxPool2d(2))
+        return parts + [self.quant()]
+
+    def head(self, fin, classes):
+        return [self.linear(fin, classes, bias=True), self.quant(bits_fwd=LOGIT_BITS)]
+
+
+class QNet(nn.Sequential):
+    """``nn.Sequential`` that remembers its quantization (``qconfig``, ``qstate``, ``norm``)."""
+
+    def __init__(self, parts: _Parts, layers: list[nn.Module]):
+        super().__init__(*layers)
+        self.qconfig = parts.qconfig
+        self.qstate = parts.qstate
+        self.norm = parts.norm
+
+
+def lenet5(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 1,
+           classes: int = 10) -> QNet:
+    p = _Parts(norm, qconfig)
+    return QNet(p, [*p.block(p.conv(in_channels, 6, 5), 6, pool=True),
+                    *p.block(p.conv(6, 16, 5), 16, pool=True),
+                    nn.Flatten(),
+                    *p.block(p.linear(16 * 4 * 4, 120), 120, dims=1),
+                    *p.block(p.linear(120, 84), 84, dims=1),
+                    *p.head(84, classes)])
+
+
+def mlp(norm: str = "l1", qconfig: QConfig | None = None, in_features: int = 784,
+        hidden: int = 256, classes: int = 10) -> QNet:
+    p = _Parts(norm, qconfig)
+    return QNet(p, [nn.Flatten(),
+                    *p.block(p.linear(in_features, hidden), hidden, dims=1),
+                    *p.block(p.linear(hidden, hidden), hidden, dims=1),
+                    *p.head(hidden, classes)])
+
+
+def vgg7(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 3,
+         classes: int = 10) -> QNet:
+    p = _Parts(norm, qconfig)
+    layers: list[nn.Module] = []
+    cin = in_channels
+    for cout in (128, 256, 512):
+        layers += p.block(p.conv(cin, cout, 3, padding=1), cout)
+        layers += p.block(p.conv(cout, cout, 3, padding=1), cout, pool=True)
+        cin = cout
+    layers += [nn.Flatten(), *p.block(p.linear(512 * 4 * 4, 1024), 1024, dims=1),
+               *p.head(1024, classes)]
+    return QNet(p, layers)
+
+
+class _BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity (or option-A: subsample and zero-pad) shortcut."""
+
+    def __init__(self, p: _Parts, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(*p.block(p.conv(cin, cout, 3, stride, 1), cout),
+                                  p.conv(cout, cout, 3, 1, 1), p.quant(), p.bn(cout))
+        self.stride = stride
+        self.pad = cout - cin
+        self.out = nn.Sequential(nn.ReLU(), p.quant())
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1 and self.pad == 0:
+            return x
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+    def forward(self, x):
+        # codes times powers of two: the float32 sum is exact while the exponents stay close
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+def resnet20(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 3,
+             classes: int = 10) -> QNet:
+    p = _Parts(norm, qconfig)
+    layers: list[nn.Module] = [*p.block(p.conv(in_channels, 16, 3, 1, 1), 16)]
+    cin = 16
+    for cout, stride in ((16, 1), (32, 2), (64, 2)):
+        for i in range(3):
+            layers.append(_BasicBlock(p, cin, cout, stride if i == 0 else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), p.quant(), *p.head(64, classes)]
+    return QNet(p, layers)
+
+
+MODELS: dict[str, Callable[..., QNet]] = {"lenet5": lenet5, "mlp": mlp, "vgg7": vgg7,
+                                          "resnet20": resnet20}
+
+
+def build(name: str, norm: str = "l1", qconfig: QConfig | None = None, **kwargs) -> QNet:
+    """A model by name (see :data:`MODELS`)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name](norm, qconfig, **kwargs)

@@ -1,0 +1,394 @@
+r"""Quantized layers: drop-ins for ``nn.Conv2d``, ``nn.Linear`` and ``nn.BatchNorm1d/2d``.
+
+With ``qconfig=None`` (or all widths 32) every layer here behaves exactly like its torch
+counterpart (L1 batch norm then uses the float reference of :mod:`qtrain.reference`). With a
+quantized :class:`~qtrain.quant.QConfig`:
+
+* :class:`QuantConv2d` / :class:`QuantLinear` round the weight store to ``bits_w`` (nearest,
+  range exponent; straight-through backward), multiply codes exactly (a float32 BLAS call only
+  where the sum provably stays below 2**24, float64 otherwise), and round their weight
+  gradient to ``bits_g`` stochastically before it reaches ``.grad``.
+* :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the int8 L1BN kernels of
+  :mod:`qkernels` (outputs ``bits_a``, errors ``bits_e``, exponents chosen from the range), keep
+  running statistics as exact fixed-point codes, and in eval mode apply the folded integer
+  affine (Algorithm 1, step 9) with the output exponent of the last training batch.
+
+ReLU and max-pool select codes, so ``nn.ReLU`` and ``nn.MaxPool2d`` are exact on the float32
+containers as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
+from qkernels.ieee import codes_to_f32, f32_to_codes
+from qkernels import l1bn_update_running
+from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
+
+from .quant import FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic
+from .reference import l1_batch_norm
+
+#: A float32 sum of integers is exact while every partial sum stays below this.
+F32_EXACT = 1 << 24
+#: Input pixels enter as 8-bit codes whatever bits_a is.
+INPUT_BITS = 8
+
+
+def _code_max(bits: int) -> int:
+    return 1 << (max(bits, INPUT_BITS) - 1)
+
+
+class _Quantized:
+    """Mixin: the qconfig, shared state and counters of a quantized layer."""
+
+    def _setup_quant(self, qconfig: QConfig | None, qstate: QState | None) -> None:
+        self.qconfig = qconfig
+        self.qstate = qstate if qstate is not None else QState()
+        if self.quantized:
+            self.grad_ids = (self.qstate.new_id(), self.qstate.new_id())  # weight, bias
+            self.stats_w = QuantStats()
+            self.stats_g = QuantStats()
+
+    @property
+    def quantized(self) -> bool:
+        return self.qconfig is not None and self.qconfig.quantized
+
+    def _quantize_grad(self, grad: torch.Tensor, which: int = 0) -> torch.Tensor:
+        """Exact gradient -> bits_g codes, stochastically (stream id per parameter)."""
+        q = self.qconfig
+        return stochastic(grad, q.bits_g, q.backend, q.seed, self.qstate.step,
+                          self.grad_ids[which], self.stats_g)
+
+
+class _WeightFn(torch.autograd.Function):
+    """Weight store -> bits_w codes (nearest, range exponent); straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, weight, layer):
+        q = layer.qconfig
+        return nearest(weight, q.bits_w, q.backend, layer.stats_w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:
+    """float32 when a sum of ``terms`` products of such codes cannot reach 2**24."""
+    return torch.float32 if terms * _code_max(bits_x) * _code_max(bits_y) < F32_EXACT \
+        else torch.float64
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, layer):
+        q = layer.qconfig
+        k = w.shape[1] * w.shape[2] * w.shape[3]
+        dt = _exact_matmul_dtype(k, q.bits_a, q.bits_w)
+        y = F.conv2d(x.to(dt), w.to(dt), None, layer.stride, layer.padding, layer.dilation,
+                     layer.groups)
+        ctx.save_for_backward(x, w)
+        ctx.layer = layer
+        return y.float()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        layer = ctx.layer
+        q = layer.qconfig
+        args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            terms = w.shape[0] // layer.groups * w.shape[2] * w.shape[3]
+            dt = _exact_matmul_dtype(terms, q.bits_e, q.bits_w)
+            gx = torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), *args).float()
+        terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
+        dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
+        gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
+        return gx, layer._quantize_grad(gw), None
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, layer):
+        q = layer.qconfig
+        dt = _exact_matmul_dtype(w.shape[1], q.bits_a, q.bits_w)
+        ctx.save_for_backward(x, w)
+        ctx.layer = layer
+        return (x.to(dt) @ w.to(dt).t()).float()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        layer = ctx.layer
+        q = layer.qconfig
+        gx = None
+        if ctx.needs_input_grad[0]:
+            dt = _exact_matmul_dtype(w.shape[0], q.bits_e, q.bits_w)
+            gx = (gy.to(dt) @ w.to(dt)).float()
+        dt = _exact_matmul_dtype(gy.shape[0], q.bits_a, q.bits_e)
+        gw = gy.to(dt).t() @ x.to(dt)
+        return gx, layer._quantize_grad(gw), None
+
+
+def _no_bias(bias: bool, qconfig: QConfig | None, name: str) -> None:
+    if bias and qconfig is not None and qconfig.quantized:
+        raise ValueError(f"a quantized {name} has no bias (batch norm's beta plays its role); "
+                         f"pass bias=False")
+
+
+class QuantConv2d(nn.Conv2d, _Quantized):
+    """``nn.Conv2d`` with integer weights, exact accumulation and stochastic weight gradients.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            as ``nn.Conv2d`` (``bias`` must be False when quantized).
+        qconfig: widths and backend; None (or all 32) is a plain ``nn.Conv2d``.
+        qstate: the network's shared :class:`~qtrain.quant.QState`.
+
+    Shape: as ``nn.Conv2d``. The output is the exact accumulator (integer times a power of
+    two); a :class:`~qtrain.quant.Quantize` after it rounds it to ``bits_a``.
+
+    Example::
+
+        >>> conv = QuantConv2d(1, 6, 5, bias=False, qconfig=QConfig())
+        >>> conv(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 6, 24, 24])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
+                 dtype=None, *, qconfig: QConfig | None = None, qstate: QState | None = None):
+        _no_bias(bias, qconfig, "QuantConv2d")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        if padding_mode != "zeros" and qconfig is not None and qconfig.quantized:
+            raise ValueError("a quantized QuantConv2d supports padding_mode='zeros' only")
+        self._setup_quant(qconfig, qstate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return super().forward(x)
+        return _ConvFn.apply(x, _WeightFn.apply(self.weight, self), self)
+
+
+class QuantLinear(nn.Linear, _Quantized):
+    """``nn.Linear`` with integer weights, exact accumulation and stochastic weight gradients.
+
+    Args and behaviour as :class:`QuantConv2d`; shape as ``nn.Linear``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 qconfig: QConfig | None = None, qstate: QState | None = None):
+        _no_bias(bias, qconfig, "QuantLinear")
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._setup_quant(qconfig, qstate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return super().forward(x)
+        return _LinearFn.apply(x, _WeightFn.apply(self.weight, self), self)
+
+
+# ---------------------------------------------------------------------------------------------
+# L1 batch norm
+
+
+def _eps_log2(eps: float) -> int | None:
+    """Epsilon as the nearest power of two (the integer kernels' form); None for 0."""
+    return None if eps == 0 else round(math.log2(eps))
+
+
+def _int8_codes(t: torch.Tensor) -> QTensor:
+    """Codes of a container whose values fit 7 bits plus sign, as int8 (exact), in the
+    kernels' layout: (N, C) stays 2-D, anything wider becomes (N, C, L, 1)."""
+    c = f32_to_codes(t.detach().cpu().numpy(), 7, np.int8)
+    q = c.q
+    return QTensor(q if q.ndim == 2 else q.reshape(q.shape[0], q.shape[1], -1, 1), c.exp)
+
+
+def _param_codes(p: torch.Tensor) -> QTensor:
+    """Codes of a parameter store (at most 24 bits) as int32."""
+    return f32_to_codes(p.detach().cpu().numpy(), 24, np.int32)
+
+
+def _container(q: QTensor, like: torch.Tensor) -> torch.Tensor:
+    """float32 container of int8/int16 codes, shaped like ``like``."""
+    return torch.from_numpy(codes_to_f32(q)).to(like.device).reshape(like.shape)
+
+
+class _L1BNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn):
+        y, cache = l1bn_forward(_int8_codes(x), _param_codes(weight), _param_codes(bias),
+                                out_bits=bn.qconfig.bits_a, eps_log2=_eps_log2(bn.eps))
+        if bn.track_running_stats:
+            bn._update_running(cache)
+        bn.last_out_exp.fill_(y.exp)
+        ctx.bn = bn
+        ctx.cache = cache
+        return _container(y, x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        bn = ctx.bn
+        dx, dgamma, dbeta = l1bn_backward(_int8_codes(gy), ctx.cache, dx_bits=bn.qconfig.bits_e)
+        grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
+        grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
+        return _container(dx, gy), grad_w, grad_b, None
+
+
+class _L1BatchNorm(nn.Module, _Quantized):
+    r"""Shared base of :class:`L1BatchNorm1d` and :class:`L1BatchNorm2d`.
+
+    .. math::
+
+        y = \gamma\, \frac{x - \mathrm{E}[x]}{\mathrm{E}|x - \mathrm{E}[x]| + \epsilon} + \beta
+
+    Mirrors ``nn.BatchNorm``: parameters ``weight`` (gamma) and ``bias`` (beta), buffers
+    ``running_mean``, ``running_dev`` (the running L1 deviation, where BatchNorm keeps a
+    variance) and ``num_batches_tracked``; ``momentum``, ``eps``, ``affine``,
+    ``track_running_stats`` and eval mode mean what they mean there.
+    """
+
+    _ndims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, qconfig: QConfig | None = None, qstate: QState | None = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self._setup_quant(qconfig, qstate)
+        if self.quantized:
+            if not affine:
+                raise ValueError("a quantized L1 batch norm needs affine=True")
+            if momentum is None:
+                raise ValueError("a quantized L1 batch norm needs a momentum (the cumulative "
+                                 "average of momentum=None is not implemented in integers)")
+            if qconfig.bits_a > 8 or qconfig.bits_e > 8:
+                raise ValueError("the int8 L1BN kernels take activations and errors of up to "
+                                 f"8 bits (got bits_a={qconfig.bits_a}, "
+                                 f"bits_e={qconfig.bits_e}); use norm l2 or none")
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            # quantized: exact fixed-point values code * 2**RUN_EXP (float64 holds them)
+            run_dtype = torch.float64 if self.quantized else dtype
+            self.register_buffer("running_mean",
+                                 torch.zeros(num_features, device=device, dtype=run_dtype))
+            self.register_buffer("running_dev",
+                                 torch.ones(num_features, device=device, dtype=run_dtype))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            for name in ("running_mean", "running_dev", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.register_buffer("last_out_exp", torch.tensor(0, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_dev.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in self._ndims:
+            want = " or ".join(f"{d}D" for d in self._ndims)
+            raise ValueError(f"expected {want} input (got {x.dim()}D input)")
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+
+    # -- running statistics in fixed point (quantized mode) --------------------------------
+
+    @staticmethod
+    def _codes_of(buf: torch.Tensor) -> np.ndarray:
+        """Exact RUN_EXP codes of a float64 running-statistics buffer."""
+        return np.ldexp(buf.detach().cpu().numpy().astype(np.float64), -RUN_EXP).astype(np.int64)
+
+    def _update_running(self, cache) -> None:
+        mean, dev = self._codes_of(self.running_mean), self._codes_of(self.running_dev)
+        l1bn_update_running(mean, dev, cache, round(self.momentum * (1 << MOMENTUM_BITS)))
+        for codes, buf in ((mean, self.running_mean), (dev, self.running_dev)):
+            buf.copy_(torch.from_numpy(np.ldexp(codes.astype(np.float64), RUN_EXP)))
+        self.num_batches_tracked += 1
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch = self.training or not self.track_running_stats
+        if not self.quantized:
+            if self.training and self.track_running_stats and self.momentum is None:
+                raise ValueError("momentum=None (cumulative average) is not supported")
+            return l1_batch_norm(x, self.running_mean if self.track_running_stats else None,
+                                 self.running_dev if self.track_running_stats else None,
+                                 self.weight, self.bias, use_batch,
+                                 0.0 if self.momentum is None else self.momentum, self.eps)
+        if use_batch:
+            return _L1BNFn.apply(x, self.weight, self.bias, self)
+        return self._inference(x)
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Folded integer affine with the running statistics and the last training exponent."""
+        q = self.qconfig
+        xq = _int8_codes(x)
+        if xq.q.ndim == 2:
+            xq = QTensor(xq.q[:, :, None, None], xq.exp)
+        out_exp = int(self.last_out_exp)
+        folded = l1bn_fold(_param_codes(self.weight), _param_codes(self.bias),
+                           self._codes_of(self.running_mean), self._codes_of(self.running_dev),
+                           x_exp=xq.exp, out_bits=q.bits_a, out_exp=out_exp,
+                           eps_log2=_eps_log2(self.eps))
+        y = l1bn_inference(xq, folded, out_bits=q.bits_a, out_exp=out_exp)
+        return _container(y, x)
+
+
+class L1BatchNorm2d(_L1BatchNorm):
+    """L1 batch norm over a 4D input (N, C, H, W); statistics per channel over N, H, W.
+
+    Example::
+
+        >>> bn = L1BatchNorm2d(6)
+        >>> bn(torch.randn(8, 6, 4, 4)).shape
+        torch.Size([8, 6, 4, 4])
+    """
+
+    _ndims = (4,)
+
+
+class L1BatchNorm1d(_L1BatchNorm):
+    """L1 batch norm over a 2D (N, C) or 3D (N, C, L) input; statistics per channel."""
+
+    _ndims = (2, 3)
+
+
+def l1_batch_norm_functional(*args, **kwargs):
+    """Alias of :func:`qtrain.reference.l1_batch_norm` (``F.batch_norm``'s argument order)."""
+    return l1_batch_norm(*args, **kwargs)
+
+
+__all__ = ["QuantConv2d", "QuantLinear", "L1BatchNorm1d", "L1BatchNorm2d",
+           "l1_batch_norm_functional", "FLOAT_BITS"]

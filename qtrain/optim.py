@@ -1,0 +1,135 @@
+r"""SGD with momentum for float and for integer networks.
+
+For a quantized network every parameter lives in a wide integer store (``QConfig.store_bits``
+significant bits, a fixed exponent chosen from its initial range with 4x headroom; the float32
+parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a step is
+:func:`qkernels.optim.sgd_step`:
+
+.. math:: v \leftarrow \mu v + g, \qquad w \leftarrow w - \frac{\eta}{N} v
+
+with ``mu`` and ``eta / N`` as fixed-point constants (``N`` the batch size: the integer loss
+passes back per-sample errors) and the gradient ``g`` already rounded to ``bits_g`` by its layer.
+The ``int`` backend runs the qkernels kernel; ``emulate`` runs the same integer formulas as torch
+int64 operations on the parameter's device. A float network gets torch's SGD semantics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qkernels.fixedpoint import MOMENTUM_BITS
+from qkernels.ieee import codes_to_f32, f32_to_codes
+from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step
+
+from .quant import QConfig, QuantStats, pow2, top_exponent, to_codes
+
+#: Headroom of the store over the initial range: 2**STORE_HEADROOM.
+STORE_HEADROOM = 2
+
+
+class QSGD(torch.optim.Optimizer):
+    """SGD with momentum; integer updates on a wide store when ``qconfig`` is quantized.
+
+    Args:
+        params: parameters (or groups).
+        lr: learning rate (per sample of the batch mean, as torch's).
+        momentum: momentum factor (0.9 in the paper).
+        qconfig: the network's quantization; None or float for torch's SGD.
+
+    ``step(batch_size=N)`` must be told the batch size in quantized mode. Saturations of the
+    store are counted in ``self.stats`` per parameter.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9,
+                 qconfig: QConfig | None = None):
+        if lr <= 0:
+            raise ValueError(f"lr={lr} must be positive")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum={momentum} must be in [0, 1)")
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.qconfig = qconfig
+        self.stats: dict[int, QuantStats] = {}
+
+    @property
+    def integer(self) -> bool:
+        return self.qconfig is not None and self.qconfig.quantized
+
+    @torch.no_grad()
+    def step(self, closure=None, *, batch_size: int | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.integer and batch_size is None:
+            raise ValueError("QSGD.step needs batch_size= for a quantized network")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if self.integer:
+                    self._integer_step(p, group, batch_size)
+                else:
+                    self._float_step(p, group)
+        return loss
+
+    def _float_step(self, p, group):
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = p.grad.detach().clone()
+        else:
+            buf.mul_(group["momentum"]).add_(p.grad)
+        p.add_(buf, alpha=-group["lr"])
+
+    def _store(self, p, state) -> int:
+        """The store exponent, fixed at the first step; snaps the parameter to its grid."""
+        if "store_exp" not in state:
+            top = top_exponent(p)
+            top = 1 if top is None else top
+            exp = top + STORE_HEADROOM - (self.qconfig.store_bits - 1)
+            codes = torch.floor(p.double() * pow2(-exp) + 0.5)
+            p.copy_(codes * pow2(exp))
+            state["store_exp"] = exp
+            state["velocity"] = torch.zeros(p.shape, dtype=torch.int64,
+                                            device="cpu" if self.qconfig.backend == "int"
+                                            else p.device)
+            self.stats[id(p)] = QuantStats()
+        return state["store_exp"]
+
+    def _integer_step(self, p, group, batch_size):
+        state = self.state[p]
+        exp = self._store(p, state)
+        lr_q = lr_code(group["lr"] / batch_size)
+        mom_q = momentum_code(group["momentum"])
+        bits = self.qconfig.store_bits
+        if self.qconfig.backend == "int":
+            grad = f32_to_codes(p.grad.cpu().numpy(), 24)
+            store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
+            sat = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q, momentum_q=mom_q,
+                           store_bits=bits)
+            p.copy_(torch.from_numpy(codes_to_f32(store)).reshape(p.shape))
+        else:
+            codes, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q, mom_q,
+                                    bits)
+            p.copy_(codes * pow2(exp))
+        self.stats[id(p)].add(sat, 0, p.numel())
+
+
+def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
+    """round(v / 2**s), ties up, on int64 tensors (s >= 0); left shift for s < 0."""
+    if s <= 0:
+        return v << -s
+    return (v + (1 << (s - 1))) >> s
+
+
+def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits):
+    """qkernels.optim's update as torch int64 operations on the parameter's device."""
+    w = (p.double() * pow2(-exp)).to(torch.int64)
+    g = torch.from_numpy(grad.q).to(p.device).reshape(p.shape)
+    g = _round_shift(g, exp - grad.exp)
+    velocity.copy_(_round_shift(mom_q * velocity, MOMENTUM_BITS) + g)
+    w = w - _round_shift(lr_q * velocity, LR_BITS)
+    qmax = (1 << (bits - 1)) - 1
+    sat = int((w.abs() > qmax).sum())
+    return w.clamp_(-qmax, qmax).double(), sat

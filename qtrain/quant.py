@@ -1,0 +1,302 @@
+r"""Quantizers of the integer training step, for the ``int`` and ``emulate`` backends.
+
+Tensors flow between layers as float32 torch tensors whose values are integer codes times a
+power of two (``code * 2**e``), held exactly: autograd needs float tensors, and a float32 holds
+any code of up to 24 bits. A quantizer never needs to be told a tensor's exponent: it reads the
+binary exponent ``E`` of the largest magnitude (``frexp``, exact) and quantizes to ``k`` bits
+with exponent ``e = E - (k - 1)`` (:mod:`qkernels.quant`), so the largest value lands in the top
+half of the format. Both backends implement the same arithmetic:
+
+* ``int``: the tensor is converted to integer codes (exactly) and :mod:`qkernels` computes;
+* ``emulate``: torch operations compute the same integers in float32/float64 where that is
+  provably exact, on any device.
+
+They agree bit for bit (``tests/qtrain/test_backends.py``). With ``bits = 32`` a quantizer is
+the identity.
+
+Per quantizer the counts of saturated codes and of nonzero values rounded to zero accumulate in
+a :class:`QuantStats` and are readable per layer (:func:`quant_report`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qkernels import QTensor
+from qkernels.ieee import quantize_f32
+from qkernels.quant import SR_BITS, quantize_nearest, quantize_stochastic
+from qkernels.rng import random_u64_np, stream_key_np
+
+FLOAT_BITS = 32
+BACKENDS = ("int", "emulate")
+
+
+def check_width(bits: int, name: str) -> int:
+    """A code width: 2..16, or 32 for float (no quantization)."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int (2..16, or 32 for float), got {bits!r}")
+    if not (2 <= bits <= 16 or bits == FLOAT_BITS):
+        raise ValueError(f"{name}={bits} is not a supported width: use 2..16, or 32 for float")
+    return bits
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """Bit widths and arithmetic of a quantized network.
+
+    Attributes:
+        bits_w, bits_a, bits_g, bits_e: widths of weights, activations, weight gradients and
+            back-propagated errors: 2..16, or 32 for float.
+        backend: ``"int"`` (integer codes through qkernels) or ``"emulate"`` (the same
+            arithmetic in torch, any device).
+        store_bits: significant bits of the wide weight store the optimizer updates.
+        stochastic_errors: round errors stochastically (weight gradients always are).
+        seed: key of the counter-based random stream.
+    """
+
+    bits_w: int = 8
+    bits_a: int = 8
+    bits_g: int = 8
+    bits_e: int = 8
+    backend: str = "int"
+    store_bits: int = 24
+    stochastic_errors: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
+            check_width(getattr(self, name), name)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if not 8 <= self.store_bits <= 24:
+            raise ValueError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
+                             f"24-bit codes exactly)")
+        if self.quantized and self.backend == "int" and not self.fully_quantized:
+            raise ValueError("the int backend needs integer W, A, G and E (all widths 2..16); "
+                             "use backend 'emulate' for mixed float/integer widths")
+
+    @property
+    def quantized(self) -> bool:
+        """True when any of W, A, G, E is quantized."""
+        return min(self.bits_w, self.bits_a, self.bits_g, self.bits_e) < FLOAT_BITS
+
+    @property
+    def fully_quantized(self) -> bool:
+        return max(self.bits_w, self.bits_a, self.bits_g, self.bits_e) < FLOAT_BITS
+
+
+@dataclass
+class QuantStats:
+    """Running counts of one quantizer: saturated, rounded to zero, and total elements."""
+
+    saturated: int = 0
+    zeroed: int = 0
+    total: int = 0
+
+    def add(self, saturated: int, zeroed: int, total: int) -> None:
+        self.saturated += int(saturated)
+        self.zeroed += int(zeroed)
+        self.total += int(total)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"saturated": self.saturated, "zeroed": self.zeroed, "total": self.total}
+
+
+@dataclass
+class QState:
+    """Mutable state shared by the quantizers of one network: the training step (a key of the
+    random stream), and unique tensor ids handed out at construction."""
+
+    step: int = 0
+    _ids: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exponents and code conversion (exact).
+
+
+def top_exponent(t: torch.Tensor) -> int | None:
+    """Binary exponent ``E`` with ``max|t| < 2**E <= 2*max|t|``, or None for an all-zero tensor."""
+    peak = t.detach().abs().max()
+    if peak == 0:
+        return None
+    return int(torch.frexp(peak).exponent)
+
+
+def pow2(e: int) -> float:
+    """2**e as a Python float (exact): scaling a tensor by it is exact (no torch.ldexp, which
+    is slow)."""
+    return float(2.0 ** e)
+
+
+def to_codes(t: torch.Tensor, width: int = 24, dtype: torch.dtype | None = None) -> QTensor:
+    """The exact integer codes of a container: exponent ``E - width`` (``E`` from the maximum).
+
+    Exact for every tensor this module produces (codes of at most ``width`` bits). The codes
+    come back as a numpy array of ``dtype`` (default int32 up to 31 bits, else int64).
+    """
+    top = top_exponent(t)
+    exp = 0 if top is None else top - width
+    if dtype is None:
+        dtype = torch.int32 if width <= 31 else torch.int64
+    codes = (t.detach() * pow2(-exp)).to(dtype)
+    return QTensor(codes.cpu().numpy(), exp)
+
+
+def from_codes(q: QTensor, like: torch.Tensor, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """Codes back to a container on ``like``'s device (float32: codes of up to 24 bits)."""
+    codes = torch.from_numpy(np.ascontiguousarray(q.q)).to(like.device, dtype)
+    return codes * pow2(q.exp)
+
+
+def _ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
+    return t * pow2(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two implementations of each quantization.
+
+
+def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None = None
+            ) -> torch.Tensor:
+    """Round to ``bits`` with the range exponent, half up; identity for 32 bits."""
+    if bits >= FLOAT_BITS:
+        return t
+    if backend == "int" and t.dtype == torch.float32:
+        y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits)
+        if stats is not None:
+            stats.add(*counts)
+        return torch.from_numpy(y).to(t.device)
+    if backend == "int":
+        q, counts = quantize_nearest(to_codes(t, 53), bits)
+        if stats is not None:
+            stats.add(*counts)
+        return from_codes(q, t)
+    top = top_exponent(t)
+    if top is None:
+        if stats is not None:
+            stats.add(0, 0, t.numel())
+        return torch.zeros_like(t, dtype=torch.float32)
+    e = top - (bits - 1)
+    qmax = (1 << (bits - 1)) - 1
+    s = _ldexp(t.detach().double(), -e)  # exact: a power-of-two scaling
+    y = torch.floor(s + 0.5)              # exact in float64 for |s| < 2**52
+    if stats is not None:
+        stats.add(int((y.abs() > qmax).sum()), int(((y == 0) & (t != 0)).sum()), t.numel())
+    return _ldexp(y.clamp_(-qmax, qmax).float(), e)
+
+
+def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,
+               stats: QuantStats | None = None) -> torch.Tensor:
+    """Round to ``bits`` with the range exponent, stochastically (24 random bits per element
+    from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
+    if bits >= FLOAT_BITS:
+        return t
+    if backend == "int" and t.dtype == torch.float32:
+        y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits, stochastic=True, seed=seed,
+                                    step=step, tensor_id=tensor_id)
+        if stats is not None:
+            stats.add(*counts)
+        return torch.from_numpy(y).to(t.device)
+    if backend == "int":
+        q, counts = quantize_stochastic(to_codes(t, 53), bits, seed=seed, step=step,
+                                        tensor_id=tensor_id)
+        if stats is not None:
+            stats.add(*counts)
+        return from_codes(q, t)
+    top = top_exponent(t)
+    if top is None:
+        if stats is not None:
+            stats.add(0, 0, t.numel())
+        return torch.zeros_like(t, dtype=torch.float32)
+    e = top - (bits - 1)
+    qmax = (1 << (bits - 1)) - 1
+    key = stream_key_np(seed, step, tensor_id)
+    r = random_u64_np(key, np.arange(t.numel(), dtype=np.uint64)) >> np.uint64(64 - SR_BITS)
+    r = torch.from_numpy(r.astype(np.int64)).to(t.device, torch.float64).reshape(t.shape)
+    w = torch.floor(_ldexp(t.detach().double(), SR_BITS - e))  # < 2**(bits-1+24): exact
+    y = torch.floor(_ldexp(w + r, -SR_BITS))
+    if stats is not None:
+        stats.add(int((y.abs() > qmax).sum()), int(((y == 0) & (t != 0)).sum()), t.numel())
+    return _ldexp(y.clamp_(-qmax, qmax).float(), e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: an activation quantizer that also quantizes the error flowing back through it.
+
+
+class _QuantizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, quant):
+        ctx.quant = quant
+        return nearest(x, quant.bits_fwd, quant.backend, quant.stats_fwd)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q = ctx.quant
+        if q.bits_bwd >= FLOAT_BITS:
+            return grad, None
+        if q.stochastic_bwd:
+            out = stochastic(grad, q.bits_bwd, q.backend, q.seed, q.state.step, q.tensor_id,
+                             q.stats_bwd)
+        else:
+            out = nearest(grad, q.bits_bwd, q.backend, q.stats_bwd)
+        return out, None
+
+
+class Quantize(torch.nn.Module):
+    """Quantize activations to ``bits_fwd`` going forward and errors to ``bits_bwd`` coming back.
+
+    One mechanism for both directions (as QPyTorch's ``quantizer(forward_number,
+    backward_number)``): forward rounds to nearest with the range exponent; backward rounds the
+    error to nearest, or stochastically with ``QConfig.stochastic_errors``. The rounding itself
+    is passed straight through.
+    """
+
+    def __init__(self, qconfig: QConfig, qstate: QState, bits_fwd: int | None = None,
+                 bits_bwd: int | None = None):
+        super().__init__()
+        self.bits_fwd = qconfig.bits_a if bits_fwd is None else check_width(bits_fwd, "bits_fwd")
+        self.bits_bwd = qconfig.bits_e if bits_bwd is None else check_width(bits_bwd, "bits_bwd")
+        self.backend = qconfig.backend
+        self.seed = qconfig.seed
+        self.stochastic_bwd = qconfig.stochastic_errors
+        self.state = qstate
+        self.tensor_id = qstate.new_id()
+        self.stats_fwd = QuantStats()
+        self.stats_bwd = QuantStats()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
+            return x
+        return _QuantizeFn.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.backend}"
+
+
+def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:
+    """Saturation and zero-rounding counts of every quantizer in ``model``, by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        stats = {k: getattr(module, k).as_dict() for k in vars(module)
+                 if isinstance(getattr(module, k, None), QuantStats)}
+        if stats:
+            out[name or "model"] = stats
+    return out
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    """Zero every quantizer's counts (e.g. at the start of an epoch)."""
+    for module in model.modules():
+        for k in list(vars(module)):
+            if isinstance(getattr(module, k, None), QuantStats):
+                setattr(module, k, QuantStats())

@@ -1,0 +1,157 @@
+"""Kernels of the training step against plain-Python integer oracles."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from qkernels import QTensor
+from qkernels.fixedpoint import MOMENTUM_BITS
+from qkernels.ieee import codes_to_f32, f32_to_codes, peak_exponent, quantize_f32
+from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
+from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step
+from qkernels.quant import quantize_nearest, quantize_stochastic, range_exponent
+from qkernels.rng import random_u64_np, stream_key_np
+
+
+def nearest_oracle(codes, exp, bits):
+    """Round half up at the exponent that puts the largest value in [2**(bits-2), 2**(bits-1))."""
+    top = max(abs(int(c)) for c in codes)
+    e = exp if top == 0 else top.bit_length() + exp - (bits - 1)
+    q = 2 ** (bits - 1) - 1
+    out = []
+    for c in codes:
+        v = Fraction(int(c)) * Fraction(2) ** (exp - e)
+        out.append(max(-q, min(q, int((v + Fraction(1, 2)) // 1))))
+    return out, e
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8, 12, 16])
+@pytest.mark.parametrize("exp", [-20, 0, 7])
+def test_nearest_matches_exact_rational_rounding(bits, exp):
+    """quantize_nearest is round-half-up of the exact value at the range exponent."""
+    rng = np.random.default_rng(bits * 100 + exp + 50)
+    c = rng.integers(-(1 << 20), 1 << 20, 500)
+    c[:4] = [0, 1, -1, 3]
+    got, counts = quantize_nearest(QTensor(c, exp), bits)
+    want, e = nearest_oracle(c, exp, bits)
+    assert got.exp == e and got.q.tolist() == want
+    q = 2 ** (bits - 1) - 1
+    assert counts.saturated == sum(abs(int((Fraction(int(v)) * Fraction(2) ** (exp - e)
+                                            + Fraction(1, 2)) // 1)) > q for v in c)
+    assert counts.zeroed == sum(1 for v, y in zip(c, want) if v != 0 and y == 0)
+
+
+def test_exponent_depends_only_on_values():
+    """The same real values given with different exponents quantize identically."""
+    c = np.array([5, -37, 1000, 0, 7], np.int64)
+    a, _ = quantize_nearest(QTensor(c, -3), 6)
+    b, _ = quantize_nearest(QTensor(c << 5, -8), 6)
+    s1, _ = quantize_stochastic(QTensor(c, -3), 6, seed=1, step=2, tensor_id=3)
+    s2, _ = quantize_stochastic(QTensor(c << 5, -8), 6, seed=1, step=2, tensor_id=3)
+    assert a.exp == b.exp and np.array_equal(a.q, b.q)
+    assert s1.exp == s2.exp and np.array_equal(s1.q, s2.q)
+    assert range_exponent(0, 4, 8) == 4
+
+
+def test_stochastic_matches_its_definition_and_is_unbiased():
+    """y = (floor(v * 2**(24 - e)) + r24) >> 24 with the stream's top 24 bits; E[y] = v/2**e."""
+    c = np.full(200_000, 1000, np.int64)
+    c[0] = 4000  # sets the range: e = bit_length(4000) - 7 = 5
+    y, _ = quantize_stochastic(QTensor(c, 0), 8, seed=9, step=4, tensor_id=2)
+    r = random_u64_np(stream_key_np(9, 4, 2), np.arange(c.size, dtype=np.uint64)) >> np.uint64(40)
+    want = ((c << 19) + r.astype(np.int64)) >> 24
+    assert y.exp == 5 and np.array_equal(y.q, np.clip(want, -127, 127))
+    mean = y.q[1:].astype(np.float64).mean()
+    assert abs(mean - 1000 / 32) < 4 * 0.5 / np.sqrt(c.size)  # 31.25, std of a coin flip
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8, 16])
+def test_ieee_kernels_equal_the_integer_quantizers(bits):
+    """Quantizing a float32 container through its bit patterns equals quantizing its codes."""
+    rng = np.random.default_rng(bits)
+    c = rng.integers(-(1 << 22), 1 << 22, 5000)
+    x = (c * 2.0 ** -30).astype(np.float32)
+    y, e, counts = quantize_f32(x, bits)
+    want, want_counts = quantize_nearest(QTensor(c, -30), bits)
+    assert e == want.exp and tuple(counts) == tuple(want_counts)
+    assert np.array_equal(y, (want.q * 2.0 ** e).astype(np.float32))
+    ys, _, _ = quantize_f32(x, bits, stochastic=True, seed=1, step=2, tensor_id=3)
+    ws, _ = quantize_stochastic(QTensor(c, -30), bits, seed=1, step=2, tensor_id=3)
+    assert np.array_equal(ys, (ws.q * 2.0 ** ws.exp).astype(np.float32))
+
+
+def test_ieee_codes_round_trip_including_denormals_and_zero():
+    """f32_to_codes and codes_to_f32 are exact inverses for containers of codes of at most 24
+    bits (denormals included); the peak exponent is frexp's."""
+    for x in (np.array([0.0, -0.0, 1.5, 65504.0, -7.25], np.float32),
+              np.array([-3e-39, 1e-40, 0.0], np.float32)):
+        q = f32_to_codes(x, 24)
+        assert np.array_equal(q.q * 2.0 ** q.exp, x.astype(np.float64))
+        assert peak_exponent(x) == np.frexp(np.abs(x).max())[1]
+    c = QTensor(np.array([1, -5, 1 << 23, 0, -(1 << 23) + 1], np.int32), -7)
+    assert np.array_equal(codes_to_f32(c), (c.q * 2.0 ** -7).astype(np.float32))
+    assert peak_exponent(np.zeros(4, np.float32)) is None
+
+
+def test_softmax_error_is_close_to_base2_softmax():
+    """The integer error is p - onehot of a base-2 softmax, within the table's precision."""
+    rng = np.random.default_rng(0)
+    z = rng.integers(-3000, 3000, size=(64, 10)).astype(np.int16)
+    labels = rng.integers(0, 10, 64)
+    err = softmax_xent_error(QTensor(z, -8), labels)
+    logits = z * 2.0 ** -8
+    p = 2.0 ** (logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = p - np.eye(10)[labels]
+    assert err.exp == -PROB_BITS
+    assert np.abs(err.q * 2.0 ** err.exp - want).max() < 2.0 ** -9
+    assert EXP2_TABLE[0] == 1 << 15 and EXP2_TABLE[512] == round(2 ** 0.5 * 2 ** 15)
+
+
+def test_softmax_error_rejects_bad_labels():
+    """Labels must index the logits' columns."""
+    with pytest.raises(ValueError, match="labels"):
+        softmax_xent_error(QTensor(np.zeros((2, 3), np.int16), 0), np.array([0, 3]))
+
+
+def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits):
+    def rshift(x, s):
+        return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
+    q = 2 ** (store_bits - 1) - 1
+    vmax = 1 << 38
+    w, v = [int(a) for a in w], [int(a) for a in v]
+    for i, gi in enumerate(g):
+        gs = max(-vmax, min(vmax, rshift(int(gi), w_exp - g_exp)))
+        v[i] = max(-vmax, min(vmax, rshift(mom_q * v[i], MOMENTUM_BITS) + gs))
+        w[i] = max(-q, min(q, w[i] - rshift(lr_q * v[i], LR_BITS)))
+    return w, v
+
+
+@pytest.mark.parametrize("g_exp", [-30, -20, -10])
+def test_sgd_step_matches_its_formula(g_exp):
+    """v = round(mu*v) + round(g aligned); w = sat(w - round(lr*v)), in integers."""
+    rng = np.random.default_rng(-g_exp)
+    w = rng.integers(-(1 << 22), 1 << 22, 300).astype(np.int32)
+    v = rng.integers(-(1 << 30), 1 << 30, 300).astype(np.int64)
+    g = rng.integers(-127, 128, 300).astype(np.int8)
+    w[0] = (1 << 23) - 2  # will saturate
+    v[0] = -(1 << 34)
+    lr_q, mom_q = lr_code(0.1 / 128), momentum_code(0.9)
+    want_w, want_v = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24)
+    sat = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
+                   store_bits=24)
+    assert w.tolist() == want_w and v.tolist() == want_v
+    assert sat == sum(abs(x) == 2 ** 23 - 1 for x in want_w) >= 1
+
+
+def test_sgd_step_rejects_bad_arguments():
+    """Shapes, momentum and learning-rate ranges are checked, naming the argument."""
+    w, v = np.zeros(3, np.int32), np.zeros(3, np.int64)
+    g = QTensor(np.zeros(3, np.int8), -20)
+    with pytest.raises(ValueError, match="momentum_q"):
+        sgd_step(QTensor(w, -24), v, g, lr_q=10, momentum_q=1 << 16, store_bits=24)
+    with pytest.raises(ValueError, match="lr_q"):
+        sgd_step(QTensor(w, -24), v, g, lr_q=0, momentum_q=10, store_bits=24)
+    with pytest.raises(ValueError, match="shapes"):
+        sgd_step(QTensor(w, -24), v[:2], g, lr_q=10, momentum_q=10, store_bits=24)
