@@ -1,4 +1,5 @@
-"""int32 arithmetic that Numba does not widen.
+"""Low-level integer operations Numba does not expose: int32 arithmetic it does not widen, and
+count-leading-zeros.
 
 Numba types every integer operation on small integers as int64, and LLVM cannot narrow a
 variable arithmetic shift back, so a loop written with ``np.int32`` casts still runs in 64-bit
@@ -9,6 +10,7 @@ overflows (``qkernels.fixedpoint.fits_int32``); a shift count is always below 32
 With ``NUMBA_DISABLE_JIT=1`` the same names are plain Python functions.
 """
 
+from llvmlite import ir
 from numba import config, types
 from numba.core.extending import intrinsic
 
@@ -22,6 +24,9 @@ if config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT 
 
     def clamp(t, q):
         return min(max(t, -q), q)
+
+    def clz64(v):
+        return 64 - int(v).bit_length() if v >= 0 else 0
 
 else:
     _i32 = types.int32
@@ -52,3 +57,13 @@ else:
             t_ = builder.select(builder.icmp_signed("<", t_, q_), t_, q_)
             return builder.select(builder.icmp_signed(">", t_, neg), t_, neg)
         return _i32(_i32, _i32), codegen
+
+    @intrinsic
+    def clz64(typingctx, v):
+        """Count of leading zero bits of an int64 (64 for 0): LLVM's ctlz, one instruction."""
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            fnty = ir.FunctionType(i64, [i64, ir.IntType(1)])
+            fn = builder.module.declare_intrinsic("llvm.ctlz", [i64], fnty)
+            return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 0)])
+        return types.int64(types.int64), codegen

@@ -42,6 +42,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import _i32 as _lowlevel
+
 #: Code widths accepted for W, A, G and E.
 BITS_MIN = 2
 BITS_MAX = 16
@@ -108,14 +110,8 @@ def round_shift(v, s):
 
 @njit(cache=True)
 def bit_length(v):
-    """Number of bits of ``|v|`` (0 for 0), by binary search with shifts and compares."""
-    a = abs(np.int64(v))
-    n = np.int64(0)
-    for step in (32, 16, 8, 4, 2, 1):
-        if a >> np.int64(step):
-            a >>= np.int64(step)
-            n += step
-    return n + (a > 0)
+    """Number of bits of ``|v|`` (0 for 0): 64 minus the leading zeros (one instruction)."""
+    return 64 - _lowlevel.clz64(abs(np.int64(v)))
 
 
 @njit(cache=True)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
+from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
@@ -110,8 +111,27 @@ class _ConvFn(torch.autograd.Function):
             gx = torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), *args).float()
         terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
         dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
-        gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
+        if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
+            gw = _int8_weight_grad(x, gy, layer)
+        else:
+            gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
         return gx, layer._quantize_grad(gw), None
+
+
+def _int8_weight_grad_ok(layer, q: QConfig, x: torch.Tensor) -> bool:
+    """The integer kernel applies: int8 codes, CPU, square stride/padding, no dilation/groups."""
+    return (max(q.bits_a, INPUT_BITS) <= 8 and q.bits_e <= 8 and x.device.type == "cpu"
+            and layer.groups == 1 and layer.dilation == (1, 1)
+            and layer.stride[0] == layer.stride[1] and layer.padding[0] == layer.padding[1]
+            and not isinstance(layer.padding, str))
+
+
+def _int8_weight_grad(x: torch.Tensor, gy: torch.Tensor, layer) -> torch.Tensor:
+    """Exact conv weight gradient from int8 codes (qkernels.conv), as a float64 container."""
+    g = conv2d_weight_grad(f32_to_codes(x.detach().numpy(), 7, np.int8),
+                           f32_to_codes(gy.detach().numpy(), 7, np.int8), layer.kernel_size,
+                           layer.stride[0], layer.padding[0])
+    return from_codes(g, x, torch.float64)
 
 
 class _LinearFn(torch.autograd.Function):

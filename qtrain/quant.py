@@ -187,11 +187,14 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
         return torch.zeros_like(t, dtype=torch.float32)
     e = top - (bits - 1)
     qmax = (1 << (bits - 1)) - 1
-    s = _ldexp(t.detach().double(), -e)  # exact: a power-of-two scaling
-    y = torch.floor(s + 0.5)              # exact in float64 for |s| < 2**52
+    # s = t * 2**-e is exact. s + 0.5 is exact in float32 whenever floor(s + 0.5) < 2**(bits-1)
+    # (s has at most 24 significant bits, the lowest at or above 2**(bits-25)); otherwise the
+    # sum only rounds to a value >= 2**(bits-1), which saturates as the exact one does.
+    s = t.detach().float() * pow2(-e) if t.dtype == torch.float32 else t.detach() * pow2(-e)
+    y = torch.floor(s + 0.5)
     if stats is not None:
-        stats.add(int((y.abs() > qmax).sum()), int(((y == 0) & (t != 0)).sum()), t.numel())
-    return _ldexp(y.clamp_(-qmax, qmax).float(), e)
+        stats.add(int((y.abs() > qmax).sum()), int(((y == 0) & (s != 0)).sum()), t.numel())
+    return (y.clamp_(-qmax, qmax) * pow2(e)).float()
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,

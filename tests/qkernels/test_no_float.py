@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from qkernels import ieee, l1bn, loss, optim, quant
+from qkernels import conv, ieee, l1bn, loss, optim, quant
 
 FLOAT_IR = re.compile(r"\b(half|bfloat|float|double|x86_fp80|fp128|ppc_fp128|fadd|fsub|fmul|"
                       r"fdiv|frem|fcmp|fneg|sitofp|uitofp|fptosi|fptoui|fpext|fptrunc)\b")
@@ -67,6 +67,11 @@ def step_kernel_cases():
         "ieee._from_codes": (ieee, (out8, np.empty_like(bits), -3)),
         "loss._xent_error": (loss, (np.zeros((4, 10), np.int16), 2, np.zeros(4, np.int64),
                                     loss.EXP2_TABLE, np.empty((4, 10), np.int64))),
+        "conv._im2col": (conv, (np.zeros((2, 1, 6, 6), np.int8), 3, 3, 1, 0, 4, 4,
+                                np.empty((9, 32), np.int8))),
+        "conv._rows": (conv, (np.zeros((2, 3, 4, 4), np.int8), np.empty((3, 32), np.int8))),
+        "conv._gram": (conv, (np.ones((3, 32), np.int8), np.ones((9, 32), np.int8),
+                              np.empty((3, 9), np.int64))),
         "optim._sgd": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
                                np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1)),
     }

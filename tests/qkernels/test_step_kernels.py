@@ -155,3 +155,32 @@ def test_sgd_step_rejects_bad_arguments():
         sgd_step(QTensor(w, -24), v, g, lr_q=0, momentum_q=10, store_bits=24)
     with pytest.raises(ValueError, match="shapes"):
         sgd_step(QTensor(w, -24), v[:2], g, lr_q=10, momentum_q=10, store_bits=24)
+
+
+def conv_weight_grad_oracle(x, e, k, stride, pad):
+    """G[o, c, u, v] = sum_{n,i,j} e[n,o,i,j] * x[n, c, i*s+u-p, j*s+v-p], in int64 loops."""
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, o, oh, ow = e.shape
+    g = np.zeros((o, x.shape[1], k, k), np.int64)
+    for u in range(k):
+        for v in range(k):
+            patch = xp[:, :, u:u + stride * oh:stride, v:v + stride * ow:stride]
+            g[:, :, u, v] = np.einsum("noij,ncij->oc", e.astype(np.int64), patch)
+    return g
+
+
+@pytest.mark.parametrize("shape, o, k, stride, pad", [
+    ((4, 1, 12, 12), 3, 5, 1, 0), ((3, 2, 9, 9), 4, 3, 2, 1), ((2, 5, 7, 7), 2, 3, 1, 1)])
+def test_conv_weight_grad_equals_int64_oracle(shape, o, k, stride, pad):
+    """The integer conv weight gradient equals the int64 definition, extremes included."""
+    from qkernels.conv import conv2d_weight_grad
+    rng = np.random.default_rng(sum(shape))
+    x = rng.integers(-127, 128, shape).astype(np.int8)
+    oh = (shape[2] + 2 * pad - k) // stride + 1
+    e = rng.integers(-127, 128, (shape[0], o, oh, oh)).astype(np.int8)
+    x[0] = 127
+    e[0] = -127
+    g = conv2d_weight_grad(QTensor(x, -3), QTensor(e, -6), (k, k), stride, pad)
+    assert g.exp == -9 and np.array_equal(g.q, conv_weight_grad_oracle(x, e, k, stride, pad))
+    with pytest.raises(ValueError, match="e.q"):
+        conv2d_weight_grad(QTensor(x, 0), QTensor(e[:, :, :-1], 0), (k, k), stride, pad)
