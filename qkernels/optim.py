@@ -83,7 +83,7 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
     if not 0 < lr_q < (1 << LR_BITS):
         raise ValueError(f"lr_q={lr_q} is outside 1..2**{LR_BITS}-1 (a learning rate below 1)")
     g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
-    if g_shift > 16:
+    if g_shift > 38:  # codes below 2**24, shifted by at most 38: below 2**62
         raise ValueError(f"gradient exponent {grad.exp} is 2**{g_shift} above the store's "
                          f"{store.exp}: the store is far too fine for these gradients")
     if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
