@@ -60,7 +60,6 @@ def _encode(code, exp):
     return np.int32(bits - (np.int64(1) << 32) if bits >= (np.int64(1) << 31) else bits)
 
 
-@njit(cache=True, parallel=True)
 def _peak_bits(bits):
     top = np.int32(0)
     for i in prange(bits.shape[0]):
@@ -76,7 +75,6 @@ def _top_exponent(peak):
     return exp + bit_length(m)
 
 
-@njit(cache=True, parallel=True)
 def _quantize_nearest(bits, out, e, q):
     saturated = 0
     zeroed = 0
@@ -93,7 +91,6 @@ def _quantize_nearest(bits, out, e, q):
     return saturated, zeroed
 
 
-@njit(cache=True, parallel=True)
 def _quantize_stochastic(bits, out, e, q, key):
     saturated = 0
     zeroed = 0
@@ -112,7 +109,6 @@ def _quantize_stochastic(bits, out, e, q, key):
     return saturated, zeroed
 
 
-@njit(cache=True, parallel=True)
 def _to_codes(bits, out, e):
     for i in prange(bits.shape[0]):
         m, exp = _decode(bits[i])
@@ -120,10 +116,30 @@ def _to_codes(bits, out, e):
         out[i] = round_shift(m, s) if s > 0 else m << -s
 
 
-@njit(cache=True, parallel=True)
 def _from_codes(codes, out, e):
     for i in prange(codes.shape[0]):
         out[i] = _encode(np.int64(codes[i]), e)
+
+
+#: Arrays smaller than this run on one thread: starting Numba's thread pool costs more than it
+#: saves, and its threads would compete with torch's for the cores.
+PARALLEL_MIN = 1 << 16
+
+
+def _drivers(fn):
+    """The same kernel compiled serial and parallel (``prange`` is ``range`` in the first)."""
+    return njit(cache=True)(fn), njit(cache=True, parallel=True)(fn)
+
+
+_peak_bits_s, _peak_bits_p = _drivers(_peak_bits)
+_quantize_nearest_s, _quantize_nearest_p = _drivers(_quantize_nearest)
+_quantize_stochastic_s, _quantize_stochastic_p = _drivers(_quantize_stochastic)
+_to_codes_s, _to_codes_p = _drivers(_to_codes)
+_from_codes_s, _from_codes_p = _drivers(_from_codes)
+
+
+def _pick(serial, parallel, n: int):
+    return parallel if n >= PARALLEL_MIN else serial
 
 
 def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
@@ -133,7 +149,8 @@ def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
 
 def peak_exponent(x: np.ndarray) -> int | None:
     """``E`` with ``max|x| < 2**E <= 2*max|x|`` for a float32 array, or None if all zero."""
-    top = int(_top_exponent(_peak_bits(_bits_of(x, "x"))))
+    b = _bits_of(x, "x")
+    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
     return None if top == _NO_TOP else top
 
 
@@ -146,7 +163,7 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     """
     b = _bits_of(x, "x")
     bits = check_bits(bits, "bits")
-    top = int(_top_exponent(_peak_bits(b)))
+    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
     if top == _NO_TOP:
         return np.zeros_like(x, dtype=np.float32), 0, QuantCounts(0, 0, b.size)
     e = top - (bits - 1)
@@ -154,9 +171,10 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     q = (1 << (bits - 1)) - 1
     if stochastic:
         key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
-        sat, zero = _quantize_stochastic(b, out, e, q, key)
+        kernel = _pick(_quantize_stochastic_s, _quantize_stochastic_p, b.size)
+        sat, zero = kernel(b, out, e, q, key)
     else:
-        sat, zero = _quantize_nearest(b, out, e, q)
+        sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q)
     return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)
 
 
@@ -165,12 +183,12 @@ def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) 
     for containers of codes of at most ``width`` bits, rounded half up otherwise."""
     b = _bits_of(x, "x")
     if exp is None:
-        top = int(_top_exponent(_peak_bits(b)))
+        top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
         e = 0 if top == _NO_TOP else top - width
     else:
         e = check_exp(exp, "exp")
     out = np.empty(b.shape[0], dtype=dtype or (np.int32 if width < 31 else np.int64))
-    _to_codes(b, out, e)
+    _pick(_to_codes_s, _to_codes_p, b.size)(b, out, e)
     return QTensor(out.reshape(x.shape), e)
 
 
@@ -179,7 +197,7 @@ def codes_to_f32(q: QTensor) -> np.ndarray:
     check_exp(q.exp, "q.exp")
     flat = np.ascontiguousarray(q.q).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.int32)
-    _from_codes(flat, out, q.exp)
+    _pick(_from_codes_s, _from_codes_p, flat.size)(flat, out, q.exp)
     return out.view(np.float32).reshape(q.q.shape)
 
 

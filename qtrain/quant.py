@@ -122,9 +122,14 @@ class QState:
 # Exponents and code conversion (exact).
 
 
-def top_exponent(t: torch.Tensor) -> int | None:
+def _peak(t: torch.Tensor) -> torch.Tensor:
+    """max|t| in one pass."""
+    return torch.linalg.vector_norm(t.detach(), float("inf"))
+
+
+def top_exponent(t: torch.Tensor, peak: torch.Tensor | None = None) -> int | None:
     """Binary exponent ``E`` with ``max|t| < 2**E <= 2*max|t|``, or None for an all-zero tensor."""
-    peak = t.detach().abs().max()
+    peak = _peak(t) if peak is None else peak
     if peak == 0:
         return None
     return int(torch.frexp(peak).exponent)
@@ -180,7 +185,8 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
         if stats is not None:
             stats.add(*counts)
         return from_codes(q, t)
-    top = top_exponent(t)
+    peak = _peak(t)
+    top = top_exponent(t, peak)
     if top is None:
         if stats is not None:
             stats.add(0, 0, t.numel())
@@ -190,11 +196,16 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
     # s = t * 2**-e is exact. s + 0.5 is exact in float32 whenever floor(s + 0.5) < 2**(bits-1)
     # (s has at most 24 significant bits, the lowest at or above 2**(bits-25)); otherwise the
     # sum only rounds to a value >= 2**(bits-1), which saturates as the exact one does.
-    s = t.detach().float() * pow2(-e) if t.dtype == torch.float32 else t.detach() * pow2(-e)
-    y = torch.floor(s + 0.5)
+    y = t.detach().to(torch.float32 if t.dtype == torch.float32 else torch.float64) * pow2(-e)
+    y.add_(0.5).floor_()
+    saturated = 0
+    if float(peak) * pow2(-e) >= qmax + 0.5:  # only the largest values can round past qmax
+        saturated = int((y.abs() > qmax).sum())
+        y.clamp_(-qmax, qmax)
     if stats is not None:
-        stats.add(int((y.abs() > qmax).sum()), int(((y == 0) & (s != 0)).sum()), t.numel())
-    return (y.clamp_(-qmax, qmax) * pow2(e)).float()
+        zeroed = int(torch.count_nonzero(t)) - int(torch.count_nonzero(y))
+        stats.add(saturated, zeroed, t.numel())
+    return y.mul_(pow2(e)).float()
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,
