@@ -92,7 +92,23 @@ BLOCK32 = 1 << 16
 
 @njit(cache=True)
 def _sum_pass(x, c, cnt):
-    """S = sum of the channel's codes (add only), and the smallest and largest code."""
+    """S = sum of the channel's codes (add only)."""
+    total = np.int64(0)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        for start in range(0, row.shape[0], BLOCK16):
+            block = row[start:start + BLOCK16]
+            part = np.int16(0)
+            for i in range(block.shape[0]):
+                part = np.int16(part + block[i])
+            total += part
+        _tally(cnt, ADD, row.shape[0])
+    return total
+
+
+@njit(cache=True)
+def _sum_range_pass(x, c, cnt):
+    """S, and the smallest and largest code (for an output exponent chosen from the range)."""
     total = np.int64(0)
     lo = x[0, c, 0]
     hi = lo
@@ -157,7 +173,31 @@ def _affine_pass(x, y, c, a, b, sh, q, cnt):
 
 @njit(cache=True)
 def _grad_sums_pass(x, g, c, cnt):
-    """sum(g), sum(g*x), and the smallest and largest g, over the channel."""
+    """sum(g) and sum(g*x) over the channel."""
+    sg = np.int64(0)
+    sgx = np.int64(0)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        grow = g[n, c]
+        for start in range(0, row.shape[0], BLOCK32):
+            block = row[start:start + BLOCK32]
+            gblock = grow[start:start + BLOCK32]
+            part_g = np.int32(0)
+            part_gx = np.int32(0)
+            for i in range(block.shape[0]):
+                gv = gblock[i]
+                part_g = np.int32(part_g + gv)
+                part_gx = np.int32(part_gx + np.int16(gv * block[i]))
+            sg += part_g
+            sgx += part_gx
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, 2 * row.shape[0])
+    return sg, sgx
+
+
+@njit(cache=True)
+def _grad_sums_range_pass(x, g, c, cnt):
+    """sum(g), sum(g*x), and the smallest and largest g (for dx's exponent)."""
     sg = np.int64(0)
     sgx = np.int64(0)
     lo = g[0, c, 0]
@@ -296,10 +336,14 @@ def _inv_m(x, cnt):
 
 
 @njit(cache=True, inline="always")
-def _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt):
-    """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, range."""
+def _stats_channel(x, c, inv_m, eps_shift, use_eps, want_range, stats, cnt):
+    """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, and (when
+    ``want_range``) the smallest and largest code."""
     m = np.int64(x.shape[0] * x.shape[2])
-    s, lo, hi = _sum_pass(x, c, cnt)
+    if want_range:
+        s, lo, hi = _sum_range_pass(x, c, cnt)
+    else:
+        s, lo, hi = _sum_pass(x, c, cnt), np.int64(0), np.int64(0)
     t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
     sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
     dev = m * sx - s * ss
@@ -334,18 +378,41 @@ def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, 
     _tally(cnt, SUB, 1)
 
 
+# Drivers. With the output exponent given, one region does each channel's statistics and apply
+# (the channel's data is still in cache); to choose it from the range, statistics of all
+# channels come first, then the exponent, then the apply.
+
+
+@njit(cache=True)
+def _forward_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
+                    stats, cnt):
+    inv_m = _inv_m(x, cnt)
+    for c in range(x.shape[1]):
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, False, stats, cnt)
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _forward_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
+                      stats, cnt):
+    inv_m = _inv_m(x, cnt)
+    for c in prange(x.shape[1]):
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, False, stats, cnt)
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
 @njit(cache=True)
 def _stats_serial(x, eps_shift, use_eps, stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in range(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
 @njit(cache=True, parallel=True)
 def _stats_parallel(x, eps_shift, use_eps, stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
 @njit(cache=True)
@@ -361,8 +428,12 @@ def _apply_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cn
 
 
 @njit(cache=True, inline="always")
-def _grad_stats_channel(x, g, c, gstats, cnt):
-    sg, sgx, lo, hi = _grad_sums_pass(x, g, c, cnt)
+def _grad_stats_channel(x, g, c, want_range, gstats, cnt):
+    if want_range:
+        sg, sgx, lo, hi = _grad_sums_range_pass(x, g, c, cnt)
+    else:
+        sg, sgx = _grad_sums_pass(x, g, c, cnt)
+        lo, hi = np.int64(0), np.int64(0)
     gs = gstats[c]
     gs[GS_SUM] = sg
     gs[GS_SUMX] = sgx
@@ -390,15 +461,33 @@ def _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_
 
 
 @njit(cache=True)
+def _backward_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                     cnt):
+    for c in range(x.shape[1]):
+        _grad_stats_channel(x, g, c, False, gstats, cnt)
+        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
+                            dgamma, dbeta, cnt)
+
+
+@njit(cache=True, parallel=True)
+def _backward_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                       dbeta, cnt):
+    for c in prange(x.shape[1]):
+        _grad_stats_channel(x, g, c, False, gstats, cnt)
+        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
+                            dgamma, dbeta, cnt)
+
+
+@njit(cache=True)
 def _grad_stats_serial(x, g, gstats, cnt):
     for c in range(x.shape[1]):
-        _grad_stats_channel(x, g, c, gstats, cnt)
+        _grad_stats_channel(x, g, c, True, gstats, cnt)
 
 
 @njit(cache=True, parallel=True)
 def _grad_stats_parallel(x, g, gstats, cnt):
     for c in prange(x.shape[1]):
-        _grad_stats_channel(x, g, c, gstats, cnt)
+        _grad_stats_channel(x, g, c, True, gstats, cnt)
 
 
 @njit(cache=True)
@@ -662,16 +751,23 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
 
     x3 = _as_ncl(x.q)
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
-    (_stats_parallel if parallel else _stats_serial)(x3, eps_shift, use_eps, stats, _NO_COUNT)
-    if out_exp is None:
-        out_exp = int(output_exponent(stats, m, gamma.q, gamma.exp, beta.q, beta.exp,
-                                      out_bits))
-    out_exp = check_exp(out_exp, "out_exp")
-    _check_offset(beta, out_exp)
     y3 = _output_ncl(out, "out", x.q.shape, out_bits)
-    (_apply_parallel if parallel else _apply_serial)(
-        x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
-        (1 << (out_bits - 1)) - 1, stats, _NO_COUNT)
+    q = (1 << (out_bits - 1)) - 1
+    if out_exp is None:
+        (_stats_parallel if parallel else _stats_serial)(x3, eps_shift, use_eps, stats,
+                                                          _NO_COUNT)
+        out_exp = check_exp(int(output_exponent(stats, m, gamma.q, gamma.exp, beta.q,
+                                                beta.exp, out_bits)), "out_exp")
+        _check_offset(beta, out_exp)
+        (_apply_parallel if parallel else _apply_serial)(
+            x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, stats,
+            _NO_COUNT)
+    else:
+        out_exp = check_exp(out_exp, "out_exp")
+        _check_offset(beta, out_exp)
+        (_forward_parallel if parallel else _forward_serial)(
+            x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift,
+            use_eps, q, stats, _NO_COUNT)
     cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats)
     return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
 
@@ -712,17 +808,24 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     n_channels = g3.shape[1]
     m = g3.shape[0] * g3.shape[2]
     gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
-    (_grad_stats_parallel if parallel else _grad_stats_serial)(cache.x, g3, gstats, _NO_COUNT)
     k_base = cache.gamma.exp + dy.exp - cache.x_exp
-    if dx_exp is None:
-        dx_exp = int(grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base, dx_bits))
-    dx_exp = check_exp(dx_exp, "dx_exp")
     dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     dgamma = np.empty(n_channels, dtype=np.int64)
     dbeta = np.empty(n_channels, dtype=np.int64)
-    (_grad_apply_parallel if parallel else _grad_apply_serial)(
-        cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp,
-        (1 << (dx_bits - 1)) - 1, dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+    q = (1 << (dx_bits - 1)) - 1
+    if dx_exp is None:
+        (_grad_stats_parallel if parallel else _grad_stats_serial)(cache.x, g3, gstats,
+                                                                    _NO_COUNT)
+        dx_exp = check_exp(int(grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base,
+                                             dx_bits)), "dx_exp")
+        (_grad_apply_parallel if parallel else _grad_apply_serial)(
+            cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
+            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+    else:
+        dx_exp = check_exp(dx_exp, "dx_exp")
+        (_backward_parallel if parallel else _backward_serial)(
+            cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
+            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
     return (QTensor(_from_ncl(dx3, cache.shape, out), dx_exp), QTensor(dgamma, dgamma_exp),
             QTensor(dbeta, dy.exp))
 

@@ -419,3 +419,19 @@ def test_clamped_slope_still_saturates():
     beta = QTensor(np.array([(1 << 20) - 1], np.int32), 0)
     y, _ = l1bn_forward(QTensor(x, 0), gamma, beta, out_bits=16, out_exp=0)
     assert y.q[:, 0].tolist() == [-32767, 32767]
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (16, 6, 6, 6)])
+def test_range_exponent_path_equals_given_exponent_path(shape):
+    """Choosing the exponent from the range runs statistics and apply as separate phases; the
+    codes equal those of the one-region path given that same exponent."""
+    x, gamma, beta, dy, _ = make_case(shape, seed=14)
+    y_auto, cache_auto = run_forward(x, gamma, beta, 8, None)
+    y_given, cache_given = run_forward(x, gamma, beta, 8, y_auto.exp)
+    np.testing.assert_array_equal(y_auto.q, y_given.q)
+    dx_auto, dg_auto, db_auto = l1bn_backward(QTensor(dy, -6), cache_auto, dx_bits=8)
+    dx_given, dg_given, db_given = l1bn_backward(QTensor(dy, -6), cache_given, dx_bits=8,
+                                                 dx_exp=dx_auto.exp)
+    for a, b in ((dx_auto, dx_given), (dg_auto, dg_given), (db_auto, db_given)):
+        assert a.exp == b.exp
+        np.testing.assert_array_equal(a.q, b.q)

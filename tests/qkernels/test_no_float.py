@@ -38,6 +38,9 @@ def kernel_cases():
     folded = np.array([[3, 5, 8]] * 3, np.int64)
     run = np.zeros(3, np.int64)
     return {
+        "_forward_serial": (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt),
+        "_forward_parallel": (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt),
+        "_backward_serial": grad_args, "_backward_parallel": grad_args,
         "_stats_serial": stats_args, "_stats_parallel": stats_args,
         "_apply_serial": apply_args, "_apply_parallel": apply_args,
         "_grad_stats_serial": (x, x, gstats, cnt), "_grad_stats_parallel": (x, x, gstats, cnt),
