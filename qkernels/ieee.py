@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from .fixedpoint import bit_length, round_shift
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
-from .quant import SR_BITS, QuantCounts
+from .quant import SR_BITS, QuantCounts, saturate_count
 from .rng import check_stream_args, random_u64, stream_key
 
 _ABS = np.int32(0x7FFFFFFF)
@@ -82,11 +82,9 @@ def _quantize_nearest(bits, out, e, q):
         m, exp = _decode(bits[i])
         s = e - exp
         y = round_shift(m, s) if s > 0 else m << -s
-        if y > q or y < -q:
-            saturated += 1
-            y = q if y > 0 else -q
-        if y == 0 and m != 0:
-            zeroed += 1
+        y, sat, zero = saturate_count(y, m, q)
+        saturated += sat
+        zeroed += zero
         out[i] = _encode(y, e)
     return saturated, zeroed
 
@@ -100,11 +98,9 @@ def _quantize_stochastic(bits, out, e, q, key):
         w = m << up if up >= 0 else (m >> -up if -up < 63 else (np.int64(-1) if m < 0 else 0))
         r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
         y = (w + r) >> SR_BITS
-        if y > q or y < -q:
-            saturated += 1
-            y = q if y > 0 else -q
-        if y == 0 and m != 0:
-            zeroed += 1
+        y, sat, zero = saturate_count(y, m, q)
+        saturated += sat
+        zeroed += zero
         out[i] = _encode(y, e)
     return saturated, zeroed
 

@@ -62,6 +62,15 @@ def range_exponent(max_abs, exp, bits):
     return bit_length(max_abs) + exp - (bits - 1)
 
 
+@njit(cache=True, inline="always")
+def saturate_count(y, v, q):
+    """Saturate a rounded code ``y`` of the input ``v``: (code, saturated?, rounded to zero?)."""
+    saturated = y > q or y < -q
+    if saturated:
+        y = q if y > 0 else -q
+    return y, np.int64(saturated), np.int64(y == 0 and v != 0)
+
+
 @njit(cache=True, parallel=True)
 def _nearest(c, shift, q, out):
     saturated = 0
@@ -69,11 +78,9 @@ def _nearest(c, shift, q, out):
     for i in prange(c.shape[0]):
         v = np.int64(c[i])
         y = round_shift(v, shift) if shift > 0 else v << -shift
-        if y > q or y < -q:
-            saturated += 1
-            y = q if y > 0 else -q
-        if y == 0 and v != 0:
-            zeroed += 1
+        y, sat, zero = saturate_count(y, v, q)
+        saturated += sat
+        zeroed += zero
         out[i] = y
     return saturated, zeroed
 
@@ -88,11 +95,9 @@ def _stochastic(c, up, q, key, out):
         w = v << up if up >= 0 else v >> -up
         r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
         y = (w + r) >> SR_BITS
-        if y > q or y < -q:
-            saturated += 1
-            y = q if y > 0 else -q
-        if y == 0 and v != 0:
-            zeroed += 1
+        y, sat, zero = saturate_count(y, v, q)
+        saturated += sat
+        zeroed += zero
         out[i] = y
     return saturated, zeroed
 

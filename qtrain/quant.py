@@ -170,27 +170,44 @@ def _ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
 # The two implementations of each quantization.
 
 
+def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None
+               ) -> torch.Tensor:
+    """The int backend: round through qkernels (nearest, or stochastic with ``stream``).
+
+    float32 containers are read and written as bit patterns (qkernels.ieee); float64 ones
+    (exact weight-gradient sums) are converted to int64 codes first.
+    """
+    if t.dtype == torch.float32:
+        y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits, stochastic=stream is not None,
+                                    **(stream or {}))
+        out = torch.from_numpy(y).to(t.device)
+    else:
+        codes = to_codes(t, 53)
+        q, counts = (quantize_stochastic(codes, bits, **stream) if stream is not None
+                     else quantize_nearest(codes, bits))
+        out = from_codes(q, t)
+    if stats is not None:
+        stats.add(*counts)
+    return out
+
+
+def _zeros(t: torch.Tensor, stats: QuantStats | None) -> torch.Tensor:
+    if stats is not None:
+        stats.add(0, 0, t.numel())
+    return torch.zeros_like(t, dtype=torch.float32)
+
+
 def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None = None
             ) -> torch.Tensor:
     """Round to ``bits`` with the range exponent, half up; identity for 32 bits."""
     if bits >= FLOAT_BITS:
         return t
-    if backend == "int" and t.dtype == torch.float32:
-        y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits)
-        if stats is not None:
-            stats.add(*counts)
-        return torch.from_numpy(y).to(t.device)
     if backend == "int":
-        q, counts = quantize_nearest(to_codes(t, 53), bits)
-        if stats is not None:
-            stats.add(*counts)
-        return from_codes(q, t)
+        return _int_round(t, bits, stats, None)
     peak = _peak(t)
     top = top_exponent(t, peak)
     if top is None:
-        if stats is not None:
-            stats.add(0, 0, t.numel())
-        return torch.zeros_like(t, dtype=torch.float32)
+        return _zeros(t, stats)
     e = top - (bits - 1)
     qmax = (1 << (bits - 1)) - 1
     # s = t * 2**-e is exact. s + 0.5 is exact in float32 whenever floor(s + 0.5) < 2**(bits-1)
@@ -214,23 +231,11 @@ def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, t
     from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
     if bits >= FLOAT_BITS:
         return t
-    if backend == "int" and t.dtype == torch.float32:
-        y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits, stochastic=True, seed=seed,
-                                    step=step, tensor_id=tensor_id)
-        if stats is not None:
-            stats.add(*counts)
-        return torch.from_numpy(y).to(t.device)
     if backend == "int":
-        q, counts = quantize_stochastic(to_codes(t, 53), bits, seed=seed, step=step,
-                                        tensor_id=tensor_id)
-        if stats is not None:
-            stats.add(*counts)
-        return from_codes(q, t)
+        return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id})
     top = top_exponent(t)
     if top is None:
-        if stats is not None:
-            stats.add(0, 0, t.numel())
-        return torch.zeros_like(t, dtype=torch.float32)
+        return _zeros(t, stats)
     e = top - (bits - 1)
     qmax = (1 << (bits - 1)) - 1
     key = stream_key_np(seed, step, tensor_id)
