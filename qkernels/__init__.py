@@ -10,7 +10,11 @@ float32 containers in :mod:`qkernels.ieee`, operation counts and the ASIC estima
 :mod:`qkernels.oracle`.
 """
 
+from .conv import conv2d_weight_grad
 from .format import QTensor, code_dtype
+from .loss import softmax_xent_error
+from .optim import lr_code, momentum_code, sgd_step
+from .quant import QuantCounts, quantize_nearest, quantize_stochastic
 from .l1bn import (
     L1BNCache,
     count_ops,
@@ -23,7 +27,15 @@ from .l1bn import (
 
 __all__ = [
     "QTensor",
+    "QuantCounts",
     "code_dtype",
+    "conv2d_weight_grad",
+    "lr_code",
+    "momentum_code",
+    "quantize_nearest",
+    "quantize_stochastic",
+    "sgd_step",
+    "softmax_xent_error",
     "L1BNCache",
     "count_ops",
     "l1bn_backward",
