@@ -172,6 +172,22 @@ def random_u64_np(key, index) -> np.ndarray:
 
 
 @njit(cache=True)
+def _top_bits(key, bits, out):
+    for i in range(out.shape[0]):
+        out[i] = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - bits))
+
+
+def random_top_bits(seed: int, step: int, tensor_id: int, n: int, bits: int) -> np.ndarray:
+    """The top ``bits`` bits of elements ``0..n-1`` of the stream, as int64 (the random
+    fraction stochastic rounding adds); equals ``random_u64_np(...) >> (64 - bits)``."""
+    if not 1 <= bits <= 62:
+        raise ValueError(f"bits={bits} is outside 1..62")
+    out = np.empty(n, dtype=np.int64)
+    _top_bits(np.uint64(stream_key(*check_stream_args(seed, step, tensor_id))), bits, out)
+    return out
+
+
+@njit(cache=True)
 def shift_add(v, s, add):
     """``(v + add) >> s`` for int64 ``v``, ``0 <= s <= 62`` and ``0 <= add < 2**s``, exactly and
     without overflow: the floor of ``v / 2**s`` plus the carry out of the low ``s`` bits."""

@@ -29,7 +29,7 @@ import torch
 from qkernels import QTensor
 from qkernels.ieee import quantize_f32
 from qkernels.quant import SR_BITS, quantize_nearest, quantize_stochastic
-from qkernels.rng import random_u64_np, stream_key_np
+from qkernels.rng import random_top_bits
 
 FLOAT_BITS = 32
 BACKENDS = ("int", "emulate")
@@ -238,9 +238,8 @@ def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, t
         return _zeros(t, stats)
     e = top - (bits - 1)
     qmax = (1 << (bits - 1)) - 1
-    key = stream_key_np(seed, step, tensor_id)
-    r = random_u64_np(key, np.arange(t.numel(), dtype=np.uint64)) >> np.uint64(64 - SR_BITS)
-    r = torch.from_numpy(r.astype(np.int64)).to(t.device, torch.float64).reshape(t.shape)
+    r = random_top_bits(seed, step, tensor_id, t.numel(), SR_BITS)
+    r = torch.from_numpy(r).to(t.device, torch.float64).reshape(t.shape)
     w = torch.floor(_ldexp(t.detach().double(), SR_BITS - e))  # < 2**(bits-1+24): exact
     y = torch.floor(_ldexp(w + r, -SR_BITS))
     if stats is not None:

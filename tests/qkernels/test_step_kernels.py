@@ -184,3 +184,10 @@ def test_conv_weight_grad_equals_int64_oracle(shape, o, k, stride, pad):
     assert g.exp == -9 and np.array_equal(g.q, conv_weight_grad_oracle(x, e, k, stride, pad))
     with pytest.raises(ValueError, match="e.q"):
         conv2d_weight_grad(QTensor(x, 0), QTensor(e[:, :, :-1], 0), (k, k), stride, pad)
+
+
+def test_random_top_bits_is_the_stream():
+    """random_top_bits(...) equals the numpy stream's top bits, element by element."""
+    from qkernels.rng import random_top_bits
+    want = random_u64_np(stream_key_np(4, 5, 6), np.arange(1000, dtype=np.uint64)) >> np.uint64(40)
+    assert np.array_equal(random_top_bits(4, 5, 6, 1000, 24), want.astype(np.int64))
