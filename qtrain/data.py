@@ -16,13 +16,23 @@ first directory that holds the split's images and labels wins. The built-in orde
 2. ``$QTRAIN_DATA``,
 3. the system dataset directory (:data:`SYSTEM_DIRS`; for Fashion-MNIST Debian's package
    ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist``),
-4. the user cache ``$XDG_CACHE_HOME/qtrain/<name>`` (default ``~/.cache/qtrain/<name>``).
+4. the user cache ``$XDG_CACHE_HOME/qtrain/<name>`` (default ``~/.cache/qtrain/<name>``),
+   which :func:`download` fills where a network exists,
+5. last, for Fashion-MNIST only, the stratified subset embedded in the package
+   (``qtrain/datasets/fashion-mnist-subset``: 300 train and 100 test images per class). It is
+   consulted only when asked for (``subset=True``, which :func:`load_dataset` passes), so a
+   caller of :func:`load_mnist_like` asking for the real data gets an error, not 3000 images.
 
 For 1 and 2 the subdirectory ``<name>/`` is tried before the directory itself, so one data
 directory can hold both datasets. A directory may hold each file plain or gzipped
 (``train-images-idx3-ubyte`` or ``train-images-idx3-ubyte.gz``; plain wins if both exist).
-A source is a function ``(name, data_dir) -> list[Candidate]``; later sources (a download into
-the user cache, a subset embedded in the package) are appended to :data:`SOURCES`.
+A source is a function ``(name, data_dir) -> list[Candidate]``; sources that provide a subset
+rather than the full set are also listed in :data:`SUBSET_SOURCES`.
+
+:func:`load_dataset` is the entry point for the command line: ``(train, test)`` of
+``fashion-mnist``, ``mnist`` or ``cifar10`` (:func:`load_cifar10`, from the python batches
+directory ``cifar-10-batches-py``), downloading a missing MNIST-like set into the user cache
+first and falling back to the embedded subset when that fails.
 
 Every problem with the data raises :class:`DataError`, a :class:`ValueError` whose message is
 one line: what is wrong, which file or directory, and how to fix it.
@@ -32,33 +42,58 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import http.client
+import importlib.resources
 import math
 import os
+import pickle
+import re
+import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TextIO
 
 import numpy as np
 
 __all__ = [
     "CLASSES",
     "Candidate",
+    "DATASETS",
+    "DOWNLOAD_URLS",
     "DataError",
+    "DataNotFound",
     "Dataset",
+    "IDX_FILES",
     "INPUT_EXP",
+    "MNIST_LIKE",
     "SOURCES",
+    "SUBSET_DIR",
+    "SUBSET_SOURCES",
     "SYSTEM_DIRS",
     "batches",
+    "download",
+    "load_cifar10",
+    "load_dataset",
     "load_mnist_like",
     "read_idx",
     "search_dirs",
     "stratified_subset",
     "to_codes",
+    "user_cache_dir",
+    "write_idx",
 ]
 
 
 class DataError(ValueError):
     """Missing, incomplete or corrupt data; the message is one line (what, where, how to fix)."""
+
+
+class DataNotFound(DataError):
+    """No place searched holds the data (as opposed to data found but broken)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +172,50 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))  # a copy: native order, writable
 
 
+def write_idx(path: str | os.PathLike, array: np.ndarray, gz: bool | None = None) -> Path:
+    """Write ``array`` as an IDX file that :func:`read_idx` reads back equal; returns the path.
+
+    The dtype must be one of :data:`IDX_DTYPES` (any byte order) and ``ndim`` 1..255. With
+    ``gz=None`` the file is gzipped when its name ends in ``.gz``. Gzip output is deterministic
+    (level 9, mtime 0, no file name), so the same array always gives the same bytes. The file is
+    written to a temporary file in the same directory and renamed over ``path``.
+    """
+    array = np.asarray(array)
+    native = array.dtype.newbyteorder("=")
+    code = next((c for c, dt in IDX_DTYPES.items() if dt.newbyteorder("=") == native), None)
+    if code is None:
+        raise TypeError(f"write_idx: no IDX type for dtype {array.dtype.name}")
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"write_idx: ndim must be 1..255, got {array.ndim}")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    raw = header + np.ascontiguousarray(array, IDX_DTYPES[code]).tobytes()
+    path = Path(path)
+    if gz if gz is not None else path.name.endswith(".gz"):
+        raw = gzip.compress(raw, compresslevel=9, mtime=0)
+    _atomic_write(path, [raw])
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, chunks) -> None:
+    """Write the byte chunks to a temp file beside ``path``, then ``os.replace`` it there."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() gives
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # Datasets and where to find them
 # --------------------------------------------------------------------------------------------
@@ -146,7 +225,13 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                       "Sneaker", "Bag", "Ankle boot"),
     "mnist": tuple(str(d) for d in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
 }
+
+#: Datasets :func:`load_dataset` knows, and those stored as MNIST-like IDX files.
+DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10")
+MNIST_LIKE: tuple[str, ...] = ("fashion-mnist", "mnist")
 
 #: System-wide dataset directory per dataset and how to name it to people.
 SYSTEM_DIRS: dict[str, tuple[Path, str]] = {
@@ -166,11 +251,14 @@ class Dataset:
     Attributes:
         images: uint8 array (N, 28, 28), pixel 0 = background.
         labels: uint8 array (N,), values in ``0..len(classes)-1``.
-        name: ``"fashion-mnist"`` or ``"mnist"``.
+        name: ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"`` (whose images are uint8
+            (N, 32, 32, 3), height x width x RGB).
         split: ``"train"`` or ``"test"``.
         source: where it came from, for people, e.g.
-            ``"Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"``.
+            ``"Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"``;
+            for the embedded subset it also says how to get the full set.
         classes: class names in label order.
+        is_subset: the data is the subset embedded in the package, not the full dataset.
     """
 
     images: np.ndarray
@@ -179,6 +267,7 @@ class Dataset:
     split: str
     source: str
     classes: tuple[str, ...]
+    is_subset: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -213,30 +302,61 @@ def _system_dir(name: str, data_dir: str | os.PathLike | None) -> list[Candidate
     return [Candidate(path, f"{label} ({path})")]
 
 
-def _user_cache(name: str, data_dir: str | os.PathLike | None) -> list[Candidate]:
+def user_cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/qtrain/<name>`` (``~/.cache/qtrain/<name>`` when unset or relative)."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(base) if os.path.isabs(base) else Path(os.path.expanduser("~/.cache"))
-    path = root / "qtrain" / name
+    return root / "qtrain" / name
+
+
+def _user_cache(name: str, data_dir: str | os.PathLike | None) -> list[Candidate]:
+    path = user_cache_dir(name)
     return [Candidate(path, f"user cache ({path})")]
 
 
+#: The stratified Fashion-MNIST subset shipped in the package (made by scripts/make_subset.py).
+SUBSET_DIR = "fashion-mnist-subset"
+SUBSET_SIZES = {"train": 3000, "test": 1000}
+SUBSET_SOURCE = (f"embedded subset ({SUBSET_SIZES['train']} train / {SUBSET_SIZES['test']} "
+                 "test images) -- for the full set: apt-get install dataset-fashion-mnist, "
+                 "or --data-dir")
+
+
+def _package_dir(*parts: str) -> Path:
+    """A directory of package data as a real path (the package is installed unzipped)."""
+    res = importlib.resources.files("qtrain").joinpath("datasets", *parts)
+    return Path(os.fspath(res))
+
+
+def _embedded_subset(name: str, data_dir: str | os.PathLike | None) -> list[Candidate]:
+    if name != "fashion-mnist":
+        return []
+    return [Candidate(_package_dir(SUBSET_DIR), SUBSET_SOURCE)]
+
+
 #: Candidate directory providers, asked in order by :func:`search_dirs`.
-SOURCES: list[Source] = [_given_dir, _env_dir, _system_dir, _user_cache]
+SOURCES: list[Source] = [_given_dir, _env_dir, _system_dir, _user_cache, _embedded_subset]
+
+#: The sources in :data:`SOURCES` that provide a subset; skipped unless ``subset=True``.
+SUBSET_SOURCES: set[Source] = {_embedded_subset}
 
 
 def _check_name(name: str) -> None:
-    if name not in CLASSES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(CLASSES)}")
+    if name not in MNIST_LIKE:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(MNIST_LIKE)}")
 
 
-def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Candidate]:
+def search_dirs(name: str, data_dir: str | os.PathLike | None = None, *,
+                subset: bool = False) -> list[Candidate]:
     """The ordered directories :func:`load_mnist_like` looks in for dataset ``name``.
 
     Nothing is read or created; a candidate need not exist. See the module docstring for the
-    order. ``[c.path for c in search_dirs(...)]`` gives the bare paths.
+    order. ``[c.path for c in search_dirs(...)]`` gives the bare paths. The sources in
+    :data:`SUBSET_SOURCES` (the embedded subset) are included, last, only with ``subset=True``.
     """
     _check_name(name)
-    return [c for source in SOURCES for c in source(name, data_dir)]
+    return [c for source in SOURCES if subset or source not in SUBSET_SOURCES
+            for c in source(name, data_dir)]
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -273,13 +393,15 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, image_path: Path, label_
                                 f"0..{num_classes - 1} ({bad.size} such labels)")
 
 
-def load_mnist_like(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_mnist_like(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
+                    subset: bool = False) -> Dataset:
     """Load split ``"train"`` or ``"test"`` of ``"fashion-mnist"`` or ``"mnist"``.
 
     The first candidate of :func:`search_dirs` that holds both ``<prefix>-images-idx3-ubyte``
     and ``<prefix>-labels-idx1-ubyte`` (``prefix`` ``train`` or ``t10k``, each optionally
     ``.gz``) is read and checked: images uint8 (N, 28, 28), labels uint8 (N,) with the same N,
-    labels within the classes.
+    labels within the classes. With ``subset=True`` the embedded subset is the last candidate
+    (the result then has ``is_subset`` set).
 
     Raises:
         ValueError: unknown ``name`` or ``split``.
@@ -291,7 +413,7 @@ def load_mnist_like(name: str, split: str, data_dir: str | os.PathLike | None = 
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     image_stem = f"{SPLITS[split]}-images-idx3-ubyte"
     label_stem = f"{SPLITS[split]}-labels-idx1-ubyte"
-    candidates = search_dirs(name, data_dir)
+    candidates = search_dirs(name, data_dir, subset=subset)
     for cand in candidates:
         image_path, label_path = _find(cand.path, image_stem), _find(cand.path, label_stem)
         if image_path is None and label_path is None:
@@ -303,14 +425,341 @@ def load_mnist_like(name: str, split: str, data_dir: str | os.PathLike | None = 
                         "add the missing file or remove the incomplete set")
         images, labels = read_idx(image_path), read_idx(label_path)
         _check_pair(images, labels, image_path, label_path, len(CLASSES[name]))
-        return Dataset(images, labels, name, split, cand.source, CLASSES[name])
+        return Dataset(images, labels, name, split, cand.source, CLASSES[name],
+                       is_subset=cand.source == SUBSET_SOURCE)
 
     places = "; ".join(c.source for c in candidates)
     how = ("apt-get install dataset-fashion-mnist, or" if name == "fashion-mnist" else
            "download the four canonical IDX files and")
-    raise DataError(f"{name} {split} data ({image_stem}[.gz] and {label_stem}[.gz]) not found "
+    raise DataNotFound(f"{name} {split} data ({image_stem}[.gz] and {label_stem}[.gz]) not found "
                     f"in: {places}; {how} set --data-dir or $QTRAIN_DATA to a directory holding "
                     "them")
+
+
+# --------------------------------------------------------------------------------------------
+# Download into the user cache
+# --------------------------------------------------------------------------------------------
+
+#: The four canonical files of an MNIST-like dataset, in download order.
+IDX_FILES: tuple[str, ...] = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+#: Base URL per dataset that :func:`download` appends the file names of :data:`IDX_FILES` to.
+DOWNLOAD_URLS: dict[str, str] = {
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+}
+
+_CHUNK = 1 << 16
+
+
+def _no_network_hint(name: str) -> str:
+    extra = " or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else ""
+    return f"there is no network here? use --data-dir{extra}"
+
+
+def _fetch(url: str, dest: Path, timeout: float, name: str, stream: TextIO) -> None:
+    """Download ``url`` to ``dest`` atomically, with a progress line on ``stream``."""
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    label = f"downloading {url}"
+
+    def chunks(response):
+        total = int(response.headers.get("Content-Length") or 0)
+        done = 0
+        while True:
+            chunk = response.read(_CHUNK)
+            if not chunk:
+                break
+            done += len(chunk)
+            if tty:
+                of = f" / {total / 1e6:.1f}" if total else ""
+                print(f"\r{label}: {done / 1e6:.1f}{of} MB", end="", file=stream, flush=True)
+            yield chunk
+        print(f"\r{label}: {done / 1e6:.1f} MB, done" if tty else
+              f"{label}: {done} bytes, done", file=stream, flush=True)
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            _atomic_write(dest, chunks(response))
+    except urllib.error.HTTPError as err:  # the server answered, but not with the file
+        if tty:
+            print(file=stream)
+        raise DataError(f"could not download {url} (HTTP {err.code} {err.reason}); the mirror "
+                        f"may have moved; use --data-dir"
+                        f"{_no_network_hint(name).split('--data-dir', 1)[1]}") from None
+    except (urllib.error.URLError, http.client.HTTPException, socket.timeout,
+            ConnectionError, TimeoutError) as err:
+        if tty:
+            print(file=stream)
+        reason = getattr(err, "reason", None) or err
+        reason = str(reason).splitlines()[0] if str(reason) else type(err).__name__
+        raise DataError(f"could not download {url} ({reason}); "
+                        f"{_no_network_hint(name)}") from None
+    except OSError as err:  # writing the cache failed
+        reason = err.strerror or type(err).__name__
+        raise DataError(f"cannot write {dest} ({reason}); make the cache writable or set "
+                        "$XDG_CACHE_HOME, or use --data-dir") from None
+
+
+def download(name: str, cache_dir: str | os.PathLike | None = None,
+             base_url: str | None = None, timeout: float = 30,
+             stream: TextIO | None = None) -> Path:
+    """Download the four canonical IDX files of ``name`` into ``cache_dir``; return that dir.
+
+    ``cache_dir`` defaults to :func:`user_cache_dir` ``(name)``, where the search for data
+    looks; ``base_url`` to :data:`DOWNLOAD_URLS` ``[name]`` (the file names of
+    :data:`IDX_FILES` are appended to it). Each file is streamed into a temporary file in
+    ``cache_dir``, checked with :func:`read_idx` (and each split's images against its labels),
+    and only then renamed into place, so an interrupted or bad download never leaves a partial
+    or corrupt file under the canonical name. A file already present that reads as valid IDX is
+    kept, not fetched again. Progress goes to ``stream`` (default ``sys.stderr``).
+
+    Raises:
+        ValueError: unknown ``name`` (only MNIST-like sets download; CIFAR-10 does not).
+        DataError: the network fails (one line: the URL, the reason, what to do instead), a
+            downloaded file is not valid IDX or the pair does not match (nothing is kept), or
+            the cache directory cannot be written.
+    """
+    _check_name(name)
+    stream = sys.stderr if stream is None else stream
+    base = DOWNLOAD_URLS[name] if base_url is None else base_url
+    base = base if base.endswith("/") else base + "/"
+    target = user_cache_dir(name) if cache_dir is None else Path(cache_dir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the download directory {target} "
+                        f"({err.strerror or type(err).__name__}); make it writable or set "
+                        "$XDG_CACHE_HOME, or use --data-dir") from None
+    try:
+        return _download_into(name, target, base, timeout, stream)
+    except BaseException:
+        try:
+            target.rmdir()  # only if the failed attempt left it empty
+        except OSError:
+            pass
+        raise
+
+
+def _download_into(name: str, target: Path, base: str, timeout: float,
+                   stream: TextIO) -> Path:
+    arrays = {}
+    for fname in IDX_FILES:
+        dest = target / fname
+        if dest.is_file():
+            try:
+                arrays[fname] = read_idx(dest)
+                continue
+            except DataError:
+                pass  # a bad earlier copy: fetch it again
+        url = base + fname
+        tmp = target / f".{fname}.{os.getpid()}.download"
+        try:
+            _fetch(url, tmp, timeout, name, stream)
+            try:
+                arrays[fname] = read_idx(tmp)
+            except DataError as err:
+                detail = str(err).split(f" in {tmp}", 1)[0]
+                raise DataError(f"downloaded {url} is not a valid IDX file ({detail}); it was "
+                                f"not kept in {target}; try again later or use "
+                                "--data-dir") from None
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    for split, prefix in SPLITS.items():
+        image_path = target / f"{prefix}-images-idx3-ubyte.gz"
+        label_path = target / f"{prefix}-labels-idx1-ubyte.gz"
+        try:
+            _check_pair(arrays[image_path.name], arrays[label_path.name], image_path,
+                        label_path, len(CLASSES[name]))
+        except DataError:
+            image_path.unlink(missing_ok=True)
+            label_path.unlink(missing_ok=True)
+            raise
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 from the python batches
+# --------------------------------------------------------------------------------------------
+
+CIFAR10_DIR = "cifar-10-batches-py"
+_CIFAR_HOW = ("download cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) "
+              f"and point --data-dir at the extracted {CIFAR10_DIR}")
+
+
+def _cifar_candidates(data_dir: str | os.PathLike | None) -> list[Candidate]:
+    bases = []
+    if data_dir is not None:
+        bases.append((Path(data_dir), "--data-dir"))
+    if os.environ.get("QTRAIN_DATA"):
+        bases.append((Path(os.environ["QTRAIN_DATA"]), "$QTRAIN_DATA"))
+    out = []
+    for base, label in bases:
+        for path in (base / CIFAR10_DIR, base / "cifar10" / CIFAR10_DIR, base / "cifar10", base):
+            out.append(Candidate(path, f"{label} ({path})"))
+    cache = user_cache_dir("cifar10")
+    for path in (cache / CIFAR10_DIR, cache):
+        out.append(Candidate(path, f"user cache ({path})"))
+    return out
+
+
+def _batch_number(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled CIFAR-10 batch -> images uint8 (N, 32, 32, 3), labels uint8 (N,)."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except OSError as err:
+        raise _fail(path, f"cannot read CIFAR-10 batch ({err.strerror or type(err).__name__})",
+                    "check the file or point --data-dir elsewhere") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise _fail(path, f"not a CIFAR-10 python batch (cannot unpickle: {reason})",
+                    _CIFAR_HOW) from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise _fail(path, f"not a CIFAR-10 python batch (need a dict with keys b'data' and "
+                          f"b'labels', got {keys})", _CIFAR_HOW)
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072 or data.shape[0] == 0:
+        what = (f"a {data.dtype.name} array of shape {'x'.join(map(str, data.shape))}"
+                if isinstance(data, np.ndarray) else type(data).__name__)
+        raise _fail(path, f"CIFAR-10 b'data' must be a uint8 N x 3072 array (10000 x 3072 in "
+                          f"the real batches), got {what}", _CIFAR_HOW)
+    try:
+        labels = np.asarray(batch[b"labels"])
+        ok = labels.ndim == 1 and labels.dtype.kind in "iu"
+    except Exception:  # noqa: BLE001
+        ok = False
+    if not ok:
+        raise _fail(path, "CIFAR-10 b'labels' must be a list of integers", _CIFAR_HOW)
+    if len(labels) != len(data):
+        raise _fail(path, f"{len(labels)} labels but {len(data)} images in one CIFAR-10 batch",
+                    _CIFAR_HOW)
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if bad.size:
+        i = int(bad[0])
+        raise _fail(path, f"label {int(labels[i])} at index {i} is outside 0..9 ({bad.size} "
+                          "such labels)", _CIFAR_HOW)
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return images, labels.astype(np.uint8)
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` of CIFAR-10 from its python batches directory.
+
+    Looked for in ``data_dir``, ``$QTRAIN_DATA`` and the user cache
+    ``$XDG_CACHE_HOME/qtrain/cifar10``, each as ``<dir>/cifar-10-batches-py``,
+    ``<dir>/cifar10/cifar-10-batches-py``, ``<dir>/cifar10`` and ``<dir>``: the first directory
+    holding ``test_batch`` or any ``data_batch_<k>`` wins. Train is every ``data_batch_<k>``
+    (normally 1..5, in order of ``k``), test is ``test_batch``. Images are uint8
+    (N, 32, 32, 3), height x width x RGB; labels uint8 in 0..9. The batches are pickles: point
+    this only at files you trust. There is no download for CIFAR-10.
+
+    Raises:
+        DataError: nothing found (the message lists every place searched and how to get it),
+            a directory with train batches but no test batch or the other way round, or a
+            corrupt batch (the message names the file).
+    """
+    candidates = _cifar_candidates(data_dir)
+    for cand in candidates:
+        if not cand.path.is_dir():
+            continue
+        train_files = sorted((p for p in cand.path.glob("data_batch_*")
+                              if re.fullmatch(r"data_batch_\d+", p.name) and p.is_file()),
+                             key=_batch_number)
+        test_file = cand.path / "test_batch"
+        has_test = test_file.is_file()
+        if not train_files and not has_test:
+            continue
+        if not train_files or not has_test:
+            missing = "test_batch" if train_files else "data_batch_1..5"
+            raise _fail(cand.path, f"incomplete CIFAR-10 batches directory (no {missing})",
+                        f"add the missing files or {_CIFAR_HOW}")
+        parts = [_read_cifar_batch(p) for p in train_files]
+        train_images = np.concatenate([im for im, _ in parts])
+        train_labels = np.concatenate([lb for _, lb in parts])
+        test_images, test_labels = _read_cifar_batch(test_file)
+        classes = CLASSES["cifar10"]
+        return (Dataset(train_images, train_labels, "cifar10", "train", cand.source, classes),
+                Dataset(test_images, test_labels, "cifar10", "test", cand.source, classes))
+    places = "; ".join(str(c.path) for c in candidates)
+    raise DataNotFound(f"CIFAR-10 not found in: {places}; qtrain does not download it: "
+                       f"{_CIFAR_HOW}")
+
+
+# --------------------------------------------------------------------------------------------
+# Both splits of a dataset: the entry point of the command line
+# --------------------------------------------------------------------------------------------
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 download_missing: bool = True,
+                 stream: TextIO | None = None) -> tuple[Dataset, Dataset]:
+    """``(train, test)`` of ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
+
+    For the MNIST-like sets each split is found by :func:`load_mnist_like` in the order of the
+    module docstring. When a split is in none of the full-data places and ``download_missing``
+    is true, :func:`download` first fills the user cache; if that fails, Fashion-MNIST falls
+    back to the embedded subset (``is_subset`` set, ``source`` saying how to get the full set)
+    with a warning line on ``stream`` (default ``sys.stderr``), and MNIST raises. Without
+    ``download_missing`` Fashion-MNIST goes straight to the subset. CIFAR-10 comes from
+    :func:`load_cifar10` (never downloaded).
+
+    Raises:
+        ValueError: unknown ``name``.
+        DataError: ``data_dir`` is given but is not a directory; data is corrupt (wherever it
+            was found: a broken file is never skipped silently); MNIST or CIFAR-10 is nowhere
+            and cannot be downloaded.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {os.fspath(data_dir)} is not a directory; give the "
+                        "directory that holds the dataset files")
+    if name == "cifar10":
+        return load_cifar10(data_dir)
+    stream = sys.stderr if stream is None else stream
+
+    def load_full():
+        out = {}
+        for split in SPLITS:
+            try:
+                out[split] = load_mnist_like(name, split, data_dir)
+            except DataNotFound as err:
+                out[split] = err
+        return out
+
+    found = load_full()
+    missing = [s for s, v in found.items() if isinstance(v, DataError)]
+    if not missing:
+        return found["train"], found["test"]
+    failure = None
+    if download_missing:
+        try:
+            download(name, stream=stream)
+        except DataError as err:
+            failure = err
+        else:
+            found = load_full()
+            missing = [s for s, v in found.items() if isinstance(v, DataError)]
+            if not missing:
+                return found["train"], found["test"]
+    if name != "fashion-mnist":
+        err = found[missing[0]]
+        if failure is not None:
+            raise DataNotFound(f"{err} (the download failed too: {failure})") from None
+        raise err
+    if failure is not None:
+        print(f"warning: {failure}; using the embedded subset instead", file=stream,
+              flush=True)
+    for split in missing:
+        found[split] = load_mnist_like(name, split, data_dir, subset=True)
+    return found["train"], found["test"]
 
 
 # --------------------------------------------------------------------------------------------
