@@ -1,21 +1,30 @@
 """The ``qtrain`` command.
 
-Subcommands available so far::
+Training is the default action::
 
-    qtrain ops 128x6x24x24 128x16x8x8 [--json]   # BN op counts and Table IV ASIC estimate
-    qtrain --version
+    qtrain --bits 8 --norm l1                     # the default recipe, lenet5-fmnist
+    qtrain --recipe wage-2888 --set per_class=100 # a packaged recipe, overridden
+    qtrain --resume runs/lenet5-fmnist-20240101-120000
+    qtrain train ...                              # the same, spelled out
+    qtrain ops 128x6x24x24 128x16x8x8 [--json]    # BN op counts and Table IV ASIC estimate
 
-Training (``qtrain --bits 8 --norm l1``) and the other subcommands of DESIGN.md arrive with the
-training step.
+Every user error is one line on stderr and exit status 2 (:class:`qtrain.config.UserError`,
+data errors and argparse errors alike). Nothing heavy (torch, numba) is imported before the
+arguments, the recipe and the config have been checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
+from pathlib import Path
 
 from . import __version__
+from .config import (BACKENDS, DATASETS, DEFAULT_RECIPE, MODELS, NORMS, UserError,
+                     apply_sets, load_recipe, recipe_label, recipe_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,12 +52,86 @@ def _ops(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qtrain", description="Integer-only training with L1-norm batch norm.")
+SUBCOMMANDS = ("train", "ops")
+
+_DESCRIPTION = """\
+Integer-only training with L1-norm batch norm.
+
+Without a subcommand, qtrain trains: it loads a recipe (default: %(default)s), applies --set
+values and then the flags below, prints the data source, shows a progress bar and one line per
+epoch, and writes a run directory (config.json, metrics.jsonl, summary.json, checkpoint.pt,
+curves.png). A run killed at any point continues exactly with --resume RUN_DIR.
+"""
+
+_EPILOG = """\
+subcommands:
+  train         train (the default action; same options as above)
+  ops SHAPE...  BN operation counts of L1BN vs L2BN and the Table IV ASIC estimate
+                (qtrain ops --help)
+
+recipes: %(recipes)s (or a .toml file, or a run's config.json)
+
+examples:
+  qtrain --bits 8 --norm l1
+  qtrain --bits-w 2 --bits-a 8 --bits-g 8 --bits-e 8 --norm l1
+  qtrain --recipe mlp-fmnist --set per_class=100 --epochs 3 --out runs/try
+  qtrain --resume runs/try
+"""
+
+#: Training flags -> RunConfig fields.
+_FLAGS = {"model": "model", "data": "data", "data_dir": "data_dir", "norm": "norm",
+          "backend": "backend", "bits_w": "bits_w", "bits_a": "bits_a", "bits_g": "bits_g",
+          "bits_e": "bits_e", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+          "seed": "seed", "device": "device"}
+
+
+def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
+    """The training parser (the default action); ``ops`` has its own (:func:`build_ops_parser`)."""
+    p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description=_DESCRIPTION % {"default": DEFAULT_RECIPE},
+                epilog=_EPILOG % {"recipes": ", ".join(recipe_names())})
     p.add_argument("--version", action="version", version=f"qtrain {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    ops = sub.add_parser(
-        "ops", help="operation counts of L1BN vs L2BN and the Table IV ASIC estimate",
+    g = p.add_argument_group("what to train (override the recipe)")
+    g.add_argument("--recipe", metavar="NAME|FILE",
+                   help=f"packaged recipe or .toml/.json file (default: {DEFAULT_RECIPE})")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a recipe field, type-checked, e.g. per_class=100 or "
+                        "lr_milestones=30,60 (repeatable)")
+    g.add_argument("--model", choices=MODELS, help="network")
+    g.add_argument("--data", choices=tuple(DATASETS), help="dataset")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="directory searched first for the data (then $QTRAIN_DATA, the "
+                        "system dataset directory, the user cache)")
+    g.add_argument("--no-download", action="store_true",
+                   help="never download missing data")
+    g.add_argument("--norm", choices=NORMS, help="batch norm: L1, standard L2, or none")
+    g.add_argument("--backend", choices=BACKENDS,
+                   help="int: integer kernels; emulate: the same integers in torch")
+    g.add_argument("--bits", type=int, metavar="N",
+                   help="width of weights, activations, gradients and errors: 2..16, or 32 "
+                        "for float")
+    for key, what in (("w", "weights"), ("a", "activations"), ("g", "weight gradients"),
+                      ("e", "errors")):
+        g.add_argument(f"--bits-{key}", type=int, metavar="N", help=f"width of {what} only")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, metavar="N", help="passes over the training set")
+    g.add_argument("--batch-size", type=int, metavar="N", help="images per step")
+    g.add_argument("--lr", type=float, metavar="LR", help="learning rate")
+    g.add_argument("--seed", type=int, metavar="N",
+                   help="init, data order, subset and rounding stream")
+    g = p.add_argument_group("where")
+    g.add_argument("--out", metavar="DIR",
+                   help="run directory (default: runs/<recipe>-<YYYYmmdd-HHMMSS>)")
+    g.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run; flags that differ from its config are errors "
+                        "(except --epochs and --device)")
+    g.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda, cuda:1")
+    return p
+
+
+def build_ops_parser() -> argparse.ArgumentParser:
+    ops = _Parser(
+        prog="qtrain ops",
         description="Per BN input shape: operations the int8 L1BN kernels perform (counted), a "
                     "counted reference L2BN and Table IV's formulas, with time/energy/area "
                     "estimates from Table IV's int8 and float32 per-operation costs.")
@@ -57,20 +140,95 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--eps-log2", type=int, default=None,
                      help="int8 L1BN epsilon = 2**EPS_LOG2 (default: none)")
     ops.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    ops.set_defaults(run=_ops)
-    return p
+    return ops
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """RunConfig fields given as flags (--bits first, then the per-kind widths)."""
+    given = {}
+    if args.bits is not None:
+        given.update(bits_w=args.bits, bits_a=args.bits, bits_g=args.bits, bits_e=args.bits)
+    for flag, field in _FLAGS.items():
+        if getattr(args, flag) is not None:
+            given[field] = getattr(args, flag)
+    return given
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import field_names
+
+    flags = _overrides(args)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        if args.recipe is not None:
+            raise UserError("--resume continues the run's own config; drop --recipe")
+        if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+            raise UserError(f"--out {args.out} differs from --resume {args.resume}; a resumed "
+                            "run stays in its directory, drop --out")
+        from .run import read_config, resume_config, prepare_out
+
+        prepare_out(run_dir, resume=True)
+        saved = read_config(run_dir)
+        wanted = dataclasses.replace(apply_sets(saved, args.set), **flags)
+        given = tuple(k for k in field_names() if k in flags
+                      or any(s.partition("=")[0].strip().replace("-", "_") == k
+                             for s in args.set))
+        cfg = resume_config(run_dir, wanted, given)
+        label = _saved_recipe(run_dir)
+        out = run_dir
+    else:
+        recipe = args.recipe or DEFAULT_RECIPE
+        cfg = load_recipe(recipe)
+        cfg = dataclasses.replace(apply_sets(cfg, args.set), **flags)
+        label = recipe_label(recipe)
+        out = Path(args.out) if args.out else Path("runs") / (
+            f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from .run import train
+
+    train(cfg, out, resume=args.resume is not None, download=not args.no_download,
+          recipe=label)
+    return 0
+
+
+def _saved_recipe(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
+    if not argv:
+        parser.print_usage(sys.stderr)
+        print("qtrain: nothing to do; train with e.g. qtrain --bits 8 --norm l1 (see qtrain "
+              "--help)", file=sys.stderr)
         return 2
+    command = "train"
+    if not argv[0].startswith("-"):
+        command = argv.pop(0)
+        if command not in SUBCOMMANDS:
+            parser.error(f"argument COMMAND: invalid choice: {command!r} (choose from "
+                         f"{', '.join(SUBCOMMANDS)}, or give training options)")
     try:
-        return args.run(args)
-    except (ValueError, TypeError) as err:
+        if command == "ops":
+            return _ops(build_ops_parser().parse_args(argv))
+        if command == "train" and argv[:1] and not argv[0].startswith("-"):
+            parser.error(f"unrecognized arguments: {' '.join(argv)}")
+        return _train(build_parser("qtrain" if command == "train" else command)
+                      .parse_args(argv))
+    except UserError as err:
         print(f"qtrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qtrain: interrupted; continue a run with qtrain --resume RUN_DIR",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as err:  # argument checks of the ops kernels
+        if command != "ops":
+            raise
+        print(f"qtrain: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -51,6 +51,23 @@ class QSGD(torch.optim.Optimizer):
         self.qconfig = qconfig
         self.stats: dict[int, QuantStats] = {}
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loading, keeping the integer state exact.
+
+        ``Optimizer.load_state_dict`` casts state tensors to their parameter's dtype, which would
+        turn an int64 velocity into float32; the saved velocities are put back as they were and
+        the per-parameter saturation counters (not saved) start afresh.
+        """
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            live = self.state[p]
+            if "velocity" in saved:
+                live["velocity"] = saved["velocity"].clone().to(live["velocity"].device)
+            if "store_exp" in live:
+                self.stats.setdefault(id(p), QuantStats())
+
     @property
     def integer(self) -> bool:
         return self.qconfig is not None and self.qconfig.quantized

@@ -16,13 +16,16 @@ from .quant import pow2
 
 
 def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 images (N, H, W) -> the network input: 8-bit codes * 2**INPUT_EXP, (N, 1, H, W).
+    """uint8 images -> the network input: 8-bit codes * 2**INPUT_EXP, channels first.
 
-    The codes (``pixel - 128``, clipped to [-127, 127]) are the integer input of a quantized
-    network; their float32 container is also the float network's input.
+    Grayscale (N, H, W) gives (N, 1, H, W); color (N, H, W, C) gives (N, C, H, W). The codes
+    (``pixel - 128``, clipped to [-127, 127]) are the integer input of a quantized network;
+    their float32 container is also the float network's input.
     """
     codes, _ = to_codes(images)
-    return torch.from_numpy(codes).to(device, torch.float32)[:, None] * pow2(INPUT_EXP)
+    x = torch.from_numpy(codes).to(device, torch.float32)
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    return x * pow2(INPUT_EXP)
 
 
 def train_epoch(model: QNet, optimizer: QSGD, images: np.ndarray, labels: np.ndarray, *,

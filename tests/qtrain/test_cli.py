@@ -63,3 +63,162 @@ def test_no_command_prints_help_and_exits_2():
     """qtrain with nothing to do shows its usage and fails."""
     out = qtrain()
     assert out.returncode == 2 and "usage: qtrain" in out.stderr
+
+
+# --- training through the command line --------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import struct  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _write_idx(path, array):
+    head = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                    *array.shape)
+    path.write_bytes(head + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_data(tmp_path):
+    """A --data-dir with tiny Fashion-MNIST-shaped IDX files (30 train, 5 test per class)."""
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+    for prefix, n in (("train", 30), ("t10k", 5)):
+        labels = rng.permutation(np.arange(10 * n) % 10)
+        images = rng.integers(0, 60, (10 * n, 28, 28))
+        for c in range(10):
+            images[labels == c, 2 * c:2 * c + 6, 4:24] += 180
+        _write_idx(d / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(d / f"{prefix}-labels-idx1-ubyte", labels)
+    return d
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """The search sees --data-dir and the system directory only: no $QTRAIN_DATA, empty cache."""
+    monkeypatch.delenv("QTRAIN_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+
+
+def test_train_end_to_end_writes_the_run_directory(tmp_path, fake_data, env):
+    """qtrain trains on --data-dir, names the data source on its first line, prints one line per
+    epoch and leaves config.json (reproducing the run alone), metrics.jsonl (one line per
+    epoch), summary.json, checkpoint.pt and curves.png."""
+    import torch
+
+    from qtrain.config import RunConfig, load_recipe
+
+    run = tmp_path / "run"
+    out = qtrain("--data-dir", str(fake_data), "--set", "per_class=20", "--epochs", "2",
+                 "--bits", "8", "--norm", "l1", "--no-download", "--out", str(run))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("data: --data-dir") and str(fake_data) in lines[0]
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    assert "epoch 2/2" in out.stderr  # the progress bar
+
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg == dataclasses.replace(load_recipe("lenet5-fmnist"), epochs=2, per_class=20,
+                                      data_dir=str(fake_data))
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"train_loss", "test_error", "seconds", "images_per_s", "quant"} <= set(m)
+        assert 0 <= m["test_error"] <= 1 and m["images_per_s"] > 0
+        stats = [s for layer in m["quant"].values() for s in layer.values()]
+        assert stats and all(s["total"] > 0 or s["saturated"] == 0 for s in stats)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_test_error"] == metrics[-1]["test_error"]
+    assert summary["best_test_error"] == min(m["test_error"] for m in metrics)
+    assert (summary["bits"], summary["norm"], summary["backend"]) == ("W8A8G8E8", "l1", "int")
+    assert str(fake_data) in summary["data_source"] and summary["wall_s"] > 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 2  # 2 epochs of 200 images in batches of 128
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    again = tmp_path / "again"  # the saved config alone repeats the run, bit for bit
+    out = qtrain("--recipe", str(run / "config.json"), "--out", str(again), "--no-download")
+    assert out.returncode == 0, out.stderr
+    ckpt2 = torch.load(again / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(v, ckpt2["model"][k]) for k, v in ckpt["model"].items())
+
+
+def _one_line_exit_2(out, words):
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--bits", "1"), "bits_w=1 is not a supported width"),
+    (("--bits", "17"), "bits_w=17"),
+    (("--bits", "33"), "bits_w=33"),
+    (("--bits-e", "0"), "bits_e=0"),
+    (("--norm", "l3"), "argument --norm: invalid choice"),
+    (("--backend", "gpu"), "argument --backend: invalid choice"),
+    (("--model", "alexnet"), "argument --model: invalid choice"),
+    (("--data", "imagenet"), "argument --data: invalid choice"),
+    (("--recipe", "nope"), "unknown recipe 'nope'"),
+    (("--set", "nope=1"), "unknown field 'nope'"),
+    (("--set", "epochs=two"), "--set epochs='two': expected integer"),
+    (("--set", "norm=l3"), "unknown norm"),
+    (("--epochs", "x"), "argument --epochs: invalid int value"),
+    (("--bits-w", "32"), "int backend needs integer"),
+    (("train", "extra"), "unrecognized arguments"),
+])
+def test_bad_training_input_is_one_line_and_exit_2(args, words, tmp_path, env):
+    """Bad flags, recipes and --set values: one line, exit 2, no traceback, nothing written."""
+    _one_line_exit_2(qtrain(*args, "--out", str(tmp_path / "run")), words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path, env):
+    """An --out that cannot be created (under a regular file: fails even for root)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _one_line_exit_2(qtrain("--out", str(blocker / "run")), "cannot write the run directory")
+
+
+def test_resume_of_a_non_run_is_one_line(tmp_path, env):
+    _one_line_exit_2(qtrain("--resume", str(tmp_path)), "is not a run directory")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--bits", "4"), "bits_w=4 conflicts with the run's bits_w=8"),
+    (("--set", "lr=0.5"), "lr=0.5 conflicts"),
+    (("--model", "mlp"), "model='mlp' conflicts"),
+    (("--recipe", "mlp-fmnist"), "drop --recipe"),
+])
+def test_resume_with_conflicting_flags_is_one_line(tmp_path, env, args, words):
+    """Flags given with --resume must agree with the run's saved config."""
+    from qtrain.config import load_recipe
+
+    (tmp_path / "config.json").write_text(load_recipe("lenet5-fmnist").to_json())
+    _one_line_exit_2(qtrain("--resume", str(tmp_path), *args), words)
+
+
+def test_missing_data_is_one_line(tmp_path, env):
+    """An empty --data-dir with no other source and downloads off names where it looked."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = qtrain("--data", "mnist", "--model", "mlp", "--data-dir", str(empty), "--no-download",
+                 "--out", str(tmp_path / "run"))
+    _one_line_exit_2(out, "not found")
+    assert str(empty) in out.stderr
+    assert not (tmp_path / "run").exists()
+    _one_line_exit_2(qtrain("--data-dir", str(tmp_path / "absent"), "--no-download", "--out",
+                            str(tmp_path / "run")), "is not a directory")
+
+
+def test_corrupt_data_is_one_line(tmp_path, fake_data, env):
+    """A truncated IDX file in --data-dir is a one-line error naming the file."""
+    path = fake_data / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    out = qtrain("--data-dir", str(fake_data), "--no-download", "--out", str(tmp_path / "run"))
+    _one_line_exit_2(out, "truncated IDX payload")

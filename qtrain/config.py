@@ -1,0 +1,318 @@
+"""The configuration of a training run: one dataclass, read from a TOML recipe.
+
+* :class:`RunConfig` -- every knob of a run, validated on construction.
+* :func:`load_recipe` -- a packaged recipe by name (``qtrain/recipes/<name>.toml``) or a
+  ``.toml`` / ``.json`` file (a run directory's ``config.json`` reproduces that run).
+* :func:`apply_sets` -- ``["key=value", ...]`` overrides, type-checked against the fields.
+* :meth:`RunConfig.to_json` / :meth:`RunConfig.from_dict` -- the JSON round trip.
+
+A recipe sets every field except those in :data:`DEFAULTED`, so the file alone says what a run
+does. Every problem raises :class:`UserError`, a :class:`ValueError` whose message is one line:
+what is wrong and how to fix it. This module imports no torch, so bad input fails fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class UserError(ValueError):
+    """A problem with the user's input; the message is one line: what is wrong, how to fix it."""
+
+
+# Names known to the rest of the package (tests check they match qtrain.models / qtrain.quant;
+# kept here so that validating a config does not import torch).
+MODELS = ("lenet5", "mlp", "vgg7", "resnet20")
+NORMS = ("l1", "l2", "none")
+BACKENDS = ("int", "emulate")
+#: Dataset name -> image shape (H, W, C).
+DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+#: Model -> the image shapes it accepts (None: any).
+MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "mlp": None, "vgg7": {(32, 32, 3)}, "resnet20": None}
+FLOAT_BITS = 32
+
+#: Fields a recipe may leave out, with their defaults' meaning.
+DEFAULTED = {
+    "data_dir": "None: search $QTRAIN_DATA, the system dataset directory, the user cache, ...",
+    "per_class": "None: the whole training set",
+    "device": "'cpu'",
+}
+
+DEFAULT_RECIPE = "lenet5-fmnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run depends on; two runs with equal configs are bit-identical.
+
+    The learning rate for (0-based) epoch ``e`` is
+    ``lr * lr_gamma ** len([m for m in lr_milestones if m <= e])``: with milestones (30, 60)
+    epochs 1..30 (as printed) use ``lr``, 31..60 ``lr * lr_gamma``, the rest ``lr * lr_gamma**2``.
+    """
+
+    model: str  # network: lenet5, mlp, vgg7 or resnet20
+    data: str  # dataset: fashion-mnist, mnist or cifar10
+    norm: str  # batch norm: l1 (L1BN), l2 (standard BN) or none
+    backend: str  # int (integer kernels) or emulate (the same integers in torch, any device)
+    bits_w: int  # weight code width, bits: 2..16, or 32 for float
+    bits_a: int  # activation code width, bits: 2..16, or 32
+    bits_g: int  # weight-gradient code width, bits: 2..16, or 32
+    bits_e: int  # back-propagated error code width, bits: 2..16, or 32
+    store_bits: int  # significant bits of the optimizer's weight store: 8..24
+    stochastic_errors: bool  # round errors stochastically (gradients always are)
+    epochs: int  # passes over the training set
+    batch_size: int  # images per step
+    lr: float  # learning rate (per image of the batch mean, as torch's SGD)
+    lr_milestones: tuple[int, ...]  # epochs after which lr is multiplied by lr_gamma
+    lr_gamma: float  # factor applied to lr at each milestone
+    momentum: float  # SGD momentum factor, in [0, 1)
+    seed: int  # weight init, data order, training subset and rounding stream
+    data_dir: str | None = None  # first directory searched for the data; None: default search
+    per_class: int | None = None  # training images per class (a stratified subset); None: all
+    device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
+
+    def __post_init__(self):
+        _check_types(self)
+        _choice("model", self.model, MODELS)
+        _choice("norm", self.norm, NORMS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("data", self.data, tuple(DATASETS))
+        for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
+            bits = getattr(self, name)
+            if not (2 <= bits <= 16 or bits == FLOAT_BITS):
+                raise UserError(f"{name}={bits} is not a supported width: use 2..16, or 32 for "
+                                "float")
+        widths = (self.bits_w, self.bits_a, self.bits_g, self.bits_e)
+        quantized = min(widths) < FLOAT_BITS
+        if quantized and self.backend == "int" and max(widths) == FLOAT_BITS:
+            raise UserError(f"the int backend needs integer W, A, G and E, got bits "
+                            f"{'/'.join(map(str, widths))}: set all four to 2..16 or use "
+                            "backend emulate for mixed float/integer widths")
+        if quantized and self.backend == "int" and self.norm == "l2":
+            raise UserError("the int backend runs integer L1 batch norm only: use norm l1 or "
+                            "none, or backend emulate for float L2BN in a quantized network")
+        if not 8 <= self.store_bits <= 24:
+            raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
+                            "24-bit codes exactly)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise UserError(f"lr={self.lr} must be positive")
+        if not self.lr_gamma > 0:
+            raise UserError(f"lr_gamma={self.lr_gamma} must be positive")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.seed < 0:
+            raise UserError(f"seed={self.seed} must be non-negative")
+        ms = self.lr_milestones
+        if any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
+            raise UserError(f"lr_milestones={list(ms)} must be increasing positive epochs, "
+                            "e.g. [30, 60]")
+        if self.per_class is not None and self.per_class < 1:
+            raise UserError(f"per_class={self.per_class} must be at least 1 (or none for all)")
+        accepts = MODEL_INPUTS[self.model]
+        shape = DATASETS[self.data]
+        if accepts is not None and shape not in accepts:
+            fits = [m for m in MODELS if MODEL_INPUTS[m] is None or shape in MODEL_INPUTS[m]]
+            raise UserError(f"model {self.model} does not take {self.data}'s "
+                            f"{'x'.join(map(str, shape))} images: use model "
+                            f"{' or '.join(fits)}, or other data")
+        if quantized and self.backend == "int" and self.device != "cpu":
+            raise UserError(f"the int backend runs on the CPU, not {self.device}: use device cpu, "
+                            "or backend emulate on an accelerator")
+        if not self.device or self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            raise UserError(f"device {self.device!r} is not a torch device like cpu, cuda or "
+                            "cuda:1")
+
+    @property
+    def bits(self) -> str:
+        """The widths as ``W8A8G8E8``."""
+        return f"W{self.bits_w}A{self.bits_a}G{self.bits_g}E{self.bits_e}"
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 0-based ``epoch``."""
+        return self.lr * self.lr_gamma ** sum(m <= epoch for m in self.lr_milestones)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> RunConfig:
+        """A config from a mapping of field -> value (a recipe, ``config.json``)."""
+        names = field_names()
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise UserError(f"{where} has unknown field(s) {', '.join(unknown)}; the fields "
+                            f"are: {', '.join(names)}")
+        missing = [n for n in names if n not in values and n not in DEFAULTED]
+        if missing:
+            raise UserError(f"{where} lacks field(s) {', '.join(missing)}; a recipe sets every "
+                            f"field except {', '.join(DEFAULTED)}")
+        values = dict(values)
+        if isinstance(values.get("lr_milestones"), list):
+            values["lr_milestones"] = tuple(values["lr_milestones"])
+        return cls(**values)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "none"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(args[0])}"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return {"str": "string", "int": "integer", "float": "number", "bool": "true/false"}.get(
+        tp.__name__, tp.__name__)
+
+
+def _is(value, tp) -> bool:
+    """isinstance for the field types used here (int is a float; bool is not an int)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, tuple) and all(_is(v, args[0]) for v in value)
+    if args:
+        return any(_is(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(RunConfig)
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for name, tp in _field_types().items():
+        value = getattr(cfg, name)
+        if not _is(value, tp):
+            raise UserError(f"{name}={value!r} has the wrong type: expected {_type_name(tp)}")
+        if tp is float and isinstance(value, int):
+            object.__setattr__(cfg, name, float(value))
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes and overrides
+# --------------------------------------------------------------------------------------------
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in ``qtrain/recipes``."""
+    root = resources.files("qtrain") / "recipes"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> RunConfig:
+    """A packaged recipe by name, or a ``.toml`` recipe / ``.json`` config file by path."""
+    text = os.fspath(name_or_path)
+    if text.endswith((".toml", ".json")) or os.sep in text:
+        path = Path(text)
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise UserError(f"cannot read recipe file {path} ({err.strerror or err}); give a "
+                            f"recipe name ({', '.join(recipe_names())}) or a readable file")
+        where = f"recipe file {path}"
+    else:
+        names = recipe_names()
+        if text not in names:
+            raise UserError(f"unknown recipe {text!r}: choose one of {', '.join(names)}, or "
+                            "give a .toml file")
+        raw = (resources.files("qtrain") / "recipes" / f"{text}.toml").read_bytes()
+        where = f"recipe {text}"
+    try:
+        if text.endswith(".json"):
+            values = json.loads(raw.decode())
+        else:
+            values = tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{where} is not valid {'JSON' if text.endswith('.json') else 'TOML'} "
+                        f"({str(err).splitlines()[0]}); fix the file")
+    if not isinstance(values, dict):
+        raise UserError(f"{where} must hold a table of fields")
+    return RunConfig.from_dict(values, where)
+
+
+def recipe_label(name_or_path: str | os.PathLike) -> str:
+    """A short name for run directories: the recipe name or the file's stem."""
+    text = os.fspath(name_or_path)
+    return Path(text).stem if text.endswith((".toml", ".json")) or os.sep in text else text
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", ""}
+
+
+def _parse(text: str, tp):
+    """``text`` as a value of field type ``tp``; ValueError if it is not one."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:
+        items = text.strip().strip("[]").replace(" ", "")
+        return tuple(_parse(v, args[0]) for v in items.split(",")) if items else ()
+    if args:  # X | None
+        if text.strip().lower() in _NONE:
+            return None
+        return _parse(text, next(a for a in args if a is not type(None)))
+    if tp is bool:
+        if text.strip().lower() in _TRUE | _FALSE:
+            return text.strip().lower() in _TRUE
+        raise ValueError(text)
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    return text
+
+
+def apply_sets(config: RunConfig, sets: list[str]) -> RunConfig:
+    """``config`` with ``["key=value", ...]`` applied, each value parsed as its field's type.
+
+    Lists are written ``30,60`` (or ``[30,60]``, or empty for none); optional fields take
+    ``none``; booleans ``true``/``false``.
+    """
+    types = _field_types()
+    changes = {}
+    for item in sets:
+        key, eq, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            what = f"unknown field {key!r}" if eq else f"--set {item!r} is not key=value"
+            raise UserError(f"{what}; the recipe's fields are: {', '.join(types)}")
+        try:
+            changes[key] = _parse(text, types[key])
+        except ValueError:
+            raise UserError(f"--set {key}={text!r}: expected {_type_name(types[key])}; the "
+                            f"recipe's fields are: {', '.join(types)}") from None
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,323 @@
+"""A training run: data, model and optimizer from a :class:`RunConfig`, one loop, a run directory.
+
+The run directory (``--out``) holds
+
+* ``config.json`` -- the fully resolved :class:`RunConfig`; ``qtrain --recipe DIR/config.json``
+  repeats the run;
+* ``metrics.jsonl`` -- one JSON object per epoch: ``epoch`` (1-based), ``lr``, ``train_loss``,
+  ``train_error``, ``test_error``, ``seconds``, ``images_per_s`` and ``quant``, the per-layer
+  saturation and zero-rounding counts of that epoch (:func:`qtrain.quant.quant_report`);
+* ``summary.json`` -- final and best test error, wall time, bits, norm, backend, data source;
+* ``checkpoint.pt`` -- model, optimizer, ``qstate.step``, epoch, config and metrics history;
+* ``curves.png`` -- train loss and test error per epoch.
+
+Every file is replaced atomically (written to a temporary file in the directory, then
+``os.replace``), so a kill at any moment leaves the previous epoch's files intact. An epoch
+ends by writing the checkpoint, then the curves and summary, then appending its metrics line:
+a line in ``metrics.jsonl`` means everything of that epoch is on disk.
+
+Resuming (:func:`resume_config`, ``train(..., resume=True)``) restores the model, the
+optimizer's integer state and ``qstate.step``; since the data order depends only on
+``(seed, epoch)`` and the rounding stream only on ``(seed, step, tensor id)``, a resumed run
+ends with the same weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+from .config import RunConfig, UserError
+
+CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES = (
+    "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png")
+#: Fields that may differ between a run and its resumption (the rest must match).
+RESUMABLE_CHANGES = ("epochs", "device")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def prepare_out(out: Path, *, resume: bool = False) -> Path:
+    """Create (or, resuming, check) the run directory; one-line errors if that cannot be done."""
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise UserError(f"{out} is not a run directory (no {CONFIG}); give a directory "
+                            "written by qtrain --out")
+        return out
+    if (out / CONFIG).exists():
+        raise UserError(f"{out} already holds a run; continue it with --resume {out} or choose "
+                        "another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".qtrain-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the run directory {out} ({err.strerror or err}); choose "
+                        "a writable --out") from None
+    return out
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    try:
+        values = json.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{run_dir / CONFIG} is unreadable ({err}); give a directory written by "
+                        "qtrain --out") from None
+    return RunConfig.from_dict(values, str(run_dir / CONFIG))
+
+
+def resume_config(run_dir: Path, wanted: RunConfig | None = None,
+                  given: tuple[str, ...] = ()) -> RunConfig:
+    """The saved config of ``run_dir``, checked against the fields ``given`` on the command line.
+
+    ``wanted`` is the saved config with the user's flags and ``--set`` values applied; a
+    ``given`` field whose wanted value differs from the saved one is an error naming it, except
+    :data:`RESUMABLE_CHANGES` (more epochs, another device), which are taken.
+    """
+    prepare_out(run_dir, resume=True)
+    saved = read_config(run_dir)
+    if wanted is None:
+        return saved
+    for key in given:
+        if key not in RESUMABLE_CHANGES and getattr(saved, key) != getattr(wanted, key):
+            raise UserError(f"--resume {run_dir}: {key}={getattr(wanted, key)!r} conflicts with "
+                            f"the run's {key}={getattr(saved, key)!r}; drop it or start a new "
+                            "run with --out")
+    return dataclasses.replace(saved, **{k: getattr(wanted, k) for k in given
+                                         if k in RESUMABLE_CHANGES})
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    """Train loss and test error per epoch, side by side (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [m["train_loss"] for m in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax2.plot(epochs, [100 * m["test_error"] for m in history], marker="o", color="C1")
+    ax2.set(xlabel="epoch", ylabel="test error (%)", title="test error")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, model, optimizer
+# --------------------------------------------------------------------------------------------
+
+def load_data(cfg: RunConfig, *, download: bool = True):
+    """``(train, test)`` datasets of ``cfg`` (the training set cut to ``per_class``).
+
+    Uses ``qtrain.data.load_dataset`` where it exists, else ``load_mnist_like``.
+    """
+    from . import data
+
+    try:
+        if hasattr(data, "load_dataset"):
+            train, test = data.load_dataset(cfg.data, data_dir=cfg.data_dir,
+                                            download_missing=download)
+        else:
+            if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+                raise UserError(f"--data-dir {cfg.data_dir} is not a directory; give the "
+                                "directory that holds the dataset files")
+            if cfg.data not in data.CLASSES:
+                raise UserError(f"data {cfg.data} needs a newer qtrain.data; use fashion-mnist "
+                                "or mnist")
+            train = data.load_mnist_like(cfg.data, "train", cfg.data_dir)
+            test = data.load_mnist_like(cfg.data, "test", cfg.data_dir)
+        if cfg.per_class is not None:
+            train = data.stratified_subset(train, cfg.per_class, seed=cfg.seed)
+    except UserError:
+        raise
+    except ValueError as err:  # data.DataError and argument checks: one line each
+        raise UserError(str(err).splitlines()[0]) from None
+    return train, test
+
+
+def build(cfg: RunConfig, in_shape: tuple[int, ...]):
+    """The model (initialized from ``cfg.seed``) and its optimizer, on ``cfg.device``."""
+    import torch
+
+    from .models import build as build_model
+    from .optim import QSGD
+    from .quant import QConfig
+
+    h, w, c = in_shape if len(in_shape) == 3 else (*in_shape, 1)
+    try:
+        qconfig = QConfig(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e, backend=cfg.backend,
+                          store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
+                          seed=cfg.seed)
+        kwargs = {"in_features": h * w * c} if cfg.model == "mlp" else {"in_channels": c}
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.norm, qconfig, **kwargs)
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device} is not available here; use --device cpu")
+        model.to(device)
+        optimizer = QSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, qconfig=qconfig)
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    return model, optimizer
+
+
+def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: RunConfig,
+                    history: list[dict], wall_s: float) -> None:
+    import torch
+
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": model.qstate.step, "epoch": epoch, "config": cfg.to_dict(),
+            "history": history, "wall_s": wall_s}
+    _atomic(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the user's to fix
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}); delete it to "
+                        "restart the run from epoch 1") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = True,
+          stdout: TextIO | None = None, recipe: str | None = None) -> dict:
+    """Train ``cfg`` into run directory ``out`` (continuing it when ``resume``); the summary.
+
+    Prints the data source first, then one line per epoch; a progress bar goes to stderr.
+    """
+    from tqdm import tqdm
+
+    from .quant import quant_report, reset_stats
+    from .train import evaluate, train_epoch
+
+    stdout = sys.stdout if stdout is None else stdout
+
+    def say(line: str) -> None:
+        print(line, file=stdout, flush=True)
+
+    out = Path(out)
+    created = not out.exists()
+    prepare_out(out, resume=resume)
+    try:
+        train_set, test_set = load_data(cfg, download=download)
+    except UserError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # leave no empty run directory behind
+        raise
+    source = train_set.source
+    say(f"data: {source}")
+    model, optimizer = build(cfg, train_set.images.shape[1:])
+
+    history: list[dict] = []
+    start_epoch, wall_s = 0, 0.0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        model.qstate.step = ckpt["step"]
+        start_epoch, history, wall_s = ckpt["epoch"], ckpt["history"], ckpt["wall_s"]
+    write_text(out / CONFIG, cfg.to_json() + "\n")
+    write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+    what = f"resuming {out} after epoch {start_epoch}" if resume else f"run: {out}"
+    say(f"{what} -- {cfg.model} {cfg.norm} {cfg.bits} backend {cfg.backend}, "
+        f"{len(train_set)} train / {len(test_set)} test images, {cfg.epochs} epochs")
+
+    device = cfg.device
+    steps = -(-len(train_set) // cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = cfg.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        reset_stats(model)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   file=sys.stderr, leave=False, dynamic_ncols=True)
+
+        def on_batch(i, loss, acc, bar=bar):
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
+            bar.update(1)
+
+        stats = train_epoch(model, optimizer, train_set.images, train_set.labels,
+                            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                            device=device, on_batch=on_batch)
+        bar.close()
+        t0 = time.perf_counter()
+        test_error = evaluate(model, test_set.images, test_set.labels, device=device)
+        seconds = stats["seconds"] + time.perf_counter() - t0
+        wall_s += seconds
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["train_loss"],
+                  "train_error": stats["train_error"], "test_error": test_error,
+                  "seconds": seconds, "images_per_s": stats["images_per_s"],
+                  "quant": quant_report(model)}
+        history.append(record)
+        save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s)
+        plot_curves(out / CURVES, history)
+        summary = _summary(cfg, history, wall_s, source, recipe)
+        write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        say(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
+            f"test error {100 * test_error:6.2f}%  {seconds:6.1f} s  "
+            f"{stats['images_per_s']:7.0f} img/s")
+    summary = _summary(cfg, history, wall_s, source, recipe)
+    write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    if history:
+        say(f"done: final test error {100 * summary['final_test_error']:.2f}%, best "
+            f"{100 * summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}); "
+            f"{out}")
+    return summary
+
+
+def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
+             recipe: str | None) -> dict:
+    best = min(history, key=lambda m: m["test_error"]) if history else None
+    return {"epochs_done": len(history), "epochs": cfg.epochs,
+            "final_test_error": history[-1]["test_error"] if history else None,
+            "best_test_error": best["test_error"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_train_loss": history[-1]["train_loss"] if history else None,
+            "wall_s": wall_s, "bits": cfg.bits,
+            **{k: getattr(cfg, k) for k in ("bits_w", "bits_a", "bits_g", "bits_e")},
+            "norm": cfg.norm, "backend": cfg.backend, "model": cfg.model, "data": cfg.data,
+            "data_source": source, "recipe": recipe}
