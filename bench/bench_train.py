@@ -102,7 +102,6 @@ if _HERE not in sys.path:
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench_bn import (CONTENTION_WARN, cpu_snapshot, fmt_load, foreign_load,  # noqa: E402
@@ -111,6 +110,7 @@ from qtrain.data import DataError, batches, load_mnist_like, stratified_subset  
 from qtrain.loss import cross_entropy  # noqa: E402
 from qtrain.models import lenet5  # noqa: E402
 from qtrain.optim import QSGD  # noqa: E402
+from qtrain.peers import MissingBrevitas, brevitas_lenet5, import_brevitas  # noqa: E402,F401
 from qtrain.quant import QConfig  # noqa: E402
 from qtrain.train import to_input  # noqa: E402
 
@@ -153,36 +153,6 @@ DEFINITIONS = {
 
 def log(msg: str, end: str = "\n") -> None:
     print(msg, end=end, file=sys.stderr, flush=True)
-
-
-class MissingBrevitas(RuntimeError):
-    pass
-
-
-def import_brevitas():
-    try:
-        import brevitas
-        import brevitas.nn as qnn
-        from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint
-    except ImportError as err:
-        raise MissingBrevitas(f"brevitas is not installed ({err}); pip install -e .[bench] "
-                              "(or leave it out with --methods int,emulate,float)") from None
-    return brevitas, qnn, Int8WeightPerTensorFixedPoint, Int8ActPerTensorFixedPoint
-
-
-def brevitas_lenet5(classes: int = 10) -> nn.Sequential:
-    """LeNet-5 as qtrain's, with Brevitas 8-bit fixed-point weight and activation quantizers."""
-    _, qnn, wq, aq = import_brevitas()
-    w = {"weight_quant": wq, "bias": False}
-    a = {"act_quant": aq, "return_quant_tensor": False}
-    return nn.Sequential(
-        qnn.QuantIdentity(**a),
-        qnn.QuantConv2d(1, 6, 5, **w), nn.BatchNorm2d(6), qnn.QuantReLU(**a), nn.MaxPool2d(2),
-        qnn.QuantConv2d(6, 16, 5, **w), nn.BatchNorm2d(16), qnn.QuantReLU(**a), nn.MaxPool2d(2),
-        nn.Flatten(),
-        qnn.QuantLinear(16 * 4 * 4, 120, **w), nn.BatchNorm1d(120), qnn.QuantReLU(**a),
-        qnn.QuantLinear(120, 84, **w), nn.BatchNorm1d(84), qnn.QuantReLU(**a),
-        qnn.QuantLinear(84, classes, bias=True, weight_quant=wq))
 
 
 class Method:
@@ -398,7 +368,9 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             result = run(args)
     except (MissingBrevitas, DataError) as err:
-        print(f"bench_train: {err}", file=sys.stderr)
+        hint = (" (or leave it out with --methods int,emulate,float)"
+                if isinstance(err, MissingBrevitas) else "")
+        print(f"bench_train: {err}{hint}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))

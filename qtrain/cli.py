@@ -34,25 +34,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qtrain: error: {message} (see qtrain --help)\n")
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not like 128x6x24x24 or 128x120")
-    if len(shape) not in (2, 4) or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"shape {text!r} must be NxC or NxCxHxW, positive")
-    return shape
-
-
-def _ops(args: argparse.Namespace) -> int:
-    from qkernels.opcount import bn_report, markdown_tables
-
-    reports = [bn_report(shape, eps_log2=args.eps_log2) for shape in args.shapes]
-    print(json.dumps(reports, indent=1) if args.json else markdown_tables(reports))
-    return 0
-
-
-SUBCOMMANDS = ("train", "ops")
+SUBCOMMANDS = ("train", "ops", "stats", "sweep", "compare")
 
 _DESCRIPTION = """\
 Integer-only training with L1-norm batch norm.
@@ -64,10 +46,12 @@ curves.png). A run killed at any point continues exactly with --resume RUN_DIR.
 """
 
 _EPILOG = """\
-subcommands:
-  train         train (the default action; same options as above)
-  ops SHAPE...  BN operation counts of L1BN vs L2BN and the Table IV ASIC estimate
-                (qtrain ops --help)
+subcommands (qtrain COMMAND --help):
+  train                   train (the default action; same options as above)
+  ops SHAPE... | --model M  BN operation counts of L1BN vs L2BN, Table IV ASIC estimate
+  stats RUN_DIR           sigma_L2 / sigma_L1 per BN layer and channel (Fig. 3), stats.png
+  sweep --bits 2,4,8 --norm l1,l2 --out DIR   test error against bit width, sweep.png
+  compare --bits 8 --out DIR                   int8 L1BN vs float L1BN / L2BN vs Brevitas
 
 recipes: %(recipes)s (or a .toml file, or a run's config.json)
 
@@ -86,7 +70,8 @@ _FLAGS = {"model": "model", "data": "data", "data_dir": "data_dir", "norm": "nor
 
 
 def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
-    """The training parser (the default action); ``ops`` has its own (:func:`build_ops_parser`)."""
+    """The training parser (the default action); other subcommands have their own
+    (:func:`_subcommand_parser`)."""
     p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description=_DESCRIPTION % {"default": DEFAULT_RECIPE},
                 epilog=_EPILOG % {"recipes": ", ".join(recipe_names())})
@@ -129,18 +114,28 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
     return p
 
 
-def build_ops_parser() -> argparse.ArgumentParser:
-    ops = _Parser(
-        prog="qtrain ops",
-        description="Per BN input shape: operations the int8 L1BN kernels perform (counted), a "
-                    "counted reference L2BN and Table IV's formulas, with time/energy/area "
-                    "estimates from Table IV's int8 and float32 per-operation costs.")
-    ops.add_argument("shapes", nargs="+", type=_parse_shape, metavar="SHAPE",
-                     help="BN input shape NxCxHxW or NxC, e.g. 128x6x24x24")
-    ops.add_argument("--eps-log2", type=int, default=None,
-                     help="int8 L1BN epsilon = 2**EPS_LOG2 (default: none)")
-    ops.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    return ops
+def _subcommand_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    """The parser and runner of a subcommand other than train (imported on demand)."""
+    from . import analysis, sweep
+
+    add, run, description = {
+        "ops": (analysis.add_ops_arguments, analysis.run_ops,
+                "Operation counts of L1BN vs L2BN (counted by the int8 kernels, a reference L2BN "
+                "and Table IV's formulas) with time/energy/area estimates from Table IV's int8 and "
+                "float32 per-operation costs, per BN input shape or for a whole model."),
+        "stats": (analysis.add_stats_arguments, analysis.run_stats,
+                  "sigma_L2 / sigma_L1 per BN layer and channel of a trained run, averaged over "
+                  "test batches (the paper's Fig. 3; Theorem 1 predicts sqrt(pi/2) = 1.2533)."),
+        "sweep": (sweep.add_sweep_arguments, sweep.run_sweep,
+                  "Test error against bit width: every combination of the lists, J runs side by "
+                  "side, finished runs skipped when started again."),
+        "compare": (sweep.add_compare_arguments, sweep.run_compare,
+                    "int8 L1BN (int backend), float L1BN, float L2BN and Brevitas W8A8 with the "
+                    "same seeds and data order."),
+    }[command]
+    parser = _Parser(prog=f"qtrain {command}", description=description)
+    add(parser)
+    return parser, run
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -212,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"argument COMMAND: invalid choice: {command!r} (choose from "
                          f"{', '.join(SUBCOMMANDS)}, or give training options)")
     try:
-        if command == "ops":
-            return _ops(build_ops_parser().parse_args(argv))
+        if command != "train":
+            parser, run = _subcommand_parser(command)
+            return run(parser.parse_args(argv))
         if command == "train" and argv[:1] and not argv[0].startswith("-"):
             parser.error(f"unrecognized arguments: {' '.join(argv)}")
         return _train(build_parser("qtrain" if command == "train" else command)

@@ -222,3 +222,23 @@ def test_corrupt_data_is_one_line(tmp_path, fake_data, env):
     path.write_bytes(path.read_bytes()[:1000])
     out = qtrain("--data-dir", str(fake_data), "--no-download", "--out", str(tmp_path / "run"))
     _one_line_exit_2(out, "truncated IDX payload")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("stats", "/nonexistent/run"), "run"),
+    (("sweep", "--bits", "8,x", "--out", "/tmp/qtrain-sweep-never"), "bits"),
+    (("ops", "--model", "lenet5", "128x6"), "either"),
+])
+def test_subcommand_errors_are_one_line(args, words):
+    """stats, sweep and ops report bad input as one line with exit code 2."""
+    out = qtrain(*args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0].lower() and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["ops", "stats", "sweep", "compare"])
+def test_subcommand_help(command):
+    """Every subcommand documents itself."""
+    out = qtrain(command, "--help")
+    assert out.returncode == 0 and f"qtrain {command}" in out.stdout

@@ -1,0 +1,166 @@
+"""Peer methods qtrain is compared with: Brevitas W8A8 quantization-aware training of LeNet-5.
+
+* :func:`import_brevitas` -- the Brevitas modules used, or :class:`MissingBrevitas` (a one-line
+  message) when the optional ``bench`` extra is not installed.
+* :func:`brevitas_lenet5` -- qtrain's LeNet-5 topology with Brevitas 8-bit fixed-point weight
+  and activation quantizers (the network of ``bench/bench_train.py``'s ``brevitas`` method).
+* :func:`train_brevitas` -- a training run of that network written like :func:`qtrain.run.train`
+  (``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png``): the same data, subset,
+  batches (``qtrain.data.batches(seed, epoch)``), input codes, learning-rate schedule
+  (``RunConfig.lr_at``) and seed as a qtrain run of the same config, with ``torch.optim.SGD``
+  and ``F.cross_entropy``.
+
+Importing this module imports no torch; the functions do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from .config import RunConfig, UserError
+
+
+class MissingBrevitas(RuntimeError):
+    """Brevitas is not installed."""
+
+
+def import_brevitas():
+    """``(brevitas, brevitas.nn, Int8WeightPerTensorFixedPoint, Int8ActPerTensorFixedPoint)``."""
+    try:
+        import brevitas
+        import brevitas.nn as qnn
+        from brevitas.quant import Int8ActPerTensorFixedPoint, Int8WeightPerTensorFixedPoint
+    except ImportError as err:
+        raise MissingBrevitas(f"brevitas is not installed ({err}); pip install -e .[bench]") \
+            from None
+    return brevitas, qnn, Int8WeightPerTensorFixedPoint, Int8ActPerTensorFixedPoint
+
+
+def brevitas_available() -> bool:
+    """True when Brevitas can be imported (checked without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("brevitas") is not None
+
+
+def brevitas_lenet5(classes: int = 10, bits: int = 8):
+    """LeNet-5 as qtrain's, with Brevitas ``bits``-bit fixed-point weight/activation quantizers.
+
+    Conv5x5 6, max-pool 2, conv5x5 16, max-pool 2, fc 120, fc 84, fc 10; ``nn.BatchNorm2d/1d``
+    between each conv / hidden fc (no bias) and its ``QuantReLU``; a ``QuantIdentity`` input
+    quantizer; float bias and logits of the last layer. ``bits`` other than 8 overrides the
+    Int8 quantizers' bit width.
+    """
+    import torch.nn as nn
+
+    _, qnn, wq, aq = import_brevitas()
+    w = {"weight_quant": wq, "bias": False}
+    a = {"act_quant": aq, "return_quant_tensor": False}
+    if bits != 8:
+        w["weight_bit_width"] = bits
+        a["bit_width"] = bits
+    last = {k: v for k, v in w.items() if k != "bias"}
+    return nn.Sequential(
+        qnn.QuantIdentity(**a),
+        qnn.QuantConv2d(1, 6, 5, **w), nn.BatchNorm2d(6), qnn.QuantReLU(**a), nn.MaxPool2d(2),
+        qnn.QuantConv2d(6, 16, 5, **w), nn.BatchNorm2d(16), qnn.QuantReLU(**a), nn.MaxPool2d(2),
+        nn.Flatten(),
+        qnn.QuantLinear(16 * 4 * 4, 120, **w), nn.BatchNorm1d(120), qnn.QuantReLU(**a),
+        qnn.QuantLinear(120, 84, **w), nn.BatchNorm1d(84), qnn.QuantReLU(**a),
+        qnn.QuantLinear(84, classes, bias=True, **last))
+
+
+def _evaluate(model, images, labels, device, batch_size: int = 500) -> float:
+    import numpy as np
+    import torch
+
+    from .train import to_input
+
+    model.eval()
+    wrong = 0
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = to_input(images[start:start + batch_size], device)
+            y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
+            wrong += int((model(x).argmax(1) != y).sum())
+    return wrong / len(images)
+
+
+def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool = True,
+                   stdout: TextIO | None = None, recipe: str | None = None) -> dict:
+    """Train :func:`brevitas_lenet5` on ``cfg``'s data and schedule into run directory ``out``.
+
+    Writes the files of a qtrain run (no checkpoint: an interrupted peer run restarts) and
+    returns the summary (``final_test_error``, ``best_test_error``, ``wall_s``, ...; ``bits``
+    reads ``W{bits}A{bits}`` and ``backend`` ``brevitas``).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .data import batches
+    from .run import CONFIG, CURVES, METRICS, SUMMARY, load_data, plot_curves, write_text
+    from .train import to_input
+
+    stdout = sys.stdout if stdout is None else stdout
+    if cfg.model != "lenet5":
+        raise UserError(f"the Brevitas peer is LeNet-5 only, not {cfg.model}; use a lenet5 "
+                        "recipe")
+    import_brevitas()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = load_data(cfg, download=download)
+    print(f"data: {train_set.source}", file=stdout, flush=True)
+    torch.manual_seed(cfg.seed)
+    model = brevitas_lenet5(bits=bits).to(cfg.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    write_text(out / CONFIG, cfg.to_json() + "\n")
+    write_text(out / METRICS, "")
+    images, labels = train_set.images, train_set.labels
+    history: list[dict] = []
+    wall_s = 0.0
+    summary: dict = {}
+    for epoch in range(cfg.epochs):
+        lr = cfg.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        t0 = time.perf_counter()
+        total_loss, correct, seen = 0.0, 0, 0
+        for idx in batches(images, labels, cfg.batch_size, cfg.seed, epoch):
+            x = to_input(images[idx], cfg.device)
+            y = torch.from_numpy(labels[idx].astype(np.int64)).to(cfg.device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        train_s = time.perf_counter() - t0
+        test_error = _evaluate(model, test_set.images, test_set.labels, cfg.device)
+        seconds = time.perf_counter() - t0
+        wall_s += seconds
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / seen,
+                  "train_error": 1 - correct / seen, "test_error": test_error,
+                  "seconds": seconds, "images_per_s": seen / train_s, "quant": {}}
+        history.append(record)
+        plot_curves(out / CURVES, history)
+        best = min(history, key=lambda m: m["test_error"])
+        summary = {"epochs_done": len(history), "epochs": cfg.epochs,
+                   "final_test_error": test_error, "best_test_error": best["test_error"],
+                   "best_epoch": best["epoch"], "final_train_loss": record["train_loss"],
+                   "wall_s": wall_s, "bits": f"W{bits}A{bits}", "norm": "l2",
+                   "backend": "brevitas", "model": cfg.model, "data": cfg.data,
+                   "data_source": train_set.source, "recipe": recipe}
+        write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+        with open(out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "
+              f"test error {100 * test_error:6.2f}%  {seconds:6.1f} s", file=stdout, flush=True)
+    return summary

@@ -1,0 +1,147 @@
+"""qtrain sweep and qtrain compare (qtrain.sweep) on tiny data: files, resume, skips, peers."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from qtrain.config import UserError
+from qtrain.peers import brevitas_available
+from qtrain.sweep import (RECORD_FIELDS, add_compare_arguments, add_sweep_arguments,
+                          run_compare, run_sweep)
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["--set", "per_class=10", "--set", "epochs=1", "--set", f"data_dir={DATA}"]
+
+needs_data = pytest.mark.skipif(
+    not (DATA / "train-images-idx3-ubyte.gz").exists() and
+    not (DATA / "train-images-idx3-ubyte").exists(),
+    reason=f"Fashion-MNIST is not installed at {DATA} (Debian package dataset-fashion-mnist)")
+
+
+def sweep(capsys, *argv):
+    args = add_sweep_arguments(argparse.ArgumentParser()).parse_args([*argv, *TINY])
+    rc = run_sweep(args)
+    return rc, capsys.readouterr().out
+
+
+def records(out: Path) -> list[dict]:
+    return json.loads((out / "sweep.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_sweep(tmp_path_factory):
+    """bits 4,8 x norm l1 x 2 seeds, two jobs side by side."""
+    out = tmp_path_factory.mktemp("sweep")
+    args = add_sweep_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bits", "4,8", "--norm", "l1", "--backend", "int", "--seeds", "2", "--jobs", "2",
+         "--out", str(out), *TINY])
+    rc = run_sweep(args)
+    return rc, out
+
+
+@needs_data
+def test_sweep_writes_files_with_one_record_per_run(first_sweep):
+    rc, out = first_sweep
+    assert rc == 0
+    recs = records(out)
+    assert len(recs) == 4
+    assert {(r["bits_w"], r["seed"]) for r in recs} == {(4, 0), (4, 1), (8, 0), (8, 1)}
+    for r in recs:
+        assert set(RECORD_FIELDS) <= set(r)
+        assert r["status"] == "trained" and r["norm"] == "l1" and r["backend"] == "int"
+        assert r["bits_w"] == r["bits_a"] == r["bits_g"] == r["bits_e"]
+        assert 0 <= r["final_test_error"] <= 1 and 0 <= r["best_test_error"] <= 1
+        assert r["wall_s"] > 0
+        assert (Path(r["run_dir"]) / "summary.json").is_file()
+        assert Path(r["run_dir"]).parent == out / "runs"
+    csv_lines = (out / "sweep.csv").read_text().splitlines()
+    assert csv_lines[0].split(",") == list(RECORD_FIELDS) and len(csv_lines) == 5
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+@needs_data
+def test_sweep_started_again_skips_finished_runs(first_sweep, capsys):
+    _, out = first_sweep
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
+    assert len(before) == 4
+    rc, text = sweep(capsys, "--bits", "4,8", "--norm", "l1", "--backend", "int", "--seeds", "2",
+                     "--jobs", "2", "--out", str(out))
+    assert rc == 0
+    assert sum(ln.startswith("skipped") and "finished before" in ln
+               for ln in text.splitlines()) == 4
+    assert "0 to train" in text
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing retrained
+    recs = records(out)
+    assert len(recs) == 4 and {r["status"] for r in recs} == {"finished"}
+    assert all(r["final_test_error"] is not None for r in recs)
+
+
+@needs_data
+def test_impossible_combinations_are_skipped_not_crashed(tmp_path, capsys):
+    rc, text = sweep(capsys, "--bits", "8,12", "--norm", "l2", "--backend", "int",
+                     "--out", str(tmp_path))
+    assert rc == 0
+    lines = [ln for ln in text.splitlines() if ln.startswith("skipped")]
+    assert len(lines) == 2 and all("L1 batch norm only" in ln for ln in lines)
+    rc, text = sweep(capsys, "--bits", "12", "--norm", "l1", "--backend", "emulate",
+                     "--out", str(tmp_path / "b"))
+    assert rc == 0 and "up to 8 bits" in text
+    recs = records(tmp_path / "b")
+    assert len(recs) == 1 and recs[0]["status"] == "skipped" and recs[0]["reason"]
+    assert not list((tmp_path / "b" / "runs").iterdir())  # nothing was trained
+    assert (tmp_path / "b" / "sweep.png").is_file()
+
+
+@needs_data
+def test_per_class_sweep_varies_only_that_class(tmp_path, capsys):
+    rc, text = sweep(capsys, "--bits-e", "4,8", "--norm", "l1",
+                     "--out", str(tmp_path))
+    assert rc == 0, text
+    recs = records(tmp_path)
+    assert sorted(r["bits_e"] for r in recs) == [4, 8]
+    assert {(r["bits_w"], r["bits_a"], r["bits_g"]) for r in recs} == {(8, 8, 8)}  # recipe's
+    assert {r["status"] for r in recs} == {"trained"}
+    assert text.count("final test error") == 2  # a progress line per finished run
+
+
+def test_bad_lists_are_user_errors(tmp_path):
+    parser = add_sweep_arguments(argparse.ArgumentParser())
+    for argv in (["--bits", "4,x"], ["--bits", "1"], ["--norm", "l3"], ["--seeds", "0"],
+                 ["--jobs", "0"]):
+        with pytest.raises(UserError) as err:
+            run_sweep(parser.parse_args([*argv, "--out", str(tmp_path)]))
+        assert "\n" not in str(err.value)
+
+
+@needs_data
+def test_compare_writes_table_json_and_curves(tmp_path, capsys):
+    args = add_compare_arguments(argparse.ArgumentParser()).parse_args(
+        ["--out", str(tmp_path), *TINY])
+    rc = run_compare(args)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads((tmp_path / "compare.json").read_text())
+    methods = {m["method"]: m for m in report["methods"]}
+    assert {"int8-L1BN", "float-L1BN", "float-L2BN"} <= set(methods)
+    expected = ["int8-L1BN", "float-L1BN", "float-L2BN"]
+    if brevitas_available():
+        expected.append("brevitas-W8A8")
+    else:
+        assert methods["brevitas-W8A8"]["status"] == "skipped"
+        assert "skipped brevitas-W8A8: brevitas is not installed" in text
+    for name in expected:
+        m = methods[name]
+        assert m["status"] == "ok" and m["seeds_done"] == 1
+        assert 0 <= m["final_test_error_mean"] <= 1 and m["final_test_error_std"] == 0
+        assert m["curve_epochs"] == [1] and len(m["curve_test_error_mean"]) == 1
+        assert m["epoch_s_mean"] > 0
+        assert name in text  # a table row
+    # the runs used the same seed and data subset
+    cfgs = [json.loads((Path(m["runs"][0]["run_dir"]) / "config.json").read_text())
+            for m in methods.values() if m["runs"]]
+    assert {(c["seed"], c["per_class"]) for c in cfgs} == {(0, 10)}
+    assert "± " in text and "epoch s" in text
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
