@@ -592,6 +592,7 @@ def run_compare(args) -> int:
         if kind == "brevitas" and not brevitas_available():
             m.update(status="skipped", reason="brevitas is not installed (pip install -e "
                                               ".[bench])")
+            print(f"skipped {key}: {m['reason']}", flush=True)
             continue
         if kind == "brevitas" and base.model != "lenet5":
             m.update(status="skipped", reason=f"the Brevitas peer is LeNet-5 only, not "
