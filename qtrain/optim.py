@@ -68,6 +68,11 @@ class QSGD(torch.optim.Optimizer):
             if "store_exp" in live:
                 self.stats.setdefault(id(p), QuantStats())
 
+    def reset_stats(self) -> None:
+        """Zero the per-parameter saturation counts (e.g. at the start of an epoch)."""
+        for key in self.stats:
+            self.stats[key] = QuantStats()
+
     @property
     def integer(self) -> bool:
         return self.qconfig is not None and self.qconfig.quantized

@@ -196,6 +196,12 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...]):
     return model, optimizer
 
 
+def _store_report(model, optimizer) -> dict:
+    """Saturated store codes per parameter this epoch (a diverging run shows up here)."""
+    return {name: optimizer.stats[id(p)].as_dict() for name, p in model.named_parameters()
+            if id(p) in optimizer.stats}
+
+
 def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: RunConfig,
                     history: list[dict], wall_s: float) -> None:
     import torch
@@ -271,6 +277,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
         for group in optimizer.param_groups:
             group["lr"] = lr
         reset_stats(model)
+        optimizer.reset_stats()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                    file=sys.stderr, leave=False, dynamic_ncols=True)
 
@@ -289,7 +296,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["train_loss"],
                   "train_error": stats["train_error"], "test_error": test_error,
                   "seconds": seconds, "images_per_s": stats["images_per_s"],
-                  "quant": quant_report(model)}
+                  "quant": quant_report(model), "store": _store_report(model, optimizer)}
         history.append(record)
         save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s)
         plot_curves(out / CURVES, history)
