@@ -389,6 +389,8 @@ def run_sweep(args) -> int:
             records.append(rec)
             continue
         name = run_name(cfg)
+        if "-float-" in name:  # one canonical config, whichever backend list found it first
+            cfg = dataclasses.replace(cfg, backend="emulate")
         if name in jobs or any(r["name"] == name for r in records):
             continue  # a float run shared by several backends
         shown_backend = "float" if "-float-" in name else backend
