@@ -20,7 +20,7 @@ import torch
 
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
-from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step
+from qkernels.optim import LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step
 
 from .quant import QConfig, QuantStats, pow2, top_exponent, to_codes
 
@@ -148,9 +148,10 @@ def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
 def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits):
     """qkernels.optim's update as torch int64 operations on the parameter's device."""
     w = (p.double() * pow2(-exp)).to(torch.int64)
-    g = torch.from_numpy(grad.q).to(p.device).reshape(p.shape)
-    g = _round_shift(g, exp - grad.exp)
-    velocity.copy_(_round_shift(mom_q * velocity, MOMENTUM_BITS) + g)
+    g = torch.from_numpy(grad.q).to(p.device, torch.int64).reshape(p.shape)
+    vmax = 1 << VELOCITY_BITS  # shifts past it saturate: cap them, as the kernel does
+    g = _round_shift(g, max(exp - grad.exp, -VELOCITY_BITS)).clamp_(-vmax, vmax)
+    velocity.copy_((_round_shift(mom_q * velocity, MOMENTUM_BITS) + g).clamp_(-vmax, vmax))
     w = w - _round_shift(lr_q * velocity, LR_BITS)
     qmax = (1 << (bits - 1)) - 1
     sat = int((w.abs() > qmax).sum())

@@ -28,9 +28,11 @@ def random_batch(n=32, seed=0):
     return images, labels
 
 
-def steps(model, qconfig, images, labels, n_steps, batch=16):
+def steps(model, qconfig, images, labels, n_steps, batch=16, lr=0.1, out_opt=None):
     """A few SGD steps on fixed batches; returns the last logits."""
-    opt = QSGD(model.parameters(), lr=0.1, momentum=0.9, qconfig=qconfig)
+    opt = QSGD(model.parameters(), lr=lr, momentum=0.9, qconfig=qconfig)
+    if out_opt is not None:
+        out_opt.append(opt)
     for s in range(n_steps):
         idx = np.arange(s * batch, (s + 1) * batch) % len(labels)
         x = to_input(images[idx])
@@ -104,17 +106,24 @@ def test_quantized_layers_refuse_unsupported_options():
 # --- the two backends ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, norm", [("lenet5", "l1"), ("mlp", "l1"), ("lenet5", "none")])
-def test_int_and_emulate_agree_bit_for_bit(name, norm):
-    """Three training steps of the int and emulate backends from the same initial weights give
-    identical logits, parameters, running statistics and quantizer counts."""
+@pytest.mark.parametrize("name, norm, bits, n_steps, lr", [
+    ("lenet5", "l1", 8, 3, 0.1), ("mlp", "l1", 8, 3, 0.1), ("lenet5", "none", 8, 3, 0.1),
+    ("lenet5", "l1", 2, 8, 15.0), ("mlp", "l1", 3, 8, 15.0)])
+def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr):
+    """Training steps of the int and emulate backends from the same initial weights give
+    identical logits, parameters, running statistics and quantizer counts -- also when a huge
+    learning rate makes training diverge at 2-3 bits and the weight store saturates."""
     images, labels = random_batch(48)
     results = []
     for backend in ("int", "emulate"):
         torch.manual_seed(1)
-        cfg = QConfig(backend=backend, seed=3)
+        cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend,
+                      seed=3)
         net = build(name, norm, cfg)
-        out = steps(net, cfg, images, labels, 3)
+        opts = []
+        out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts)
+        if lr > 1:
+            assert sum(s.saturated for s in opts[0].stats.values()) > 0
         results.append((out, copy.deepcopy(net.state_dict()), quant_report(net)))
     (o1, s1, r1), (o2, s2, r2) = results
     assert torch.equal(o1, o2)
