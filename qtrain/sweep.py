@@ -152,6 +152,18 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def _runs_dir(out_arg: str) -> tuple[Path, Path]:
+    """``--out`` and its ``runs/`` folder, created; a one-line error when it cannot be."""
+    out = Path(out_arg)
+    runs = out / "runs"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {runs} ({err.strerror or err}); choose a writable --out") \
+            from None
+    return out, runs
+
+
 def _base_config(args) -> tuple[RunConfig, str]:
     recipe = args.recipe or DEFAULT_RECIPE
     return apply_sets(load_recipe(recipe), list(args.set or [])), recipe_label(recipe)
@@ -363,13 +375,7 @@ def run_sweep(args) -> int:
     seeds = _seeds(args.seeds, base.seed)
     n_jobs = _jobs(args.jobs)
     widths = _widths(args, base)
-    out = Path(args.out)
-    runs = out / "runs"
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {runs} ({err.strerror or err}); choose a writable --out") \
-            from None
+    out, runs = _runs_dir(args.out)
 
     records: list[dict] = []
     jobs: dict[str, Job] = {}
@@ -577,13 +583,7 @@ def run_compare(args) -> int:
                         "kernels' limit)")
     seeds = _seeds(args.seeds, base.seed)
     n_jobs = _jobs(args.jobs)
-    out = Path(args.out)
-    runs = out / "runs"
-    try:
-        runs.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {runs} ({err.strerror or err}); choose a writable --out") \
-            from None
+    out, runs = _runs_dir(args.out)
 
     methods: dict[str, dict] = {}
     jobs: list[Job] = []
