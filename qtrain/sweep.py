@@ -152,6 +152,15 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def _progress(prefix: str, result: dict, job) -> str:
+    """One finished run's progress line: its errors and time, or why it failed."""
+    if "summary" in result:
+        s = result["summary"]
+        return (f"{prefix}: final test error {_pct(s['final_test_error'])}, best "
+                f"{_pct(s['best_test_error'])}, {s['wall_s']:.1f} s")
+    return f"{prefix}: FAILED: {result['error']} (log: {job.run_dir / LOG})"
+
+
 def _runs_dir(out_arg: str) -> tuple[Path, Path]:
     """``--out`` and its ``runs/`` folder, created; a one-line error when it cannot be."""
     out = Path(out_arg)
@@ -437,13 +446,11 @@ def run_sweep(args) -> int:
             rec.update(status="trained", final_test_error=s.get("final_test_error"),
                        best_test_error=s.get("best_test_error"), wall_s=s.get("wall_s"),
                        epochs_done=s.get("epochs_done"))
-            _say(f"[{count}/{total}] {_describe(rec)}: final test error "
-                 f"{_pct(rec['final_test_error'])}, best {_pct(rec['best_test_error'])}, "
-                 f"{rec['wall_s']:.1f} s -> {job.run_dir}")
+            _say(_progress(f"[{count}/{total}] {_describe(rec)}", result, job)
+                 + f" -> {job.run_dir}")
         else:
             rec.update(status="failed", reason=result["error"])
-            _say(f"[{count}/{total}] {_describe(rec)}: FAILED: {result['error']} (log: "
-                 f"{job.run_dir / LOG})")
+            _say(_progress(f"[{count}/{total}] {_describe(rec)}", result, job))
         write_sweep(out, records, plot=False)
 
     _execute(list(jobs.values()), n_jobs, not args.no_download, label, on_done)
@@ -634,14 +641,9 @@ def run_compare(args) -> int:
         r = methods[key]["runs"][int(seed)]
         if "summary" in result:
             r.update(status="trained", summary=result["summary"])
-            s = result["summary"]
-            _say(f"[{count}/{len(jobs)}] {key} seed {seed}: final test error "
-                 f"{_pct(s['final_test_error'])}, best {_pct(s['best_test_error'])}, "
-                 f"{s['wall_s']:.1f} s")
         else:
             r.update(status="failed", reason=result["error"])
-            _say(f"[{count}/{len(jobs)}] {key} seed {seed}: FAILED: {result['error']} (log: "
-                 f"{job.run_dir / LOG})")
+        _say(_progress(f"[{count}/{len(jobs)}] {key} seed {seed}", result, job))
 
     _execute(jobs, n_jobs, not args.no_download, label, on_done)
 
