@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .loss import LOGIT_BITS
-from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
+from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d
 from .quant import QConfig, QState, Quantize
 
 NORMS = ("l1", "l2", "none")
@@ -69,7 +69,7 @@ class _Parts:
         """layer -> Quantize -> norm -> ReLU [-> max-pool 2] -> Quantize."""
         parts = [layer, self.quant(), self.bn(c, dims), nn.ReLU()]
         if pool:
-            parts.append(nn.MaxPool2d(2))
+            parts.append(QuantMaxPool2d(2) if self.qconfig is not None else nn.MaxPool2d(2))
         return parts + [self.quant()]
 
     def head(self, fin, classes):

@@ -148,6 +148,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "data order; print a table and plot the test-error curves.")
     parser.add_argument("--bits", type=int, default=8, metavar="N",
                         help="width of the integer L1BN run (and the Brevitas peer), default 8")
+    parser.add_argument("--methods", metavar="LIST",
+                        help=f"which methods to train, from {', '.join(COMPARE_METHODS)} "
+                             "(default: all)")
     _common_arguments(parser)
     return parser
 
@@ -554,8 +557,12 @@ def plot_sweep(path: Path, records: list[dict]) -> None:
 # compare
 # --------------------------------------------------------------------------------------------
 
+COMPARE_METHODS = ("int", "float-l1", "float-l2", "brevitas")
+
+
 def _compare_methods(base: RunConfig, bits: int) -> list[tuple[str, str, dict, str]]:
-    """(key, description, RunConfig changes, kind) of the compared methods."""
+    """(key, description, RunConfig changes, kind) of the compared methods, in
+    :data:`COMPARE_METHODS`' order."""
     f = FLOAT_BITS
     return [
         (f"int{bits}-L1BN", f"integer L1BN W{bits}A{bits}G{bits}E{bits}, int backend",
@@ -588,13 +595,17 @@ def run_compare(args) -> int:
     if not 2 <= bits <= 8:
         raise UserError(f"--bits {bits}: the integer L1BN run takes 2..8 bits (the int8 L1BN "
                         "kernels' limit)")
+    chosen = _choice_list(getattr(args, "methods", None), "--methods", COMPARE_METHODS) \
+        or list(COMPARE_METHODS)
     seeds = _seeds(args.seeds, base.seed)
     n_jobs = _jobs(args.jobs)
     out, runs = _runs_dir(args.out)
 
     methods: dict[str, dict] = {}
     jobs: list[Job] = []
-    for key, desc, changes, kind in _compare_methods(base, bits):
+    for name, (key, desc, changes, kind) in zip(COMPARE_METHODS, _compare_methods(base, bits)):
+        if name not in chosen:
+            continue
         m = {"method": key, "description": desc, "kind": kind, "status": "ok", "reason": None,
              "runs": {}}
         methods[key] = m
@@ -650,7 +661,7 @@ def run_compare(args) -> int:
     results = []
     for m in methods.values():
         results.append(_compare_stats(m))
-    report = {"bits": bits, "seeds": seeds, "recipe": label, "config": base.to_dict(),
+    report = {"bits": bits, "seeds": seeds, "recipe": label, "methods_chosen": chosen, "config": base.to_dict(),
               "jobs": n_jobs, "methods": results}
     _atomic_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
     plot_compare(out / "compare.png", results, label)

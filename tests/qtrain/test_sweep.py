@@ -145,3 +145,28 @@ def test_compare_writes_table_json_and_curves(tmp_path, capsys):
     assert {(c["seed"], c["per_class"]) for c in cfgs} == {(0, 10)}
     assert "± " in text and "epoch s" in text
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_data
+def test_compare_methods_selects_and_rerun_adds_the_rest(tmp_path, capsys):
+    parser = add_compare_arguments(argparse.ArgumentParser())
+    rc = run_compare(parser.parse_args(["--methods", "float-l2", "--out", str(tmp_path), *TINY]))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert [m["method"] for m in report["methods"]] == ["float-L2BN"]
+    assert report["methods_chosen"] == ["float-l2"]
+    rc = run_compare(parser.parse_args(["--methods", "float-l1,float-l2", "--out", str(tmp_path),
+                                        *TINY]))
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "skipped float-L2BN seed 0: finished before" in text
+    assert "1 run(s) to train" in text
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert [m["method"] for m in report["methods"]] == ["float-L1BN", "float-L2BN"]
+
+
+def test_compare_methods_rejects_unknown_names(tmp_path):
+    parser = add_compare_arguments(argparse.ArgumentParser())
+    with pytest.raises(UserError, match="--methods 'int,l3'.*choose from int, float-l1"):
+        run_compare(parser.parse_args(["--methods", "int,l3", "--out", str(tmp_path), *TINY]))
