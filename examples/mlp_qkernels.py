@@ -88,7 +88,8 @@ def int_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 class Param:
-    """A trainable tensor: int32 store codes at a fixed exponent plus an int64 velocity."""
+    """A trainable tensor: int32 store codes and their exponent (which rises when the weights
+    outgrow the store) plus an int64 velocity."""
 
     def __init__(self, codes: np.ndarray, exp: int):
         self.store = QTensor(np.ascontiguousarray(codes, dtype=np.int32), exp)
@@ -99,8 +100,9 @@ class Param:
         """Exact batch-sum gradient -> 8 bits (stochastic) -> times 2**-mean_shift (exact: an
         exponent change), then one integer SGD step."""
         g, _ = quantize_stochastic(grad, BITS, seed=seed, step=step, tensor_id=tensor_id)
-        sgd_step(self.store, self.velocity, QTensor(g.q, g.exp - mean_shift), lr_q=lr_q,
-                 momentum_q=momentum_code(MOMENTUM), store_bits=STORE_BITS)
+        rise = sgd_step(self.store, self.velocity, QTensor(g.q, g.exp - mean_shift), lr_q=lr_q,
+                        momentum_q=momentum_code(MOMENTUM), store_bits=STORE_BITS)
+        self.store = self.store._replace(exp=self.store.exp + rise)
 
 
 def store_exponent(limit: float) -> int:

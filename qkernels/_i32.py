@@ -19,6 +19,9 @@ if config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT 
     def mul_add_shr(a, x, b, s):
         return (int(a) * int(x) + int(b)) >> int(s)
 
+    def mul_sub_add_shr(a, x, c, b, s):
+        return (int(a) * (int(x) - int(c)) + int(b)) >> int(s)
+
     def pick3(v, lo, hi, below, between, above):
         return above if v >= hi else (below if v <= lo else between)
 
@@ -38,6 +41,15 @@ else:
             a_, x_, b_, s_ = args
             return builder.ashr(builder.add(builder.mul(a_, x_), b_), s_)
         return _i32(_i32, _i32, _i32, _i32), codegen
+
+    @intrinsic
+    def mul_sub_add_shr(typingctx, a, x, c, b, s):
+        """``(a*(x - c) + b) >> s`` on int32 (the centred affine of the int16 kernels)."""
+        def codegen(context, builder, sig, args):
+            a_, x_, c_, b_, s_ = args
+            d = builder.sub(x_, c_)
+            return builder.ashr(builder.add(builder.mul(a_, d), b_), s_)
+        return _i32(_i32, _i32, _i32, _i32, _i32), codegen
 
     @intrinsic
     def pick3(typingctx, v, lo, hi, below, between, above):

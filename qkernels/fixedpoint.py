@@ -12,8 +12,11 @@ are stored as ``int8`` and wider ones as ``int16``.
 
 Accumulators and stores
 -----------------------
-* per-element products of int8 codes: ``int32``;
-* per-channel sums and every per-channel intermediate: ``int64``;
+* per-element products of int8 codes: ``int32``; of int16 codes: ``int32`` products summed in
+  ``int64``;
+* per-channel sums and every per-channel intermediate: ``int64``, except the few that 16-bit
+  codes push past it (the backward's ``P``, the centred offsets), which are exact two-limb
+  integers (``wide_*`` below: ``hi * 2**32 + lo``);
 * BN scale/shift (gamma, beta) codes: ``int32`` with their own exponent (the wide weight store);
 * running statistics: ``int64`` codes with the fixed exponent ``RUN_EXP``.
 
@@ -52,10 +55,12 @@ BITS_MAX = 16
 MANT_BITS = 31
 _MANT_LO = np.int64(1) << np.int64(MANT_BITS - 1)
 
-#: Largest number of values per channel (m = N*H*W) the L1BN kernels accept. It keeps every
-#: exact per-channel intermediate inside int64 even for int8's -128: |m*x - S| <= 255*m < 2**31,
-#: the L1 sum D <= 255*m**2 < 2**54, and the backward's |sum g*(m*x - S)| <= 128*255*m**2
-#: < 2**61.
+#: Largest number of values per channel (m = N*H*W) the L1BN kernels accept, for int8 and int16
+#: codes alike. For int8 codes (even -128) it keeps every exact per-channel intermediate inside
+#: int64: |m*x - S| <= 255*m < 2**31, the L1 sum D <= 255*m**2 < 2**54, and the backward's
+#: |sum g*(m*x - S)| <= 128*255*m**2 < 2**61. For int16 codes (even -32768) S, D <= 2**15*m**2
+#: <= 2**61 and sum(g*x) <= 2**53 stay in int64, and the backward's P (up to 2**77) and its
+#: centred offsets are formed with the two-limb helpers below.
 M_MAX = 1 << 23
 
 #: Exponent of running-statistics codes (value = code * 2**RUN_EXP).
@@ -84,6 +89,21 @@ SLOPE_MAX_LOG2 = MANT_BITS - 2 - SH_MIN
 #: 2**NARROW_MAG output LSBs; it then has at least SH_NARROW = 29 - NARROW_MAG fractional bits.
 NARROW_MAG = 19
 SH_NARROW = 29 - NARROW_MAG
+
+#: The centred affine form of 16-bit codes (``affine_params_c``): its wide offsets are saturated
+#: at +-CENTRED_B_MAX (never reached, see the function), its centres at +-CENTRE_MAX, and the
+#: kernels clamp ``x - centre`` to at most +-WINDOW_MAX (never more than the saturation needs).
+CENTRED_B_MAX = 1 << 61
+CENTRE_MAX = 1 << 18
+WINDOW_MAX = 1 << 20
+#: The centred wide form takes up to SH_MAX_C fractional bits, as many as keep every offset
+#: below 2**CENTRED_B_BITS (fewer when a large offset needs it, never fewer than SH_MIN).
+SH_MAX_C = 44
+CENTRED_B_BITS = 60
+
+#: Two-limb integers: value = hi * 2**WIDE_SHIFT + lo with 0 <= lo < 2**WIDE_SHIFT.
+WIDE_SHIFT = 32
+_WIDE_MASK = (np.int64(1) << np.int64(WIDE_SHIFT)) - np.int64(1)
 
 
 @njit(cache=True)
@@ -240,3 +260,213 @@ def floor_div_by_recip(s, m, rm, re):
     while m * (t + 1) <= s:
         t += 1
     return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-limb integers: the few per-channel intermediates of 16-bit codes that exceed int64 (the
+# backward's P, up to 2**77, and the centred offsets before they cancel). A value is a pair
+# (hi, lo) of int64 with value = hi * 2**32 + lo and 0 <= lo < 2**32; every helper keeps
+# |hi| < 2**61, so each step is plain int64 arithmetic that cannot overflow. Per channel only.
+
+
+@njit(cache=True)
+def wide_from(v):
+    """Two limbs of the int64 ``v``."""
+    v = np.int64(v)
+    return v >> np.int64(WIDE_SHIFT), v & _WIDE_MASK
+
+
+@njit(cache=True)
+def wide_add(ah, al, bh, bl):
+    """Sum of two two-limb integers, normalised (the low limbs add below 2**33)."""
+    lo = al + bl
+    return ah + bh + (lo >> np.int64(WIDE_SHIFT)), lo & _WIDE_MASK
+
+
+@njit(cache=True)
+def wide_neg(h, lo):
+    """Negation of a two-limb integer."""
+    if lo == 0:
+        return -h, np.int64(0)
+    return -h - np.int64(1), (np.int64(1) << np.int64(WIDE_SHIFT)) - lo
+
+
+@njit(cache=True)
+def wide_bit_length(h, lo):
+    """Bit length of the magnitude of a two-limb integer."""
+    if h < 0:
+        h, lo = wide_neg(h, lo)
+    if h == 0:
+        return bit_length(lo)
+    return bit_length(h) + np.int64(WIDE_SHIFT)
+
+
+@njit(cache=True)
+def wide_mul(a, b):
+    """Exact ``a * b`` for an int64 ``a`` and ``|b| <= 2**31``, as two limbs.
+
+    With ``a = ah*2**32 + al`` (``0 <= al < 2**32``, ``|ah| <= 2**31``): ``|al*b| < 2**63`` and
+    ``|ah*b| <= 2**62``.
+    """
+    a = np.int64(a)
+    b = np.int64(b)
+    ah, al = wide_from(a)
+    return wide_add(ah * b, np.int64(0), *wide_from(al * b))
+
+
+@njit(cache=True)
+def wide_shl(v, s):
+    """``v * 2**s`` as two limbs, for ``|v| < 2**31``, ``s >= 0`` and ``bit_length(v) + s <= 92``."""
+    v = np.int64(v)
+    s = np.int64(s)
+    if s < WIDE_SHIFT:
+        return wide_from(v << s)
+    return v << (s - np.int64(WIDE_SHIFT)), np.int64(0)
+
+
+@njit(cache=True)
+def wide_to_fixed(m, e, sh):
+    """``round(m * 2**(e + sh))`` (half up) as two limbs, for a dyadic mantissa ``|m| < 2**31``;
+    magnitudes of ``2**92`` and more saturate to ``+-2**92``."""
+    s = np.int64(e + sh)
+    if s <= 0:
+        return wide_from(round_shift(np.int64(m), -s))
+    if m != 0 and s + bit_length(m) > 92:
+        top = np.int64(1) << np.int64(60)
+        return (top if m > 0 else -top), np.int64(0)
+    return wide_shl(m, s)
+
+
+@njit(cache=True)
+def wide_sat(h, lo, lim):
+    """The two-limb value saturated to ``[-lim, lim]``, as an int64 (``0 <= lim <= 2**62``)."""
+    if h >= (np.int64(1) << np.int64(30)):
+        return np.int64(lim)
+    if h < -(np.int64(1) << np.int64(30)):
+        return -np.int64(lim)
+    return saturate((h << np.int64(WIDE_SHIFT)) + lo, np.int64(lim))
+
+
+@njit(cache=True)
+def wide_dy_norm(h, lo, e):
+    """Dyadic ``(mant, exp)`` of the two-limb integer times ``2**e``, truncated toward zero
+    exactly like :func:`dy_norm` of the same (wider) integer."""
+    if -(np.int64(1) << np.int64(30)) <= h < (np.int64(1) << np.int64(30)):
+        return dy_norm((h << np.int64(WIDE_SHIFT)) + lo, e)
+    neg = h < 0
+    if neg:
+        h, lo = wide_neg(h, lo)
+    b = bit_length(h)  # >= 31: the value has b + 32 bits; its top 31 are the top 31 of h
+    mant = h >> (b - np.int64(31))
+    return (-mant if neg else mant), np.int64(e) + b + np.int64(1)
+
+
+@njit(cache=True)
+def grad_p(s, m, t, sg, sgx):
+    """``P = m*sum(g*x) - S*sum(g)`` exactly, as two limbs (it reaches 2**77 for int16 codes).
+
+    With ``t = floor(S/m)`` and ``r = S - m*t`` in ``[0, m)``:
+    ``P = m*(sum(g*x) - t*sum(g)) - r*sum(g)``. For ``m <= M_MAX`` and codes ``|x|, |g| <= 2**15``:
+    ``|t*sum(g)| <= 2**53``, ``|sum(g*x) - t*sum(g)| <= 2**54`` (int64), the product with
+    ``m < 2**31`` is :func:`wide_mul`, and ``|r*sum(g)| < 2**61``.
+    """
+    r = s - m * t
+    h, lo = wide_mul(sgx - t * sg, m)
+    return wide_add(h, lo, *wide_from(-(r * sg)))
+
+
+@njit(cache=True)
+def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
+    """Centred integer affines ``y = saturate((A*(x - cen[j]) + B[j]) >> sh, q)`` for
+    ``y = K*(a1*x - b1) + O[j]`` over codes ``lo <= x <= hi`` (the 16-bit kernels' form).
+
+    ``K = km * 2**ke`` (output LSBs per unit of ``u = a1*x - b1``), ``O[j] = om[j] * 2**oe[j]``,
+    and ``cen[j]`` an integer centre per offset, chosen by the caller near where that affine
+    crosses zero (the forward: ``floor(S/m)``; the backward: its per-sign roots), with
+    ``|cen| <= CENTRE_MAX``, ``|a1| < 2**31`` and ``|a1*cen[j] - b1| < 2**62``. With ``dlog`` the
+    bit length of the largest ``|x - cen[j]|`` over ``[lo, hi]``:
+
+    * narrow (when ``|K*a1| * 2**dlog`` and every intercept ``|O[j] + K*(a1*cen[j] - b1)|`` are
+      below ``2**mag`` with ``mag <= min(NARROW_MAG, 26 - dlog)``): ``A = round(K*a1 * 2**sh)``,
+      ``B[j] = round(intercept * 2**sh) + 2**(sh-1)``, ``sh = min(29 - mag, 30)`` (so
+      ``sh >= max(SH_NARROW, dlog + 3)``: rounding A costs at most ``2**(dlog-1) / 2**sh <= 1/16``
+      LSB) and ``|A*(x - c)| + |B| < 2**31``: int32 lanes. For int8-range data this is the
+      narrow form of :func:`affine_params`, centred.
+    * wide (otherwise): ``A = Kf*a1`` and ``B[j] = Kf*(a1*cen[j] - b1) + round(O[j]*2**sh)
+      + 2**(sh-1)`` with ``Kf = round(K*2**sh)``, ``sh`` and the slope clamp as in
+      :func:`affine_params`. ``B[j]`` is formed exactly in two limbs, so
+      ``A*(x - c) + B = Kf*u + round(O*2**sh) + 2**(sh-1)``: exactly centred on the integer
+      ``u``, with no offset saturation. ``B[j]`` is saturated at ``+-CENTRED_B_MAX = 2**61``,
+      which is never reached: in the forward ``|Kf*(m*t - S)| < 2**53`` and
+      ``|round(beta*2**sh)| <= 2**60`` (``OFFSET_MAX``, ``SH_MAX``); in the backward the centre
+      is within ``0.51`` of the root, so ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54``; in folded
+      inference ``|Kf*mu_f| <= 2**59``.
+
+    Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``; evaluating it needs no more
+    than int64 once ``x - cen[j]`` is clamped to the window of :func:`centred_lanes`.
+    """
+    n = om.shape[0]
+    b = np.empty(n, dtype=np.int64)
+    cm = np.empty(n, dtype=np.int64)
+    ce = np.empty(n, dtype=np.int64)
+    am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
+    mag = np.int64(-64)
+    dlog = np.int64(0)
+    for j in range(n):
+        pm, pe = dy_mul(km, ke, *dy_norm(a1 * cen[j] - b1, 0))
+        cm[j], ce[j] = dy_add(om[j], oe[j], pm, pe)
+        if cm[j] != 0:
+            mag = max(mag, ce[j] + bit_length(cm[j]))
+        dlog = max(dlog, bit_length(max(abs(lo - cen[j]), abs(hi - cen[j]))))
+    if am != 0:
+        mag = max(mag, ae + bit_length(am) + dlog)
+    if mag <= min(np.int64(NARROW_MAG), np.int64(26) - dlog):
+        sh = min(np.int64(29) - mag, np.int64(30))
+        half = np.int64(1) << np.int64(sh - 1)
+        for j in range(n):
+            b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
+        return dy_to_fixed(am, ae, sh), b, sh
+    if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
+        km = np.int64((1 << 31) - 1) if km > 0 else -np.int64((1 << 31) - 1)
+        ke = np.int64(SLOPE_MAX_LOG2 - 31)
+    sh = min(max(-ke - 1, SH_MIN), SH_MAX_C) if km != 0 else np.int64(SH_MIN)
+    while True:
+        kf = dy_to_fixed(km, ke, sh)
+        half = np.int64(1) << np.int64(sh - 1)
+        top = np.int64(0)
+        for j in range(n):
+            h, lw = wide_mul(a1 * cen[j] - b1, kf)
+            h, lw = wide_add(h, lw, *wide_to_fixed(om[j], oe[j], sh))
+            h, lw = wide_add(h, lw, *wide_from(half))
+            top = max(top, wide_bit_length(h, lw))
+            b[j] = wide_sat(h, lw, CENTRED_B_MAX)
+        if top <= CENTRED_B_BITS or sh == SH_MIN:
+            break
+        sh = max(sh - (top - CENTRED_B_BITS), np.int64(SH_MIN))
+    return kf * a1, b, np.int64(sh)
+
+
+@njit(cache=True)
+def centred_lanes(a, b_abs_max, d_abs_max, sh, q):
+    """How a kernel evaluates ``saturate((a*d + b) >> sh, q)`` for ``|d| <= d_abs_max`` and
+    ``|b| <= b_abs_max``: returns ``(int32_lanes, window)``.
+
+    ``int32_lanes`` when ``sh <= 30`` and ``|a|*d_abs_max + b_abs_max < 2**31``. Otherwise int64
+    with ``d`` clamped to ``[-window, window]``: ``window`` is the smallest power of two with
+    ``|a|*window >= L = b_abs_max + (q+1)*2**sh`` (capped at ``WINDOW_MAX``, 0 when ``a == 0``).
+    Every ``|d| >= window`` then gives ``|a*d + b| >= (q+1)*2**sh`` with the sign of ``a*d``,
+    so it saturates to the same code as the clamped ``d``: the clamp changes no result. And
+    ``|a*window| < 2L`` (or ``= |a|`` for window 1), so with ``b_abs_max <= 2**61``,
+    ``q < 2**15`` and ``sh <= 40`` every ``|a*d + b| < 3*2**61 + 2**56 < 2**63``.
+    """
+    wide = bit_length(a) + bit_length(d_abs_max) > 32
+    lanes32 = (sh <= 30 and not wide
+               and abs(a) * d_abs_max + b_abs_max < (np.int64(1) << np.int64(31)))
+    if a == 0:
+        return lanes32, np.int64(0)
+    lim = b_abs_max + ((np.int64(q) + np.int64(1)) << np.int64(sh))
+    aa = abs(np.int64(a))
+    w = max(np.int64(0), bit_length(lim) - bit_length(aa))
+    if (aa << w) < lim:
+        w += 1
+    return lanes32, min(np.int64(1) << w, np.int64(WINDOW_MAX))

@@ -1,6 +1,6 @@
 r"""Integer SGD with momentum on a wide weight store.
 
-A trainable tensor lives in a *store*: int32 codes ``w`` with a fixed exponent ``e_s`` and
+A trainable tensor lives in a *store*: int32 codes ``w`` with a per-tensor exponent ``e_s`` and
 ``store_bits`` significant bits (wider than the ``k_W``-bit weights the layers use), plus an
 int64 velocity ``v`` with the same exponent. One step with gradient codes ``g`` (exponent
 ``e_g``, already quantized to ``k_G`` bits) is, with torch's SGD convention,
@@ -8,12 +8,23 @@ int64 velocity ``v`` with the same exponent. One step with gradient codes ``g`` 
 .. math::
 
     g_s = \operatorname{round}(g \cdot 2^{e_g - e_s}), \qquad
-    v \leftarrow \operatorname{round}(\mu_q v / 2^{16}) + g_s, \qquad
-    w \leftarrow \operatorname{sat}\big(w - \operatorname{round}(\eta_q v / 2^{24})\big),
+    v' = \operatorname{round}(\mu_q v / 2^{16}) + g_s, \qquad
+    w' = w - \operatorname{round}(\eta_q v' / 2^{24}),
 
 where ``mu_q / 2**MOMENTUM_BITS`` is the momentum and ``eta_q / 2**LR_BITS`` the learning rate
-(per unit of ``g``: a batch mean folds its ``1/N`` in here). Rounding is half up; the store
-saturates at ``2**(store_bits-1) - 1`` and saturations are counted.
+(per unit of ``g``: a batch mean folds its ``1/N`` in here). Rounding is half up. When some
+``|w'|`` exceeds the store's ``2**(store_bits-1) - 1``, the store's exponent rises by the
+smallest ``s`` that brings every code back inside, and both ``w'`` and ``v'`` are divided by
+``2**s`` (rounded half up); otherwise ``s = 0``:
+
+.. math:: w = \operatorname{round}(w' / 2^s), \qquad v = \operatorname{round}(v' / 2^s),
+          \qquad e_s \leftarrow e_s + s .
+
+So the store never clips a weight. (Behind batch norm a layer's weights are scale-free and
+their norm grows under SGD; a store with a fixed exponent would pin the growing weights at its
+limit.) The exponent only rises; the store keeps ``store_bits`` bits relative to the largest
+weight. The velocity is capped at ``+-2**VELOCITY_BITS`` codes, which only a diverging run
+reaches.
 """
 
 from __future__ import annotations
@@ -41,35 +52,53 @@ def momentum_code(momentum: float) -> int:
 
 
 #: The velocity saturates at +-2**VELOCITY_BITS codes, so momentum_q * v and lr_q * v stay far
-#: inside int64 (momentum_q <= 2**16, lr_q < 2**LR_BITS).
+#: inside int64 (momentum_q <= 2**16, lr_q < 2**LR_BITS), and |w'| < 2**31 + 2**38.
 VELOCITY_BITS = 38
 
 
+@njit(cache=True)
+def store_shift(lo, hi, q):
+    """The smallest ``s >= 0`` with ``round(lo / 2**s) >= -q`` and ``round(hi / 2**s) <= q``."""
+    s = 0
+    while round_shift(hi, s) > q or round_shift(lo, s) < -q:
+        s += 1
+    return s
+
+
 @njit(cache=True, parallel=True)
-def _sgd(w, v, g, g_shift, momentum_q, lr_q, q):
-    """Returns the number of store codes that saturated (a diverging run shows up here)."""
-    saturated = 0
+def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
+    """Update ``v`` in place and write ``w'`` (int64) to ``w_new``; returns (min, max) of w'."""
     vmax = np.int64(1) << VELOCITY_BITS
     for i in prange(w.shape[0]):
         gi = np.int64(g[i])
         # any shift past VELOCITY_BITS saturates the velocity: cap it (|g| < 2**24 stays inside
-        # int64), so a diverging run saturates and counts instead of overflowing
+        # int64), so a diverging run saturates instead of overflowing
         gs = gi << min(g_shift, VELOCITY_BITS) if g_shift >= 0 else round_shift(gi, -g_shift)
         vi = saturate(round_shift(momentum_q * v[i], MOMENTUM_BITS) + saturate(gs, vmax), vmax)
         v[i] = vi
-        wi = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
-        if wi > q or wi < -q:
-            saturated += 1
-            wi = q if wi > 0 else -q
-        w[i] = wi
-    return saturated
+        w_new[i] = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
+    return w_new.min(), w_new.max()
+
+
+@njit(cache=True, parallel=True)
+def _rescale(w, v, w_new, s):
+    for i in prange(w.shape[0]):
+        w[i] = round_shift(w_new[i], s)
+        v[i] = round_shift(v[i], s)
+
+
+@njit(cache=True, parallel=True)
+def _store(w, w_new):
+    for i in prange(w.shape[0]):
+        w[i] = w_new[i]
 
 
 def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
              momentum_q: int, store_bits: int) -> int:
     """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
 
-    Returns the number of store codes that saturated.
+    Returns ``s``, how much the store's exponent rose: the new store is ``QTensor(store.q,
+    store.exp + s)`` (``s`` is 0 unless a code would have left the store).
     """
     check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
@@ -88,6 +117,16 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
     g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
     if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
         raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
-    return int(_sgd(store.q.reshape(-1), velocity.reshape(-1),
-                    np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
-                    qmax(store_bits)))
+    if store.q.size == 0:
+        return 0
+    w, v = store.q.reshape(-1), velocity.reshape(-1)
+    w_new = np.empty(w.shape[0], np.int64)
+    lo, hi = _sgd(w, v, np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
+                  qmax(store_bits), w_new)
+    s = int(store_shift(lo, hi, qmax(store_bits)))
+    if s:
+        check_exp(store.exp + s, "the store's new exponent")
+        _rescale(w, v, w_new, s)
+    else:
+        _store(w, w_new)
+    return s

@@ -5,7 +5,9 @@
   ``np.sum``. They call the spec's per-channel scalar functions (``qkernels.fixedpoint`` and the
   ``*_params`` functions of ``qkernels.l1bn``), so the per-channel arithmetic is defined once;
   the per-element arithmetic here is independent of the kernels'. Kernels must equal these bit
-  for bit.
+  for bit. For 16-bit codes (int16 x or dy) the per-element affine is evaluated on Python
+  integers (object arrays), without the kernels' clamp window, and the backward's
+  ``P = m*sum(g*x) - S*sum(g)`` (up to 2**77) is a Python integer too.
 * ``*_float64`` functions evaluate the paper's equations (10, 11, 20) in float64 and round the
   result to the output format; kernels must be within one LSB of them.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fixedpoint import MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
+from .fixedpoint import MANT_BITS, MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
 from .format import code_dtype
 from .l1bn import (
     GS_MAX,
@@ -30,11 +32,16 @@ from .l1bn import (
     ST_SIGNSUM,
     ST_SUM,
     backward_params,
+    backward_params16,
     dev_reciprocal,
     dgamma_code,
+    dgamma_code16,
     forward_params,
+    forward_params16,
     grad_exponent,
+    grad_exponent16,
     inference_params,
+    inference_params16,
     mean_thresholds,
     output_exponent,
 )
@@ -56,6 +63,21 @@ def _unchannels(rows: np.ndarray, shape: tuple) -> np.ndarray:
 
 def _affine(x: np.ndarray, a: int, b: int, sh: int, q: int) -> np.ndarray:
     return np.clip((int(a) * x + int(b)) >> int(sh), -q, q)
+
+
+def _affine_centred(x: np.ndarray, a: int, b: int, c: int, sh: int, q: int) -> np.ndarray:
+    """saturate((a*(x - c) + b) >> sh) on Python integers (no overflow, no clamp window)."""
+    v = (int(a) * (x.astype(object) - int(c)) + int(b)) >> int(sh)
+    return np.clip(v, -q, q).astype(np.int64)
+
+
+def _dy_norm_int(v: int) -> tuple[int, int]:
+    """Dyadic (mant, exp) of any Python integer, truncated toward zero (like dy_norm)."""
+    if v == 0:
+        return 0, 0
+    b = abs(v).bit_length()
+    mant = abs(v) >> (b - MANT_BITS) if b > MANT_BITS else abs(v) << (MANT_BITS - b)
+    return (mant if v > 0 else -mant), b - MANT_BITS
 
 
 def _stats_array(stats: dict) -> np.ndarray:
@@ -95,10 +117,17 @@ def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bit
         out_exp = int(output_exponent(_stats_array(stats), m, gamma_q, gamma_exp, beta_q,
                                       beta_exp, out_bits))
     for c, x in enumerate(rows):
-        a, b, sh = forward_params(int(stats["sum"][c]), m, int(stats["rmant"][c]),
-                                  int(stats["rexp"][c]), int(gamma_q[c]), gamma_exp - out_exp,
-                                  int(beta_q[c]), beta_exp - out_exp)
-        out[c] = _affine(x, a, b, sh, q)
+        if xq.dtype == np.int8:
+            a, b, sh = forward_params(int(stats["sum"][c]), m, int(stats["rmant"][c]),
+                                      int(stats["rexp"][c]), int(gamma_q[c]),
+                                      gamma_exp - out_exp, int(beta_q[c]), beta_exp - out_exp)
+            out[c] = _affine(x, a, b, sh, q)
+        else:  # 16-bit codes: the centred affine, on Python integers
+            a, b, cen, sh = forward_params16(
+                int(stats["sum"][c]), m, int(stats["t_hi"][c]) - 1, int(stats["rmant"][c]),
+                int(stats["rexp"][c]), int(gamma_q[c]), gamma_exp - out_exp, int(beta_q[c]),
+                beta_exp - out_exp, int(stats["min"][c]), int(stats["max"][c]))
+            out[c] = _affine_centred(x, a, b, cen, sh, q)
     return _unchannels(out, xq.shape), out_exp, stats
 
 
@@ -112,6 +141,9 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
     m = rows.shape[1]
     q = int(qmax(dx_bits))
     k_base = gamma_exp + g_exp - x_exp
+    if xq.dtype != np.int8 or gq.dtype != np.int8:
+        return _backward_oracle16(rows, grows, xq.shape, stats, gamma_q, g_exp, dx_bits, dx_exp,
+                                  dgamma_exp, k_base)
     if dx_exp is None:
         gstats = np.zeros((rows.shape[0], N_GSTATS), dtype=np.int64)
         gstats[:, GS_SUM] = grows.sum(axis=1)
@@ -136,16 +168,55 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
     return _unchannels(dx, xq.shape), dx_exp, dgamma, dbeta
 
 
+def _backward_oracle16(rows, grows, shape, stats, gamma_q, g_exp, dx_bits, dx_exp, dgamma_exp,
+                       k_base):
+    """Equation (20) for 16-bit x or dy: P as a Python integer, the centred affines on Python
+    integers."""
+    m = rows.shape[1]
+    q = int(qmax(dx_bits))
+    n_channels = rows.shape[0]
+    inv_m = dy_recip(*dy_norm(m, 0))
+    sums = [(int(np.sum(g)), int(np.sum(g * x)), int(g.min()), int(g.max()))
+            for x, g in zip(rows, grows)]
+    if dx_exp is None:
+        gstats = np.zeros((n_channels, N_GSTATS), dtype=np.int64)
+        for c, (sg, sgx, lo, hi) in enumerate(sums):
+            gstats[c, [GS_SUM, GS_SUMX, GS_MIN, GS_MAX]] = sg, sgx, lo, hi
+        dx_exp = int(grad_exponent16(_stats_array(stats), gstats, m, gamma_q, k_base, dx_bits))
+    dx = np.empty_like(rows)
+    dgamma = np.empty(n_channels, dtype=np.int64)
+    dbeta = np.empty(n_channels, dtype=np.int64)
+    for c, (x, g) in enumerate(zip(rows, grows)):
+        s, rm, re, ss = (int(stats[k][c]) for k in ("sum", "rmant", "rexp", "sign_sum"))
+        t = int(stats["t_hi"][c]) - 1
+        sg, sgx, lo, hi = sums[c]
+        a, b, cen, sh = backward_params16(s, m, t, ss, rm, re, sg, sgx, lo, hi,
+                                          int(gamma_q[c]), k_base - dx_exp, *inv_m)
+        sign = np.sign(m * x - s)
+        j = np.where(sign > 0, 2, np.where(sign < 0, 0, 1))
+        v = (int(a) * (g.astype(object) - np.array([int(c_) for c_ in cen], dtype=object)[j])
+             + np.array([int(b_) for b_ in b], dtype=object)[j]) >> int(sh)
+        dx[c] = np.clip(v, -q, q).astype(np.int64)
+        dbeta[c] = sg
+        p = m * sgx - s * sg  # Python integers: exact
+        dgamma[c] = dgamma_code16(m, *_dy_norm_int(p), rm, re, g_exp - dgamma_exp)
+    return _unchannels(dx, shape), dx_exp, dgamma, dbeta
+
+
 def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_mean, run_dev,
-                          out_bits, out_exp, eps_log2=None):
-    """Folded inference, element by element."""
+                          out_bits, out_exp, eps_log2=None, x_bits=None):
+    """Folded inference, element by element (``x_bits`` as in ``l1bn_fold``: by default 8 for
+    int8 codes and 16 for int16 codes)."""
     use_eps = eps_log2 is not None
     q = int(qmax(out_bits))
-    params = inference_params(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp,
-                              run_mean, run_dev, x_exp, (eps_log2 - x_exp) if use_eps else 0,
-                              use_eps)
+    x_bits = (8 if xq.dtype == np.int8 else 16) if x_bits is None else x_bits
+    fold = inference_params if x_bits <= 8 else inference_params16
+    params = fold(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp, run_mean, run_dev,
+                  x_exp, (eps_log2 - x_exp) if use_eps else 0, use_eps)
     rows = _channels(xq)
-    out = np.stack([_affine(x, *params[c], q) for c, x in enumerate(rows)])
+    apply = _affine if xq.dtype == np.int8 else (lambda x, a, b, sh, q:
+                                                 _affine_centred(x, a, b, 0, sh, q))
+    out = np.stack([apply(x, *params[c], q) for c, x in enumerate(rows)])
     return _unchannels(out, xq.shape)
 
 

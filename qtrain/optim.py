@@ -1,31 +1,48 @@
 r"""SGD with momentum for float and for integer networks.
 
 For a quantized network every parameter lives in a wide integer store (``QConfig.store_bits``
-significant bits, a fixed exponent chosen from its initial range with 4x headroom; the float32
-parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a step is
-:func:`qkernels.optim.sgd_step`:
+significant bits and a per-tensor exponent, first chosen from its initial range with 4x
+headroom; the float32 parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a
+step is :func:`qkernels.optim.sgd_step`:
 
 .. math:: v \leftarrow \mu v + g, \qquad w \leftarrow w - \frac{\eta}{N} v
 
 with ``mu`` and ``eta / N`` as fixed-point constants (``N`` the batch size: the integer loss
 passes back per-sample errors) and the gradient ``g`` already rounded to ``bits_g`` by its layer.
+When an update would take a code out of the store, the store's exponent rises instead (the
+weights behind batch norm grow during training; nothing is clipped).
 The ``int`` backend runs the qkernels kernel; ``emulate`` runs the same integer formulas as torch
 int64 operations on the parameter's device. A float network gets torch's SGD semantics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
-from qkernels.optim import LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step
+from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
+                            store_shift)
 
-from .quant import QConfig, QuantStats, pow2, top_exponent, to_codes
+from .quant import QConfig, pow2, top_exponent, to_codes
 
 #: Headroom of the store over the initial range: 2**STORE_HEADROOM.
 STORE_HEADROOM = 2
+
+
+@dataclass
+class StoreStats:
+    """One parameter's store: its exponent now, and how far it rose over ``steps`` steps."""
+
+    exp: int
+    raised: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"exp": self.exp, "raised": self.raised, "steps": self.steps}
 
 
 class QSGD(torch.optim.Optimizer):
@@ -37,8 +54,8 @@ class QSGD(torch.optim.Optimizer):
         momentum: momentum factor (0.9 in the paper).
         qconfig: the network's quantization; None or float for torch's SGD.
 
-    ``step(batch_size=N)`` must be told the batch size in quantized mode. Saturations of the
-    store are counted in ``self.stats`` per parameter.
+    ``step(batch_size=N)`` must be told the batch size in quantized mode. ``self.stats`` holds
+    a :class:`StoreStats` per parameter (by ``id``): the store's exponent and its rises.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9,
@@ -49,14 +66,14 @@ class QSGD(torch.optim.Optimizer):
             raise ValueError(f"momentum={momentum} must be in [0, 1)")
         super().__init__(params, {"lr": lr, "momentum": momentum})
         self.qconfig = qconfig
-        self.stats: dict[int, QuantStats] = {}
+        self.stats: dict[int, StoreStats] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, keeping the integer state exact.
 
         ``Optimizer.load_state_dict`` casts state tensors to their parameter's dtype, which would
         turn an int64 velocity into float32; the saved velocities are put back as they were and
-        the per-parameter saturation counters (not saved) start afresh.
+        the per-parameter store counters (not saved) start afresh.
         """
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -66,12 +83,12 @@ class QSGD(torch.optim.Optimizer):
             if "velocity" in saved:
                 live["velocity"] = saved["velocity"].clone().to(live["velocity"].device)
             if "store_exp" in live:
-                self.stats.setdefault(id(p), QuantStats())
+                self.stats[id(p)] = StoreStats(int(live["store_exp"]))
 
     def reset_stats(self) -> None:
-        """Zero the per-parameter saturation counts (e.g. at the start of an epoch)."""
-        for key in self.stats:
-            self.stats[key] = QuantStats()
+        """Zero the per-parameter counts of exponent rises (e.g. at the start of an epoch)."""
+        for key, st in self.stats.items():
+            self.stats[key] = StoreStats(st.exp)
 
     @property
     def integer(self) -> bool:
@@ -116,7 +133,7 @@ class QSGD(torch.optim.Optimizer):
             state["velocity"] = torch.zeros(p.shape, dtype=torch.int64,
                                             device="cpu" if self.qconfig.backend == "int"
                                             else p.device)
-            self.stats[id(p)] = QuantStats()
+            self.stats[id(p)] = StoreStats(exp)
         return state["store_exp"]
 
     def _integer_step(self, p, group, batch_size):
@@ -128,14 +145,17 @@ class QSGD(torch.optim.Optimizer):
         if self.qconfig.backend == "int":
             grad = f32_to_codes(p.grad.cpu().numpy(), 24)
             store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
-            sat = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q, momentum_q=mom_q,
-                           store_bits=bits)
-            p.copy_(torch.from_numpy(codes_to_f32(store)).reshape(p.shape))
+            rise = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q,
+                            momentum_q=mom_q, store_bits=bits)
+            p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + rise)))
+                    .reshape(p.shape))
         else:
-            codes, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q, mom_q,
-                                    bits)
-            p.copy_(codes * pow2(exp))
-        self.stats[id(p)].add(sat, 0, p.numel())
+            codes, rise = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q, mom_q,
+                                     bits)
+            p.copy_(codes * pow2(exp + rise))
+        state["store_exp"] = exp + rise
+        st = self.stats[id(p)]
+        st.exp, st.raised, st.steps = exp + rise, st.raised + rise, st.steps + 1
 
 
 def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
@@ -154,5 +174,9 @@ def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits):
     velocity.copy_((_round_shift(mom_q * velocity, MOMENTUM_BITS) + g).clamp_(-vmax, vmax))
     w = w - _round_shift(lr_q * velocity, LR_BITS)
     qmax = (1 << (bits - 1)) - 1
-    sat = int((w.abs() > qmax).sum())
-    return w.clamp_(-qmax, qmax).double(), sat
+    lo, hi = (int(v) for v in torch.aminmax(w))
+    rise = int(store_shift(lo, hi, qmax))
+    if rise:
+        w = _round_shift(w, rise)
+        velocity.copy_(_round_shift(velocity, rise))
+    return w.double(), rise

@@ -197,7 +197,8 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...]):
 
 
 def _store_report(model, optimizer) -> dict:
-    """Saturated store codes per parameter this epoch (a diverging run shows up here)."""
+    """Per parameter: the store's exponent and how far it rose this epoch (the weights behind
+    batch norm grow; a diverging run shows up here)."""
     return {name: optimizer.stats[id(p)].as_dict() for name, p in model.named_parameters()
             if id(p) in optimizer.stats}
 

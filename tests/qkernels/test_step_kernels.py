@@ -124,26 +124,32 @@ def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits):
     for i, gi in enumerate(g):
         gs = max(-vmax, min(vmax, rshift(int(gi), w_exp - g_exp)))
         v[i] = max(-vmax, min(vmax, rshift(mom_q * v[i], MOMENTUM_BITS) + gs))
-        w[i] = max(-q, min(q, w[i] - rshift(lr_q * v[i], LR_BITS)))
-    return w, v
+        w[i] = w[i] - rshift(lr_q * v[i], LR_BITS)
+    s = 0
+    while max(abs(rshift(x, s)) for x in w) > q:
+        s += 1
+    return [rshift(x, s) for x in w], [rshift(x, s) for x in v], s
 
 
-@pytest.mark.parametrize("g_exp", [-30, -20, -10, 30])
-def test_sgd_step_matches_its_formula(g_exp):
-    """v = round(mu*v) + round(g aligned); w = sat(w - round(lr*v)), in integers; a gradient
-    far above the store (a diverging run) saturates instead of overflowing."""
+@pytest.mark.parametrize("g_exp, grows", [(-30, False), (-20, True), (-10, True), (30, True)])
+def test_sgd_step_matches_its_formula(g_exp, grows):
+    """v = round(mu*v) + round(g aligned); w = w - round(lr*v), in integers; a code that would
+    leave the store raises its exponent (w and v halved per step, rounded) instead of clipping;
+    a gradient far above the store (a diverging run) saturates the velocity, no overflow."""
     rng = np.random.default_rng(abs(g_exp))
     w = rng.integers(-(1 << 22), 1 << 22, 300).astype(np.int32)
     v = rng.integers(-(1 << 30), 1 << 30, 300).astype(np.int64)
     g = rng.integers(-127, 128, 300).astype(np.int8)
-    w[0] = (1 << 23) - 2  # will saturate
-    v[0] = -(1 << 34)
+    if grows:
+        w[0] = -(1 << 23) + 2  # leaves the store
+        v[0] = 1 << 34
     lr_q, mom_q = lr_code(0.1 / 128), momentum_code(0.9)
-    want_w, want_v = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24)
-    sat = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
-                   store_bits=24)
-    assert w.tolist() == want_w and v.tolist() == want_v
-    assert sat == sum(abs(x) == 2 ** 23 - 1 for x in want_w) >= 1
+    want_w, want_v, want_s = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24)
+    s = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
+                 store_bits=24)
+    assert w.tolist() == want_w and v.tolist() == want_v and s == want_s
+    assert (s >= 1) == grows
+    assert max(abs(x) for x in want_w) <= 2 ** 23 - 1
 
 
 def test_sgd_step_rejects_bad_arguments():

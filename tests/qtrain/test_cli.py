@@ -127,7 +127,8 @@ def test_train_end_to_end_writes_the_run_directory(tmp_path, fake_data, env):
     assert [m["epoch"] for m in metrics] == [1, 2]
     for m in metrics:
         assert {"train_loss", "test_error", "seconds", "images_per_s", "quant", "store"} <= set(m)
-        assert m["store"] and all(v["total"] > 0 for v in m["store"].values())
+        assert m["store"] and all(v["steps"] > 0 and v["raised"] >= 0
+                                  for v in m["store"].values())
         assert 0 <= m["test_error"] <= 1 and m["images_per_s"] > 0
         stats = [s for layer in m["quant"].values() for s in layer.values()]
         assert stats and all(s["total"] > 0 or s["saturated"] == 0 for s in stats)

@@ -73,7 +73,11 @@ def sgd(w, v, g, g_exp, w_exp, lr_q, mom_q, bits=24):
     vmax, q = 1 << 38, (1 << (bits - 1)) - 1
     v = np.clip(rshift(mom_q * v, 16) + np.clip(rshift(g, w_exp - g_exp), -vmax, vmax),
                 -vmax, vmax)
-    return np.clip(w - rshift(lr_q * v, LR_BITS), -q, q), v
+    w = w - rshift(lr_q * v, LR_BITS)
+    s = 0  # the store's exponent rises until every code fits
+    while np.abs(rshift(w, s)).max() > q:
+        s += 1
+    return rshift(w, s), rshift(v, s), w_exp + s
 
 
 def codes_of(t, exp):
@@ -103,7 +107,7 @@ def test_full_mlp_step_equals_int64_oracle():
     quants = [m for m in net if isinstance(m, Quantize)]
     opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=cfg)
 
-    # the optimizer's store (fixed exponent, 4x headroom) as the oracle sees it
+    # the optimizer's store (initial exponent: 4x headroom) as the oracle sees it
     stores = {}
     for p in net.parameters():
         e = store_exp(p) if p.abs().max() > 0 else 1 + 2 - 23
@@ -173,8 +177,10 @@ def test_full_mlp_step_equals_int64_oracle():
     # ---- oracle: update and running statistics
     lr_q, mom_q = lr_code(0.1 / len(labels)), momentum_code(0.9)
     for p, (g, g_exp) in want.items():
-        w_new, _ = sgd(stores[p][0], np.zeros_like(g), g, g_exp, stores[p][1], lr_q, mom_q)
-        assert np.array_equal(codes_of(p, stores[p][1]), w_new), p.shape
+        w_new, _, w_exp = sgd(stores[p][0], np.zeros_like(g), g, g_exp, stores[p][1], lr_q,
+                              mom_q)
+        assert opt.state[p]["store_exp"] == w_exp
+        assert np.array_equal(codes_of(p, w_exp), w_new), p.shape
     for i, bn in enumerate(bns):
         mean = np.zeros(bn.num_features, np.int64)
         dev = np.full(bn.num_features, 1 << 24, np.int64)  # running_dev starts at 1.0
