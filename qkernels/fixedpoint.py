@@ -393,14 +393,16 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
       LSB) and ``|A*(x - c)| + |B| < 2**31``: int32 lanes. For int8-range data this is the
       narrow form of :func:`affine_params`, centred.
     * wide (otherwise): ``A = Kf*a1`` and ``B[j] = Kf*(a1*cen[j] - b1) + round(O[j]*2**sh)
-      + 2**(sh-1)`` with ``Kf = round(K*2**sh)``, ``sh`` and the slope clamp as in
-      :func:`affine_params`. ``B[j]`` is formed exactly in two limbs, so
+      + 2**(sh-1)`` with ``Kf = round(K*2**sh)`` and the slope clamp of :func:`affine_params`.
+      ``B[j]`` is formed exactly in two limbs, so
       ``A*(x - c) + B = Kf*u + round(O*2**sh) + 2**(sh-1)``: exactly centred on the integer
-      ``u``, with no offset saturation. ``B[j]`` is saturated at ``+-CENTRED_B_MAX = 2**61``,
-      which is never reached: in the forward ``|Kf*(m*t - S)| < 2**53`` and
-      ``|round(beta*2**sh)| <= 2**60`` (``OFFSET_MAX``, ``SH_MAX``); in the backward the centre
-      is within ``0.51`` of the root, so ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54``; in folded
-      inference ``|Kf*mu_f| <= 2**59``.
+      ``u``, with no offset saturation. ``sh = clamp(-ke - 1, SH_MIN, SH_MAX_C)`` (so
+      ``|Kf| <= 2**30``), lowered while some ``|B[j]| >= 2**CENTRED_B_BITS`` (only a large
+      forward offset does that: ``|beta| >= 2**15`` output LSBs at ``sh = 44``). At ``SH_MIN``
+      every ``|B[j]| < 2**60`` anyway (forward: ``|Kf*(m*t - S)| < 2**53``,
+      ``|beta*2**8| < 2**28``; backward: the centre is within ``0.51`` of the root, so
+      ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54``; folded inference: ``|Kf*mu_f| <= 2**59``), so
+      the saturation at ``+-CENTRED_B_MAX`` is never reached.
 
     Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``; evaluating it needs no more
     than int64 once ``x - cen[j]`` is clamped to the window of :func:`centred_lanes`.

@@ -1093,7 +1093,7 @@ def inference_params16(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_d
     The running mean is taken to f = max(0, 30 - max(16, b + 1)) <= 14 fractional bits
     (|mu| < 2**b codes), so |x*2**f - mu_f| < 2**29 + 2**30, and the affine is
     :func:`~qkernels.fixedpoint.affine_params_c` centred on 0 over [-2**15, 2**15 - 1]:
-    narrow, or wide with |A| = |Kf|*2**f <= 2**44 and |B| <= 2**59 + 2**60 + 2**39.
+    narrow, or wide with |A| = |Kf|*2**f <= 2**44 and |B| < 2**60 + 2**59.
     """
     n = gamma_q.shape[0]
     out = np.zeros((n, 3), dtype=np.int64)

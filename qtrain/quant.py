@@ -9,10 +9,12 @@ half of the format. Both backends implement the same arithmetic:
 
 * ``int``: the tensor is converted to integer codes (exactly) and :mod:`qkernels` computes;
 * ``emulate``: torch operations compute the same integers in float32/float64 where that is
-  provably exact, on any device.
+  provably exact, on any device. On CPU tensors the rounding itself runs qkernels' fused kernel
+  (two passes instead of torch's six; bit-identical), unless :func:`torch_quantizers` is in
+  effect.
 
-They agree bit for bit (``tests/qtrain/test_backends.py``). With ``bits = 32`` a quantizer is
-the identity.
+They agree bit for bit (``tests/qtrain/test_train_step.py``, which runs emulate's torch
+quantizers under :func:`torch_quantizers`). With ``bits = 32`` a quantizer is the identity.
 
 Per quantizer the counts of saturated codes and of nonzero values rounded to zero accumulate in
 a :class:`QuantStats` and are readable per layer (:func:`quant_report`).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,6 +183,24 @@ def _ldexp(t: torch.Tensor, e: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The two implementations of each quantization.
 
+_cpu_kernels = True
+
+
+@contextmanager
+def torch_quantizers():
+    """Within this block the emulate backend rounds with torch operations on CPU tensors too
+    (as it always does on other devices), instead of qkernels' fused kernel."""
+    global _cpu_kernels
+    saved, _cpu_kernels = _cpu_kernels, False
+    try:
+        yield
+    finally:
+        _cpu_kernels = saved
+
+
+def _use_kernel(t: torch.Tensor, backend: str) -> bool:
+    return backend == "int" or (_cpu_kernels and t.device.type == "cpu")
+
 
 def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None
                ) -> torch.Tensor:
@@ -213,7 +234,7 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
     """Round to ``bits`` with the range exponent, half up; identity for 32 bits."""
     if bits >= FLOAT_BITS:
         return t
-    if backend == "int":
+    if _use_kernel(t, backend):
         return _int_round(t, bits, stats, None)
     peak = _peak(t)
     top = top_exponent(t, peak)
@@ -244,7 +265,7 @@ def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, t
     from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
     if bits >= FLOAT_BITS:
         return t
-    if backend == "int":
+    if _use_kernel(t, backend):
         return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id})
     top = top_exponent(t)
     if top is None:

@@ -205,7 +205,7 @@ def test_gamma_zero_and_extreme_affine():
 def test_largest_m_supported(m):
     """m = 2**20 and m = M_MAX (one channel, skewed, with -32768, dy aligned with the signs so
     the exact dx nearly cancels): every accumulator is exact, the results oracle-exact and within
-    1 LSB, and the wide form's clamp window is what keeps int64 from overflowing."""
+    1 LSB."""
     rng = np.random.default_rng(5)
     x = rng.integers(-32767, 32768, size=(m, 1), dtype=np.int16)
     x[: m // 2] = 32767
@@ -216,11 +216,28 @@ def test_largest_m_supported(m):
     gamma, beta = QTensor(np.array([5000], np.int32), -12), QTensor(np.array([77], np.int32), -12)
     y, cache, stats = check_forward(x, gamma, beta, 16, None, x_exp=-15)
     check_backward(x, dy, gamma, cache, stats, 16, None, x_exp=-15, dy_exp=-15)
+    check_backward(x, dy, gamma, cache, stats, 8, None, x_exp=-15, dy_exp=-15)
+
+
+def test_clamp_window_keeps_int64_exact():
+    """A steep slope on a large channel: |A*(x - c)| would reach 2**64 without the clamp window;
+    with it the codes equal the (unbounded-integer) oracle and float64 within 1 LSB."""
+    m = 1 << 20
+    rng = np.random.default_rng(16)
+    x = np.zeros((m, 1), np.int16)
+    x[:64, 0] = rng.integers(-3, 4, 64)
+    x[100], x[200] = 32767, -32768
+    dy = rng.integers(-32767, 32768, size=(m, 1), dtype=np.int16)
+    gamma, beta = QTensor(np.array([1 << 10], np.int32), -12), QTensor(np.array([-5], np.int32), -12)
+    y, cache, stats = check_forward(x, gamma, beta, 16, -12, x_exp=-15)
+    check_backward(x, dy, gamma, cache, stats, 16, None, x_exp=-15, dy_exp=-15)
+    lo, hi = int(stats["min"][0]), int(stats["max"][0])
     a, b, c, sh = forward_params16(stats["sum"][0], m, stats["t_hi"][0] - 1, stats["rmant"][0],
-                                   stats["rexp"][0], 5000, -12 - y.exp, 77, -12 - y.exp,
-                                   stats["min"][0], stats["max"][0])
-    lanes32, window = centred_lanes(a, abs(b), 65535, sh, 32767)
-    assert not lanes32 and abs(a) * 65535 + abs(b) >= 1 << 63 and 0 < window < 65535
+                                   stats["rexp"][0], 1 << 10, 0, -5, 0, lo, hi)
+    d_max = max(abs(lo - c), abs(hi - c))
+    lanes32, window = centred_lanes(a, abs(b), d_max, sh, 32767)
+    assert not lanes32 and abs(a) * d_max + abs(b) >= 1 << 63 and 0 < window < d_max
+    assert (y.q[100] == 32767).all() and (y.q[200] == -32767).all()
 
 
 def test_m_beyond_limit_raises():
@@ -281,14 +298,14 @@ def test_range_exponent_path_equals_given_exponent_path(shape):
 
 
 def test_both_centred_forms_and_lanes_are_exercised():
-    """The int32 (narrow) and int64 (wide) centred forms both run, forward and backward."""
+    """The int32 (narrow) and int64 (wide) centred forms both run, forward and backward: a small
+    gain keeps channel 0 narrow, a full one makes channel 1 wide."""
     from qkernels.l1bn import _centred_lanes_of
 
-    x, gamma, beta, dy = make_case((64, 2, 4, 4), x_bits=12, g_bits=12, seed=13)
-    x[:, 1] = 2000
-    x[0, 1, 0, 0] = 2001  # near-constant: a slope of about m/2 output LSBs per code
-    _, cache, stats = check_forward(x, gamma, beta, 8, -4)
-    check_backward(x, dy, gamma, cache, stats, 8, -4)
+    x, _, beta, dy = make_case((64, 2, 4, 4), x_bits=12, g_bits=12, seed=13)
+    gamma = QTensor(np.array([40, 5000], np.int32), -12)
+    y, cache, stats = check_forward(x, gamma, beta, 16, -12)
+    dx = check_backward(x, dy, gamma, cache, stats, 16, None)
     m = 64 * 16
     inv_m = dy_recip(*dy_norm(m, 0))
     g_rows = np.moveaxis(dy, 1, 0).reshape(2, -1).astype(np.int64)
@@ -297,16 +314,16 @@ def test_both_centred_forms_and_lanes_are_exercised():
     for c in range(2):
         s, t, rm, re = (int(stats[k][c]) for k in ("sum", "t_hi", "rmant", "rexp"))
         lo, hi = int(stats["min"][c]), int(stats["max"][c])
-        a, b, cen, sh = forward_params16(s, m, t - 1, rm, re, int(gamma.q[c]), -12 + 4,
-                                         int(beta.q[c]), -12 + 4, lo, hi)
-        fwd.append(bool(_centred_lanes_of(a, np.array([b]), np.array([cen]), sh, 127, lo,
+        a, b, cen, sh = forward_params16(s, m, t - 1, rm, re, int(gamma.q[c]), 0,
+                                         int(beta.q[c]), 0, lo, hi)
+        fwd.append(bool(_centred_lanes_of(a, np.array([b]), np.array([cen]), sh, 32767, lo,
                                           hi)[0]))
         g = g_rows[c]
         a, b, cen, sh = backward_params16(s, m, t - 1, int(stats["sign_sum"][c]), rm, re,
                                           int(g.sum()), int((g * x_rows[c]).sum()),
                                           int(g.min()), int(g.max()), int(gamma.q[c]),
-                                          -12 - 14 + 12 + 4, *inv_m)
-        bwd.append(bool(_centred_lanes_of(a, b, cen, sh, 127, int(g.min()), int(g.max()))[0]))
+                                          -12 - 14 + 12 - dx.exp, *inv_m)
+        bwd.append(bool(_centred_lanes_of(a, b, cen, sh, 32767, int(g.min()), int(g.max()))[0]))
     assert fwd == [True, False] and bwd == [True, False]
 
 
@@ -400,7 +417,7 @@ def test_inference_with_batch_statistics_equals_training_forward():
 def test_int8_fold_refused_on_int16_codes():
     """A fold made for int8 codes can overflow on int16 codes: refused, naming folded."""
     x, gamma, beta, _ = make_case((16, 3), seed=12)
-    run_mean, run_dev = np.full(3, 1 << 20, np.int64), np.full(3, 1 << 24, np.int64)
+    run_mean, run_dev = np.zeros(3, np.int64), np.full(3, 1 << 10, np.int64)  # a steep slope
     folded = l1bn_fold(gamma, beta, run_mean, run_dev, x_exp=-12, out_bits=16, out_exp=-12)
     with pytest.raises(ValueError, match="folded.*x_bits"):
         l1bn_inference(QTensor(x, -12), folded, out_bits=16, out_exp=-12)

@@ -1,4 +1,5 @@
-"""No floating point inside any kernel, proven on the compiled LLVM IR; qkernels never imports torch."""
+"""No floating point inside any kernel (int8 and 16-bit L1BN included), proven on the compiled
+LLVM IR; qkernels never imports torch."""
 
 import re
 import subprocess
@@ -37,7 +38,27 @@ def kernel_cases():
                  np.zeros(3, np.int64), cnt)
     folded = np.array([[3, 5, 8]] * 3, np.int64)
     run = np.zeros(3, np.int64)
-    return {
+    # the 16-bit kernels (int16 x and dy; the other mixes differ only in load widths)
+    x16 = rng.integers(-32768, 32768, size=(4, 3, 25)).astype(np.int16)
+    stats_args16 = (x16, 3, True, stats, cnt)
+    apply_args16 = (x16, np.empty_like(x16), gq, 0, bq, 0, 32767, stats, cnt)
+    grad_args16 = (x16, x16, np.empty_like(x16), stats, gstats, gq, 0, 32767, 16,
+                   np.zeros(3, np.int64), np.zeros(3, np.int64), cnt)
+    forward_args16 = (x16, np.empty_like(x16), gq, 0, bq, 0, 3, True, 32767, stats, cnt)
+    cases16 = {
+        "_forward16_serial": forward_args16, "_forward16_parallel": forward_args16,
+        "_backward16_serial": grad_args16, "_backward16_parallel": grad_args16,
+        "_stats16_serial": stats_args16, "_stats16_parallel": stats_args16,
+        "_apply16_serial": apply_args16, "_apply16_parallel": apply_args16,
+        "_grad_stats16_serial": (x16, x16, gstats, cnt),
+        "_grad_stats16_parallel": (x16, x16, gstats, cnt),
+        "_grad_apply16_serial": grad_args16, "_grad_apply16_parallel": grad_args16,
+        "grad_exponent16": (stats, gstats, 100, gq, -12, 16),
+        "_affine16_serial": (x16, np.empty_like(x16), folded, 32767, cnt),
+        "_affine16_parallel": (x16, np.empty_like(x16), folded, 32767, cnt),
+        "inference_params16": (gq, 0, bq, 0, run, run + 100, -12, 3, True),
+    }
+    return {**cases16,
         "_forward_serial": (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt),
         "_forward_parallel": (x, np.empty_like(x), gq, 0, bq, 0, 3, True, 127, stats, cnt),
         "_backward_serial": grad_args, "_backward_parallel": grad_args,
@@ -76,7 +97,11 @@ def step_kernel_cases():
         "conv._gram": (conv, (np.ones((3, 32), np.int8), np.ones((9, 32), np.int8),
                               np.empty((3, 9), np.int64))),
         "optim._sgd": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
-                               np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1)),
+                               np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1,
+                               np.empty(8, np.int64))),
+        "optim._rescale": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
+                                   np.arange(8, dtype=np.int64), 2)),
+        "optim._store": (optim, (np.zeros(8, np.int32), np.arange(8, dtype=np.int64))),
     }
 
 

@@ -1,6 +1,7 @@
 """The quantized layers and training step: drop-in behaviour, backends, reproducibility,
 float equivalence, and accuracy on real data."""
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from qtrain.loss import cross_entropy
 from qtrain.models import build, lenet5, mlp
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
-from qtrain.quant import QConfig, QState, Quantize, quant_report
+from qtrain.quant import (QConfig, QState, Quantize, QuantStats, nearest, quant_report, stochastic,
+                          torch_quantizers)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
 
@@ -123,7 +125,9 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
                       seed=3, stochastic_errors=sr_errors)
         net = build(name, norm, cfg)
         opts = []
-        out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts)
+        # emulate's own torch quantizers (on CPU it otherwise uses the int backend's kernel)
+        with torch_quantizers() if backend == "emulate" else contextlib.nullcontext():
+            out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts)
         if lr > 1:  # the weights outgrow their stores, whose exponents rise
             assert sum(s.raised for s in opts[0].stats.values()) > 0
         results.append((out, copy.deepcopy(net.state_dict()), quant_report(net)))
@@ -131,6 +135,27 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
     assert torch.equal(o1, o2)
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert r1 == r2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [2, 5, 8, 12, 16])
+def test_emulate_cpu_kernel_equals_torch_quantizers(dtype, bits):
+    """On CPU, emulate rounds through qkernels' fused kernel: the same values and counts as its
+    torch operations (nearest and stochastic, saturating and zeroing elements included)."""
+    gen = torch.Generator().manual_seed(bits)
+    t = (torch.randn(3000, generator=gen, dtype=torch.float64) * 50).to(dtype)
+    t[:7] = torch.tensor([0.0, 2**-20, -2**-20, 63.75, -63.75, 64.0, -0.0], dtype=dtype)
+    for fn, extra in ((nearest, ()), (stochastic, (7, 3, 11))):
+        results = []
+        for ctx in (contextlib.nullcontext(), torch_quantizers()):
+            stats = QuantStats()
+            with ctx:
+                y = fn(t, bits, "emulate", *extra, stats=stats)
+            results.append((y, stats))
+        (y1, s1), (y2, s2) = results
+        assert y1.dtype == y2.dtype == torch.float32
+        assert torch.equal(y1, y2) and s1 == s2, fn.__name__
+        assert s1.zeroed > 0
 
 
 def test_training_is_reproducible_and_seeded():
