@@ -469,5 +469,5 @@ def l1_batch_norm_functional(*args, **kwargs):
     return l1_batch_norm(*args, **kwargs)
 
 
-__all__ = ["QuantConv2d", "QuantLinear", "L1BatchNorm1d", "L1BatchNorm2d",
+__all__ = ["QuantConv2d", "QuantLinear", "QuantMaxPool2d", "L1BatchNorm1d", "L1BatchNorm2d",
            "l1_batch_norm_functional", "FLOAT_BITS"]

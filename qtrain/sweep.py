@@ -40,7 +40,7 @@ from .config import (BACKENDS, DATASETS, DEFAULT_RECIPE, FLOAT_BITS, NORMS, RunC
 CLASSES = ("w", "a", "g", "e")
 RECORD_FIELDS = ("name", "bits_w", "bits_a", "bits_g", "bits_e", "norm", "backend", "seed",
                  "final_test_error", "best_test_error", "wall_s", "epochs_done", "status",
-                 "reason", "run_dir")
+                 "reason", "run_dir", "varied")
 #: Fields whose difference from a saved run does not make it another run.
 _IGNORED_FIELDS = ("epochs", "device", "data_dir")
 LOG = "train.log"
@@ -133,6 +133,10 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         g.add_argument(f"--bits-{key}", metavar="LIST",
                        help=f"widths of {what} only; the other classes from --bits or the "
                             "recipe")
+    g.add_argument("--one-at-a-time", action="store_true",
+                   help="vary one class at a time: each --bits-X list with the other classes "
+                        "at --bits (one width) or the recipe's, instead of every combination; "
+                        "sweep.png then has a line per class")
     g.add_argument("--norm", metavar="LIST", help=f"norms from {', '.join(NORMS)} "
                                                   "(default: the recipe's)")
     g.add_argument("--backend", metavar="LIST", help=f"backends from {', '.join(BACKENDS)} "
@@ -342,10 +346,30 @@ def _widths(args, base: RunConfig) -> list[tuple[int, int, int, int]]:
     together = _int_list(args.bits, "--bits")
     per = {c: _int_list(getattr(args, f"bits_{c}"), f"--bits-{c}") for c in CLASSES}
     out: list[tuple[int, int, int, int]] = []
+    if getattr(args, "one_at_a_time", False):
+        if not any(per.values()):
+            raise UserError("--one-at-a-time needs at least one --bits-w/-a/-g/-e list")
+        if together is not None and len(together) != 1:
+            raise UserError("--one-at-a-time takes one --bits width for the classes held fixed, "
+                            f"got {args.bits!r}")
+        fixed = [together[0] if together else getattr(base, f"bits_{c}") for c in CLASSES]
+        for i, c in enumerate(CLASSES):
+            for v in per[c] or []:
+                out.append(tuple(v if j == i else fixed[j] for j in range(len(CLASSES))))
+        return list(dict.fromkeys(out))
     for b in together or [None]:
         lists = [per[c] or [b if b is not None else getattr(base, f"bits_{c}")] for c in CLASSES]
         out += list(itertools.product(*lists))
     return list(dict.fromkeys(out))
+
+
+def _varied(widths: tuple[int, ...], fixed: tuple[int, ...] | None) -> str | None:
+    """In a one-at-a-time sweep, the class whose width differs from the fixed ones (None for
+    the run with every class at the fixed width, which belongs to every line)."""
+    if fixed is None:
+        return None
+    diff = [c for c, w, f in zip(CLASSES, widths, fixed) if w != f]
+    return diff[0] if diff else None
 
 
 def _cannot_run(cfg_or_error) -> str | None:
@@ -376,7 +400,7 @@ def _record(job_cfg: RunConfig, name: str, backend: str, run_dir: Path | None, s
             "final_test_error": s.get("final_test_error"),
             "best_test_error": s.get("best_test_error"), "wall_s": s.get("wall_s"),
             "epochs_done": s.get("epochs_done"), "status": status, "reason": reason,
-            "run_dir": str(run_dir) if run_dir is not None else None}
+            "run_dir": str(run_dir) if run_dir is not None else None, "varied": None}
 
 
 def run_sweep(args) -> int:
@@ -387,6 +411,9 @@ def run_sweep(args) -> int:
     seeds = _seeds(args.seeds, base.seed)
     n_jobs = _jobs(args.jobs)
     widths = _widths(args, base)
+    together = _int_list(args.bits, "--bits")
+    fixed = (tuple(together[0] if together else getattr(base, f"bits_{c}") for c in CLASSES)
+             if getattr(args, "one_at_a_time", False) else None)
     out, runs = _runs_dir(args.out)
 
     records: list[dict] = []
@@ -403,7 +430,7 @@ def run_sweep(args) -> int:
             rec = {"name": None, "bits_w": bw, "bits_a": ba, "bits_g": bg, "bits_e": be,
                    "norm": norm, "backend": backend, "seed": seed}
             rec = {k: rec.get(k) for k in RECORD_FIELDS}
-            rec.update(status="skipped", reason=str(cfg))
+            rec.update(status="skipped", reason=str(cfg), varied=_varied((bw, ba, bg, be), fixed))
             records.append(rec)
             continue
         name = run_name(cfg)
@@ -426,6 +453,9 @@ def run_sweep(args) -> int:
         jobs[name] = job
         job_records[name] = rec
 
+    for r in records:
+        if r["name"] is not None:
+            r["varied"] = _varied(tuple(r[f"bits_{c}"] for c in CLASSES), fixed)
     for r in records:
         if r["status"] == "skipped":
             _say(f"skipped {_describe(r)}: {r['reason']}")
@@ -499,6 +529,8 @@ def plot_sweep(path: Path, records: list[dict]) -> None:
             and r["final_test_error"] is not None]
     keys = [f"bits_{c}" for c in CLASSES]
     all_equal = all(len({r[k] for k in keys}) == 1 for r in done)
+    if any(r.get("varied") for r in done):
+        return _plot_one_at_a_time(path, done, plt)
     if all_equal:
         xkey, xlabel, fixed = "bits_w", "bit width (W = A = G = E)", []
     else:
@@ -548,6 +580,49 @@ def plot_sweep(path: Path, records: list[dict]) -> None:
     ax.set(xlabel=xlabel, ylabel="final test error (%)",
            title=f"test error vs bit width (mean ± std over {n_seeds} seed(s))")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic_figure(path, fig)
+    plt.close(fig)
+
+
+_CLASS_NAMES = {"w": "weights", "a": "activations", "g": "weight gradients", "e": "errors"}
+
+
+def _plot_one_at_a_time(path: Path, done: list[dict], plt) -> None:
+    """A one-at-a-time sweep: a line per varied class (and norm/backend), mean ± std; the run
+    with every class at the fixed width is a point of every line."""
+    lines: dict[tuple, dict[int, list[float]]] = {}
+    for r in done:
+        classes = [r["varied"]] if r.get("varied") else \
+            sorted({x["varied"] for x in done if x.get("varied")})
+        for c in classes:
+            lines.setdefault((c, r["norm"], r["backend"]), {}).setdefault(
+                r[f"bits_{c}"], []).append(100 * r["final_test_error"])
+    fixed = [r for r in done if not r.get("varied")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = sorted({x for pts in lines.values() for x in pts})
+    pos = {x: i for i, x in enumerate(xs)}
+    for i, ((c, norm, backend), pts) in enumerate(sorted(lines.items(), key=lambda kv: (
+            CLASSES.index(kv[0][0]), kv[0][1:]))):
+        xv = sorted(pts)
+        stats = [_mean_std(pts[x]) for x in xv]
+        label = f"{_CLASS_NAMES[c]} ({c.upper()})"
+        if len({(k[1], k[2]) for k in lines}) > 1:
+            label += f", {norm.upper()}BN {backend}"
+        ax.errorbar([pos[x] + 0.04 * (i - 1.5) for x in xv], [m for m, _ in stats],
+                    yerr=[s for _, s in stats], marker="o", capsize=3, label=label,
+                    color=f"C{i % 10}")
+    ax.set_xticks(range(len(xs)))
+    ax.set_xticklabels([f"{x}\nfloat" if x == FLOAT_BITS else str(x) for x in xs])
+    held = (f"the others at {fixed[0]['bits_w']} bits" if fixed
+            else "the others at their fixed widths")
+    n_seeds = max((len(v) for pts in lines.values() for v in pts.values()), default=0)
+    ax.set(xlabel=f"bit width of one tensor class ({held})", ylabel="final test error (%)",
+           title=f"test error vs bit width, one class at a time (mean ± std over {n_seeds} "
+                 "seed(s))")
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _atomic_figure(path, fig)
     plt.close(fig)
