@@ -28,6 +28,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -207,8 +208,27 @@ def _threads(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent exits, so runs started
+    by a killed ``qtrain sweep``/``compare`` stop with it instead of training on."""
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - best effort
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _init_child(threads: int) -> None:
-    """Pool initializer: pin thread counts before torch/numba are imported in the child."""
+    """Pool initializer: pin thread counts before torch/numba are imported in the child, and
+    stop the child when the parent dies."""
+    _die_with_parent()
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import numba

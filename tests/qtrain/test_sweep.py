@@ -2,6 +2,11 @@
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +191,41 @@ def test_compare_methods_rejects_unknown_names(tmp_path):
     parser = add_compare_arguments(argparse.ArgumentParser())
     with pytest.raises(UserError, match="--methods 'int,l3'.*choose from int, float-l1"):
         run_compare(parser.parse_args(["--methods", "int,l3", "--out", str(tmp_path), *TINY]))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_pool_children_stop_when_the_parent_is_killed(tmp_path):
+    """A killed sweep/compare leaves no orphan process training on (it would race the next
+    sweep for the same run directories)."""
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import multiprocessing, os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from qtrain.sweep import _init_child\n"
+        "def job(path):\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_child,\n"
+        f"                             initargs=(1,)) as pool:\n"
+        f"        pool.submit(job, {str(pid_file)!r}).result()\n")
+    (tmp_path / "parent.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    deadline = time.time() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the pool's child outlived its killed parent")
