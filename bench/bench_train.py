@@ -121,11 +121,13 @@ LOSS_WINDOW = 10
 
 DEFINITIONS = {
     "int": "qtrain lenet5(norm='l1', QConfig(8, 8, 8, 8, backend='int')): W8A8G8E8, int8 L1BN "
-           "(qkernels), integer base-2 softmax cross-entropy, QSGD integer SGD with momentum",
+           "(qkernels), max-pool on codes (QuantMaxPool2d), integer base-2 softmax "
+           "cross-entropy, QSGD integer SGD with momentum",
     "emulate": "the same network, bits and optimizer with backend='emulate' (the integer "
-               "arithmetic as torch operations)",
-    "float": "qtrain lenet5(norm='l2', qconfig=None): torch float32, nn.BatchNorm2d/1d, "
-             "F.cross_entropy, torch.optim.SGD",
+               "arithmetic as torch operations; on CPU its rounding runs the fused qkernels "
+               "kernel)",
+    "float": "qtrain lenet5(norm='l2', qconfig=None): plain torch float32, nn.MaxPool2d, "
+             "nn.BatchNorm2d/1d, F.cross_entropy, torch.optim.SGD",
     "brevitas": "Brevitas W8A8 QAT of the same topology: QuantIdentity input, QuantConv2d/"
                 "QuantLinear (Int8WeightPerTensorFixedPoint), nn.BatchNorm2d/1d, QuantReLU "
                 "(Int8ActPerTensorFixedPoint, return_quant_tensor=False), float last-layer "

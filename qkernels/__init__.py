@@ -1,7 +1,7 @@
 """qkernels: the integer engine of qtrain (numpy + numba only, never torch).
 
 The fixed-point spec lives in :mod:`qkernels.fixedpoint`, integer tensors in
-:mod:`qkernels.format`, the int8 L1BN kernels in :mod:`qkernels.l1bn`, the counter-based random
+:mod:`qkernels.format`, the L1BN kernels (int8 and int16 codes) in :mod:`qkernels.l1bn`, the counter-based random
 stream and stochastic rounding in :mod:`qkernels.rng`, requantization with range-chosen
 exponents in :mod:`qkernels.quant`, the integer softmax cross-entropy error in
 :mod:`qkernels.loss`, integer SGD in :mod:`qkernels.optim`, integer reading and writing of

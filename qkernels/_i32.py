@@ -5,7 +5,8 @@ Numba types every integer operation on small integers as int64, and LLVM cannot 
 variable arithmetic shift back, so a loop written with ``np.int32`` casts still runs in 64-bit
 vector lanes (8 per AVX-512 register). These intrinsics emit 32-bit ``mul``/``add``/``ashr``/
 ``select`` directly, so the affine passes run 16 lanes wide. Callers prove that nothing
-overflows (``qkernels.fixedpoint.fits_int32``); a shift count is always below 32.
+overflows (``qkernels.fixedpoint.fits_int32`` for the int8 kernels,
+``qkernels.fixedpoint.centred_lanes`` for the 16-bit ones); a shift count is always below 32.
 
 With ``NUMBA_DISABLE_JIT=1`` the same names are plain Python functions.
 """

@@ -99,7 +99,7 @@ WINDOW_MAX = 1 << 20
 #: The centred wide form takes up to SH_MAX_C fractional bits, as many as keep every offset
 #: below 2**CENTRED_B_BITS (fewer when a large offset needs it, never fewer than SH_MIN).
 SH_MAX_C = 44
-CENTRED_B_BITS = 60
+CENTRED_B_BITS = 61
 
 #: Two-limb integers: value = hi * 2**WIDE_SHIFT + lo with 0 <= lo < 2**WIDE_SHIFT.
 WIDE_SHIFT = 32
@@ -316,7 +316,8 @@ def wide_mul(a, b):
 
 @njit(cache=True)
 def wide_shl(v, s):
-    """``v * 2**s`` as two limbs, for ``|v| < 2**31``, ``s >= 0`` and ``bit_length(v) + s <= 92``."""
+    """``v * 2**s`` as two limbs, for ``|v| < 2**31``, ``s >= 0`` and
+    ``bit_length(v) + s <= 92``."""
     v = np.int64(v)
     s = np.int64(s)
     if s < WIDE_SHIFT:
@@ -398,11 +399,11 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
       ``A*(x - c) + B = Kf*u + round(O*2**sh) + 2**(sh-1)``: exactly centred on the integer
       ``u``, with no offset saturation. ``sh = clamp(-ke - 1, SH_MIN, SH_MAX_C)`` (so
       ``|Kf| <= 2**30``), lowered while some ``|B[j]| >= 2**CENTRED_B_BITS`` (only a large
-      forward offset does that: ``|beta| >= 2**15`` output LSBs at ``sh = 44``). At ``SH_MIN``
-      every ``|B[j]| < 2**60`` anyway (forward: ``|Kf*(m*t - S)| < 2**53``,
-      ``|beta*2**8| < 2**28``; backward: the centre is within ``0.51`` of the root, so
-      ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54``; folded inference: ``|Kf*mu_f| <= 2**59``), so
-      the saturation at ``+-CENTRED_B_MAX`` is never reached.
+      offset does that, ``|beta| >= 2**17`` output LSBs at ``sh = 44``; as ``|beta| < 2**20``
+      (OFFSET_MAX), ``|Kf*(m*t - S)| < 2**53`` in the forward and ``|Kf*mu_f| <= 2**59`` in
+      folded inference, ``sh`` stays >= 40 there). In the backward the centre is within
+      ``0.51`` of the root, so ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54`` at any ``sh``. So
+      every ``|B[j]| < 2**61`` and the saturation at ``+-CENTRED_B_MAX`` is never reached.
 
     Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``; evaluating it needs no more
     than int64 once ``x - cen[j]`` is clamped to the window of :func:`centred_lanes`.
@@ -458,8 +459,8 @@ def centred_lanes(a, b_abs_max, d_abs_max, sh, q):
     ``|a|*window >= L = b_abs_max + (q+1)*2**sh`` (capped at ``WINDOW_MAX``, 0 when ``a == 0``).
     Every ``|d| >= window`` then gives ``|a*d + b| >= (q+1)*2**sh`` with the sign of ``a*d``,
     so it saturates to the same code as the clamped ``d``: the clamp changes no result. And
-    ``|a*window| < 2L`` (or ``= |a|`` for window 1), so with ``b_abs_max <= 2**61``,
-    ``q < 2**15`` and ``sh <= 40`` every ``|a*d + b| < 3*2**61 + 2**56 < 2**63``.
+    ``|a*window| < 2L`` (or ``= |a|`` for window 1), so with ``b_abs_max < 2**61``,
+    ``q < 2**15`` and ``sh <= 44`` every ``|a*d + b| < 2*(2**61 + 2**59) + 2**61 < 2**63``.
     """
     wide = bit_length(a) + bit_length(d_abs_max) > 32
     lanes32 = (sh <= 30 and not wide

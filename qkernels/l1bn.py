@@ -761,6 +761,9 @@ def _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, t_lo, t_hi, q, lanes32, wind
     b_neg, b_zero, b_pos = np.int32(b[0]), np.int32(b[1]), np.int32(b[2])
     c_neg, c_zero, c_pos = np.int32(cen[0]), np.int32(cen[1]), np.int32(cen[2])
     lo, hi = np.int32(t_lo), np.int32(t_hi)
+    # int64 lanes: scalars, not array loads, inside the loop (the stores to dx could alias them)
+    b0, b1, b2 = b[0], b[1], b[2]
+    c0, c1, c2 = cen[0], cen[1], cen[2]
     for n in range(x.shape[0]):
         row = x[n, c]
         grow = g[n, c]
@@ -775,8 +778,8 @@ def _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, t_lo, t_hi, q, lanes32, wind
         else:
             for i in range(row.shape[0]):
                 v = row[i]
-                off = b[2] if v >= t_hi else (b[0] if v <= t_lo else b[1])
-                ctr = cen[2] if v >= t_hi else (cen[0] if v <= t_lo else cen[1])
+                off = b2 if v >= t_hi else (b0 if v <= t_lo else b1)
+                ctr = c2 if v >= t_hi else (c0 if v <= t_lo else c1)
                 d = min(max(np.int64(grow[i]) - ctr, -window), window)
                 out[i] = saturate((a * d + off) >> sh, q)
         _tally(cnt, SIGN, row.shape[0])
@@ -1093,7 +1096,7 @@ def inference_params16(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_d
     The running mean is taken to f = max(0, 30 - max(16, b + 1)) <= 14 fractional bits
     (|mu| < 2**b codes), so |x*2**f - mu_f| < 2**29 + 2**30, and the affine is
     :func:`~qkernels.fixedpoint.affine_params_c` centred on 0 over [-2**15, 2**15 - 1]:
-    narrow, or wide with |A| = |Kf|*2**f <= 2**44 and |B| < 2**60 + 2**59.
+    narrow, or wide with |A| = |Kf|*2**f <= 2**44 and |B| < 2**61.
     """
     n = gamma_q.shape[0]
     out = np.zeros((n, 3), dtype=np.int64)

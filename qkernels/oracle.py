@@ -214,9 +214,10 @@ def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_m
     params = fold(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp, run_mean, run_dev,
                   x_exp, (eps_log2 - x_exp) if use_eps else 0, use_eps)
     rows = _channels(xq)
-    apply = _affine if xq.dtype == np.int8 else (lambda x, a, b, sh, q:
-                                                 _affine_centred(x, a, b, 0, sh, q))
-    out = np.stack([apply(x, *params[c], q) for c, x in enumerate(rows)])
+    if xq.dtype == np.int8:
+        out = np.stack([_affine(x, *params[c], q) for c, x in enumerate(rows)])
+    else:  # on Python integers
+        out = np.stack([_affine_centred(x, a, b, 0, sh, q) for x, (a, b, sh) in zip(rows, params)])
     return _unchannels(out, xq.shape)
 
 

@@ -8,8 +8,9 @@ quantized :class:`~qtrain.quant.QConfig`:
   range exponent; straight-through backward), multiply codes exactly (a float32 BLAS call only
   where the sum provably stays below 2**24, float64 otherwise), and round their weight
   gradient to ``bits_g`` stochastically before it reaches ``.grad``.
-* :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the int8 L1BN kernels of
-  :mod:`qkernels` (outputs ``bits_a``, errors ``bits_e``, exponents chosen from the range), keep
+* :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the integer L1BN kernels of
+  :mod:`qkernels` (int8 codes up to 8 bits, int16 above; outputs ``bits_a``, errors
+  ``bits_e``, exponents chosen from the range), keep
   running statistics as exact fixed-point codes, and in eval mode apply the folded integer
   affine (Algorithm 1, step 9) with the output exponent of the last training batch.
 
@@ -33,6 +34,7 @@ from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
+from qkernels.format import code_dtype
 
 from .quant import FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic
 from .reference import l1_batch_norm
@@ -284,10 +286,12 @@ def _eps_log2(eps: float) -> int | None:
     return None if eps == 0 else round(math.log2(eps))
 
 
-def _int8_codes(t: torch.Tensor) -> QTensor:
-    """Codes of a container whose values fit 7 bits plus sign, as int8 (exact), in the
-    kernels' layout: (N, C) stays 2-D, anything wider becomes (N, C, L, 1)."""
-    c = f32_to_codes(t.detach().cpu().numpy(), 7, np.int8)
+def _bn_codes(t: torch.Tensor, bits: int) -> QTensor:
+    """Codes of a container of ``bits``-wide codes at the full width of their storage (int8:
+    7 bits plus sign; int16 for 9..16 bits: 15 plus sign), exact, in the kernels' layout: (N, C)
+    stays 2-D, anything wider becomes (N, C, L, 1)."""
+    dtype = code_dtype(bits)
+    c = f32_to_codes(t.detach().cpu().numpy(), 8 * np.dtype(dtype).itemsize - 1, dtype)
     q = c.q
     return QTensor(q if q.ndim == 2 else q.reshape(q.shape[0], q.shape[1], -1, 1), c.exp)
 
@@ -305,7 +309,8 @@ def _container(q: QTensor, like: torch.Tensor) -> torch.Tensor:
 class _L1BNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn):
-        y, cache = l1bn_forward(_int8_codes(x), _param_codes(weight), _param_codes(bias),
+        y, cache = l1bn_forward(_bn_codes(x, bn.qconfig.bits_a), _param_codes(weight),
+                                _param_codes(bias),
                                 out_bits=bn.qconfig.bits_a, eps_log2=_eps_log2(bn.eps))
         if bn.track_running_stats:
             bn._update_running(cache)
@@ -317,7 +322,8 @@ class _L1BNFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         bn = ctx.bn
-        dx, dgamma, dbeta = l1bn_backward(_int8_codes(gy), ctx.cache, dx_bits=bn.qconfig.bits_e)
+        dx, dgamma, dbeta = l1bn_backward(_bn_codes(gy, bn.qconfig.bits_e), ctx.cache,
+                                          dx_bits=bn.qconfig.bits_e)
         grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
         grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
         return _container(dx, gy), grad_w, grad_b, None
@@ -355,10 +361,6 @@ class _L1BatchNorm(nn.Module, _Quantized):
             if momentum is None:
                 raise ValueError("a quantized L1 batch norm needs a momentum (the cumulative "
                                  "average of momentum=None is not implemented in integers)")
-            if qconfig.bits_a > 8 or qconfig.bits_e > 8:
-                raise ValueError("the int8 L1BN kernels take activations and errors of up to "
-                                 f"8 bits (got bits_a={qconfig.bits_a}, "
-                                 f"bits_e={qconfig.bits_e}); use norm l2 or none")
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -433,14 +435,14 @@ class _L1BatchNorm(nn.Module, _Quantized):
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
         """Folded integer affine with the running statistics and the last training exponent."""
         q = self.qconfig
-        xq = _int8_codes(x)
+        xq = _bn_codes(x, q.bits_a)
         if xq.q.ndim == 2:
             xq = QTensor(xq.q[:, :, None, None], xq.exp)
         out_exp = int(self.last_out_exp)
         folded = l1bn_fold(_param_codes(self.weight), _param_codes(self.bias),
                            self._codes_of(self.running_mean), self._codes_of(self.running_dev),
                            x_exp=xq.exp, out_bits=q.bits_a, out_exp=out_exp,
-                           eps_log2=_eps_log2(self.eps))
+                           eps_log2=_eps_log2(self.eps), x_bits=q.bits_a)
         y = l1bn_inference(xq, folded, out_bits=q.bits_a, out_exp=out_exp)
         return _container(y, x)
 

@@ -687,9 +687,8 @@ def run_compare(args) -> int:
 
     base, label = _base_config(args)
     bits = args.bits
-    if not 2 <= bits <= 8:
-        raise UserError(f"--bits {bits}: the integer L1BN run takes 2..8 bits (the int8 L1BN "
-                        "kernels' limit)")
+    if not 2 <= bits <= 16:
+        raise UserError(f"--bits {bits}: the integer L1BN run takes 2..16 bits")
     chosen = _choice_list(getattr(args, "methods", None), "--methods", COMPARE_METHODS) \
         or list(COMPARE_METHODS)
     seeds = _seeds(args.seeds, base.seed)

@@ -91,9 +91,9 @@ def test_impossible_combinations_are_skipped_not_crashed(tmp_path, capsys):
     assert rc == 0
     lines = [ln for ln in text.splitlines() if ln.startswith("skipped")]
     assert len(lines) == 2 and all("L1 batch norm only" in ln for ln in lines)
-    rc, text = sweep(capsys, "--bits", "12", "--norm", "l1", "--backend", "emulate",
-                     "--out", str(tmp_path / "b"))
-    assert rc == 0 and "up to 8 bits" in text
+    rc, text = sweep(capsys, "--bits", "8", "--bits-w", "32", "--norm", "l1", "--backend",
+                     "int", "--out", str(tmp_path / "b"))
+    assert rc == 0 and "needs integer W, A, G and E" in text
     recs = records(tmp_path / "b")
     assert len(recs) == 1 and recs[0]["status"] == "skipped" and recs[0]["reason"]
     assert not list((tmp_path / "b" / "runs").iterdir())  # nothing was trained
