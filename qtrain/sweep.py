@@ -141,7 +141,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--norm", metavar="LIST", help=f"norms from {', '.join(NORMS)} "
                                                   "(default: the recipe's)")
     g.add_argument("--backend", metavar="LIST", help=f"backends from {', '.join(BACKENDS)} "
-                                                     "(default: the recipe's)")
+                                                     "(default: the recipe's; emulate for "
+                                                     "norm l2 when the recipe's is int)")
     _common_arguments(parser)
     return parser
 
@@ -383,6 +384,12 @@ def _widths(args, base: RunConfig) -> list[tuple[int, int, int, int]]:
     return list(dict.fromkeys(out))
 
 
+def _default_backend(base: RunConfig, norm: str) -> str:
+    """Without --backend: the recipe's, except that float L2BN in a quantized network needs
+    emulate (the int backend runs integer L1BN only)."""
+    return "emulate" if base.backend == "int" and norm == "l2" else base.backend
+
+
 def _varied(widths: tuple[int, ...], fixed: tuple[int, ...] | None) -> str | None:
     """In a one-at-a-time sweep, the class whose width differs from the fixed ones (None for
     the run with every class at the fixed width, which belongs to every line)."""
@@ -427,7 +434,7 @@ def run_sweep(args) -> int:
     """``qtrain sweep``: 0 when every runnable combination finished, 1 when a run failed."""
     base, label = _base_config(args)
     norms = _choice_list(args.norm, "--norm", NORMS) or [base.norm]
-    backends = _choice_list(args.backend, "--backend", BACKENDS) or [base.backend]
+    backends = _choice_list(args.backend, "--backend", BACKENDS)
     seeds = _seeds(args.seeds, base.seed)
     n_jobs = _jobs(args.jobs)
     widths = _widths(args, base)
@@ -439,8 +446,9 @@ def run_sweep(args) -> int:
     records: list[dict] = []
     jobs: dict[str, Job] = {}
     job_records: dict[str, dict] = {}
-    for (bw, ba, bg, be), norm, backend, seed in itertools.product(widths, norms, backends,
-                                                                   seeds):
+    combos = [(w, norm, backend, seed) for w, norm in itertools.product(widths, norms)
+              for backend in backends or [_default_backend(base, norm)] for seed in seeds]
+    for (bw, ba, bg, be), norm, backend, seed in combos:
         try:
             cfg = dataclasses.replace(base, bits_w=bw, bits_a=ba, bits_g=bg, bits_e=be,
                                       norm=norm, backend=backend, seed=seed)

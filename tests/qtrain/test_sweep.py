@@ -101,6 +101,16 @@ def test_impossible_combinations_are_skipped_not_crashed(tmp_path, capsys):
 
 
 @needs_data
+def test_default_backend_runs_l2_with_emulate(tmp_path, capsys):
+    """Without --backend the recipe's int backend runs L1BN and emulate runs L2BN (which the
+    int backend cannot), so `--norm l1,l2` compares the two without skipped runs."""
+    rc, text = sweep(capsys, "--bits", "6", "--norm", "l1,l2", "--out", str(tmp_path))
+    assert rc == 0, text
+    assert sorted((r["norm"], r["backend"], r["status"]) for r in records(tmp_path)) == [
+        ("l1", "int", "trained"), ("l2", "emulate", "trained")]
+
+
+@needs_data
 def test_per_class_sweep_varies_only_that_class(tmp_path, capsys):
     rc, text = sweep(capsys, "--bits-e", "4,8", "--norm", "l1",
                      "--out", str(tmp_path))
