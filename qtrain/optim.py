@@ -27,7 +27,7 @@ from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
                             store_shift)
 
-from .quant import QConfig, pow2, top_exponent, to_codes
+from .quant import QConfig, pow2, top_exponent, to_codes, use_kernels
 
 #: Headroom of the store over the initial range: 2**STORE_HEADROOM.
 STORE_HEADROOM = 2
@@ -122,7 +122,8 @@ class QSGD(torch.optim.Optimizer):
         p.add_(buf, alpha=-group["lr"])
 
     def _store(self, p, state) -> int:
-        """The store exponent, fixed at the first step; snaps the parameter to its grid."""
+        """The store exponent (set at the first step, then raised by updates); the first call
+        snaps the parameter to its grid."""
         if "store_exp" not in state:
             top = top_exponent(p)
             top = 1 if top is None else top
@@ -142,7 +143,7 @@ class QSGD(torch.optim.Optimizer):
         lr_q = lr_code(group["lr"] / batch_size)
         mom_q = momentum_code(group["momentum"])
         bits = self.qconfig.store_bits
-        if self.qconfig.backend == "int":
+        if use_kernels(p, self.qconfig.backend):
             grad = f32_to_codes(p.grad.cpu().numpy(), 24)
             store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
             rise = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q,

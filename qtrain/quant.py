@@ -9,12 +9,12 @@ half of the format. Both backends implement the same arithmetic:
 
 * ``int``: the tensor is converted to integer codes (exactly) and :mod:`qkernels` computes;
 * ``emulate``: torch operations compute the same integers in float32/float64 where that is
-  provably exact, on any device. On CPU tensors the rounding itself runs qkernels' fused kernel
-  (two passes instead of torch's six; bit-identical), unless :func:`torch_quantizers` is in
-  effect.
+  provably exact, on any device. On CPU tensors the rounding (and the optimizer's update) runs
+  the int backend's qkernels kernels instead (fused: two passes over the data instead of
+  torch's six; bit-identical), unless :func:`torch_emulation` is in effect.
 
 They agree bit for bit (``tests/qtrain/test_train_step.py``, which runs emulate's torch
-quantizers under :func:`torch_quantizers`). With ``bits = 32`` a quantizer is the identity.
+operations under :func:`torch_emulation`). With ``bits = 32`` a quantizer is the identity.
 
 Per quantizer the counts of saturated codes and of nonzero values rounded to zero accumulate in
 a :class:`QuantStats` and are readable per layer (:func:`quant_report`).
@@ -187,9 +187,10 @@ _cpu_kernels = True
 
 
 @contextmanager
-def torch_quantizers():
-    """Within this block the emulate backend rounds with torch operations on CPU tensors too
-    (as it always does on other devices), instead of qkernels' fused kernel."""
+def torch_emulation():
+    """Within this block the emulate backend uses its torch operations on CPU tensors too (as
+    it always does on other devices) for rounding and for the optimizer's update, instead of
+    the int backend's qkernels kernels."""
     global _cpu_kernels
     saved, _cpu_kernels = _cpu_kernels, False
     try:
@@ -198,7 +199,9 @@ def torch_quantizers():
         _cpu_kernels = saved
 
 
-def _use_kernel(t: torch.Tensor, backend: str) -> bool:
+def use_kernels(t: torch.Tensor, backend: str) -> bool:
+    """Whether integer work on ``t`` runs qkernels' kernels: always for the int backend, for
+    emulate on CPU tensors outside :func:`torch_emulation`."""
     return backend == "int" or (_cpu_kernels and t.device.type == "cpu")
 
 
@@ -234,7 +237,7 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
     """Round to ``bits`` with the range exponent, half up; identity for 32 bits."""
     if bits >= FLOAT_BITS:
         return t
-    if _use_kernel(t, backend):
+    if use_kernels(t, backend):
         return _int_round(t, bits, stats, None)
     peak = _peak(t)
     top = top_exponent(t, peak)
@@ -265,7 +268,7 @@ def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, t
     from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
     if bits >= FLOAT_BITS:
         return t
-    if _use_kernel(t, backend):
+    if use_kernels(t, backend):
         return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id})
     top = top_exponent(t)
     if top is None:

@@ -16,7 +16,7 @@ from qtrain.models import build, lenet5, mlp
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
 from qtrain.quant import (QConfig, QState, Quantize, QuantStats, nearest, quant_report, stochastic,
-                          torch_quantizers)
+                          torch_emulation)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
 
@@ -125,7 +125,7 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
         net = build(name, norm, cfg)
         opts = []
         # emulate's own torch quantizers (on CPU it otherwise uses the int backend's kernel)
-        with torch_quantizers() if backend == "emulate" else contextlib.nullcontext():
+        with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
             out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts)
         if lr > 1:  # the weights outgrow their stores, whose exponents rise
             assert sum(s.raised for s in opts[0].stats.values()) > 0
@@ -138,7 +138,7 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bits", [2, 5, 8, 12, 16])
-def test_emulate_cpu_kernel_equals_torch_quantizers(dtype, bits):
+def test_emulate_cpu_kernel_equals_torch_emulation(dtype, bits):
     """On CPU, emulate rounds through qkernels' fused kernel: the same values and counts as its
     torch operations (nearest and stochastic, saturating and zeroing elements included)."""
     gen = torch.Generator().manual_seed(bits)
@@ -146,7 +146,7 @@ def test_emulate_cpu_kernel_equals_torch_quantizers(dtype, bits):
     t[:7] = torch.tensor([0.0, 2**-20, -2**-20, 63.75, -63.75, 64.0, -0.0], dtype=dtype)
     for fn, extra in ((nearest, ()), (stochastic, (7, 3, 11))):
         results = []
-        for ctx in (contextlib.nullcontext(), torch_quantizers()):
+        for ctx in (contextlib.nullcontext(), torch_emulation()):
             stats = QuantStats()
             with ctx:
                 y = fn(t, bits, "emulate", *extra, stats=stats)
