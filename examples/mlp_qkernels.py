@@ -100,9 +100,9 @@ class Param:
         """Exact batch-sum gradient -> 8 bits (stochastic) -> times 2**-mean_shift (exact: an
         exponent change), then one integer SGD step."""
         g, _ = quantize_stochastic(grad, BITS, seed=seed, step=step, tensor_id=tensor_id)
-        rise = sgd_step(self.store, self.velocity, QTensor(g.q, g.exp - mean_shift), lr_q=lr_q,
+        done = sgd_step(self.store, self.velocity, QTensor(g.q, g.exp - mean_shift), lr_q=lr_q,
                         momentum_q=momentum_code(MOMENTUM), store_bits=STORE_BITS)
-        self.store = self.store._replace(exp=self.store.exp + rise)
+        self.store = self.store._replace(exp=self.store.exp + done.rise)
 
 
 def store_exponent(limit: float) -> int:

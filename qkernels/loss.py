@@ -5,7 +5,8 @@ For logits ``L = z * 2**e`` (codes ``z``) the network's class probabilities are
 scale is learned ln 2 larger), the loss is :math:`-\log_2 p_y` bits and its gradient is exactly
 :math:`p_i - [i = y]`. Per sample, in integers:
 
-* ``d_i = z_i - max(z) <= 0`` taken to ``EXP2_FRAC_BITS`` fractional bits: ``t_i``;
+* ``d_i = z_i - max(z) <= 0`` taken to ``EXP2_FRAC_BITS`` fractional bits: ``t_i`` (rounded
+  half up; for coarse logits saturated far below where ``2**t_i`` is still a unit);
 * :math:`2^{t_i} = 2^{\lfloor t_i \rfloor} \cdot 2^{\{t_i\}}`: a table of
   ``round(2**(j / 2**EXP2_FRAC_BITS) * 2**15)`` for the fraction, a right shift for the integer
   part: ``v_i`` (the largest is ``2**15``, so their sum ``s`` is at least ``2**15``);
@@ -30,6 +31,11 @@ from .format import QTensor, check_array, check_exp
 EXP2_FRAC_BITS = 10
 #: Probabilities and errors are integers in units of 2**-PROB_BITS.
 PROB_BITS = 16
+#: Coarse logits (shift >= 0) saturate t: d is floored at D_FLOOR and the shift capped at
+#: SHIFT_CAP, which changes no probability (2**t then lies far below one unit) and keeps
+#: huge logits (a diverging run) from overflowing instead of being refused.
+D_FLOOR = np.int64(-(1 << 22))
+SHIFT_CAP = 40
 
 
 def _exp2_table() -> np.ndarray:
@@ -57,7 +63,12 @@ def _xent_error(z, z_shift, labels, table, err):
         total = np.int64(0)
         for i in range(n_classes):
             d = np.int64(z[n, i]) - top
-            t = d << z_shift if z_shift >= 0 else round_shift(d, -z_shift)
+            if z_shift >= 0:
+                # saturating: any d <= -2**22, or any d < 0 shifted by more than 40, gives
+                # whole >= 2**12 and v = 0 exactly as the unbounded shift would
+                t = max(d, D_FLOOR) << min(z_shift, SHIFT_CAP)
+            else:
+                t = round_shift(d, -z_shift)
             whole = -(t >> EXP2_FRAC_BITS)  # >= 0
             v[i] = table[t & mask] >> whole if whole < 63 else np.int64(0)
             total += v[i]
@@ -86,9 +97,8 @@ def softmax_xent_error(logits: QTensor, labels: np.ndarray) -> QTensor:
     if n and (int(labels.min()) < 0 or int(labels.max()) >= k):
         raise ValueError(f"labels must lie in [0, {k}), got {int(labels.min())}.."
                          f"{int(labels.max())}")
-    if logits.exp + EXP2_FRAC_BITS > 40:
-        raise ValueError(f"logits.exp={logits.exp} is too coarse: logits above 2**30 would "
-                         f"overflow the exponent's fixed point (requantize them to 16 bits)")
+    if logits.q.size and max(-int(logits.q.min()), int(logits.q.max())) >= (1 << 61):
+        raise ValueError("logits.q must hold codes below 2**61 (requantize them to 16 bits)")
     err = np.empty((n, k), dtype=np.int64)
     _xent_error(np.ascontiguousarray(logits.q), logits.exp + EXP2_FRAC_BITS,
                 labels.astype(np.int64), EXP2_TABLE, err)

@@ -20,14 +20,17 @@ smallest ``s`` that brings every code back inside, and both ``w'`` and ``v'`` ar
 .. math:: w = \operatorname{round}(w' / 2^s), \qquad v = \operatorname{round}(v' / 2^s),
           \qquad e_s \leftarrow e_s + s .
 
-So the store never clips a weight. (Behind batch norm a layer's weights are scale-free and
+So the store does not clip weights. (Behind batch norm a layer's weights are scale-free and
 their norm grows under SGD; a store with a fixed exponent would pin the growing weights at its
-limit.) The exponent only rises; the store keeps ``store_bits`` bits relative to the largest
+limit.) The exponent only rises, up to ``exp_max`` (where a diverging run's codes saturate
+instead, and are counted); the store keeps ``store_bits`` bits relative to the largest
 weight. The velocity is capped at ``+-2**VELOCITY_BITS`` codes, which only a diverging run
 reaches.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -81,10 +84,18 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
 
 
 @njit(cache=True, parallel=True)
-def _rescale(w, v, w_new, s):
+def _rescale(w, v, w_new, s, q):
+    """w = sat(round(w' / 2**s)), v = round(v / 2**s); returns the number of saturated codes
+    (none unless the exponent's ceiling held s down)."""
+    saturated = 0
     for i in prange(w.shape[0]):
-        w[i] = round_shift(w_new[i], s)
+        wi = round_shift(w_new[i], s)
+        if wi > q or wi < -q:
+            saturated += 1
+            wi = q if wi > 0 else -q
+        w[i] = wi
         v[i] = round_shift(v[i], s)
+    return saturated
 
 
 @njit(cache=True, parallel=True)
@@ -93,12 +104,21 @@ def _store(w, w_new):
         w[i] = w_new[i]
 
 
+class SgdResult(NamedTuple):
+    """What one :func:`sgd_step` did to the store: how far its exponent rose, and how many
+    codes saturated (only at the exponent's ceiling)."""
+
+    rise: int
+    saturated: int
+
+
 def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
-             momentum_q: int, store_bits: int) -> int:
+             momentum_q: int, store_bits: int, exp_max: int = 126) -> SgdResult:
     """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
 
-    Returns ``s``, how much the store's exponent rose: the new store is ``QTensor(store.q,
-    store.exp + s)`` (``s`` is 0 unless a code would have left the store).
+    Returns :class:`SgdResult`: the new store is ``QTensor(store.q, store.exp + rise)``. The
+    exponent rises only when a code would leave the store, and never above ``exp_max``: there
+    codes saturate instead (a diverging run stays finite) and are counted.
     """
     check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
@@ -117,16 +137,17 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
     g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
     if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
         raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
+    exp_max = check_exp(exp_max, "exp_max")
+    if store.exp > exp_max:
+        raise ValueError(f"store.exp={store.exp} is above exp_max={exp_max}")
     if store.q.size == 0:
-        return 0
+        return SgdResult(0, 0)
     w, v = store.q.reshape(-1), velocity.reshape(-1)
     w_new = np.empty(w.shape[0], np.int64)
     lo, hi = _sgd(w, v, np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
                   qmax(store_bits), w_new)
-    s = int(store_shift(lo, hi, qmax(store_bits)))
-    if s:
-        check_exp(store.exp + s, "the store's new exponent")
-        _rescale(w, v, w_new, s)
-    else:
-        _store(w, w_new)
-    return s
+    s = min(int(store_shift(lo, hi, qmax(store_bits))), exp_max - store.exp)
+    if s or lo < -qmax(store_bits) or hi > qmax(store_bits):
+        return SgdResult(s, int(_rescale(w, v, w_new, s, qmax(store_bits))))
+    _store(w, w_new)
+    return SgdResult(0, 0)

@@ -31,18 +31,25 @@ from .quant import QConfig, pow2, top_exponent, to_codes, use_kernels
 
 #: Headroom of the store over the initial range: 2**STORE_HEADROOM.
 STORE_HEADROOM = 2
+#: The store's exponent rises no further than where its largest code is worth about
+#: 2**WEIGHT_MAX_LOG2 (far beyond any trained weight); a diverging run saturates there instead
+#: of overflowing the float32 containers.
+WEIGHT_MAX_LOG2 = 20
 
 
 @dataclass
 class StoreStats:
-    """One parameter's store: its exponent now, and how far it rose over ``steps`` steps."""
+    """One parameter's store: its exponent now, how far it rose over ``steps`` steps, and how
+    many codes saturated at the exponent's ceiling (a diverging run)."""
 
     exp: int
     raised: int = 0
     steps: int = 0
+    saturated: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"exp": self.exp, "raised": self.raised, "steps": self.steps}
+        return {"exp": self.exp, "raised": self.raised, "steps": self.steps,
+                "saturated": self.saturated}
 
 
 class QSGD(torch.optim.Optimizer):
@@ -143,20 +150,22 @@ class QSGD(torch.optim.Optimizer):
         lr_q = lr_code(group["lr"] / batch_size)
         mom_q = momentum_code(group["momentum"])
         bits = self.qconfig.store_bits
+        exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if use_kernels(p, self.qconfig.backend):
             grad = f32_to_codes(p.grad.cpu().numpy(), 24)
             store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
-            rise = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q,
-                            momentum_q=mom_q, store_bits=bits)
+            rise, sat = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q,
+                                 momentum_q=mom_q, store_bits=bits, exp_max=exp_max)
             p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + rise)))
                     .reshape(p.shape))
         else:
-            codes, rise = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q, mom_q,
-                                     bits)
+            codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
+                                          mom_q, bits, exp_max)
             p.copy_(codes * pow2(exp + rise))
         state["store_exp"] = exp + rise
         st = self.stats[id(p)]
         st.exp, st.raised, st.steps = exp + rise, st.raised + rise, st.steps + 1
+        st.saturated += sat
 
 
 def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
@@ -166,7 +175,7 @@ def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
     return (v + (1 << (s - 1))) >> s
 
 
-def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits):
+def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits, exp_max):
     """qkernels.optim's update as torch int64 operations on the parameter's device."""
     w = (p.double() * pow2(-exp)).to(torch.int64)
     g = torch.from_numpy(grad.q).to(p.device, torch.int64).reshape(p.shape)
@@ -176,8 +185,11 @@ def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits):
     w = w - _round_shift(lr_q * velocity, LR_BITS)
     qmax = (1 << (bits - 1)) - 1
     lo, hi = (int(v) for v in torch.aminmax(w))
-    rise = int(store_shift(lo, hi, qmax))
-    if rise:
+    rise = min(int(store_shift(lo, hi, qmax)), exp_max - exp)
+    sat = 0
+    if rise or lo < -qmax or hi > qmax:
         w = _round_shift(w, rise)
         velocity.copy_(_round_shift(velocity, rise))
-    return w.double(), rise
+        sat = int((w.abs() > qmax).sum())
+        w.clamp_(-qmax, qmax)
+    return w.double(), rise, sat

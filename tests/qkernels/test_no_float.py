@@ -100,7 +100,7 @@ def step_kernel_cases():
                                np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1,
                                np.empty(8, np.int64))),
         "optim._rescale": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
-                                   np.arange(8, dtype=np.int64), 2)),
+                                   np.arange(8, dtype=np.int64), 2, (1 << 23) - 1)),
         "optim._store": (optim, (np.zeros(8, np.int32), np.arange(8, dtype=np.int64))),
     }
 

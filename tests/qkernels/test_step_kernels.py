@@ -109,13 +109,43 @@ def test_softmax_error_is_close_to_base2_softmax():
     assert EXP2_TABLE[0] == 1 << 15 and EXP2_TABLE[512] == round(2 ** 0.5 * 2 ** 15)
 
 
+def xent_oracle(z, z_exp, labels):
+    """The kernel's formula on Python integers (no shift limits)."""
+    frac = 10
+    out = []
+    for row, y in zip(z.tolist(), labels.tolist()):
+        top, v = max(row), []
+        for zi in row:
+            d, s = zi - top, z_exp + frac
+            t = d << s if s >= 0 else (d + (1 << (-s - 1))) >> -s
+            v.append(int(EXP2_TABLE[t & 1023]) >> -(t >> frac))
+        r = (1 << 46) // sum(v)
+        out.append([(vi * r >> 30) - ((1 << PROB_BITS) if i == y else 0)
+                    for i, vi in enumerate(v)])
+    return np.array(out, dtype=np.int64)
+
+
+@pytest.mark.parametrize("z_exp", [-20, -8, 0, 25, 31, 60, 120])
+def test_softmax_error_equals_its_oracle_at_every_exponent(z_exp):
+    """Coarse logits (a diverging run) saturate instead of overflowing or being refused: the
+    errors equal the unbounded integer formula; ties at the top share the probability."""
+    rng = np.random.default_rng(z_exp + 100)
+    z = rng.integers(-32767, 32768, size=(40, 10)).astype(np.int64)
+    z[0] = 5  # all tied
+    z[1, :2] = z[1].max() + 1  # two tied at the top
+    z[2, 3] = z[2].max() + 1  # one just above the rest
+    labels = rng.integers(0, 10, 40)
+    err = softmax_xent_error(QTensor(z, z_exp), labels)
+    assert np.array_equal(err.q, xent_oracle(z, z_exp, labels))
+
+
 def test_softmax_error_rejects_bad_labels():
     """Labels must index the logits' columns."""
     with pytest.raises(ValueError, match="labels"):
         softmax_xent_error(QTensor(np.zeros((2, 3), np.int16), 0), np.array([0, 3]))
 
 
-def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits):
+def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits, exp_max=126):
     def rshift(x, s):
         return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
     q = 2 ** (store_bits - 1) - 1
@@ -126,9 +156,9 @@ def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits):
         v[i] = max(-vmax, min(vmax, rshift(mom_q * v[i], MOMENTUM_BITS) + gs))
         w[i] = w[i] - rshift(lr_q * v[i], LR_BITS)
     s = 0
-    while max(abs(rshift(x, s)) for x in w) > q:
+    while max(abs(rshift(x, s)) for x in w) > q and w_exp + s < exp_max:
         s += 1
-    return [rshift(x, s) for x in w], [rshift(x, s) for x in v], s
+    return [max(-q, min(q, rshift(x, s))) for x in w], [rshift(x, s) for x in v], s
 
 
 @pytest.mark.parametrize("g_exp, grows", [(-30, False), (-20, True), (-10, True), (30, True)])
@@ -145,11 +175,29 @@ def test_sgd_step_matches_its_formula(g_exp, grows):
         v[0] = 1 << 34
     lr_q, mom_q = lr_code(0.1 / 128), momentum_code(0.9)
     want_w, want_v, want_s = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24)
-    s = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
-                 store_bits=24)
-    assert w.tolist() == want_w and v.tolist() == want_v and s == want_s
-    assert (s >= 1) == grows
-    assert max(abs(x) for x in want_w) <= 2 ** 23 - 1
+    res = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
+                   store_bits=24)
+    assert w.tolist() == want_w and v.tolist() == want_v and res == (want_s, 0)
+    assert (res.rise >= 1) == grows
+
+
+@pytest.mark.parametrize("ceiling", [0, 1])
+def test_sgd_step_saturates_at_the_exponent_ceiling(ceiling):
+    """At exp_max the exponent stops rising: codes that would leave the store saturate and
+    are counted (a diverging run stays finite)."""
+    rng = np.random.default_rng(ceiling)
+    w = rng.integers(-(1 << 22), 1 << 22, 50).astype(np.int32)
+    v = rng.integers(-(1 << 30), 1 << 30, 50).astype(np.int64)
+    g = rng.integers(-127, 128, 50).astype(np.int8)
+    w[:3] = [(1 << 23) - 2, -(1 << 23) + 2, (1 << 23) - 9]
+    v[:3] = [-(1 << 36), 1 << 36, -(1 << 36)]  # all three push far out of the store
+    lr_q, mom_q = lr_code(0.1), momentum_code(0.9)
+    want_w, want_v, want_s = sgd_oracle(w, v, g, -20, -24, lr_q, mom_q, 24, -24 + ceiling)
+    res = sgd_step(QTensor(w, -24), v, QTensor(g, -20), lr_q=lr_q, momentum_q=mom_q,
+                   store_bits=24, exp_max=-24 + ceiling)
+    assert w.tolist() == want_w and v.tolist() == want_v
+    assert res.rise == want_s == ceiling
+    assert res.saturated == sum(abs(x) == 2 ** 23 - 1 for x in want_w) >= 3
 
 
 def test_sgd_step_rejects_bad_arguments():
