@@ -136,8 +136,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                             "recipe")
     g.add_argument("--one-at-a-time", action="store_true",
                    help="vary one class at a time: each --bits-X list with the other classes "
-                        "at --bits (one width) or the recipe's, instead of every combination; "
-                        "sweep.png then has a line per class")
+                        "at --bits (one width) or the recipe's, plus the run with every class "
+                        "there, instead of every combination; sweep.png has a line per class")
     g.add_argument("--norm", metavar="LIST", help=f"norms from {', '.join(NORMS)} "
                                                   "(default: the recipe's)")
     g.add_argument("--backend", metavar="LIST", help=f"backends from {', '.join(BACKENDS)} "
@@ -374,6 +374,7 @@ def _widths(args, base: RunConfig) -> list[tuple[int, int, int, int]]:
             raise UserError("--one-at-a-time takes one --bits width for the classes held fixed, "
                             f"got {args.bits!r}")
         fixed = [together[0] if together else getattr(base, f"bits_{c}") for c in CLASSES]
+        out.append(tuple(fixed))  # every line's reference point
         for i, c in enumerate(CLASSES):
             for v in per[c] or []:
                 out.append(tuple(v if j == i else fixed[j] for j in range(len(CLASSES))))

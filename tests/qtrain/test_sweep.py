@@ -124,13 +124,13 @@ def test_per_class_sweep_varies_only_that_class(tmp_path, capsys):
 
 @needs_data
 def test_one_at_a_time_varies_each_class_with_the_others_fixed(tmp_path, capsys):
-    rc, text = sweep(capsys, "--one-at-a-time", "--bits", "6", "--bits-w", "4,6",
+    rc, text = sweep(capsys, "--one-at-a-time", "--bits", "6", "--bits-w", "4",
                      "--bits-e", "4", "--norm", "l1", "--out", str(tmp_path))
     assert rc == 0, text
     recs = records(tmp_path)
     widths = sorted((r["bits_w"], r["bits_a"], r["bits_g"], r["bits_e"], r["varied"])
                     for r in recs)
-    # W4 and E4 with the rest at 6, and the all-6 run once (shared by both lines)
+    # W4 and E4 with the rest at 6, and the all-6 reference run once (shared by both lines)
     assert widths == [(4, 6, 6, 6, "w"), (6, 6, 6, 4, "e"), (6, 6, 6, 6, None)]
     assert {r["status"] for r in recs} == {"trained"}
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
