@@ -68,18 +68,37 @@ def store_shift(lo, hi, q):
     return s
 
 
-@njit(cache=True, parallel=True)
-def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
-    """Update ``v`` in place and write ``w'`` (int64) to ``w_new``; returns (min, max) of w'."""
+@njit(cache=True, inline="always")
+def _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i):
+    """One element: v in place, w' to w_new, and w too when w' fits the store (the common
+    case, so that a step without a rise is one pass)."""
     vmax = np.int64(1) << VELOCITY_BITS
+    gi = np.int64(g[i])
+    # any shift past VELOCITY_BITS saturates the velocity: cap it (|g| < 2**24 stays inside
+    # int64), so a diverging run saturates instead of overflowing
+    gs = gi << min(g_shift, VELOCITY_BITS) if g_shift >= 0 else round_shift(gi, -g_shift)
+    vi = saturate(round_shift(momentum_q * v[i], MOMENTUM_BITS) + saturate(gs, vmax), vmax)
+    v[i] = vi
+    wn = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
+    w_new[i] = wn
+    if -q <= wn <= q:
+        w[i] = wn
+
+
+@njit(cache=True)
+def _sgd_s(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
+    """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and into ``w`` where it fits;
+    returns (min, max) of w'."""
+    for i in range(w.shape[0]):
+        _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i)
+    return w_new.min(), w_new.max()
+
+
+@njit(cache=True, parallel=True)
+def _sgd_p(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
+    """:func:`_sgd_s` over all threads (large tensors)."""
     for i in prange(w.shape[0]):
-        gi = np.int64(g[i])
-        # any shift past VELOCITY_BITS saturates the velocity: cap it (|g| < 2**24 stays inside
-        # int64), so a diverging run saturates instead of overflowing
-        gs = gi << min(g_shift, VELOCITY_BITS) if g_shift >= 0 else round_shift(gi, -g_shift)
-        vi = saturate(round_shift(momentum_q * v[i], MOMENTUM_BITS) + saturate(gs, vmax), vmax)
-        v[i] = vi
-        w_new[i] = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
+        _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i)
     return w_new.min(), w_new.max()
 
 
@@ -98,10 +117,8 @@ def _rescale(w, v, w_new, s, q):
     return saturated
 
 
-@njit(cache=True, parallel=True)
-def _store(w, w_new):
-    for i in prange(w.shape[0]):
-        w[i] = w_new[i]
+#: Tensors with fewer elements are updated by one thread (a parallel launch costs more).
+PARALLEL_MIN = 1 << 16
 
 
 class SgdResult(NamedTuple):
@@ -144,10 +161,10 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
         return SgdResult(0, 0)
     w, v = store.q.reshape(-1), velocity.reshape(-1)
     w_new = np.empty(w.shape[0], np.int64)
-    lo, hi = _sgd(w, v, np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
-                  qmax(store_bits), w_new)
+    kernel = _sgd_p if w.shape[0] >= PARALLEL_MIN else _sgd_s
+    lo, hi = kernel(w, v, np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
+                    qmax(store_bits), w_new)
     s = min(int(store_shift(lo, hi, qmax(store_bits))), exp_max - store.exp)
     if s or lo < -qmax(store_bits) or hi > qmax(store_bits):
         return SgdResult(s, int(_rescale(w, v, w_new, s, qmax(store_bits))))
-    _store(w, w_new)
-    return SgdResult(0, 0)
+    return SgdResult(0, 0)  # the kernel already wrote every w

@@ -16,8 +16,8 @@ quantized :class:`~qtrain.quant.QConfig`:
 
 ReLU and max-pool select codes, so they are exact on the float32 containers.
 :class:`QuantMaxPool2d` is ``nn.MaxPool2d`` with a faster path for the 2x2, stride-2 windows of
-the models here (four strided views and three maximums, the same selection and tie rule as
-torch's kernel, which is an order of magnitude slower on CPU).
+the models here (one-pass kernels on CPU, strided views elsewhere; the same selection and tie
+rule as torch's kernel, which is an order of magnitude slower on CPU for these shapes).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import codes_to_f32, f32_to_codes
+from qkernels.pool import maxpool2x2, maxpool2x2_backward
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
 
-from .quant import FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic
+from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic,
+                    use_kernels)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -231,18 +233,26 @@ def _quadrants(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 class _MaxPool2x2Fn(torch.autograd.Function):
     """2x2/stride-2 max-pool whose backward routes each error to the first largest element of
-    its window (row-major), as ``F.max_pool2d`` does."""
+    its window (row-major), as ``F.max_pool2d`` does. float32 CPU tensors run the one-pass
+    kernels of :mod:`qkernels.pool`; other tensors (and any under
+    :func:`~qtrain.quant.torch_emulation`) torch operations."""
 
     @staticmethod
     def forward(ctx, x):
-        a, b, c, d = _quadrants(x)
-        y = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+        if use_kernels(x, "emulate") and x.dtype == torch.float32:
+            y = torch.from_numpy(maxpool2x2(x.detach().numpy()))
+        else:
+            a, b, c, d = _quadrants(x)
+            y = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
         ctx.save_for_backward(x, y)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, y = ctx.saved_tensors
+        if use_kernels(x, "emulate") and x.dtype == gy.dtype == torch.float32:
+            return torch.from_numpy(maxpool2x2_backward(x.detach().numpy(),
+                                                        gy.detach().contiguous().numpy()))
         gx = torch.zeros_like(x)
         zero = gy.new_zeros(())
         free = None  # windows whose error is not yet placed

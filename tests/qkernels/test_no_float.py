@@ -96,12 +96,14 @@ def step_kernel_cases():
         "conv._rows": (conv, (np.zeros((2, 3, 4, 4), np.int8), np.empty((3, 32), np.int8))),
         "conv._gram": (conv, (np.ones((3, 32), np.int8), np.ones((9, 32), np.int8),
                               np.empty((3, 9), np.int64))),
-        "optim._sgd": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
-                               np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1,
-                               np.empty(8, np.int64))),
+        "optim._sgd_s": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
+                                 np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1,
+                                 np.empty(8, np.int64))),
+        "optim._sgd_p": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
+                                 np.ones(8, np.int8), 3, 58982, 13107, (1 << 23) - 1,
+                                 np.empty(8, np.int64))),
         "optim._rescale": (optim, (np.zeros(8, np.int32), np.zeros(8, np.int64),
                                    np.arange(8, dtype=np.int64), 2, (1 << 23) - 1)),
-        "optim._store": (optim, (np.zeros(8, np.int32), np.arange(8, dtype=np.int64))),
     }
 
 

@@ -246,3 +246,29 @@ def test_random_top_bits_is_the_stream():
     from qkernels.rng import random_top_bits
     want = random_u64_np(stream_key_np(4, 5, 6), np.arange(1000, dtype=np.uint64)) >> np.uint64(40)
     assert np.array_equal(random_top_bits(4, 5, 6, 1000, 24), want.astype(np.int64))
+
+
+@pytest.mark.parametrize("grows", [False, True])
+def test_sgd_step_parallel_path_matches_the_formula(grows):
+    """Tensors of 2**16 elements and more take the multi-threaded kernel: same formula."""
+    rng = np.random.default_rng(7)
+    n = (1 << 16) + 3
+    w = rng.integers(-(1 << 22), 1 << 22, n).astype(np.int32)
+    v = rng.integers(-(1 << 30), 1 << 30, n).astype(np.int64)
+    g = rng.integers(-127, 128, n).astype(np.int8)
+    if grows:
+        w[-1], v[-1] = (1 << 23) - 2, -(1 << 36)
+    lr_q, mom_q = lr_code(0.1 / 128), momentum_code(0.9)
+
+    def rshift(x, s):  # numpy int64, half up
+        return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
+    v_new = np.clip(rshift(mom_q * v, MOMENTUM_BITS) + rshift(g.astype(np.int64), -4),
+                    -(1 << 38), 1 << 38)
+    w_new = w - rshift(lr_q * v_new, LR_BITS)
+    s = 0
+    while np.abs(rshift(w_new, s)).max() > (1 << 23) - 1:
+        s += 1
+    res = sgd_step(QTensor(w, -24), v, QTensor(g, -20), lr_q=lr_q, momentum_q=mom_q,
+                   store_bits=24)
+    assert res == (s, 0) and (s > 0) == grows
+    assert np.array_equal(w, rshift(w_new, s)) and np.array_equal(v, rshift(v_new, s))
