@@ -239,20 +239,23 @@ class _MaxPool2x2Fn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        if use_kernels(x, "emulate") and x.dtype == torch.float32:
-            y = torch.from_numpy(maxpool2x2(x.detach().numpy()))
-        else:
-            a, b, c, d = _quadrants(x)
-            y = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+        # one decision for both passes (the backward may run outside torch_emulation)
+        ctx.kernel = use_kernels(x, "emulate") and x.dtype == torch.float32
+        if ctx.kernel:
+            ctx.save_for_backward(x)
+            return torch.from_numpy(maxpool2x2(x.detach().numpy()))
+        a, b, c, d = _quadrants(x)
+        y = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
         ctx.save_for_backward(x, y)
         return y
 
     @staticmethod
     def backward(ctx, gy):
+        if ctx.kernel:
+            (x,) = ctx.saved_tensors
+            return torch.from_numpy(maxpool2x2_backward(
+                x.detach().numpy(), gy.detach().float().contiguous().numpy()))
         x, y = ctx.saved_tensors
-        if use_kernels(x, "emulate") and x.dtype == gy.dtype == torch.float32:
-            return torch.from_numpy(maxpool2x2_backward(x.detach().numpy(),
-                                                        gy.detach().contiguous().numpy()))
         gx = torch.zeros_like(x)
         zero = gy.new_zeros(())
         free = None  # windows whose error is not yet placed
