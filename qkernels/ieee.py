@@ -15,7 +15,11 @@ test covers these kernels too). Infinities and NaNs are not codes; they saturate
 * :func:`quantize_f32` -- round every value to ``bits`` at exponent ``E - (bits - 1)``
   (nearest, ties up; or stochastic with the 24-bit counter-based fraction of
   :mod:`qkernels.quant`), saturate, count, and write the new container;
-* :func:`f32_to_codes` / :func:`codes_to_f32` -- containers to integer codes and back.
+* :func:`quantize_f32_to_codes` -- the same rounding, writing integer codes (one pass where
+  quantizing and converting would take two);
+* :func:`f32_to_codes` / :func:`codes_to_f32` -- containers to integer codes and back
+  (:func:`f32_to_codes_where` keeps only the elements a mask selects, :func:`codes_to_f32`
+  can clip negative codes to 0: a ReLU and its backward fused into the conversions).
 """
 
 from __future__ import annotations
@@ -75,17 +79,24 @@ def _top_exponent(peak):
     return exp + bit_length(m)
 
 
-def _quantize_nearest(bits, out, e, q):
+@njit(cache=True, inline="always")
+def _code_at(b, e):
+    """The code of float32 bits ``b`` at exponent ``e``: exact, or rounded half up."""
+    m, exp = _decode(b)
+    s = e - exp
+    return round_shift(m, s) if s > 0 else m << -s
+
+
+def _quantize_nearest(bits, out, e, q, up):
+    """Round to ``e`` (half up) and saturate; write a float32 container (``up < 0``), or the
+    codes shifted left by ``up`` (codes at exponent ``e - up``)."""
     saturated = 0
     zeroed = 0
     for i in prange(bits.shape[0]):
-        m, exp = _decode(bits[i])
-        s = e - exp
-        y = round_shift(m, s) if s > 0 else m << -s
-        y, sat, zero = saturate_count(y, m, q)
+        y, sat, zero = saturate_count(_code_at(bits[i], e), bits[i] & _ABS, q)
         saturated += sat
         zeroed += zero
-        out[i] = _encode(y, e)
+        out[i] = _encode(y, e) if up < 0 else y << up
     return saturated, zeroed
 
 
@@ -107,14 +118,30 @@ def _quantize_stochastic(bits, out, e, q, key):
 
 def _to_codes(bits, out, e):
     for i in prange(bits.shape[0]):
-        m, exp = _decode(bits[i])
-        s = e - exp
-        out[i] = round_shift(m, s) if s > 0 else m << -s
+        out[i] = _code_at(bits[i], e)
+
+
+def _peak_bits_where(bits, mask):
+    top = np.int32(0)
+    for i in prange(bits.shape[0]):
+        if mask[i] > 0:
+            top = max(top, bits[i] & _ABS)
+    return top
+
+
+def _to_codes_where(bits, mask, out, e):
+    for i in prange(bits.shape[0]):
+        out[i] = _code_at(bits[i], e) if mask[i] > 0 else 0
 
 
 def _from_codes(codes, out, e):
     for i in prange(codes.shape[0]):
         out[i] = _encode(np.int64(codes[i]), e)
+
+
+def _from_codes_relu(codes, out, e):
+    for i in prange(codes.shape[0]):
+        out[i] = _encode(max(np.int64(codes[i]), np.int64(0)), e)
 
 
 #: Arrays smaller than this run on one thread: starting Numba's thread pool costs more than it
@@ -131,7 +158,10 @@ _peak_bits_s, _peak_bits_p = _drivers(_peak_bits)
 _quantize_nearest_s, _quantize_nearest_p = _drivers(_quantize_nearest)
 _quantize_stochastic_s, _quantize_stochastic_p = _drivers(_quantize_stochastic)
 _to_codes_s, _to_codes_p = _drivers(_to_codes)
+_peak_bits_where_s, _peak_bits_where_p = _drivers(_peak_bits_where)
+_to_codes_where_s, _to_codes_where_p = _drivers(_to_codes_where)
 _from_codes_s, _from_codes_p = _drivers(_from_codes)
+_from_codes_relu_s, _from_codes_relu_p = _drivers(_from_codes_relu)
 
 
 def _pick(serial, parallel, n: int):
@@ -170,8 +200,46 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
         kernel = _pick(_quantize_stochastic_s, _quantize_stochastic_p, b.size)
         sat, zero = kernel(b, out, e, q, key)
     else:
-        sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q)
+        sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, -1)
     return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)
+
+
+def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype
+                          ) -> tuple[QTensor, QuantCounts]:
+    """:func:`quantize_f32` to nearest, returning the codes instead of a container: the codes
+    of ``bits`` at exponent ``e = E - (bits - 1)``, shifted left to fill ``width >= bits - 1``
+    bits (exponent ``e - (width - bits + 1)``), in ``dtype``. The same codes and exponent as
+    ``f32_to_codes(quantize_f32(x, bits)[0], width, dtype)`` (exponent 0 for an all-zero
+    ``x``), in one pass instead of two."""
+    b = _bits_of(x, "x")
+    bits = check_bits(bits, "bits")
+    up = int(width) - (bits - 1)
+    if up < 0 or np.iinfo(dtype).max < (1 << width) - 1:
+        raise ValueError(f"width {width} cannot hold {bits}-bit codes in {np.dtype(dtype)}")
+    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+    out = np.empty(b.shape[0], dtype=dtype)
+    if top == _NO_TOP:
+        out[:] = 0
+        return QTensor(out.reshape(x.shape), 0), QuantCounts(0, 0, b.size)
+    e = top - (bits - 1)
+    q = (1 << (bits - 1)) - 1
+    sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, up)
+    return QTensor(out.reshape(x.shape), e - up), QuantCounts(int(sat), int(zero), b.size)
+
+
+def f32_to_codes_where(x: np.ndarray, mask: np.ndarray, width: int, dtype) -> QTensor:
+    """Codes of ``x`` where ``mask > 0`` and 0 elsewhere (``mask`` any integer array of x's
+    size), at exponent ``E - width`` with ``E`` from the largest selected magnitude: the same
+    as ``f32_to_codes(x * (mask > 0), width, dtype)`` without building the product."""
+    b = _bits_of(x, "x")
+    flat_mask = np.ascontiguousarray(mask).reshape(-1)
+    if flat_mask.size != b.size:
+        raise ValueError(f"mask has {flat_mask.size} elements, x has {b.size}")
+    top = int(_top_exponent(_pick(_peak_bits_where_s, _peak_bits_where_p, b.size)(b, flat_mask)))
+    e = 0 if top == _NO_TOP else top - width
+    out = np.empty(b.shape[0], dtype=dtype)
+    _pick(_to_codes_where_s, _to_codes_where_p, b.size)(b, flat_mask, out, e)
+    return QTensor(out.reshape(x.shape), e)
 
 
 def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) -> QTensor:
@@ -188,13 +256,16 @@ def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) 
     return QTensor(out.reshape(x.shape), e)
 
 
-def codes_to_f32(q: QTensor) -> np.ndarray:
-    """The float32 container of codes (``|code| < 2**24``)."""
+def codes_to_f32(q: QTensor, relu: bool = False) -> np.ndarray:
+    """The float32 container of codes (``|code| < 2**24``); with ``relu`` negative codes
+    become 0 (the container of ``max(code, 0)``)."""
     check_exp(q.exp, "q.exp")
     flat = np.ascontiguousarray(q.q).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.int32)
-    _pick(_from_codes_s, _from_codes_p, flat.size)(flat, out, q.exp)
+    kernels = (_from_codes_relu_s, _from_codes_relu_p) if relu else (_from_codes_s, _from_codes_p)
+    _pick(*kernels, flat.size)(flat, out, q.exp)
     return out.view(np.float32).reshape(q.q.shape)
 
 
-__all__ = ["peak_exponent", "quantize_f32", "f32_to_codes", "codes_to_f32", "code_dtype"]
+__all__ = ["peak_exponent", "quantize_f32", "quantize_f32_to_codes", "f32_to_codes",
+           "f32_to_codes_where", "codes_to_f32", "code_dtype"]

@@ -34,6 +34,8 @@ def _forward(x, y):
 
 @njit(cache=True, parallel=True)
 def _backward(x, gy, gx):
+    """``gy`` and ``gx`` as int32 bit patterns: each output is the error's bits ANDed with an
+    all-ones or all-zeros mask, so the loop has no branches (+0.0 where nothing lands)."""
     for p in prange(x.shape[0]):
         for i in range(gy.shape[1]):
             r0 = x[p, 2 * i]
@@ -41,20 +43,18 @@ def _backward(x, gy, gx):
             g0 = gx[p, 2 * i]
             g1 = gx[p, 2 * i + 1]
             for j in range(gy.shape[2]):
-                # first strict maximum in row-major order (a, b, c, d)
-                k = 0
-                m = r0[2 * j]
-                if r0[2 * j + 1] > m:
-                    k, m = 1, r0[2 * j + 1]
-                if r1[2 * j] > m:
-                    k, m = 2, r1[2 * j]
-                if r1[2 * j + 1] > m:
-                    k = 3
+                a, b, c, d = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
+                # the first largest in row-major order (a, b / c, d)
+                cd = max(c, d)
+                ka = np.int32(a >= b and a >= cd)
+                kb = np.int32(b > a and b >= cd)
+                kc = (np.int32(1) - ka - kb) * np.int32(c >= d)
+                kd = np.int32(1) - ka - kb - kc
                 g = gy[p, i, j]
-                g0[2 * j] = g if k == 0 else np.float32(0)
-                g0[2 * j + 1] = g if k == 1 else np.float32(0)
-                g1[2 * j] = g if k == 2 else np.float32(0)
-                g1[2 * j + 1] = g if k == 3 else np.float32(0)
+                g0[2 * j] = g & -ka
+                g0[2 * j + 1] = g & -kb
+                g1[2 * j] = g & -kc
+                g1[2 * j + 1] = g & -kd
 
 
 def _planes(a: np.ndarray, name: str) -> np.ndarray:
@@ -81,7 +81,8 @@ def maxpool2x2_backward(x: np.ndarray, gy: np.ndarray) -> np.ndarray:
     if gy.shape != (*x.shape[:-2], x.shape[-2] // 2, x.shape[-1] // 2):
         raise ValueError(f"gy has shape {gy.shape}, expected the pooled shape of x {x.shape}")
     gx = np.empty_like(xp)
-    _backward(xp, np.ascontiguousarray(gy).reshape(xp.shape[0], *gy.shape[-2:]), gx)
+    gy_bits = np.ascontiguousarray(gy).reshape(xp.shape[0], *gy.shape[-2:]).view(np.int32)
+    _backward(xp, gy_bits, gx.view(np.int32))
     return gx.reshape(x.shape)
 
 

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .loss import LOGIT_BITS
-from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d
+from .nn import (L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d,
+                 quant_bn_relu)
 from .quant import QConfig, QState, Quantize
 
 NORMS = ("l1", "l2", "none")
@@ -76,14 +77,45 @@ class _Parts:
         return [self.linear(fin, classes, bias=True), self.quant(bits_fwd=LOGIT_BITS)]
 
 
+#: Layers whose output holds a subset of their input's codes.
+_SELECTING = (nn.MaxPool2d, nn.Flatten, nn.ReLU)
+
+
 class QNet(nn.Sequential):
-    """``nn.Sequential`` that remembers its quantization (``qconfig``, ``qstate``, ``norm``)."""
+    """``nn.Sequential`` that remembers its quantization (``qconfig``, ``qstate``, ``norm``).
+
+    Its forward runs the layers in order, as ``nn.Sequential`` does, except that a
+    ``Quantize -> L1 batch norm -> ReLU`` run the int kernels would compute goes through one
+    fused node (:func:`qtrain.nn.quant_bn_relu`: the same integers in fewer passes), and the
+    next quantizer after it (past max-pool and flatten) skips its forward rounding when that
+    provably changes nothing (:meth:`Quantize.forward_codes`).
+    """
 
     def __init__(self, parts: _Parts, layers: list[nn.Module]):
         super().__init__(*layers)
         self.qconfig = parts.qconfig
         self.qstate = parts.qstate
         self.norm = parts.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        code_bits = None  # x holds the fused node's codes of at most this many bits
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, Quantize) and i + 2 < len(layers):
+                y = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x)
+                if y is not None:
+                    x, i, code_bits = y, i + 3, layers[i + 1].qconfig.bits_a
+                    continue
+            if isinstance(layer, Quantize) and code_bits is not None:
+                x = layer.forward_codes(x, code_bits)
+            else:
+                x = layer(x)
+            if not isinstance(layer, _SELECTING):
+                code_bits = None
+            i += 1
+        return x
 
 
 def lenet5(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 1,

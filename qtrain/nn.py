@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
-from qkernels.ieee import codes_to_f32, f32_to_codes
+from qkernels.ieee import codes_to_f32, f32_to_codes, f32_to_codes_where, quantize_f32_to_codes
 from qkernels.pool import maxpool2x2, maxpool2x2_backward
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
+from qkernels.quant import quantize_nearest, quantize_stochastic
 
 from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic,
                     use_kernels)
@@ -299,14 +300,24 @@ def _eps_log2(eps: float) -> int | None:
     return None if eps == 0 else round(math.log2(eps))
 
 
-def _bn_codes(t: torch.Tensor, bits: int) -> QTensor:
-    """Codes of a container of ``bits``-wide codes at the full width of their storage (int8:
-    7 bits plus sign; int16 for 9..16 bits: 15 plus sign), exact, in the kernels' layout: (N, C)
-    stays 2-D, anything wider becomes (N, C, L, 1)."""
-    dtype = code_dtype(bits)
-    c = f32_to_codes(t.detach().cpu().numpy(), 8 * np.dtype(dtype).itemsize - 1, dtype)
+def _storage(bits: int) -> tuple[np.dtype, int]:
+    """Code dtype of the L1BN kernels for ``bits`` and the width it holds (int8: 7 bits plus
+    sign; int16 for 9..16 bits: 15 plus sign)."""
+    dtype = np.dtype(code_dtype(bits))
+    return dtype, 8 * dtype.itemsize - 1
+
+
+def _ncl(c: QTensor) -> QTensor:
+    """The kernels' layout: (N, C) stays 2-D, anything wider becomes (N, C, L, 1)."""
     q = c.q
     return QTensor(q if q.ndim == 2 else q.reshape(q.shape[0], q.shape[1], -1, 1), c.exp)
+
+
+def _bn_codes(t: torch.Tensor, bits: int) -> QTensor:
+    """Codes of a container of ``bits``-wide codes at the full width of their storage, exact,
+    in the kernels' layout."""
+    dtype, width = _storage(bits)
+    return _ncl(f32_to_codes(t.detach().cpu().numpy(), width, dtype))
 
 
 def _param_codes(p: torch.Tensor) -> QTensor:
@@ -340,6 +351,73 @@ class _L1BNFn(torch.autograd.Function):
         grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
         grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
         return _container(dx, gy), grad_w, grad_b, None
+
+
+class _QuantBNReLUFn(torch.autograd.Function):
+    """``Quantize -> L1 batch norm -> ReLU`` of the int kernels as one autograd node.
+
+    The integers are those of the three modules in a row (``_QuantizeFn``, ``_L1BNFn``, ReLU;
+    ``tests/qtrain/test_fused.py`` checks bit equality, counters included), with fewer passes
+    over the large tensors: the rounding writes the norm's input codes directly, the ReLU is
+    applied while the output codes become a container, its backward while the error becomes
+    codes, and the quantizer's backward rounds the norm's error codes without a container in
+    between.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, quant, bn):
+        q = bn.qconfig
+        dtype, width = _storage(q.bits_a)
+        xq, counts = quantize_f32_to_codes(x.detach().numpy(), quant.bits_fwd, width, dtype)
+        quant.stats_fwd.add(*counts)
+        y, cache = l1bn_forward(_ncl(xq), _param_codes(weight), _param_codes(bias),
+                                out_bits=q.bits_a, eps_log2=_eps_log2(bn.eps))
+        if bn.track_running_stats:
+            bn._update_running(cache)
+        bn.last_out_exp.fill_(y.exp)
+        ctx.bn, ctx.quant, ctx.cache, ctx.y = bn, quant, cache, y.q
+        return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, gy):
+        bn, quant = ctx.bn, ctx.quant
+        dtype, width = _storage(bn.qconfig.bits_e)
+        g = f32_to_codes_where(gy.detach().float().numpy(), ctx.y, width, dtype)
+        dx, dgamma, dbeta = l1bn_backward(_ncl(g), ctx.cache, dx_bits=bn.qconfig.bits_e)
+        grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
+        grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
+        if quant.bits_bwd < FLOAT_BITS:
+            if quant.stochastic_bwd:
+                dx, counts = quantize_stochastic(dx, quant.bits_bwd, seed=quant.seed,
+                                                 step=quant.state.step,
+                                                 tensor_id=quant.tensor_id)
+            else:
+                dx, counts = quantize_nearest(dx, quant.bits_bwd)
+            quant.stats_bwd.add(*counts)
+        return torch.from_numpy(codes_to_f32(dx)).reshape(gy.shape), grad_w, grad_b, None, None
+
+
+def _no_hooks(*modules: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks for m in modules)
+
+
+def quant_bn_relu(quant, bn, relu, x: torch.Tensor) -> torch.Tensor | None:
+    """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three (a
+    quantized L1 batch norm in training mode on a float32 CPU tensor, no hooks on the
+    modules); None when they would not, and the caller runs the modules."""
+    if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
+        return None
+    q = bn.qconfig
+    if not ((bn.training or not bn.track_running_stats)
+            and x.dtype == torch.float32 and x.device.type == "cpu"
+            and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
+            and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
+            and x.dim() in bn._ndims and _no_hooks(quant, bn, relu)
+            and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks):
+        return None
+    return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn)
 
 
 class _L1BatchNorm(nn.Module, _Quantized):

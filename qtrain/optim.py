@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qkernels import QTensor
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
@@ -74,6 +75,9 @@ class QSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum})
         self.qconfig = qconfig
         self.stats: dict[int, StoreStats] = {}
+        # int32 store codes of each parameter the kernels last wrote, with the parameter's
+        # version counter and data pointer then: reused while both hold (not saved)
+        self._codes: dict[torch.Tensor, tuple[tuple[int, int], np.ndarray]] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, keeping the integer state exact.
@@ -153,11 +157,13 @@ class QSGD(torch.optim.Optimizer):
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if use_kernels(p, self.qconfig.backend):
             grad = f32_to_codes(p.grad.cpu().numpy(), 24)
-            store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
-            rise, sat = sgd_step(store, state["velocity"].numpy(), grad, lr_q=lr_q,
-                                 momentum_q=mom_q, store_bits=bits, exp_max=exp_max)
-            p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + rise)))
-                    .reshape(p.shape))
+            version, codes = self._codes.get(p, (None, None))
+            if version != (p._version, p.data_ptr()):  # first step, or p was written since
+                codes = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp).q
+            rise, sat = sgd_step(QTensor(codes, exp), state["velocity"].numpy(), grad,
+                                 lr_q=lr_q, momentum_q=mom_q, store_bits=bits, exp_max=exp_max)
+            p.copy_(torch.from_numpy(codes_to_f32(QTensor(codes, exp + rise))).reshape(p.shape))
+            self._codes[p] = ((p._version, p.data_ptr()), codes)
         else:
             codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
                                           mom_q, bits, exp_max)

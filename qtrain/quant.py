@@ -291,21 +291,24 @@ def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, t
 
 class _QuantizeFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, quant):
+    def forward(ctx, x, quant, exact=False):
         ctx.quant = quant
+        if exact:  # x holds codes of at most bits_fwd bits: the rounding is the identity
+            quant.stats_fwd.add(0, 0, x.numel())
+            return x.clone()
         return nearest(x, quant.bits_fwd, quant.backend, quant.stats_fwd)
 
     @staticmethod
     def backward(ctx, grad):
         q = ctx.quant
         if q.bits_bwd >= FLOAT_BITS:
-            return grad, None
+            return grad, None, None
         if q.stochastic_bwd:
             out = stochastic(grad, q.bits_bwd, q.backend, q.seed, q.state.step, q.tensor_id,
                              q.stats_bwd)
         else:
             out = nearest(grad, q.bits_bwd, q.backend, q.stats_bwd)
-        return out, None
+        return out, None, None
 
 
 class Quantize(torch.nn.Module):
@@ -334,6 +337,19 @@ class Quantize(torch.nn.Module):
         if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
             return x
         return _QuantizeFn.apply(x, self)
+
+    def forward_codes(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """``forward`` for an ``x`` known to hold codes of at most ``bits`` bits (say, a batch
+        norm's output after ReLU and max-pool). Rounding such codes to ``bits_fwd >= bits``
+        with the range exponent changes nothing (the exponent is at most theirs, and the
+        largest code stays below ``2**(bits_fwd-1)``), so the pass is skipped and the elements
+        are counted as it would count them: none saturated, none rounded to zero. The
+        backward is unchanged."""
+        if self.bits_fwd < bits or self._forward_hooks or self._forward_pre_hooks:
+            return self(x)
+        if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
+            return x
+        return _QuantizeFn.apply(x, self, True)
 
     def extra_repr(self) -> str:
         return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.backend}"

@@ -85,10 +85,14 @@ def step_kernel_cases():
         "quant._nearest": (quant, (c, 3, 127, out8)),
         "quant._stochastic": (quant, (c, 20, 127, key, out8)),
         "ieee._peak_bits_p": (ieee, (bits,)),
-        "ieee._quantize_nearest_p": (ieee, (bits, np.empty_like(bits), -3, 127)),
+        "ieee._quantize_nearest_p": (ieee, (bits, np.empty_like(bits), -3, 127, -1)),
         "ieee._quantize_stochastic_p": (ieee, (bits, np.empty_like(bits), -3, 127, key)),
         "ieee._to_codes_p": (ieee, (bits, np.empty(100, np.int32), -3)),
         "ieee._from_codes_p": (ieee, (out8, np.empty_like(bits), -3)),
+        "ieee._from_codes_relu_p": (ieee, (out8, np.empty_like(bits), -3)),
+        "ieee._quantize_nearest_p(codes)": (ieee, (bits, np.empty(100, np.int8), -3, 127, 0)),
+        "ieee._peak_bits_where_p": (ieee, (bits, out8)),
+        "ieee._to_codes_where_p": (ieee, (bits, out8, np.empty(100, np.int8), -3)),
         "loss._xent_error": (loss, (np.zeros((4, 10), np.int16), 2, np.zeros(4, np.int64),
                                     loss.EXP2_TABLE, np.empty((4, 10), np.int64))),
         "conv._im2col": (conv, (np.zeros((2, 1, 6, 6), np.int8), 3, 3, 1, 0, 4, 4,
@@ -111,7 +115,7 @@ def step_kernel_cases():
 def test_step_kernel_ir_has_no_floating_point(name):
     """Requantization, container decoding, the softmax error and SGD use integers only."""
     module, args = step_kernel_cases()[name]
-    ir = fresh_ir(getattr(module, name.split(".")[1]), *args)
+    ir = fresh_ir(getattr(module, name.split(".")[1].split("(")[0]), *args)
     hits = sorted(set(FLOAT_IR.findall(ir)))
     assert not hits, f"{name} uses floating point in its LLVM IR: {hits}"
 

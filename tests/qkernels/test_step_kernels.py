@@ -7,7 +7,8 @@ import pytest
 
 from qkernels import QTensor
 from qkernels.fixedpoint import MOMENTUM_BITS
-from qkernels.ieee import codes_to_f32, f32_to_codes, peak_exponent, quantize_f32
+from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
+                           quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
 from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step
 from qkernels.quant import quantize_nearest, quantize_stochastic, range_exponent
@@ -79,6 +80,38 @@ def test_ieee_kernels_equal_the_integer_quantizers(bits):
     ys, _, _ = quantize_f32(x, bits, stochastic=True, seed=1, step=2, tensor_id=3)
     ws, _ = quantize_stochastic(QTensor(c, -30), bits, seed=1, step=2, tensor_id=3)
     assert np.array_equal(ys, (ws.q * 2.0 ** ws.exp).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits, dtype", [(2, np.int8), (5, np.int8), (8, np.int8),
+                                         (8, np.int16), (12, np.int16), (16, np.int16)])
+def test_fused_conversions_equal_their_two_step_forms(bits, dtype):
+    """Rounding straight to codes, converting under a mask, and converting with a ReLU give
+    what the separate steps give (codes, exponents and counts), zeros and ties included."""
+    rng = np.random.default_rng(bits)
+    width = 8 * np.dtype(dtype).itemsize - 1
+    for scale in (-30, 0, 20):
+        c = rng.integers(-(1 << 22), 1 << 22, (64, 3, 5))
+        c[0, 0, :3] = [1 << 21, -(1 << 21) - (1 << 20), 0]  # a tie at most widths, and zero
+        x = (c * 2.0 ** scale).astype(np.float32)
+        got, counts = quantize_f32_to_codes(x, bits, width, dtype)
+        y, _, want_counts = quantize_f32(x, bits)
+        want = f32_to_codes(y, width, dtype)
+        assert got.q.dtype == dtype and got.exp == want.exp and tuple(counts) == tuple(want_counts)
+        assert np.array_equal(got.q, want.q)
+        mask = rng.integers(-3, 3, x.shape).astype(np.int8)
+        masked = f32_to_codes_where(x, mask, 23, np.int32)
+        want = f32_to_codes(np.where(mask > 0, x, np.float32(0)), 23, np.int32)
+        assert masked.exp == want.exp and np.array_equal(masked.q, want.q)
+        relu = codes_to_f32(got, relu=True)
+        assert np.array_equal(relu, codes_to_f32(QTensor(np.maximum(got.q, 0), got.exp)))
+    zero, counts = quantize_f32_to_codes(np.zeros(7, np.float32), bits, width, dtype)
+    assert zero.exp == 0 and not zero.q.any() and tuple(counts) == (0, 0, 7)
+    none = f32_to_codes_where(np.ones(4, np.float32), np.zeros(4, np.int8), 7, np.int8)
+    assert none.exp == 0 and not none.q.any()
+    with pytest.raises(ValueError, match="cannot hold"):
+        quantize_f32_to_codes(np.ones(3, np.float32), 9, 7, np.int8)
+    with pytest.raises(ValueError, match="mask has"):
+        f32_to_codes_where(np.ones(3, np.float32), np.ones(4, np.int8), 7, np.int8)
 
 
 def test_ieee_codes_round_trip_including_denormals_and_zero():

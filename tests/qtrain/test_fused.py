@@ -1,0 +1,87 @@
+"""The fused Quantize -> L1BN -> ReLU node of QNet: taken exactly when the int kernels would run
+the three modules, and bit-identical to running them one by one."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from qtrain import nn as qnn
+from qtrain.loss import cross_entropy
+from qtrain.models import build
+from qtrain.quant import QConfig, quant_report, torch_emulation
+from qtrain.train import to_input
+
+
+def count_fused(monkeypatch):
+    calls = []
+    apply = qnn._QuantBNReLUFn.apply
+    monkeypatch.setattr(qnn._QuantBNReLUFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+def one_step(net, cfg, seed=0):
+    """Forward, integer loss and backward on one random batch: logits and every gradient."""
+    rng = np.random.default_rng(seed)
+    x = to_input(rng.integers(0, 256, (24, 28, 28), dtype=np.uint8))
+    y = torch.from_numpy(rng.integers(0, 10, 24))
+    out = net(x)
+    cross_entropy(out, y, cfg).backward()
+    net.qstate.step += 1
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def disable_fusion(net):
+    """A (no-op) forward hook on every batch norm keeps QNet from fusing it."""
+    for m in net.modules():
+        if isinstance(m, qnn._L1BatchNorm):
+            m.register_forward_pre_hook(lambda module, args: None)
+
+
+@pytest.mark.parametrize("name, bits, sr_errors", [("lenet5", 8, False), ("mlp", 8, False),
+                                                   ("lenet5", 5, True), ("mlp", 12, False)])
+@pytest.mark.parametrize("backend", ["int", "emulate"])
+def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, backend, monkeypatch):
+    cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend, seed=5,
+                  stochastic_errors=sr_errors)
+    torch.manual_seed(0)
+    fused = build(name, "l1", cfg)
+    plain = copy.deepcopy(fused)
+    disable_fusion(plain)
+    calls = count_fused(monkeypatch)
+    results = []
+    for net in (fused, plain):
+        start = len(calls)
+        for s in range(2):
+            net.zero_grad()
+            out, grads = one_step(net, cfg, seed=s)
+        results.append((out, grads, copy.deepcopy(net.state_dict()), quant_report(net),
+                        len(calls) - start))
+    (o1, g1, s1, r1, n1), (o2, g2, s2, r2, n2) = results
+    n_bn = sum(isinstance(m, qnn._L1BatchNorm) for m in fused.modules())
+    assert n1 == 2 * n_bn and n2 == 0
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # running statistics, last exponents
+    assert r1 == r2  # every quantizer's saturation and zero counts
+
+
+def test_fusion_only_where_the_int_kernels_run(monkeypatch):
+    calls = count_fused(monkeypatch)
+    cfg = QConfig(backend="emulate")
+    torch.manual_seed(0)
+    net = build("lenet5", "l1", cfg)
+    x = to_input(np.zeros((4, 28, 28), np.uint8) + np.arange(4, dtype=np.uint8)[:, None, None])
+    net.eval()
+    net(x)  # eval mode: the folded inference affine, no batch statistics
+    assert not calls
+    net.train()
+    with torch_emulation():  # emulate's torch operations
+        net(x)
+    assert not calls
+    net(x.double().float())
+    assert len(calls) == 4
+    for name, norm in (("lenet5", "l2"), ("lenet5", "none")):
+        build(name, norm, cfg)(x)
+    assert len(calls) == 4
