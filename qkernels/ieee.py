@@ -51,17 +51,14 @@ def _decode(b):
 
 @njit(cache=True, inline="always")
 def _encode(code, exp):
-    """float32 bits of ``code * 2**exp`` (|code| < 2**24; normal range assumed)."""
-    if code == 0:
-        return np.int32(0)
+    """float32 bits of ``code * 2**exp`` (|code| < 2**24; normal range assumed). Written
+    without branches (selects only), so the loops that call it vectorize."""
+    code = np.int64(code)
     a = abs(code)
     n = bit_length(a)
-    m = (a << (24 - n)) & _MANT
-    f = exp + n - 1 + 127
-    bits = (f << 23) | m
-    if code < 0:
-        bits |= np.int64(1) << 31
-    return np.int32(bits - (np.int64(1) << 32) if bits >= (np.int64(1) << 31) else bits)
+    bits = ((exp + n + 126) << 23) | ((a << (24 - n)) & _MANT) | ((code >> 63) & (1 << 31))
+    bits = bits if code != 0 else np.int64(0)
+    return np.int32(bits - ((bits >> 31) << 32))
 
 
 def _peak_bits(bits):
@@ -81,10 +78,17 @@ def _top_exponent(peak):
 
 @njit(cache=True, inline="always")
 def _code_at(b, e):
-    """The code of float32 bits ``b`` at exponent ``e``: exact, or rounded half up."""
-    m, exp = _decode(b)
-    s = e - exp
-    return round_shift(m, s) if s > 0 else m << -s
+    """The code of float32 bits ``b`` at exponent ``e``: exact, or rounded half up. Selects
+    instead of branches (as :func:`_decode` then ``round_shift``, shifts capped at 40: a
+    24-bit mantissa shifted right by 25 or more rounds to 0 either way)."""
+    a = np.int64(b) & 0x7FFFFFFF
+    f = a >> 23
+    m = (a & _MANT) | ((f > 0) << 23)
+    s = e - (max(f, np.int64(1)) - 150)
+    neg = np.int64(b) >> 63  # 0 or -1
+    m = (m ^ neg) - neg
+    right = min(max(s, np.int64(1)), np.int64(40))
+    return (m + (np.int64(1) << (right - 1))) >> right if s > 0 else m << min(-s, np.int64(40))
 
 
 def _quantize_nearest(bits, out, e, q, up):
@@ -93,9 +97,10 @@ def _quantize_nearest(bits, out, e, q, up):
     saturated = 0
     zeroed = 0
     for i in prange(bits.shape[0]):
-        y, sat, zero = saturate_count(_code_at(bits[i], e), bits[i] & _ABS, q)
-        saturated += sat
-        zeroed += zero
+        code = _code_at(bits[i], e)
+        y = min(max(code, -q), q)
+        saturated += np.int64(y != code)
+        zeroed += np.int64((y == 0) & ((bits[i] & _ABS) != 0))
         out[i] = _encode(y, e) if up < 0 else y << up
     return saturated, zeroed
 

@@ -82,6 +82,28 @@ def test_ieee_kernels_equal_the_integer_quantizers(bits):
     assert np.array_equal(ys, (ws.q * 2.0 ** ws.exp).astype(np.float32))
 
 
+@pytest.mark.parametrize("base", [-126, -60, 0, 70])
+def test_ieee_rounding_equals_integer_rounding_on_arbitrary_floats(base):
+    """Any float32 values (full 24-bit mantissas over 30 binades, ties, both signs): rounding
+    the bit patterns equals rounding their exact int64 codes, to a container and to codes."""
+    rng = np.random.default_rng(base + 200)
+    mant = rng.integers(-(1 << 24) + 1, 1 << 24, 4000)
+    mant[:200] = (mant[:200] >> 5) << 5  # trailing zeros: ties at several widths
+    c = mant << rng.integers(0, 30, mant.size)
+    x = (c * 2.0 ** base).astype(np.float32)
+    exact = QTensor(c, base)
+    assert np.array_equal(exact.q * 2.0 ** exact.exp, x.astype(np.float64))
+    for bits in (2, 3, 8, 13, 16):
+        if peak_exponent(x) - bits < -125:
+            continue  # results below float32's normal range are not containers
+        y, e, counts = quantize_f32(x, bits)
+        want, want_counts = quantize_nearest(exact, bits)
+        assert e == want.exp and tuple(counts) == tuple(want_counts)
+        assert np.array_equal(y.astype(np.float64), want.q * 2.0 ** e)
+        codes, _ = quantize_f32_to_codes(x, bits, 15, np.int16)
+        assert np.array_equal(codes.q.astype(np.int64), want.q.astype(np.int64) << (16 - bits))
+
+
 @pytest.mark.parametrize("bits, dtype", [(2, np.int8), (5, np.int8), (8, np.int8),
                                          (8, np.int16), (12, np.int16), (16, np.int16)])
 def test_fused_conversions_equal_their_two_step_forms(bits, dtype):
