@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .fixedpoint import MOMENTUM_BITS, qmax, round_shift, saturate
+from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
 from .format import QTensor, check_array, check_exp
 
 #: The learning rate is a fixed-point fraction lr_q / 2**LR_BITS.
@@ -69,37 +69,42 @@ def store_shift(lo, hi, q):
 
 
 @njit(cache=True, inline="always")
-def _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i):
-    """One element: v in place, w' to w_new, and w too when w' fits the store (the common
-    case, so that a step without a rise is one pass)."""
+def _grad_shifts(g_shift):
+    """(left, right, half): the gradient in store units is ``((g << left) + half) >> right``,
+    i.e. ``round_shift(g, -g_shift)``. A left shift past VELOCITY_BITS saturates the velocity
+    anyway, so it is capped there (|g| < 2**24 stays inside int64: a diverging run saturates
+    instead of overflowing); a right shift past 40 rounds every |g| < 2**24 to 0, as any
+    larger one does."""
+    left = min(max(g_shift, 0), VELOCITY_BITS)
+    right = min(max(-g_shift, 0), 40)
+    return left, right, (np.int64(1) << right) >> 1
+
+
+def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
+    """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and ``sat(w')`` to ``w``;
+    returns (min, max) of w'. ``sat(w')`` is the store whenever every w' fits (the common
+    case, so that a step without a rise is one pass; otherwise :func:`_rescale` rewrites w
+    from w_new). The body has no branches and no calls, so the loop vectorizes."""
+    left, right, half = _grad_shifts(g_shift)
     vmax = np.int64(1) << VELOCITY_BITS
-    gi = np.int64(g[i])
-    # any shift past VELOCITY_BITS saturates the velocity: cap it (|g| < 2**24 stays inside
-    # int64), so a diverging run saturates instead of overflowing
-    gs = gi << min(g_shift, VELOCITY_BITS) if g_shift >= 0 else round_shift(gi, -g_shift)
-    vi = saturate(round_shift(momentum_q * v[i], MOMENTUM_BITS) + saturate(gs, vmax), vmax)
-    v[i] = vi
-    wn = np.int64(w[i]) - round_shift(lr_q * vi, LR_BITS)
-    w_new[i] = wn
-    if -q <= wn <= q:
-        w[i] = wn
-
-
-@njit(cache=True)
-def _sgd_s(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
-    """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and into ``w`` where it fits;
-    returns (min, max) of w'."""
-    for i in range(w.shape[0]):
-        _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i)
-    return w_new.min(), w_new.max()
-
-
-@njit(cache=True, parallel=True)
-def _sgd_p(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
-    """:func:`_sgd_s` over all threads (large tensors)."""
+    lo = np.int64(1) << 62
+    hi = -lo
     for i in prange(w.shape[0]):
-        _sgd_element(w, v, g, g_shift, momentum_q, lr_q, q, w_new, i)
-    return w_new.min(), w_new.max()
+        gs = ((np.int64(g[i]) << left) + half) >> right
+        vi = ((momentum_q * v[i] + (np.int64(1) << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS) \
+            + min(max(gs, -vmax), vmax)
+        vi = min(max(vi, -vmax), vmax)
+        v[i] = vi
+        wn = np.int64(w[i]) - ((lr_q * vi + (np.int64(1) << (LR_BITS - 1))) >> LR_BITS)
+        w_new[i] = wn
+        w[i] = min(max(wn, -q), q)
+        lo = min(lo, wn)
+        hi = max(hi, wn)
+    return lo, hi
+
+
+#: serial (small tensors) and parallel (large ones): ``prange`` is ``range`` in the first.
+_sgd_s, _sgd_p = njit(cache=True)(_sgd), njit(cache=True, parallel=True)(_sgd)
 
 
 @njit(cache=True, parallel=True)

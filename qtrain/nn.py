@@ -73,6 +73,19 @@ class _Quantized:
         return stochastic(grad, q.bits_g, q.backend, q.seed, self.qstate.step,
                           self.grad_ids[which], self.stats_g)
 
+    def _quantize_grad_codes(self, grad: QTensor, like: torch.Tensor, which: int = 0
+                             ) -> torch.Tensor:
+        """:meth:`_quantize_grad` of an exact gradient given as integer codes: where the
+        kernels run, rounded from the codes themselves (the result depends only on the
+        values, so it is the same), without a float64 container in between."""
+        q = self.qconfig
+        if not use_kernels(like, q.backend) or q.bits_g >= FLOAT_BITS:
+            return self._quantize_grad(from_codes(grad, like, torch.float64), which)
+        out, counts = quantize_stochastic(grad, q.bits_g, seed=q.seed, step=self.qstate.step,
+                                          tensor_id=self.grad_ids[which])
+        self.stats_g.add(*counts)
+        return torch.from_numpy(codes_to_f32(out)).to(like.device)
+
 
 class _WeightFn(torch.autograd.Function):
     """Weight store -> bits_w codes (nearest, range exponent); straight-through backward."""
@@ -119,9 +132,8 @@ class _ConvFn(torch.autograd.Function):
         terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
         dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
         if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
-            gw = _int8_weight_grad(x, gy, layer)
-        else:
-            gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
+            return gx, layer._quantize_grad_codes(_int8_weight_grad(x, gy, layer), w), None
+        gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
         return gx, layer._quantize_grad(gw), None
 
 
@@ -133,12 +145,11 @@ def _int8_weight_grad_ok(layer, q: QConfig, x: torch.Tensor) -> bool:
             and not isinstance(layer.padding, str))
 
 
-def _int8_weight_grad(x: torch.Tensor, gy: torch.Tensor, layer) -> torch.Tensor:
-    """Exact conv weight gradient from int8 codes (qkernels.conv), as a float64 container."""
-    g = conv2d_weight_grad(f32_to_codes(x.detach().numpy(), 7, np.int8),
-                           f32_to_codes(gy.detach().numpy(), 7, np.int8), layer.kernel_size,
-                           layer.stride[0], layer.padding[0])
-    return from_codes(g, x, torch.float64)
+def _int8_weight_grad(x: torch.Tensor, gy: torch.Tensor, layer) -> QTensor:
+    """Exact conv weight gradient from int8 codes (qkernels.conv), as int64 codes."""
+    return conv2d_weight_grad(f32_to_codes(x.detach().numpy(), 7, np.int8),
+                              f32_to_codes(gy.detach().numpy(), 7, np.int8), layer.kernel_size,
+                              layer.stride[0], layer.padding[0])
 
 
 class _LinearFn(torch.autograd.Function):
@@ -348,8 +359,8 @@ class _L1BNFn(torch.autograd.Function):
         bn = ctx.bn
         dx, dgamma, dbeta = l1bn_backward(_bn_codes(gy, bn.qconfig.bits_e), ctx.cache,
                                           dx_bits=bn.qconfig.bits_e)
-        grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
-        grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
+        grad_w = bn._quantize_grad_codes(dgamma, gy, 0)
+        grad_b = bn._quantize_grad_codes(dbeta, gy, 1)
         return _container(dx, gy), grad_w, grad_b, None
 
 
@@ -384,8 +395,8 @@ class _QuantBNReLUFn(torch.autograd.Function):
         dtype, width = _storage(bn.qconfig.bits_e)
         g = f32_to_codes_where(gy.detach().float().numpy(), ctx.y, width, dtype)
         dx, dgamma, dbeta = l1bn_backward(_ncl(g), ctx.cache, dx_bits=bn.qconfig.bits_e)
-        grad_w = bn._quantize_grad(from_codes(dgamma, gy, torch.float64), 0)
-        grad_b = bn._quantize_grad(from_codes(dbeta, gy, torch.float64), 1)
+        grad_w = bn._quantize_grad_codes(dgamma, gy, 0)
+        grad_b = bn._quantize_grad_codes(dbeta, gy, 1)
         if quant.bits_bwd < FLOAT_BITS:
             if quant.stochastic_bwd:
                 dx, counts = quantize_stochastic(dx, quant.bits_bwd, seed=quant.seed,
