@@ -85,8 +85,9 @@ class QNet(nn.Sequential):
     """``nn.Sequential`` that remembers its quantization (``qconfig``, ``qstate``, ``norm``).
 
     Its forward runs the layers in order, as ``nn.Sequential`` does, except that a
-    ``Quantize -> L1 batch norm -> ReLU`` run the int kernels would compute goes through one
-    fused node (:func:`qtrain.nn.quant_bn_relu`: the same integers in fewer passes), and the
+    ``Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` run the int kernels would compute
+    goes through one fused node (:func:`qtrain.nn.quant_bn_relu`: the same integers in fewer
+    passes), and the
     next quantizer after it (past max-pool and flatten) skips its forward rounding when that
     provably changes nothing (:meth:`Quantize.forward_codes`).
     """
@@ -104,9 +105,11 @@ class QNet(nn.Sequential):
         while i < len(layers):
             layer = layers[i]
             if isinstance(layer, Quantize) and i + 2 < len(layers):
-                y = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x)
-                if y is not None:
-                    x, i, code_bits = y, i + 3, layers[i + 1].qconfig.bits_a
+                fused = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x,
+                                      layers[i + 3] if i + 3 < len(layers) else None)
+                if fused is not None:
+                    x, pooled = fused
+                    i, code_bits = i + 3 + pooled, layers[i + 1].qconfig.bits_a
                     continue
             if isinstance(layer, Quantize) and code_bits is not None:
                 x = layer.forward_codes(x, code_bits)

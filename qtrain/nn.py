@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import codes_to_f32, f32_to_codes, f32_to_codes_where, quantize_f32_to_codes
-from qkernels.pool import maxpool2x2, maxpool2x2_backward
+from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
+                           maxpool2x2_relu_codes)
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
@@ -365,18 +366,20 @@ class _L1BNFn(torch.autograd.Function):
 
 
 class _QuantBNReLUFn(torch.autograd.Function):
-    """``Quantize -> L1 batch norm -> ReLU`` of the int kernels as one autograd node.
+    """``Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` of the int kernels as one
+    autograd node.
 
-    The integers are those of the three modules in a row (``_QuantizeFn``, ``_L1BNFn``, ReLU;
-    ``tests/qtrain/test_fused.py`` checks bit equality, counters included), with fewer passes
-    over the large tensors: the rounding writes the norm's input codes directly, the ReLU is
-    applied while the output codes become a container, its backward while the error becomes
-    codes, and the quantizer's backward rounds the norm's error codes without a container in
-    between.
+    The integers are those of the modules in a row (``_QuantizeFn``, ``_L1BNFn``, ReLU,
+    ``_MaxPool2x2Fn``; ``tests/qtrain/test_fused.py`` checks bit equality, counters included),
+    with fewer passes over the large tensors: the rounding writes the norm's input codes
+    directly; ReLU and pool work on the norm's int8/int16 output codes, and only their result
+    becomes a container; going back, the error reaches the norm as codes without a float
+    error of its size, and the quantizer's backward rounds the norm's error codes without a
+    container in between.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, quant, bn):
+    def forward(ctx, x, weight, bias, quant, bn, pool):
         q = bn.qconfig
         dtype, width = _storage(q.bits_a)
         xq, counts = quantize_f32_to_codes(x.detach().numpy(), quant.bits_fwd, width, dtype)
@@ -386,14 +389,21 @@ class _QuantBNReLUFn(torch.autograd.Function):
         if bn.track_running_stats:
             bn._update_running(cache)
         bn.last_out_exp.fill_(y.exp)
-        ctx.bn, ctx.quant, ctx.cache, ctx.y = bn, quant, cache, y.q
+        ctx.bn, ctx.quant, ctx.cache, ctx.pool, ctx.shape = bn, quant, cache, pool, x.shape
+        ctx.y = y.q.reshape(x.shape)
+        if pool:
+            return torch.from_numpy(codes_to_f32(QTensor(maxpool2x2_relu_codes(ctx.y), y.exp)))
         return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, gy):
         bn, quant = ctx.bn, ctx.quant
         dtype, width = _storage(bn.qconfig.bits_e)
-        g = f32_to_codes_where(gy.detach().float().numpy(), ctx.y, width, dtype)
+        gy_f32 = gy.detach().float().contiguous().numpy()
+        if ctx.pool:
+            g = maxpool2x2_relu_backward_codes(ctx.y, gy_f32, width, dtype)
+        else:
+            g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
         dx, dgamma, dbeta = l1bn_backward(_ncl(g), ctx.cache, dx_bits=bn.qconfig.bits_e)
         grad_w = bn._quantize_grad_codes(dgamma, gy, 0)
         grad_b = bn._quantize_grad_codes(dbeta, gy, 1)
@@ -405,7 +415,8 @@ class _QuantBNReLUFn(torch.autograd.Function):
             else:
                 dx, counts = quantize_nearest(dx, quant.bits_bwd)
             quant.stats_bwd.add(*counts)
-        return torch.from_numpy(codes_to_f32(dx)).reshape(gy.shape), grad_w, grad_b, None, None
+        return (torch.from_numpy(codes_to_f32(dx)).reshape(ctx.shape), grad_w, grad_b, None,
+                None, None)
 
 
 def _no_hooks(*modules: nn.Module) -> bool:
@@ -413,10 +424,13 @@ def _no_hooks(*modules: nn.Module) -> bool:
                    or m._backward_pre_hooks for m in modules)
 
 
-def quant_bn_relu(quant, bn, relu, x: torch.Tensor) -> torch.Tensor | None:
+def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
+                  ) -> tuple[torch.Tensor, bool] | None:
     """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three (a
     quantized L1 batch norm in training mode on a float32 CPU tensor, no hooks on the
-    modules); None when they would not, and the caller runs the modules."""
+    modules); None when they would not, and the caller runs the modules. A 2x2
+    ``QuantMaxPool2d`` ``pool`` (the next module) joins the node when its fast path applies.
+    Returns the output and whether ``pool`` was applied."""
     if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
         return None
     q = bn.qconfig
@@ -428,7 +442,9 @@ def quant_bn_relu(quant, bn, relu, x: torch.Tensor) -> torch.Tensor | None:
             and not torch.nn.modules.module._global_forward_hooks
             and not torch.nn.modules.module._global_forward_pre_hooks):
         return None
-    return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn)
+    fuse_pool = (isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
+                 and _no_hooks(pool))
+    return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool), fuse_pool
 
 
 class _L1BatchNorm(nn.Module, _Quantized):

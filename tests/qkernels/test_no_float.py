@@ -9,7 +9,7 @@ import numba
 import numpy as np
 import pytest
 
-from qkernels import conv, ieee, l1bn, loss, optim, quant
+from qkernels import conv, ieee, l1bn, loss, optim, pool, quant
 
 FLOAT_IR = re.compile(r"\b(half|bfloat|float|double|x86_fp80|fp128|ppc_fp128|fadd|fsub|fmul|"
                       r"fdiv|frem|fcmp|fneg|sitofp|uitofp|fptosi|fptoui|fpext|fptrunc)\b")
@@ -93,6 +93,13 @@ def step_kernel_cases():
         "ieee._quantize_nearest_p(codes)": (ieee, (bits, np.empty(100, np.int8), -3, 127, 0)),
         "ieee._peak_bits_where_p": (ieee, (bits, out8)),
         "ieee._to_codes_where_p": (ieee, (bits, out8, np.empty(100, np.int8), -3)),
+        "pool._relu_forward_codes": (pool, (np.zeros((2, 4, 4), np.int8),
+                                             np.empty((2, 2, 2), np.int8))),
+        "pool._relu_backward_peak": (pool, (np.zeros((2, 4, 4), np.int8),
+                                            np.zeros((2, 2, 2), np.int32))),
+        "pool._relu_backward_codes": (pool, (np.zeros((2, 4, 4), np.int16),
+                                             np.zeros((2, 2, 2), np.int32), -3,
+                                             np.empty((2, 4, 4), np.int16))),
         "loss._xent_error": (loss, (np.zeros((4, 10), np.int16), 2, np.zeros(4, np.int64),
                                     loss.EXP2_TABLE, np.empty((4, 10), np.int64))),
         "conv._im2col": (conv, (np.zeros((2, 1, 6, 6), np.int8), 3, 3, 1, 0, 4, 4,

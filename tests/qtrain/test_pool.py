@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qkernels.pool import maxpool2x2, maxpool2x2_backward
+from qkernels import QTensor
+from qkernels.ieee import codes_to_f32, f32_to_codes_where
+from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
+                           maxpool2x2_relu_codes)
 from qtrain.nn import QuantMaxPool2d
 from qtrain.quant import torch_emulation
 
@@ -56,3 +59,28 @@ def test_pool_kernels_check_their_arguments():
         maxpool2x2(np.zeros((1, 2, 3, 4), np.float32))
     with pytest.raises(ValueError, match="pooled shape"):
         maxpool2x2_backward(np.zeros((1, 2, 4, 4), np.float32), np.zeros((1, 2, 4, 4), np.float32))
+
+
+@pytest.mark.parametrize("dtype, width", [(np.int8, 7), (np.int16, 15)])
+@pytest.mark.parametrize("levels", [3, 40])
+def test_relu_pool_on_codes_equals_relu_pool_and_conversion(dtype, width, levels):
+    """Pooling relu(codes) and sending the error back to the codes equals ReLU, max-pool and
+    the masked conversion one after the other (ties, all-negative windows, zero errors)."""
+    rng = np.random.default_rng(levels + width)
+    y = (rng.integers(-levels, levels, (3, 4, 6, 8)) * (1 if levels < 10 else 3)).astype(dtype)
+    relu = codes_to_f32(QTensor(np.maximum(y, 0), -5))
+    pooled = maxpool2x2_relu_codes(y)
+    assert pooled.dtype == dtype
+    assert np.array_equal(codes_to_f32(QTensor(pooled, -5)), maxpool2x2(relu))
+    for scale in (2.0 ** -30, 1.0):
+        gz = (rng.integers(-127, 128, pooled.shape) * scale).astype(np.float32)
+        gz[0, 0, 0, :2] = 0
+        got = maxpool2x2_relu_backward_codes(y, gz, width, dtype)
+        want = f32_to_codes_where(maxpool2x2_backward(relu, gz), y, width, dtype)
+        assert got.exp == want.exp and got.q.dtype == dtype and np.array_equal(got.q, want.q)
+    none = maxpool2x2_relu_backward_codes(-np.abs(y), gz, width, dtype)  # every window <= 0
+    assert none.exp == 0 and not none.q.any()
+    with pytest.raises(ValueError, match="pooled shape"):
+        maxpool2x2_relu_backward_codes(y, np.zeros(y.shape, np.float32), width, dtype)
+    with pytest.raises(ValueError, match="even height"):
+        maxpool2x2_relu_codes(np.zeros((1, 2, 3, 4), np.int8))
