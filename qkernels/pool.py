@@ -12,7 +12,7 @@ conversions one after the other.
 
 The backward routes each error to the first largest element of its window in row-major order
 (a, b / c, d), which is the choice ``torch.nn.functional.max_pool2d`` makes, so the results are
-identical to torch's. One pass each way, parallel over the (N*C) planes.
+identical to torch's. Parallel over the (N*C) planes.
 """
 
 from __future__ import annotations
@@ -69,46 +69,43 @@ def _backward(x, gy, gx):
 
 
 @njit(cache=True, parallel=True)
-def _relu_forward_codes(y, out):
+def _relu_forward_codes(y, out, sel):
+    """Pooled relu(y) codes, and per window the selected element (0..3, row-major) or -1 when
+    the window's maximum is a ReLU zero (no error goes back through it)."""
     zero = y.dtype.type(0)
     for p in prange(y.shape[0]):
         for i in range(out.shape[1]):
             for j in range(out.shape[2]):
-                out[p, i, j] = max(max(y[p, 2 * i, 2 * j], y[p, 2 * i, 2 * j + 1]),
-                                   max(y[p, 2 * i + 1, 2 * j], y[p, 2 * i + 1, 2 * j + 1]),
-                                   zero)
-
-
-@njit(cache=True, parallel=True)
-def _relu_backward_peak(y, gz):
-    """Largest magnitude bits of the errors that reach y: those of windows whose maximum is
-    positive (elsewhere the selected element is a ReLU zero)."""
-    top = np.int32(0)
-    for p in prange(y.shape[0]):
-        for i in range(gz.shape[1]):
-            for j in range(gz.shape[2]):
-                m = max(max(y[p, 2 * i, 2 * j], y[p, 2 * i, 2 * j + 1]),
-                        max(y[p, 2 * i + 1, 2 * j], y[p, 2 * i + 1, 2 * j + 1]))
-                top = max(top, gz[p, i, j] & _ABS if m > 0 else np.int32(0))
-    return top
-
-
-@njit(cache=True, parallel=True)
-def _relu_backward_codes(y, gz, e, out):
-    zero = y.dtype.type(0)
-    for p in prange(y.shape[0]):
-        for i in range(gz.shape[1]):
-            for j in range(gz.shape[2]):
                 a = max(y[p, 2 * i, 2 * j], zero)
                 b = max(y[p, 2 * i, 2 * j + 1], zero)
                 c = max(y[p, 2 * i + 1, 2 * j], zero)
                 d = max(y[p, 2 * i + 1, 2 * j + 1], zero)
-                g = _code_at(gz[p, i, j], e) if max(max(a, b), max(c, d)) > 0 else 0
-                ka, kb, kc, kd = _first_max(a, b, c, d)
-                out[p, 2 * i, 2 * j] = g * ka
-                out[p, 2 * i, 2 * j + 1] = g * kb
-                out[p, 2 * i + 1, 2 * j] = g * kc
-                out[p, 2 * i + 1, 2 * j + 1] = g * kd
+                m = max(max(a, b), max(c, d))
+                out[p, i, j] = m
+                ka, kb, kc, kd = _first_max(np.int32(a), np.int32(b), np.int32(c), np.int32(d))
+                sel[p, i, j] = np.int8(kb + 2 * kc + 3 * kd if m > 0 else -1)
+
+
+@njit(cache=True, parallel=True)
+def _relu_backward_peak(sel, gz):
+    """Largest magnitude bits of the errors that go back (windows with a selected element)."""
+    top = np.int32(0)
+    for p in prange(sel.shape[0]):
+        for i in range(sel.shape[1]):
+            for j in range(sel.shape[2]):
+                top = max(top, gz[p, i, j] & _ABS if sel[p, i, j] >= 0 else np.int32(0))
+    return top
+
+
+@njit(cache=True, parallel=True)
+def _relu_backward_codes(sel, gz, e, out):
+    for p in prange(sel.shape[0]):
+        out[p] = 0
+        for i in range(sel.shape[1]):
+            for j in range(sel.shape[2]):
+                k = sel[p, i, j]
+                if k >= 0:
+                    out[p, 2 * i + (k >> 1), 2 * j + (k & 1)] = _code_at(gz[p, i, j], e)
 
 
 def _planes(a: np.ndarray, name: str) -> np.ndarray:
@@ -147,32 +144,38 @@ def _code_planes(y: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(y).reshape(-1, y.shape[-2], y.shape[-1])
 
 
-def maxpool2x2_relu_codes(y: np.ndarray) -> np.ndarray:
+def maxpool2x2_relu_codes(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``maxpool2x2(relu(y))`` for int8/int16 codes ``y`` of shape (C, H, W) or (N, C, H, W)
-    with even H and W: codes of the same dtype (and exponent)."""
+    with even H and W: codes of the same dtype (and exponent), and the selection the
+    backward needs (int8 per window: the first largest element, 0..3 in row-major order, or
+    -1 where the maximum is a ReLU zero)."""
     yp = _code_planes(y)
-    out = np.empty((yp.shape[0], yp.shape[1] // 2, yp.shape[2] // 2), y.dtype)
-    _relu_forward_codes(yp, out)
-    return out.reshape(*y.shape[:-2], y.shape[-2] // 2, y.shape[-1] // 2)
+    shape = (yp.shape[0], yp.shape[1] // 2, yp.shape[2] // 2)
+    out, sel = np.empty(shape, y.dtype), np.empty(shape, np.int8)
+    _relu_forward_codes(yp, out, sel)
+    pooled_shape = (*y.shape[:-2], y.shape[-2] // 2, y.shape[-1] // 2)
+    return out.reshape(pooled_shape), sel.reshape(pooled_shape)
 
 
-def maxpool2x2_relu_backward_codes(y: np.ndarray, gz: np.ndarray, width: int, dtype) -> QTensor:
+def maxpool2x2_relu_backward_codes(sel: np.ndarray, gz: np.ndarray, width: int, dtype
+                                   ) -> QTensor:
     """The error at ``y`` of :func:`maxpool2x2_relu_codes` as codes: each float32 error of
-    ``gz`` (the pooled shape) goes to its window's first largest ``relu(y)`` element unless
-    that is a ReLU zero, at exponent ``E - width`` with ``E`` from the largest error that
-    arrives (0 when none does). The same codes as ``f32_to_codes_where(maxpool2x2_backward(
-    relu(y) container, gz), y, width, dtype)``, in two passes over ``y`` without a float32
-    error of ``y``'s size."""
-    yp = _code_planes(y)
+    ``gz`` goes to its window's selected element (none where ``sel`` is -1), at exponent
+    ``E - width`` with ``E`` from the largest error that goes back (0 when none does); shape
+    (..., 2H, 2W) for ``sel``'s (..., H, W). The same codes as ``f32_to_codes_where(
+    maxpool2x2_backward(relu(y) container, gz), y, width, dtype)``, in two passes over the
+    pooled size and one write of ``y``'s, without a float32 error of ``y``'s size."""
+    check_array(sel, "sel", (np.int8,), (3, 4))
     b = _bits_of(gz, "gz")
-    if gz.shape != (*y.shape[:-2], y.shape[-2] // 2, y.shape[-1] // 2):
-        raise ValueError(f"gz has shape {gz.shape}, expected the pooled shape of y {y.shape}")
-    gb = b.reshape(yp.shape[0], yp.shape[1] // 2, yp.shape[2] // 2)
-    top = int(_top_exponent(_relu_backward_peak(yp, gb)))
+    if gz.shape != sel.shape:
+        raise ValueError(f"gz has shape {gz.shape}, expected the pooled shape {sel.shape}")
+    sp = np.ascontiguousarray(sel).reshape(-1, *sel.shape[-2:])
+    gb = b.reshape(sp.shape)
+    top = int(_top_exponent(_relu_backward_peak(sp, gb)))
     e = 0 if top == _NO_TOP else top - width
-    out = np.empty(yp.shape, dtype)
-    _relu_backward_codes(yp, gb, e, out)
-    return QTensor(out.reshape(y.shape), e)
+    out = np.empty((sp.shape[0], 2 * sp.shape[1], 2 * sp.shape[2]), dtype)
+    _relu_backward_codes(sp, gb, e, out)
+    return QTensor(out.reshape(*sel.shape[:-2], 2 * sel.shape[-2], 2 * sel.shape[-1]), e)
 
 
 __all__ = ["maxpool2x2", "maxpool2x2_backward", "maxpool2x2_relu_codes",

@@ -390,9 +390,10 @@ class _QuantBNReLUFn(torch.autograd.Function):
             bn._update_running(cache)
         bn.last_out_exp.fill_(y.exp)
         ctx.bn, ctx.quant, ctx.cache, ctx.pool, ctx.shape = bn, quant, cache, pool, x.shape
-        ctx.y = y.q.reshape(x.shape)
-        if pool:
-            return torch.from_numpy(codes_to_f32(QTensor(maxpool2x2_relu_codes(ctx.y), y.exp)))
+        if pool:  # the backward needs the pool's selection, not y
+            pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(x.shape))
+            return torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp)))
+        ctx.y = y.q
         return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(x.shape)
 
     @staticmethod
@@ -401,7 +402,7 @@ class _QuantBNReLUFn(torch.autograd.Function):
         dtype, width = _storage(bn.qconfig.bits_e)
         gy_f32 = gy.detach().float().contiguous().numpy()
         if ctx.pool:
-            g = maxpool2x2_relu_backward_codes(ctx.y, gy_f32, width, dtype)
+            g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
         else:
             g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
         dx, dgamma, dbeta = l1bn_backward(_ncl(g), ctx.cache, dx_bits=bn.qconfig.bits_e)

@@ -69,18 +69,19 @@ def test_relu_pool_on_codes_equals_relu_pool_and_conversion(dtype, width, levels
     rng = np.random.default_rng(levels + width)
     y = (rng.integers(-levels, levels, (3, 4, 6, 8)) * (1 if levels < 10 else 3)).astype(dtype)
     relu = codes_to_f32(QTensor(np.maximum(y, 0), -5))
-    pooled = maxpool2x2_relu_codes(y)
-    assert pooled.dtype == dtype
+    pooled, sel = maxpool2x2_relu_codes(y)
+    assert pooled.dtype == dtype and sel.shape == pooled.shape
     assert np.array_equal(codes_to_f32(QTensor(pooled, -5)), maxpool2x2(relu))
     for scale in (2.0 ** -30, 1.0):
         gz = (rng.integers(-127, 128, pooled.shape) * scale).astype(np.float32)
         gz[0, 0, 0, :2] = 0
-        got = maxpool2x2_relu_backward_codes(y, gz, width, dtype)
+        got = maxpool2x2_relu_backward_codes(sel, gz, width, dtype)
         want = f32_to_codes_where(maxpool2x2_backward(relu, gz), y, width, dtype)
         assert got.exp == want.exp and got.q.dtype == dtype and np.array_equal(got.q, want.q)
-    none = maxpool2x2_relu_backward_codes(-np.abs(y), gz, width, dtype)  # every window <= 0
-    assert none.exp == 0 and not none.q.any()
+    _, none = maxpool2x2_relu_codes(-np.abs(y))  # every window <= 0: nothing goes back
+    got = maxpool2x2_relu_backward_codes(none, gz, width, dtype)
+    assert (none == -1).all() and got.exp == 0 and not got.q.any()
     with pytest.raises(ValueError, match="pooled shape"):
-        maxpool2x2_relu_backward_codes(y, np.zeros(y.shape, np.float32), width, dtype)
+        maxpool2x2_relu_backward_codes(sel, np.zeros(y.shape, np.float32), width, dtype)
     with pytest.raises(ValueError, match="even height"):
         maxpool2x2_relu_codes(np.zeros((1, 2, 3, 4), np.int8))
