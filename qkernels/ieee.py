@@ -79,8 +79,9 @@ def _top_exponent(peak):
 @njit(cache=True, inline="always")
 def _code_at(b, e):
     """The code of float32 bits ``b`` at exponent ``e``: exact, or rounded half up. Selects
-    instead of branches (as :func:`_decode` then ``round_shift``, shifts capped at 40: a
-    24-bit mantissa shifted right by 25 or more rounds to 0 either way)."""
+    instead of branches (as :func:`_decode` then ``round_shift``; right shifts capped at 40:
+    a 24-bit mantissa shifted right by 25 or more rounds to 0 either way; left shifts at 38,
+    far beyond any code of at most 31 bits, so the result stays inside int64)."""
     a = np.int64(b) & 0x7FFFFFFF
     f = a >> 23
     m = (a & _MANT) | ((f > 0) << 23)
@@ -88,7 +89,7 @@ def _code_at(b, e):
     neg = np.int64(b) >> 63  # 0 or -1
     m = (m ^ neg) - neg
     right = min(max(s, np.int64(1)), np.int64(40))
-    return (m + (np.int64(1) << (right - 1))) >> right if s > 0 else m << min(-s, np.int64(40))
+    return (m + (np.int64(1) << (right - 1))) >> right if s > 0 else m << min(-s, np.int64(38))
 
 
 def _quantize_nearest(bits, out, e, q, up):

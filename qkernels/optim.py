@@ -37,6 +37,7 @@ from numba import njit, prange
 
 from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
 from .format import QTensor, check_array, check_exp
+from .ieee import _bits_of, _code_at, _encode
 
 #: The learning rate is a fixed-point fraction lr_q / 2**LR_BITS.
 LR_BITS = 24
@@ -80,17 +81,25 @@ def _grad_shifts(g_shift):
     return left, right, (np.int64(1) << right) >> 1
 
 
-def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
+def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, w_exp, out):
     """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and ``sat(w')`` to ``w``;
     returns (min, max) of w'. ``sat(w')`` is the store whenever every w' fits (the common
     case, so that a step without a rise is one pass; otherwise :func:`_rescale` rewrites w
-    from w_new). The body has no branches and no calls, so the loop vectorizes."""
+    from w_new). The body has no branches and no calls, so the loop vectorizes.
+
+    With ``g_bits`` the gradient comes as float32 bit patterns instead (``g`` unused): each
+    is read at the store's exponent ``w_exp``, which is ``round_shift`` of its exact code, and
+    ``out`` receives the float32 bits of ``sat(w')`` at ``w_exp`` (the new container when the
+    exponent does not rise)."""
     left, right, half = _grad_shifts(g_shift)
     vmax = np.int64(1) << VELOCITY_BITS
     lo = np.int64(1) << 62
     hi = -lo
     for i in prange(w.shape[0]):
-        gs = ((np.int64(g[i]) << left) + half) >> right
+        if g_bits.shape[0]:
+            gs = _code_at(g_bits[i], w_exp)
+        else:
+            gs = ((np.int64(g[i]) << left) + half) >> right
         vi = ((momentum_q * v[i] + (np.int64(1) << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS) \
             + min(max(gs, -vmax), vmax)
         vi = min(max(vi, -vmax), vmax)
@@ -98,9 +107,17 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new):
         wn = np.int64(w[i]) - ((lr_q * vi + (np.int64(1) << (LR_BITS - 1))) >> LR_BITS)
         w_new[i] = wn
         w[i] = min(max(wn, -q), q)
+        if g_bits.shape[0]:
+            out[i] = _encode(w[i], w_exp)
         lo = min(lo, wn)
         hi = max(hi, wn)
     return lo, hi
+
+
+@njit(cache=True, parallel=True)
+def _encode_all(w, e, out):
+    for i in prange(w.shape[0]):
+        out[i] = _encode(w[i], e)
 
 
 #: serial (small tensors) and parallel (large ones): ``prange`` is ``range`` in the first.
@@ -134,20 +151,13 @@ class SgdResult(NamedTuple):
     saturated: int
 
 
-def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
-             momentum_q: int, store_bits: int, exp_max: int = 126) -> SgdResult:
-    """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
-
-    Returns :class:`SgdResult`: the new store is ``QTensor(store.q, store.exp + rise)``. The
-    exponent rises only when a code would leave the store, and never above ``exp_max``: there
-    codes saturate instead (a diverging run stays finite) and are counted.
-    """
+def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
+                momentum_q: int, store_bits: int, exp_max: int) -> int:
     check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
-    check_array(grad.q, "grad.q", (np.int8, np.int16, np.int32, np.int64), (store.q.ndim,))
-    if velocity.shape != store.q.shape or grad.q.shape != store.q.shape:
+    if velocity.shape != store.q.shape or grad_shape != store.q.shape:
         raise ValueError(f"store, velocity and grad shapes differ: {store.q.shape}, "
-                         f"{velocity.shape}, {grad.q.shape}")
+                         f"{velocity.shape}, {grad_shape}")
     if not store.q.flags.c_contiguous or not velocity.flags.c_contiguous:
         raise ValueError("store.q and velocity must be C-contiguous (they are updated in place)")
     if not 2 <= store_bits <= STORE_BITS_MAX:
@@ -156,20 +166,72 @@ def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
         raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}-1")
     if not 0 < lr_q < (1 << LR_BITS):
         raise ValueError(f"lr_q={lr_q} is outside 1..2**{LR_BITS}-1 (a learning rate below 1)")
-    g_shift = check_exp(grad.exp, "grad.exp") - check_exp(store.exp, "store.exp")
-    if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
-        raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
+    check_exp(store.exp, "store.exp")
     exp_max = check_exp(exp_max, "exp_max")
     if store.exp > exp_max:
         raise ValueError(f"store.exp={store.exp} is above exp_max={exp_max}")
-    if store.q.size == 0:
-        return SgdResult(0, 0)
+    return exp_max
+
+
+_NONE_I8 = np.zeros(0, np.int8)
+_NONE_I32 = np.zeros(0, np.int32)
+
+
+def _run(store, velocity, g, g_shift, g_bits, out, lr_q, momentum_q, store_bits, exp_max
+         ) -> SgdResult:
     w, v = store.q.reshape(-1), velocity.reshape(-1)
+    q = qmax(store_bits)
     w_new = np.empty(w.shape[0], np.int64)
     kernel = _sgd_p if w.shape[0] >= PARALLEL_MIN else _sgd_s
-    lo, hi = kernel(w, v, np.ascontiguousarray(grad.q).reshape(-1), g_shift, momentum_q, lr_q,
-                    qmax(store_bits), w_new)
-    s = min(int(store_shift(lo, hi, qmax(store_bits))), exp_max - store.exp)
-    if s or lo < -qmax(store_bits) or hi > qmax(store_bits):
-        return SgdResult(s, int(_rescale(w, v, w_new, s, qmax(store_bits))))
+    lo, hi = kernel(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, store.exp, out)
+    s = min(int(store_shift(lo, hi, q)), exp_max - store.exp)
+    if s or lo < -q or hi > q:
+        return SgdResult(s, int(_rescale(w, v, w_new, s, q)))
     return SgdResult(0, 0)  # the kernel already wrote every w
+
+
+def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
+             momentum_q: int, store_bits: int, exp_max: int = 126) -> SgdResult:
+    """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
+
+    Returns :class:`SgdResult`: the new store is ``QTensor(store.q, store.exp + rise)``. The
+    exponent rises only when a code would leave the store, and never above ``exp_max``: there
+    codes saturate instead (a diverging run stays finite) and are counted.
+    """
+    check_array(grad.q, "grad.q", (np.int8, np.int16, np.int32, np.int64), (store.q.ndim,))
+    exp_max = _check_step(store, velocity, grad.q.shape, lr_q, momentum_q, store_bits, exp_max)
+    g_shift = check_exp(grad.exp, "grad.exp") - store.exp
+    if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
+        raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
+    if store.q.size == 0:
+        return SgdResult(0, 0)
+    return _run(store, velocity, np.ascontiguousarray(grad.q).reshape(-1), g_shift, _NONE_I32,
+                _NONE_I32, lr_q, momentum_q, store_bits, exp_max)
+
+
+def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np.ndarray, *,
+                 lr_q: int, momentum_q: int, store_bits: int, exp_max: int = 126
+                 ) -> SgdResult:
+    """:func:`sgd_step` with the gradient as its float32 container, writing the new store's
+    float32 container to ``out`` (a C-contiguous float32 array of the store's shape): one
+    pass instead of three conversions and the step.
+
+    The gradient's values are read at the store's exponent from their bit patterns, which is
+    what converting them to exact codes and shifting gives: the results equal
+    ``sgd_step(store, velocity, f32_to_codes(grad, 24), ...)`` for every gradient of at most
+    24 significant bits (a quantized gradient's container), and
+    ``out == codes_to_f32(QTensor(store.q, store.exp + rise))``.
+    """
+    b = _bits_of(grad, "grad")
+    exp_max = _check_step(store, velocity, grad.shape, lr_q, momentum_q, store_bits, exp_max)
+    check_array(out, "out", (np.float32,), (store.q.ndim,))
+    if out.shape != store.q.shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {store.q.shape}")
+    if store.q.size == 0:
+        return SgdResult(0, 0)
+    bits_out = out.reshape(-1).view(np.int32)
+    res = _run(store, velocity, _NONE_I8, 0, b, bits_out, lr_q, momentum_q, store_bits,
+               exp_max)
+    if res.rise or res.saturated:
+        _encode_all(store.q.reshape(-1), store.exp + res.rise, bits_out)
+    return res

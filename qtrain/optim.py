@@ -3,7 +3,8 @@ r"""SGD with momentum for float and for integer networks.
 For a quantized network every parameter lives in a wide integer store (``QConfig.store_bits``
 significant bits and a per-tensor exponent, first chosen from its initial range with 4x
 headroom; the float32 parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a
-step is :func:`qkernels.optim.sgd_step`:
+step is :func:`qkernels.optim.sgd_step` (run on the float32 containers of the gradient and the
+parameter: :func:`~qkernels.optim.sgd_step_f32`):
 
 .. math:: v \leftarrow \mu v + g, \qquad w \leftarrow w - \frac{\eta}{N} v
 
@@ -24,8 +25,8 @@ import torch
 
 from qkernels import QTensor
 from qkernels.fixedpoint import MOMENTUM_BITS
-from qkernels.ieee import codes_to_f32, f32_to_codes
-from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
+from qkernels.ieee import f32_to_codes
+from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step_f32,
                             store_shift)
 
 from .quant import QConfig, pow2, top_exponent, to_codes, use_kernels
@@ -156,13 +157,18 @@ class QSGD(torch.optim.Optimizer):
         bits = self.qconfig.store_bits
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if use_kernels(p, self.qconfig.backend):
-            grad = f32_to_codes(p.grad.cpu().numpy(), 24)
             version, codes = self._codes.get(p, (None, None))
             if version != (p._version, p.data_ptr()):  # first step, or p was written since
                 codes = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp).q
-            rise, sat = sgd_step(QTensor(codes, exp), state["velocity"].numpy(), grad,
-                                 lr_q=lr_q, momentum_q=mom_q, store_bits=bits, exp_max=exp_max)
-            p.copy_(torch.from_numpy(codes_to_f32(QTensor(codes, exp + rise))).reshape(p.shape))
+            grad = p.grad
+            if grad.dtype != torch.float32 or not grad.is_contiguous():
+                grad = grad.float().contiguous()
+            out = np.empty(p.shape, np.float32)
+            rise, sat = sgd_step_f32(QTensor(codes, exp), state["velocity"].numpy(),
+                                     grad.detach().numpy(), out,
+                                     lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
+                                     exp_max=exp_max)
+            p.copy_(torch.from_numpy(out))
             self._codes[p] = ((p._version, p.data_ptr()), codes)
         else:
             codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,

@@ -10,7 +10,7 @@ from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
-from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step
+from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step, sgd_step_f32
 from qkernels.quant import quantize_nearest, quantize_stochastic, range_exponent
 from qkernels.rng import random_u64_np, stream_key_np
 
@@ -234,6 +234,31 @@ def test_sgd_step_matches_its_formula(g_exp, grows):
                    store_bits=24)
     assert w.tolist() == want_w and v.tolist() == want_v and res == (want_s, 0)
     assert (res.rise >= 1) == grows
+
+
+@pytest.mark.parametrize("n", [300, (1 << 16) + 5])
+@pytest.mark.parametrize("case", ["plain", "rise", "ceiling", "huge gradient"])
+def test_sgd_step_on_containers_equals_the_step_on_codes(n, case):
+    """sgd_step_f32 (gradient and new store as float32 containers) gives the store, velocity,
+    result and container of converting, stepping and converting back."""
+    rng = np.random.default_rng(n)
+    w = rng.integers(-(1 << 22), 1 << 22, n).astype(np.int32)
+    v = rng.integers(-(1 << 30), 1 << 30, n).astype(np.int64)
+    g_exp = {"plain": -31, "rise": -20, "ceiling": -20, "huge gradient": 40}[case]
+    grad = (rng.integers(-127, 128, n) * 2.0 ** g_exp).astype(np.float32)
+    grad[:5] = [0.0, -0.0, 2.0 ** (g_exp + 7), -(2.0 ** (g_exp + 7)), 2.0 ** g_exp * 1.5]
+    if case != "plain":
+        w[:2], v[:2] = [(1 << 23) - 2, -(1 << 23) + 2], [-(1 << 36), 1 << 36]
+    kw = dict(lr_q=lr_code(0.1 / 128), momentum_q=momentum_code(0.9), store_bits=24,
+              exp_max=-24 if case == "ceiling" else 126)
+    w2, v2 = w.copy(), v.copy()
+    want = sgd_step(QTensor(w, -24), v, f32_to_codes(grad, 24), **kw)
+    out = np.empty(n, np.float32)
+    got = sgd_step_f32(QTensor(w2, -24), v2, grad, out, **kw)
+    assert got == want and np.array_equal(w2, w) and np.array_equal(v2, v)
+    assert np.array_equal(out, codes_to_f32(QTensor(w, -24 + want.rise)))
+    assert (want.rise > 0) == (case in ("rise", "huge gradient"))
+    assert (want.saturated > 0) == (case == "ceiling")
 
 
 @pytest.mark.parametrize("ceiling", [0, 1])
