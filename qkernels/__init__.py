@@ -1,19 +1,20 @@
 """qkernels: the integer engine of qtrain (numpy + numba only, never torch).
 
 The fixed-point spec lives in :mod:`qkernels.fixedpoint`, integer tensors in
-:mod:`qkernels.format`, the L1BN kernels (int8 and int16 codes) in :mod:`qkernels.l1bn`, the counter-based random
-stream and stochastic rounding in :mod:`qkernels.rng`, requantization with range-chosen
-exponents in :mod:`qkernels.quant`, the integer softmax cross-entropy error in
+:mod:`qkernels.format`, the L1BN kernels (int8 and int16 codes) in :mod:`qkernels.l1bn`, the
+counter-based random stream and stochastic rounding in :mod:`qkernels.rng`, requantization with
+range-chosen exponents in :mod:`qkernels.quant`, the integer softmax cross-entropy error in
 :mod:`qkernels.loss`, integer SGD in :mod:`qkernels.optim`, integer reading and writing of
-float32 containers in :mod:`qkernels.ieee`, operation counts and the ASIC estimate in
-:mod:`qkernels.opcount`, and the slow references every kernel is tested against in
-:mod:`qkernels.oracle`.
+float32 containers in :mod:`qkernels.ieee`, max-pool (fused with a ReLU on integer codes) in
+:mod:`qkernels.pool`, exact convolution weight gradients in :mod:`qkernels.conv`, operation
+counts and the ASIC estimate in :mod:`qkernels.opcount`, and the slow references every kernel
+is tested against in :mod:`qkernels.oracle`.
 """
 
 from .conv import conv2d_weight_grad
 from .format import QTensor, code_dtype
 from .loss import softmax_xent_error
-from .optim import lr_code, momentum_code, sgd_step
+from .optim import lr_code, momentum_code, sgd_step, sgd_step_f32
 from .quant import QuantCounts, quantize_nearest, quantize_stochastic
 from .l1bn import (
     L1BNCache,
@@ -35,6 +36,7 @@ __all__ = [
     "quantize_nearest",
     "quantize_stochastic",
     "sgd_step",
+    "sgd_step_f32",
     "softmax_xent_error",
     "L1BNCache",
     "count_ops",

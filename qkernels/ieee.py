@@ -187,18 +187,25 @@ def peak_exponent(x: np.ndarray) -> int | None:
 
 
 def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: int = 0,
-                 step: int = 0, tensor_id: int = 0) -> tuple[np.ndarray, int, QuantCounts]:
-    """Round a float32 container to ``bits``-wide codes at the range exponent.
+                 step: int = 0, tensor_id: int = 0, exp: int | None = None
+                 ) -> tuple[np.ndarray, int, QuantCounts]:
+    """Round a float32 container to ``bits``-wide codes at the range exponent (or at ``exp``,
+    nearest only).
 
     Returns the new float32 container (same shape), its exponent, and the counts. Same results
     as :func:`qkernels.quant.quantize_nearest` / ``quantize_stochastic`` on the exact codes.
     """
     b = _bits_of(x, "x")
     bits = check_bits(bits, "bits")
-    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
-    if top == _NO_TOP:
-        return np.zeros_like(x, dtype=np.float32), 0, QuantCounts(0, 0, b.size)
-    e = top - (bits - 1)
+    if exp is not None:
+        if stochastic:
+            raise ValueError("a given exponent is for rounding to nearest")
+        e = check_exp(exp, "exp")
+    else:
+        top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+        if top == _NO_TOP:
+            return np.zeros_like(x, dtype=np.float32), 0, QuantCounts(0, 0, b.size)
+        e = top - (bits - 1)
     out = np.empty_like(b)
     q = (1 << (bits - 1)) - 1
     if stochastic:

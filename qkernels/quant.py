@@ -102,18 +102,35 @@ def _stochastic(c, up, q, key, out):
     return saturated, zeroed
 
 
-def _prepare(c: QTensor, bits: int, name: str):
+def mean_exponent(abs_sum: int, n: int, exp: int, bits: int) -> int | None:
+    """The *mean* rule's exponent for ``n`` codes at exponent ``exp`` whose magnitudes sum to
+    ``abs_sum``: ``e = floor(log2(mean|v|)) + 3 - bits`` (None when all are zero), exactly,
+    in integers. The largest code ``2**(bits-1) - 1`` is then worth 2 to 4 times the mean
+    magnitude (larger values saturate); at 2 bits, values from ``2**(e-1)``, between half the
+    mean and the mean, round to +-1 (a ternary net's threshold: TWN's is 0.7 x mean)."""
+    if abs_sum == 0:
+        return None
+    j = int(abs_sum).bit_length() - int(n).bit_length()  # n * 2**j within 2x of abs_sum
+    if (n << j if j >= 0 else n) > (abs_sum if j >= 0 else abs_sum << -j):
+        j -= 1  # now the largest j with n * 2**j <= abs_sum
+    return exp + j + 3 - bits
+
+
+def _prepare(c: QTensor, bits: int, name: str, exp: int | None = None):
     check_array(c.q, f"{name}.q", (np.int8, np.int16, np.int32, np.int64), tuple(range(0, 9)))
     bits = check_bits(bits, "bits")
     flat = np.ascontiguousarray(c.q).reshape(-1)
-    exp = int(range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits))
+    if exp is None:
+        exp = int(range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits))
     check_exp(exp, "the chosen exponent")
     return flat, bits, exp, np.empty(flat.shape[0], dtype=code_dtype(bits))
 
 
-def quantize_nearest(c: QTensor, bits: int) -> tuple[QTensor, QuantCounts]:
-    """Requantize codes to ``bits`` with the range exponent, rounding half up."""
-    flat, bits, exp, out = _prepare(c, bits, "c")
+def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
+                     ) -> tuple[QTensor, QuantCounts]:
+    """Requantize codes to ``bits`` with the range exponent (or ``exp``), rounding half up
+    and saturating."""
+    flat, bits, exp, out = _prepare(c, bits, "c", exp)
     sat, zero = _nearest(flat, exp - c.exp, qmax(bits), out)
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
 

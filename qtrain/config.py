@@ -36,6 +36,7 @@ class UserError(ValueError):
 MODELS = ("lenet5", "mlp", "vgg7", "resnet20")
 NORMS = ("l1", "l2", "none")
 BACKENDS = ("int", "emulate")
+WEIGHT_EXPS = ("max", "mean")
 #: Dataset name -> image shape (H, W, C).
 DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 #: Model -> the image shapes it accepts (None: any).
@@ -47,6 +48,7 @@ DEFAULTED = {
     "data_dir": "None: search $QTRAIN_DATA, the system dataset directory, the user cache, ...",
     "per_class": "None: the whole training set",
     "device": "'cpu'",
+    "weight_exp": "'max': weights take the range exponent, as every quantizer",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -81,12 +83,14 @@ class RunConfig:
     data_dir: str | None = None  # first directory searched for the data; None: default search
     per_class: int | None = None  # training images per class (a stratified subset); None: all
     device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
+    weight_exp: str = "max"  # weight exponent from the largest (max) or mean magnitude (mean)
 
     def __post_init__(self):
         _check_types(self)
         _choice("model", self.model, MODELS)
         _choice("norm", self.norm, NORMS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("weight_exp", self.weight_exp, WEIGHT_EXPS)
         _choice("data", self.data, tuple(DATASETS))
         for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
             bits = getattr(self, name)

@@ -39,8 +39,8 @@ from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
 from qkernels.quant import quantize_nearest, quantize_stochastic
 
-from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, stochastic,
-                    use_kernels)
+from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, pow2,
+                    stochastic, use_kernels, weight_exponent)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -89,16 +89,30 @@ class _Quantized:
 
 
 class _WeightFn(torch.autograd.Function):
-    """Weight store -> bits_w codes (nearest, range exponent); straight-through backward."""
+    """Weight store -> bits_w codes (nearest; range or mean exponent); straight-through
+    backward.
+
+    With the mean exponent the largest weights saturate, and a plain straight-through
+    gradient would move them without changing the forward at all: nothing pulls them back, they
+    grow without bound, drag the mean up and round every other weight to zero (LeNet-5 at 2
+    bits collapsed so within two epochs). So there the gradient stops at saturated weights,
+    as a clipped straight-through estimator's does. (With the range exponent only the largest
+    weight can round past the top code; its gradient passes as before.)
+    """
 
     @staticmethod
     def forward(ctx, weight, layer):
         q = layer.qconfig
-        return nearest(weight, q.bits_w, q.backend, layer.stats_w)
+        exp = weight_exponent(weight, q.bits_w, q.backend, q.weight_exp)
+        ctx.inside = None
+        if exp is not None:  # the mean exponent: which weights stay inside the codes
+            codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
+            ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
+        return nearest(weight, q.bits_w, q.backend, layer.stats_w, exp)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return (grad if ctx.inside is None else grad * ctx.inside), None
 
 
 def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:

@@ -31,12 +31,16 @@ import numpy as np
 import torch
 
 from qkernels import QTensor
-from qkernels.ieee import quantize_f32
-from qkernels.quant import SR_BITS, quantize_nearest, quantize_stochastic
+from qkernels.ieee import f32_to_codes, quantize_f32
+from qkernels.quant import SR_BITS, mean_exponent, quantize_nearest, quantize_stochastic
 from qkernels.rng import random_top_bits
 
 FLOAT_BITS = 32
 BACKENDS = ("int", "emulate")
+
+#: How a weight quantizer picks its exponent: from the largest magnitude (as every other
+#: quantizer) or from the mean magnitude (:func:`qkernels.quant.mean_exponent`).
+WEIGHT_EXPS = ("max", "mean")
 
 
 def check_width(bits: int, name: str) -> int:
@@ -59,6 +63,9 @@ class QConfig:
             arithmetic in torch, any device).
         store_bits: significant bits of the wide weight store the optimizer updates.
         stochastic_errors: round errors stochastically (weight gradients always are).
+        weight_exp: how weights pick their exponent: ``"max"`` (the range, as every
+            quantizer) or ``"mean"`` (from the mean magnitude: for 2-3 bit weights, where the
+            range exponent rounds most weights to zero).
         seed: key of the counter-based random stream.
     """
 
@@ -69,6 +76,7 @@ class QConfig:
     backend: str = "int"
     store_bits: int = 24
     stochastic_errors: bool = False
+    weight_exp: str = "max"
     seed: int = 0
 
     def __post_init__(self):
@@ -76,6 +84,9 @@ class QConfig:
             check_width(getattr(self, name), name)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.weight_exp not in WEIGHT_EXPS:
+            raise ValueError(f"weight_exp {self.weight_exp!r} is not one of "
+                             f"{', '.join(WEIGHT_EXPS)}")
         if not 8 <= self.store_bits <= 24:
             raise ValueError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
                              f"24-bit codes exactly)")
@@ -205,21 +216,23 @@ def use_kernels(t: torch.Tensor, backend: str) -> bool:
     return backend == "int" or (_cpu_kernels and t.device.type == "cpu")
 
 
-def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None
-               ) -> torch.Tensor:
-    """The int backend: round through qkernels (nearest, or stochastic with ``stream``).
+def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None,
+               exp: int | None = None) -> torch.Tensor:
+    """The int backend: round through qkernels (nearest, or stochastic with ``stream``; at the
+    range exponent, or at ``exp`` to nearest).
 
     float32 containers are read and written as bit patterns (qkernels.ieee); float64 ones
     (exact weight-gradient sums) are converted to int64 codes first.
     """
     if t.dtype == torch.float32:
+        extra = stream or ({} if exp is None else {"exp": exp})
         y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits, stochastic=stream is not None,
-                                    **(stream or {}))
+                                    **extra)
         out = torch.from_numpy(y).to(t.device)
     else:
         codes = to_codes(t, 53)
         q, counts = (quantize_stochastic(codes, bits, **stream) if stream is not None
-                     else quantize_nearest(codes, bits))
+                     else quantize_nearest(codes, bits, exp))
         out = from_codes(q, t)
     if stats is not None:
         stats.add(*counts)
@@ -232,18 +245,19 @@ def _zeros(t: torch.Tensor, stats: QuantStats | None) -> torch.Tensor:
     return torch.zeros_like(t, dtype=torch.float32)
 
 
-def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None = None
-            ) -> torch.Tensor:
-    """Round to ``bits`` with the range exponent, half up; identity for 32 bits."""
+def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None = None,
+            exp: int | None = None) -> torch.Tensor:
+    """Round to ``bits`` with the range exponent (or ``exp``), half up, saturating; identity
+    for 32 bits."""
     if bits >= FLOAT_BITS:
         return t
     if use_kernels(t, backend):
-        return _int_round(t, bits, stats, None)
+        return _int_round(t, bits, stats, None, exp)
     peak = _peak(t)
     top = top_exponent(t, peak)
     if top is None:
         return _zeros(t, stats)
-    e = top - (bits - 1)
+    e = top - (bits - 1) if exp is None else exp
     qmax = (1 << (bits - 1)) - 1
     # s = t * 2**-e is exact. s + 0.5 is exact in float32 whenever floor(s + 0.5) < 2**(bits-1)
     # (s has at most 24 significant bits, the lowest at or above 2**(bits-25)); otherwise the
@@ -260,6 +274,20 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
     if stats is not None:
         stats.add(saturated, _nonzero(src) - _nonzero(y), t.numel())
     return y.mul_(pow2(e)).float()
+
+
+def weight_exponent(t: torch.Tensor, bits: int, backend: str, rule: str) -> int | None:
+    """The exponent a weight quantizer rounds ``t`` to under ``rule``; None for the range
+    exponent (``"max"``, or an all-zero tensor)."""
+    if rule == "max" or bits >= FLOAT_BITS:
+        return None
+    if use_kernels(t, backend):
+        codes = f32_to_codes(t.detach().cpu().float().numpy(), 24, np.int32)
+        abs_sum = int(np.abs(codes.q.astype(np.int64)).sum())
+    else:
+        codes = to_codes(t, 24, torch.int64)
+        abs_sum = int(torch.from_numpy(codes.q).abs().sum())
+    return mean_exponent(abs_sum, t.numel(), codes.exp, bits)
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,

@@ -182,7 +182,7 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...]):
     try:
         qconfig = QConfig(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e, backend=cfg.backend,
                           store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
-                          seed=cfg.seed)
+                          weight_exp=cfg.weight_exp, seed=cfg.seed)
         kwargs = {"in_features": h * w * c} if cfg.model == "mlp" else {"in_channels": c}
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.norm, qconfig, **kwargs)

@@ -11,7 +11,7 @@ from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
 from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step, sgd_step_f32
-from qkernels.quant import quantize_nearest, quantize_stochastic, range_exponent
+from qkernels.quant import mean_exponent, quantize_nearest, quantize_stochastic, range_exponent
 from qkernels.rng import random_u64_np, stream_key_np
 
 
@@ -41,6 +41,28 @@ def test_nearest_matches_exact_rational_rounding(bits, exp):
     assert counts.saturated == sum(abs(int((Fraction(int(v)) * Fraction(2) ** (exp - e)
                                             + Fraction(1, 2)) // 1)) > q for v in c)
     assert counts.zeroed == sum(1 for v, y in zip(c, want) if v != 0 and y == 0)
+
+
+def test_mean_exponent_is_floor_log2_of_the_mean():
+    """e = floor(log2(mean|v|)) + 3 - bits, exactly (checked against rationals), whatever the
+    codes' exponent; None for all zeros. At 2 bits the rounding threshold 2**(e-1) lies in
+    (mean/2, mean]."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(1, 50))
+        c = rng.integers(-(1 << 20), 1 << 20, n) >> int(rng.integers(0, 20))
+        exp, bits = int(rng.integers(-40, 40)), int(rng.integers(2, 17))
+        s = int(np.abs(c).sum())
+        got = mean_exponent(s, n, exp, bits)
+        if s == 0:
+            assert got is None
+            continue
+        mean = Fraction(s, n) * Fraction(2) ** exp
+        j = got - 3 + bits
+        assert Fraction(2) ** j <= mean < Fraction(2) ** (j + 1)
+        assert mean_exponent(s << 5, n, exp - 5, bits) == got  # same values, finer codes
+        if bits == 2:
+            assert mean / 2 < Fraction(2) ** (got - 1) <= mean
 
 
 def test_exponent_depends_only_on_values():

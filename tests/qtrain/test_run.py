@@ -55,6 +55,7 @@ def test_names_match_the_package():
     assert set(config.MODELS) == set(models.MODELS)
     assert set(config.NORMS) == set(models.NORMS)
     assert set(config.BACKENDS) == set(quant.BACKENDS)
+    assert set(config.WEIGHT_EXPS) == set(quant.WEIGHT_EXPS)
 
 
 def test_default_recipe_sets_every_field():

@@ -16,7 +16,7 @@ from qtrain.models import build, lenet5, mlp
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
 from qtrain.quant import (QConfig, QState, Quantize, QuantStats, nearest, quant_report, stochastic,
-                          torch_emulation)
+                          torch_emulation, weight_exponent)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
 
@@ -106,22 +106,24 @@ def test_quantized_layers_refuse_unsupported_options():
 # --- the two backends ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, norm, bits, n_steps, lr, sr_errors", [
-    ("lenet5", "l1", 8, 3, 0.1, False), ("mlp", "l1", 8, 3, 0.1, False),
-    ("lenet5", "none", 8, 3, 0.1, False), ("lenet5", "l1", 6, 3, 0.1, True),
-    ("lenet5", "l1", 12, 2, 0.1, False), ("mlp", "l1", 16, 3, 0.1, False),
-    ("lenet5", "l1", 2, 8, 15.0, False), ("mlp", "l1", 3, 8, 15.0, False)])
-def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_errors):
+@pytest.mark.parametrize("name, norm, bits, n_steps, lr, sr_errors, wexp", [
+    ("lenet5", "l1", 8, 3, 0.1, False, "max"), ("mlp", "l1", 8, 3, 0.1, False, "max"),
+    ("lenet5", "none", 8, 3, 0.1, False, "max"), ("lenet5", "l1", 6, 3, 0.1, True, "max"),
+    ("lenet5", "l1", 12, 2, 0.1, False, "max"), ("mlp", "l1", 16, 3, 0.1, False, "max"),
+    ("lenet5", "l1", 2, 8, 15.0, False, "max"), ("mlp", "l1", 3, 8, 15.0, False, "max"),
+    ("lenet5", "l1", 2, 3, 0.1, False, "mean"), ("mlp", "l1", 8, 3, 0.1, False, "mean")])
+def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_errors, wexp):
     """Training steps of the int and emulate backends from the same initial weights give
     identical logits, parameters, running statistics and quantizer counts -- also with
-    stochastically rounded errors, and when a huge learning rate makes training diverge at 2-3
-    bits and the weight stores' exponents rise."""
+    stochastically rounded errors, with weight exponents from the mean magnitude, and when a
+    huge learning rate makes training diverge at 2-3 bits and the weight stores' exponents
+    rise."""
     images, labels = random_batch(48)
     results = []
     for backend in ("int", "emulate"):
         torch.manual_seed(1)
         cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend,
-                      seed=3, stochastic_errors=sr_errors)
+                      seed=3, stochastic_errors=sr_errors, weight_exp=wexp)
         net = build(name, norm, cfg)
         opts = []
         # emulate's own torch quantizers (on CPU it otherwise uses the int backend's kernel)
@@ -134,6 +136,50 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
     assert torch.equal(o1, o2)
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert r1 == r2
+
+
+def test_mean_weight_exponent_keeps_two_bit_weights_ternary():
+    """With weight_exp="mean", 2-bit weights of a Gaussian layer are about half +-1 (the
+    range exponent rounds most of them to 0), the largest saturate and are counted, and both
+    backends pick the same exponent."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 400)
+    codes = {}
+    for rule in ("max", "mean"):
+        for backend in ("int", "emulate"):
+            stats = QuantStats()
+            with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
+                exp = weight_exponent(w, 2, backend, rule)
+                codes[rule, backend] = nearest(w, 2, backend, stats, exp)
+            if rule == "mean":
+                assert 0.01 < stats.saturated / stats.total < 0.2
+    for rule in ("max", "mean"):
+        assert torch.equal(codes[rule, "int"], codes[rule, "emulate"])
+    nonzero = {rule: float((codes[rule, "int"] != 0).float().mean()) for rule in ("max", "mean")}
+    assert nonzero["max"] < 0.1 and 0.4 < nonzero["mean"] < 0.75
+    assert set(codes["mean", "int"].unique().tolist()) == {-1.0, 0.0, 1.0}  # mean|w| ~ 0.8
+
+
+@pytest.mark.parametrize("rule", ["max", "mean"])
+def test_weight_gradient_stops_at_saturated_weights_with_the_mean_exponent(rule):
+    """Straight-through everywhere with the range exponent; with the mean exponent the weights
+    that saturate get no gradient (else they drift without bound: nothing in the forward
+    changes)."""
+    torch.manual_seed(0)
+    cfg = QConfig(bits_w=2, bits_a=8, bits_g=8, bits_e=8, weight_exp=rule)
+    layer = QuantLinear(64, 32, bias=False, qconfig=cfg)
+    with torch.no_grad():  # Gaussian weights on a store's grid (|w| < 2**3, 2**-20 steps)
+        layer.weight.copy_(torch.round(torch.randn(32, 64) * 2.0 ** 20) * 2.0 ** -20)
+    x = torch.randint(-100, 100, (16, 64)).float() * 2.0 ** -7
+    layer(x).sum().backward()
+    grad = layer.weight.grad
+    if rule == "max":
+        assert bool((grad != 0).float().mean() > 0.9)
+        return
+    exp = weight_exponent(layer.weight, 2, "int", "mean")
+    saturated = torch.floor(layer.weight.double() * 2.0 ** -exp + 0.5).abs() > 1
+    assert 0 < int(saturated.sum()) < grad.numel() // 3
+    assert bool((grad[saturated] == 0).all()) and bool((grad[~saturated] != 0).float().mean() > 0.9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
