@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._jit import serial_and_parallel
 from .fixedpoint import bit_length, round_shift
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
 from .quant import SR_BITS, QuantCounts, saturate_count
@@ -155,9 +156,7 @@ def _from_codes_relu(codes, out, e):
 PARALLEL_MIN = 1 << 16
 
 
-def _drivers(fn):
-    """The same kernel compiled serial and parallel (``prange`` is ``range`` in the first)."""
-    return njit(cache=True)(fn), njit(cache=True, parallel=True)(fn)
+_drivers = serial_and_parallel
 
 
 _peak_bits_s, _peak_bits_p = _drivers(_peak_bits)

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from ._jit import serial_and_parallel
 from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
 from .format import QTensor, check_array, check_exp
 from .ieee import _bits_of, _code_at, _encode
@@ -85,7 +86,8 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, w_exp, out):
     """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and ``sat(w')`` to ``w``;
     returns (min, max) of w'. ``sat(w')`` is the store whenever every w' fits (the common
     case, so that a step without a rise is one pass; otherwise :func:`_rescale` rewrites w
-    from w_new). The body has no branches and no calls, so the loop vectorizes.
+    from w_new). The body calls nothing and its only branches test ``g_bits``'s length, the
+    same for every element (LLVM moves them out of the loop), so the loop vectorizes.
 
     With ``g_bits`` the gradient comes as float32 bit patterns instead (``g`` unused): each
     is read at the store's exponent ``w_exp``, which is ``round_shift`` of its exact code, and
@@ -121,7 +123,7 @@ def _encode_all(w, e, out):
 
 
 #: serial (small tensors) and parallel (large ones): ``prange`` is ``range`` in the first.
-_sgd_s, _sgd_p = njit(cache=True)(_sgd), njit(cache=True, parallel=True)(_sgd)
+_sgd_s, _sgd_p = serial_and_parallel(_sgd)
 
 
 @njit(cache=True, parallel=True)
@@ -218,8 +220,9 @@ def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np
 
     The gradient's values are read at the store's exponent from their bit patterns, which is
     what converting them to exact codes and shifting gives: the results equal
-    ``sgd_step(store, velocity, f32_to_codes(grad, 24), ...)`` for every gradient of at most
-    24 significant bits (a quantized gradient's container), and
+    ``sgd_step(store, velocity, f32_to_codes(grad, 24), ...)`` whenever ``grad`` holds codes
+    of at most 24 bits at one exponent (a quantized gradient's container; for arbitrary
+    float32 values ``f32_to_codes`` would round them to a common grid first), and
     ``out == codes_to_f32(QTensor(store.q, store.exp + rise))``.
     """
     b = _bits_of(grad, "grad")

@@ -105,9 +105,11 @@ def _stochastic(c, up, q, key, out):
 def mean_exponent(abs_sum: int, n: int, exp: int, bits: int) -> int | None:
     """The *mean* rule's exponent for ``n`` codes at exponent ``exp`` whose magnitudes sum to
     ``abs_sum``: ``e = floor(log2(mean|v|)) + 3 - bits`` (None when all are zero), exactly,
-    in integers. The largest code ``2**(bits-1) - 1`` is then worth 2 to 4 times the mean
-    magnitude (larger values saturate); at 2 bits, values from ``2**(e-1)``, between half the
-    mean and the mean, round to +-1 (a ternary net's threshold: TWN's is 0.7 x mean)."""
+    in integers. The largest code ``2**(bits-1) - 1`` is then worth between ``2 - 2**(2-bits)``
+    and ``4 - 2**(3-bits)`` times the mean magnitude ((1, 2] at 2 bits, (1.5, 3] at 3, close
+    to (2, 4] from 6 bits on); larger values saturate. At 2 bits values from ``2**(e-1)``,
+    between half the mean and the mean, round to +-1 (a ternary net's threshold: TWN's is
+    0.7 x mean)."""
     if abs_sum == 0:
         return None
     j = int(abs_sum).bit_length() - int(n).bit_length()  # n * 2**j within 2x of abs_sum

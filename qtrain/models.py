@@ -108,8 +108,8 @@ class QNet(nn.Sequential):
                 fused = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x,
                                       layers[i + 3] if i + 3 < len(layers) else None)
                 if fused is not None:
-                    x, pooled = fused
-                    i, code_bits = i + 3 + pooled, layers[i + 1].qconfig.bits_a
+                    x, pooled = fused  # pooled: the max-pool after the ReLU ran too
+                    i, code_bits = i + (4 if pooled else 3), layers[i + 1].qconfig.bits_a
                     continue
             if isinstance(layer, Quantize) and code_bits is not None:
                 x = layer.forward_codes(x, code_bits)

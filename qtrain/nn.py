@@ -39,8 +39,8 @@ from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
 from qkernels.quant import quantize_nearest, quantize_stochastic
 
-from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, nearest, pow2,
-                    stochastic, use_kernels, weight_exponent)
+from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, has_hooks, nearest,
+                    pow2, stochastic, use_kernels, weight_exponent)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -434,11 +434,6 @@ class _QuantBNReLUFn(torch.autograd.Function):
                 None, None)
 
 
-def _no_hooks(*modules: nn.Module) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                   or m._backward_pre_hooks for m in modules)
-
-
 def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
                   ) -> tuple[torch.Tensor, bool] | None:
     """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three (a
@@ -453,12 +448,10 @@ def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
             and x.dtype == torch.float32 and x.device.type == "cpu"
             and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
             and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
-            and x.dim() in bn._ndims and _no_hooks(quant, bn, relu)
-            and not torch.nn.modules.module._global_forward_hooks
-            and not torch.nn.modules.module._global_forward_pre_hooks):
+            and x.dim() in bn._ndims and not has_hooks(quant, bn, relu)):
         return None
     fuse_pool = (isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
-                 and _no_hooks(pool))
+                 and not has_hooks(pool))
     return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool), fuse_pool
 
 

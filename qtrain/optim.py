@@ -23,13 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qkernels import QTensor
 from qkernels.fixedpoint import MOMENTUM_BITS
-from qkernels.ieee import f32_to_codes
-from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step_f32,
-                            store_shift)
+from qkernels.ieee import codes_to_f32, f32_to_codes
+from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
+                            sgd_step_f32, store_shift)
 
-from .quant import QConfig, pow2, top_exponent, to_codes, use_kernels
+from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes, use_kernels
 
 #: Headroom of the store over the initial range: 2**STORE_HEADROOM.
 STORE_HEADROOM = 2
@@ -76,9 +75,6 @@ class QSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum})
         self.qconfig = qconfig
         self.stats: dict[int, StoreStats] = {}
-        # int32 store codes of each parameter the kernels last wrote, with the parameter's
-        # version counter and data pointer then: reused while both hold (not saved)
-        self._codes: dict[torch.Tensor, tuple[tuple[int, int], np.ndarray]] = {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, keeping the integer state exact.
@@ -157,19 +153,21 @@ class QSGD(torch.optim.Optimizer):
         bits = self.qconfig.store_bits
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if use_kernels(p, self.qconfig.backend):
-            version, codes = self._codes.get(p, (None, None))
-            if version != (p._version, p.data_ptr()):  # first step, or p was written since
-                codes = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp).q
-            grad = p.grad
-            if grad.dtype != torch.float32 or not grad.is_contiguous():
-                grad = grad.float().contiguous()
-            out = np.empty(p.shape, np.float32)
-            rise, sat = sgd_step_f32(QTensor(codes, exp), state["velocity"].numpy(),
-                                     grad.detach().numpy(), out,
+            store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
+            velocity = state["velocity"].numpy()
+            grad = p.grad.detach().cpu()
+            if self.qconfig.bits_g < FLOAT_BITS:
+                # a quantized gradient's container: the kernel reads it and writes p's
+                out = np.empty(p.shape, np.float32)
+                rise, sat = sgd_step_f32(store, velocity, grad.float().contiguous().numpy(), out,
+                                         lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
+                                         exp_max=exp_max)
+            else:  # a float gradient: its 24-bit codes, as emulate's torch operations read it
+                rise, sat = sgd_step(store, velocity, f32_to_codes(grad.float().numpy(), 24),
                                      lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
                                      exp_max=exp_max)
-            p.copy_(torch.from_numpy(out))
-            self._codes[p] = ((p._version, p.data_ptr()), codes)
+                out = codes_to_f32(store._replace(exp=exp + rise))
+            p.copy_(torch.from_numpy(out).reshape(p.shape))
         else:
             codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
                                           mom_q, bits, exp_max)

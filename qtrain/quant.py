@@ -283,11 +283,13 @@ def weight_exponent(t: torch.Tensor, bits: int, backend: str, rule: str) -> int 
         return None
     if use_kernels(t, backend):
         codes = f32_to_codes(t.detach().cpu().float().numpy(), 24, np.int32)
-        abs_sum = int(np.abs(codes.q.astype(np.int64)).sum())
-    else:
-        codes = to_codes(t, 24, torch.int64)
-        abs_sum = int(torch.from_numpy(codes.q).abs().sum())
-    return mean_exponent(abs_sum, t.numel(), codes.exp, bits)
+        abs_sum, exp = int(np.abs(codes.q.astype(np.int64)).sum()), codes.exp
+    else:  # the same codes: at E - 24, rounded half up (exact for a store's 24-bit codes)
+        top = top_exponent(t)
+        exp = 0 if top is None else top - 24
+        codes = torch.floor(t.detach().double() * pow2(-exp) + 0.5)
+        abs_sum = int(codes.abs().sum())  # float64 sum of integers below 2**53: exact
+    return mean_exponent(abs_sum, t.numel(), exp, bits)
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,
@@ -373,14 +375,23 @@ class Quantize(torch.nn.Module):
         largest code stays below ``2**(bits_fwd-1)``), so the pass is skipped and the elements
         are counted as it would count them: none saturated, none rounded to zero. The
         backward is unchanged."""
-        if self.bits_fwd < bits or self._forward_hooks or self._forward_pre_hooks:
+        if self.bits_fwd < bits or self.bits_fwd >= FLOAT_BITS or has_hooks(self):
             return self(x)
-        if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
-            return x
         return _QuantizeFn.apply(x, self, True)
 
     def extra_repr(self) -> str:
         return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.backend}"
+
+
+def has_hooks(*modules: torch.nn.Module) -> bool:
+    """Whether any forward or backward hook (on these modules, or global) would watch them: a
+    fused or shortened path would skip it, so callers take the modules' own path instead."""
+    mod = torch.nn.modules.module
+    if (mod._global_forward_hooks or mod._global_forward_pre_hooks
+            or mod._global_backward_hooks or mod._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+               or m._backward_pre_hooks for m in modules)
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

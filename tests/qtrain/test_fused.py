@@ -85,3 +85,36 @@ def test_fusion_only_where_the_int_kernels_run(monkeypatch):
     for name, norm in (("lenet5", "l2"), ("lenet5", "none")):
         build(name, norm, cfg)(x)
     assert len(calls) == 4
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_hooks_anywhere_turn_fusion_off(monkeypatch):
+    """A global backward hook (as a module hook) must see every module: no fused node then."""
+    calls = count_fused(monkeypatch)
+    cfg = QConfig()
+    torch.manual_seed(0)
+    net = build("lenet5", "l1", cfg)
+    seen = []
+    handle = torch.nn.modules.module.register_module_full_backward_hook(
+        lambda module, gin, gout: seen.append(type(module).__name__))
+    try:
+        one_step(net, cfg)
+    finally:
+        handle.remove()
+    assert not calls and "L1BatchNorm2d" in seen and "ReLU" in seen
+    one_step(net, cfg)
+    assert len(calls) == 4
+
+
+def test_forward_codes_rounds_nothing_it_should_not():
+    """Quantize.forward_codes: the identity (counted as the rounding would count it) on codes
+    of at most bits_fwd bits; the plain forward otherwise, including float forwards."""
+    from qtrain.quant import QState, Quantize
+    x = torch.tensor([[-3.0, 0.0, 1.0, 2.5]]) * 2.0 ** -3  # 4-bit-or-narrower codes
+    for bits_fwd, bits_in, same in ((8, 8, True), (4, 8, False), (32, 8, False)):
+        cfg = QConfig(bits_a=bits_fwd, bits_e=8, backend="emulate")
+        q, ref = Quantize(cfg, QState()), Quantize(cfg, QState())
+        assert torch.equal(q.forward_codes(x, bits_in), ref(x))
+        assert q.stats_fwd == ref.stats_fwd or not same
+        if same:
+            assert q.stats_fwd.as_dict() == {"saturated": 0, "zeroed": 0, "total": 4}

@@ -160,6 +160,25 @@ def test_mean_weight_exponent_keeps_two_bit_weights_ternary():
     assert set(codes["mean", "int"].unique().tolist()) == {-1.0, 0.0, 1.0}  # mean|w| ~ 0.8
 
 
+def test_optimizer_honours_writes_between_steps_and_float_gradients():
+    """QSGD's kernels read each parameter afresh (a write through .data between steps counts),
+    and with float gradients (emulate, bits_g=32) they read them as the torch operations do."""
+    images, labels = random_batch(32)
+    results = []
+    for torch_ops in (False, True):
+        torch.manual_seed(2)
+        cfg = QConfig(bits_w=8, bits_a=8, bits_g=32, bits_e=8, backend="emulate")
+        net = build("mlp", "l1", cfg)
+        with torch_emulation() if torch_ops else contextlib.nullcontext():
+            steps(net, cfg, images, labels, 2)
+            for p in net.parameters():
+                p.data.mul_(0.5)  # no version bump
+            out = steps(net, cfg, images, labels, 2)
+        results.append((out, copy.deepcopy(net.state_dict())))
+    (o1, s1), (o2, s2) = results
+    assert torch.equal(o1, o2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
 @pytest.mark.parametrize("rule", ["max", "mean"])
 def test_weight_gradient_stops_at_saturated_weights_with_the_mean_exponent(rule):
     """Straight-through everywhere with the range exponent; with the mean exponent the weights
