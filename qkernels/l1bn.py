@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _i32
+from ._jit import serial_and_parallel
 from .fixedpoint import (
     CENTRE_MAX,
     M_MAX,
@@ -393,48 +394,32 @@ def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, 
 # channels come first, then the exponent, then the apply.
 
 
-@njit(cache=True)
-def _forward_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-                    stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, False, stats, cnt)
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
-
-
-@njit(cache=True, parallel=True)
-def _forward_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-                      stats, cnt):
+def _forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
+             stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _stats_channel(x, c, inv_m, eps_shift, use_eps, False, stats, cnt)
         _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
 
 
-@njit(cache=True)
-def _stats_serial(x, eps_shift, use_eps, stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
+_forward_serial, _forward_parallel = serial_and_parallel(_forward)
 
 
-@njit(cache=True, parallel=True)
-def _stats_parallel(x, eps_shift, use_eps, stats, cnt):
+def _stats(x, eps_shift, use_eps, stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
-@njit(cache=True)
-def _apply_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
-    for c in range(x.shape[1]):
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+_stats_serial, _stats_parallel = serial_and_parallel(_stats)
 
 
-@njit(cache=True, parallel=True)
-def _apply_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+def _apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
     for c in prange(x.shape[1]):
         _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
+_apply_serial, _apply_parallel = serial_and_parallel(_apply)
 
 
 @njit(cache=True, inline="always")
@@ -470,50 +455,33 @@ def _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_
     _tally(cnt, SUB, 5)
 
 
-@njit(cache=True)
-def _backward_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                     cnt):
-    for c in range(x.shape[1]):
-        _grad_stats_channel(x, g, c, False, gstats, cnt)
-        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
-                            dgamma, dbeta, cnt)
-
-
-@njit(cache=True, parallel=True)
-def _backward_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                       dbeta, cnt):
+def _backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+              dbeta, cnt):
     for c in prange(x.shape[1]):
         _grad_stats_channel(x, g, c, False, gstats, cnt)
         _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
                             dgamma, dbeta, cnt)
 
 
-@njit(cache=True)
-def _grad_stats_serial(x, g, gstats, cnt):
-    for c in range(x.shape[1]):
-        _grad_stats_channel(x, g, c, True, gstats, cnt)
+_backward_serial, _backward_parallel = serial_and_parallel(_backward)
 
 
-@njit(cache=True, parallel=True)
-def _grad_stats_parallel(x, g, gstats, cnt):
+def _grad_stats(x, g, gstats, cnt):
     for c in prange(x.shape[1]):
         _grad_stats_channel(x, g, c, True, gstats, cnt)
 
 
-@njit(cache=True)
-def _grad_apply_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                       dbeta, cnt):
-    for c in range(x.shape[1]):
-        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
-                            dgamma, dbeta, cnt)
+_grad_stats_serial, _grad_stats_parallel = serial_and_parallel(_grad_stats)
 
 
-@njit(cache=True, parallel=True)
-def _grad_apply_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                         dbeta, cnt):
+def _grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                dbeta, cnt):
     for c in prange(x.shape[1]):
         _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
                             dgamma, dbeta, cnt)
+
+
+_grad_apply_serial, _grad_apply_parallel = serial_and_parallel(_grad_apply)
 
 
 @njit(cache=True)
@@ -573,16 +541,12 @@ def grad_exponent(stats, gstats, m, gamma_q, k_base, bits):
     return top - (bits - 1)
 
 
-@njit(cache=True, parallel=True)
-def _affine_parallel(x, y, params, q, cnt):
+def _affine(x, y, params, q, cnt):
     for c in prange(x.shape[1]):
         _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
 
 
-@njit(cache=True)
-def _affine_serial(x, y, params, q, cnt):
-    for c in range(x.shape[1]):
-        _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
+_affine_serial, _affine_parallel = serial_and_parallel(_affine)
 
 
 @njit(cache=True)
@@ -924,48 +888,32 @@ def _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats
     _tally(cnt, SUB, 1)
 
 
-@njit(cache=True)
-def _forward16_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-                      stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
-        _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
-
-
-@njit(cache=True, parallel=True)
-def _forward16_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-                        stats, cnt):
+def _forward16(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
+               stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
         _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
 
 
-@njit(cache=True)
-def _stats16_serial(x, eps_shift, use_eps, stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+_forward16_serial, _forward16_parallel = serial_and_parallel(_forward16)
 
 
-@njit(cache=True, parallel=True)
-def _stats16_parallel(x, eps_shift, use_eps, stats, cnt):
+def _stats16(x, eps_shift, use_eps, stats, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
 
 
-@njit(cache=True)
-def _apply16_serial(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
-    for c in range(x.shape[1]):
-        _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+_stats16_serial, _stats16_parallel = serial_and_parallel(_stats16)
 
 
-@njit(cache=True, parallel=True)
-def _apply16_parallel(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+def _apply16(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
     for c in prange(x.shape[1]):
         _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+
+
+_apply16_serial, _apply16_parallel = serial_and_parallel(_apply16)
 
 
 @njit(cache=True, inline="always")
@@ -1002,19 +950,8 @@ def _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q
     _tally(cnt, SUB, 9)
 
 
-@njit(cache=True)
-def _backward16_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                       dbeta, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _grad_stats16_channel(x, g, c, gstats, cnt)
-        _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
-                              dgamma_shift, dgamma, dbeta, cnt)
-
-
-@njit(cache=True, parallel=True)
-def _backward16_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                         dbeta, cnt):
+def _backward16(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                dbeta, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _grad_stats16_channel(x, g, c, gstats, cnt)
@@ -1022,34 +959,26 @@ def _backward16_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_sh
                               dgamma_shift, dgamma, dbeta, cnt)
 
 
-@njit(cache=True)
-def _grad_stats16_serial(x, g, gstats, cnt):
-    for c in range(x.shape[1]):
-        _grad_stats16_channel(x, g, c, gstats, cnt)
+_backward16_serial, _backward16_parallel = serial_and_parallel(_backward16)
 
 
-@njit(cache=True, parallel=True)
-def _grad_stats16_parallel(x, g, gstats, cnt):
+def _grad_stats16(x, g, gstats, cnt):
     for c in prange(x.shape[1]):
         _grad_stats16_channel(x, g, c, gstats, cnt)
 
 
-@njit(cache=True)
-def _grad_apply16_serial(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                         dbeta, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in range(x.shape[1]):
-        _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
-                              dgamma_shift, dgamma, dbeta, cnt)
+_grad_stats16_serial, _grad_stats16_parallel = serial_and_parallel(_grad_stats16)
 
 
-@njit(cache=True, parallel=True)
-def _grad_apply16_parallel(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                           dbeta, cnt):
+def _grad_apply16(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                  dbeta, cnt):
     inv_m = _inv_m(x, cnt)
     for c in prange(x.shape[1]):
         _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
                               dgamma_shift, dgamma, dbeta, cnt)
+
+
+_grad_apply16_serial, _grad_apply16_parallel = serial_and_parallel(_grad_apply16)
 
 
 @njit(cache=True)
@@ -1074,16 +1003,12 @@ def grad_exponent16(stats, gstats, m, gamma_q, k_base, bits):
     return top - (bits - 1)
 
 
-@njit(cache=True, parallel=True)
-def _affine16_parallel(x, y, params, q, cnt):
+def _affine16(x, y, params, q, cnt):
     for c in prange(x.shape[1]):
         _affine_pass16(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
 
 
-@njit(cache=True)
-def _affine16_serial(x, y, params, q, cnt):
-    for c in range(x.shape[1]):
-        _affine_pass16(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
+_affine16_serial, _affine16_parallel = serial_and_parallel(_affine16)
 
 
 @njit(cache=True)
