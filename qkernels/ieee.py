@@ -178,10 +178,14 @@ def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1).view(np.int32)
 
 
+def _top(b: np.ndarray) -> int:
+    """``E`` of the largest magnitude among the bit patterns ``b``; ``_NO_TOP`` if all zero."""
+    return int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+
+
 def peak_exponent(x: np.ndarray) -> int | None:
     """``E`` with ``max|x| < 2**E <= 2*max|x|`` for a float32 array, or None if all zero."""
-    b = _bits_of(x, "x")
-    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+    top = _top(_bits_of(x, "x"))
     return None if top == _NO_TOP else top
 
 
@@ -201,7 +205,7 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
             raise ValueError("a given exponent is for rounding to nearest")
         e = check_exp(exp, "exp")
     else:
-        top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+        top = _top(b)
         if top == _NO_TOP:
             return np.zeros_like(x, dtype=np.float32), 0, QuantCounts(0, 0, b.size)
         e = top - (bits - 1)
@@ -228,7 +232,7 @@ def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype
     up = int(width) - (bits - 1)
     if up < 0 or np.iinfo(dtype).max < (1 << width) - 1:
         raise ValueError(f"width {width} cannot hold {bits}-bit codes in {np.dtype(dtype)}")
-    top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+    top = _top(b)
     out = np.empty(b.shape[0], dtype=dtype)
     if top == _NO_TOP:
         out[:] = 0
@@ -259,7 +263,7 @@ def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) 
     for containers of codes of at most ``width`` bits, rounded half up otherwise."""
     b = _bits_of(x, "x")
     if exp is None:
-        top = int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+        top = _top(b)
         e = 0 if top == _NO_TOP else top - width
     else:
         e = check_exp(exp, "exp")

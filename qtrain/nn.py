@@ -37,7 +37,7 @@ from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_back
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
-from qkernels.quant import quantize_nearest, quantize_stochastic
+from qkernels.quant import quantize_stochastic
 
 from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, has_hooks, nearest,
                     pow2, stochastic, use_kernels, weight_exponent)
@@ -359,23 +359,14 @@ def _container(q: QTensor, like: torch.Tensor) -> torch.Tensor:
 class _L1BNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn):
-        y, cache = l1bn_forward(_bn_codes(x, bn.qconfig.bits_a), _param_codes(weight),
-                                _param_codes(bias),
-                                out_bits=bn.qconfig.bits_a, eps_log2=_eps_log2(bn.eps))
-        if bn.track_running_stats:
-            bn._update_running(cache)
-        bn.last_out_exp.fill_(y.exp)
+        y, ctx.cache = bn._forward_codes(_bn_codes(x, bn.qconfig.bits_a))
         ctx.bn = bn
-        ctx.cache = cache
         return _container(y, x)
 
     @staticmethod
     def backward(ctx, gy):
-        bn = ctx.bn
-        dx, dgamma, dbeta = l1bn_backward(_bn_codes(gy, bn.qconfig.bits_e), ctx.cache,
-                                          dx_bits=bn.qconfig.bits_e)
-        grad_w = bn._quantize_grad_codes(dgamma, gy, 0)
-        grad_b = bn._quantize_grad_codes(dbeta, gy, 1)
+        dx, grad_w, grad_b = ctx.bn._backward_codes(_bn_codes(gy, ctx.bn.qconfig.bits_e),
+                                                    ctx.cache, gy)
         return _container(dx, gy), grad_w, grad_b, None
 
 
@@ -394,16 +385,11 @@ class _QuantBNReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, quant, bn, pool):
-        q = bn.qconfig
-        dtype, width = _storage(q.bits_a)
+        dtype, width = _storage(bn.qconfig.bits_a)
         xq, counts = quantize_f32_to_codes(x.detach().numpy(), quant.bits_fwd, width, dtype)
         quant.stats_fwd.add(*counts)
-        y, cache = l1bn_forward(_ncl(xq), _param_codes(weight), _param_codes(bias),
-                                out_bits=q.bits_a, eps_log2=_eps_log2(bn.eps))
-        if bn.track_running_stats:
-            bn._update_running(cache)
-        bn.last_out_exp.fill_(y.exp)
-        ctx.bn, ctx.quant, ctx.cache, ctx.pool, ctx.shape = bn, quant, cache, pool, x.shape
+        y, ctx.cache = bn._forward_codes(_ncl(xq))
+        ctx.bn, ctx.quant, ctx.pool, ctx.shape = bn, quant, pool, x.shape
         if pool:  # the backward needs the pool's selection, not y
             pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(x.shape))
             return torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp)))
@@ -419,17 +405,8 @@ class _QuantBNReLUFn(torch.autograd.Function):
             g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
         else:
             g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
-        dx, dgamma, dbeta = l1bn_backward(_ncl(g), ctx.cache, dx_bits=bn.qconfig.bits_e)
-        grad_w = bn._quantize_grad_codes(dgamma, gy, 0)
-        grad_b = bn._quantize_grad_codes(dbeta, gy, 1)
-        if quant.bits_bwd < FLOAT_BITS:
-            if quant.stochastic_bwd:
-                dx, counts = quantize_stochastic(dx, quant.bits_bwd, seed=quant.seed,
-                                                 step=quant.state.step,
-                                                 tensor_id=quant.tensor_id)
-            else:
-                dx, counts = quantize_nearest(dx, quant.bits_bwd)
-            quant.stats_bwd.add(*counts)
+        dx, grad_w, grad_b = bn._backward_codes(_ncl(g), ctx.cache, gy)
+        dx = quant.round_error_codes(dx)
         return (torch.from_numpy(codes_to_f32(dx)).reshape(ctx.shape), grad_w, grad_b, None,
                 None, None)
 
@@ -534,6 +511,24 @@ class _L1BatchNorm(nn.Module, _Quantized):
     def _codes_of(buf: torch.Tensor) -> np.ndarray:
         """Exact RUN_EXP codes of a float64 running-statistics buffer."""
         return np.ldexp(buf.detach().cpu().numpy().astype(np.float64), -RUN_EXP).astype(np.int64)
+
+    def _forward_codes(self, x: QTensor) -> tuple[QTensor, object]:
+        """Training-mode forward on the kernels' codes: output codes (``bits_a``) and the
+        kernels' cache; updates the running statistics and the last output exponent."""
+        y, cache = l1bn_forward(x, _param_codes(self.weight), _param_codes(self.bias),
+                                out_bits=self.qconfig.bits_a, eps_log2=_eps_log2(self.eps))
+        if self.track_running_stats:
+            self._update_running(cache)
+        self.last_out_exp.fill_(y.exp)
+        return y, cache
+
+    def _backward_codes(self, gy: QTensor, cache, like: torch.Tensor
+                        ) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
+        """Backward on the kernels' codes: the input error codes (``bits_e``) and the
+        ``bits_g`` gradients of gamma and beta (containers on ``like``'s device)."""
+        dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.qconfig.bits_e)
+        return (dx, self._quantize_grad_codes(dgamma, like, 0),
+                self._quantize_grad_codes(dbeta, like, 1))
 
     def _update_running(self, cache) -> None:
         mean, dev = self._codes_of(self.running_mean), self._codes_of(self.running_dev)

@@ -368,6 +368,20 @@ class Quantize(torch.nn.Module):
             return x
         return _QuantizeFn.apply(x, self)
 
+    def round_error_codes(self, err: QTensor) -> QTensor:
+        """The backward's rounding (to ``bits_bwd``, nearest or stochastic, counted) applied to
+        an error already held as integer codes: the same values and counts as rounding its
+        container (both depend only on the values)."""
+        if self.bits_bwd >= FLOAT_BITS:
+            return err
+        if self.stochastic_bwd:
+            out, counts = quantize_stochastic(err, self.bits_bwd, seed=self.seed,
+                                              step=self.state.step, tensor_id=self.tensor_id)
+        else:
+            out, counts = quantize_nearest(err, self.bits_bwd)
+        self.stats_bwd.add(*counts)
+        return out
+
     def forward_codes(self, x: torch.Tensor, bits: int) -> torch.Tensor:
         """``forward`` for an ``x`` known to hold codes of at most ``bits`` bits (say, a batch
         norm's output after ReLU and max-pool). Rounding such codes to ``bits_fwd >= bits``
