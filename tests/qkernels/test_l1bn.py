@@ -7,11 +7,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
-from qkernels import l1bn_update_running, oracle
+from qkernels import exact, l1bn_update_running, oracle
 from qkernels.fixedpoint import M_MAX, MOMENTUM_BITS, RUN_EXP, qmax
-from qkernels.l1bn import ST_SIGNSUM, ST_SUM, ST_THI, ST_TLO
+from qkernels.l1bn import (
+    ST_DEV,
+    ST_MAX,
+    ST_MIN,
+    ST_REXP,
+    ST_RMANT,
+    ST_SIGNSUM,
+    ST_SUM,
+    ST_THI,
+    ST_TLO,
+)
 
 SHAPES = [(2, 3), (64, 5), (4, 3, 5, 5), (16, 6, 8, 8), (3, 2, 1, 7)]
+#: Every statistics column against the oracle's own statistics (the range columns only where
+#: the exponent comes from the range: the one-region forward does not track them).
+STAT_COLUMNS = ((ST_SUM, "sum"), (ST_DEV, "dev"), (ST_SIGNSUM, "sign_sum"), (ST_TLO, "t_lo"),
+                (ST_THI, "t_hi"), (ST_RMANT, "rmant"), (ST_REXP, "rexp"))
+RANGE_COLUMNS = ((ST_MIN, "min"), (ST_MAX, "max"))
 
 
 def make_case(shape, in_bits=8, out_bits=8, seed=0, gamma_scale=1.0, beta_scale=1.0):
@@ -43,9 +58,15 @@ def check_forward(x, gamma, beta, out_bits, out_exp, eps_log2=None, x_exp=-4):
     y_f = oracle.l1bn_forward_float64(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp, out_bits,
                                       y.exp, eps_log2)
     assert np.abs(y.q.astype(np.int64) - y_f).max(initial=0) <= 1
-    for col, key in ((ST_SUM, "sum"), (ST_SIGNSUM, "sign_sum"), (ST_TLO, "t_lo"),
-                     (ST_THI, "t_hi")):
-        np.testing.assert_array_equal(cache.stats[:, col], stats[key])
+    # within 1/2 + E of the exact rational value, E = 0.073 (docs section 5): a sub-LSB bias
+    # fails here even where 1 LSB of float64 admits it
+    _, lo, hi = exact.forward_reference(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp,
+                                        out_bits, y.exp, eps_log2)
+    assert ((lo <= y.q) & (y.q <= hi)).all(), "forward code off by more than 1/2 + E"
+    for col, key in STAT_COLUMNS + (RANGE_COLUMNS if out_exp is None else ()):
+        np.testing.assert_array_equal(cache.stats[:, col], stats[key], err_msg=key)
+    np.testing.assert_array_equal(cache.stats[:, ST_DEV],
+                                  [exact.Channel.of(r).dev for r in np.moveaxis(x, 1, 0)])
     return y, cache, stats
 
 
@@ -63,8 +84,12 @@ def check_backward(x, dy, gamma, cache, stats, dx_bits, dx_exp, eps_log2=None, x
     dx_f, dg_f, db_f = oracle.l1bn_backward_float64(x, x_exp, dy, dy_exp, gamma.q, gamma.exp,
                                                     dx_bits, dx.exp, eps_log2)
     assert np.abs(dx.q.astype(np.int64) - dx_f).max(initial=0) <= 1
-    np.testing.assert_allclose(dgamma.value(), dg_f, rtol=0, atol=2.0 ** dgamma.exp + 1e-9 *
-                               np.abs(dg_f).max(initial=0))
+    # within 1/2 + E of exact rationals wherever the docs promise E (section 5)
+    _, lo, hi, _ = exact.backward_reference(x, dy, x_exp, dy_exp, gamma.q, gamma.exp, dx_bits,
+                                            dx.exp, eps_log2)
+    assert ((lo <= dx.q) & (dx.q <= hi)).all(), "dx code off by more than 1/2 + E"
+    lo, hi = exact.dgamma_reference(x, dy, x_exp, dy_exp, dgamma.exp, eps_log2)
+    assert ((lo <= dgamma.q) & (dgamma.q <= hi)).all(), "dgamma off by more than its bound"
     np.testing.assert_array_equal(dbeta.value(), db_f)
     return dx
 

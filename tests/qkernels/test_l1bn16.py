@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
-from qkernels import l1bn_update_running, oracle
+from qkernels import exact, l1bn_update_running, oracle
 from qkernels.fixedpoint import (
     M_MAX,
     MOMENTUM_BITS,
@@ -27,9 +27,26 @@ from qkernels.fixedpoint import (
     wide_sat,
     wide_to_fixed,
 )
-from qkernels.l1bn import ST_SIGNSUM, ST_SUM, ST_THI, ST_TLO, backward_params16, forward_params16
+from qkernels.l1bn import (
+    ST_DEV,
+    ST_MAX,
+    ST_MIN,
+    ST_REXP,
+    ST_RMANT,
+    ST_SIGNSUM,
+    ST_SUM,
+    ST_THI,
+    ST_TLO,
+    backward_params16,
+    forward_params16,
+)
 
 SHAPES = [(64, 5), (4, 3, 5, 5)]
+#: Every statistics column against the oracle's own statistics (the range columns where the
+#: kernel tracks the range: 16-bit x, or an exponent chosen from the range).
+STAT_COLUMNS = ((ST_SUM, "sum"), (ST_DEV, "dev"), (ST_SIGNSUM, "sign_sum"), (ST_TLO, "t_lo"),
+                (ST_THI, "t_hi"), (ST_RMANT, "rmant"), (ST_REXP, "rexp"))
+RANGE_COLUMNS = ((ST_MIN, "min"), (ST_MAX, "max"))
 
 
 def codes(rng, shape, bits):
@@ -67,9 +84,15 @@ def check_forward(x, gamma, beta, out_bits, out_exp, eps_log2=None, x_exp=None, 
     y_f = oracle.l1bn_forward_float64(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp, out_bits,
                                       y.exp, eps_log2)
     assert np.abs(y.q.astype(np.int64) - y_f).max(initial=0) <= 1
-    for col, key in ((ST_SUM, "sum"), (ST_SIGNSUM, "sign_sum"), (ST_TLO, "t_lo"),
-                     (ST_THI, "t_hi")):
-        np.testing.assert_array_equal(cache.stats[:, col], stats[key])
+    # within 1/2 + E of the exact rational value (E < 0.27, docs section 12)
+    _, lo, hi = exact.forward_reference(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp,
+                                        out_bits, y.exp, eps_log2)
+    assert ((lo <= y.q) & (y.q <= hi)).all(), "forward code off by more than 1/2 + E"
+    ranged = x.dtype == np.int16 or out_exp is None
+    for col, key in STAT_COLUMNS + (RANGE_COLUMNS if ranged else ()):
+        np.testing.assert_array_equal(cache.stats[:, col], stats[key], err_msg=key)
+    np.testing.assert_array_equal(cache.stats[:, ST_DEV],
+                                  [exact.Channel.of(r).dev for r in np.moveaxis(x, 1, 0)])
     return y, cache, stats
 
 
@@ -95,9 +118,14 @@ def check_backward(x, dy, gamma, cache, stats, dx_bits, dx_exp, eps_log2=None, x
     else:  # far outside (a' of 2**30 and more): the sign of every saturated code is right
         sat = np.abs(dx_f) == int(qmax(dx_bits))
         assert (np.sign(dx.q[sat]) == np.sign(dx_f[sat])).all()
+    # within 1/2 + E of exact rationals wherever section 12 promises E (a' <= 2**24)
+    _, lo, hi, promised = exact.backward_reference(x, dy, x_exp, dy_exp, gamma.q, gamma.exp,
+                                                   dx_bits, dx.exp, eps_log2)
+    assert ((lo <= dx.q) & (dx.q <= hi)).all(), "dx code off by more than 1/2 + E"
+    assert promised.all() or not within_contract or dx_exp is not None
     # dgamma: relative error below 8.5 * 2**-30 plus half a code (docs, section 5)
-    np.testing.assert_allclose(dgamma.value(), dg_f, rtol=0, atol=2.0 ** dgamma.exp + 8.5 *
-                               2.0**-30 * np.abs(dg_f).max(initial=0))
+    lo, hi = exact.dgamma_reference(x, dy, x_exp, dy_exp, dgamma.exp, eps_log2)
+    assert ((lo <= dgamma.q) & (dgamma.q <= hi)).all(), "dgamma off by more than its bound"
     np.testing.assert_array_equal(dbeta.value(), db_f)
     return dx
 
