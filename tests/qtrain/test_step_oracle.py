@@ -1,18 +1,21 @@
-"""One full training step of a small MLP with L1BN (int backend) against a numpy int64 oracle.
+"""Two full training steps of a small MLP with L1BN (int backend) against a numpy int64 oracle.
 
-The oracle below re-derives every integer of the step from the definitions -- range
+The oracle below re-derives every integer of the steps from the definitions -- range
 exponents, round half up, stochastic rounding from the counter-based stream, exact integer
-matrix products, the base-2 softmax error, integer SGD -- with numpy int64 arrays and Python
-integers; for L1BN it calls qkernels' own slow oracle. Nothing of qtrain's code path is reused.
+matrix products, the base-2 softmax error, integer SGD with momentum, the BN running statistics
+with their dyadic 1/m -- with numpy int64 arrays and Python integers; for the L1BN forward and
+backward it calls qkernels' own slow oracle (whose per-channel functions
+tests/qkernels/test_l1bn_exact.py checks against exact rationals). Nothing of qtrain's code path
+is reused, and the second step starts from the first's weights, velocities and statistics, so
+momentum and the running averages are exercised.
 """
 
 import numpy as np
 import torch
 
 from qkernels import oracle as bn_oracle
-from qkernels.l1bn import running_update
 from qkernels.loss import EXP2_TABLE
-from qkernels.optim import LR_BITS, lr_code, momentum_code
+from qkernels.optim import LR_BITS
 from qkernels.rng import random_u64_np, stream_key_np
 from qtrain.loss import cross_entropy
 from qtrain.models import mlp
@@ -68,6 +71,8 @@ def softmax_error(z, z_exp, labels):
 
 
 def sgd(w, v, g, g_exp, w_exp, lr_q, mom_q, bits=24):
+    """torch's SGD with momentum on integer codes (docs section 8): velocity and store rounded
+    half up, the store's exponent rising until every code fits."""
     def rshift(x, s):
         return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
     vmax, q = 1 << 38, (1 << (bits - 1)) - 1
@@ -78,6 +83,37 @@ def sgd(w, v, g, g_exp, w_exp, lr_q, mom_q, bits=24):
     while np.abs(rshift(w, s)).max() > q:
         s += 1
     return rshift(w, s), rshift(v, s), w_exp + s
+
+
+def running(old, batch_num, batch_den_log2m, m, x_exp, mom_q):
+    """One running-statistics update (docs/l1bn-integer.md section 7), on Python integers:
+    the batch statistic num/m**k (k = 1: mean S/m, k = 2: deviation D/m**2) through the dyadic
+    1/m = 2**62 // mant (31-bit mantissas, truncating), rounded half up to RUN_EXP = -24 codes,
+    then old + round(mom_q * (batch - old) / 2**16), everything saturated at 2**44."""
+    def norm(v, e):
+        if v == 0:
+            return 0, 0
+        b = abs(v).bit_length()
+        a = abs(v) >> (b - 31) if b > 31 else abs(v) << (31 - b)
+        return (a if v > 0 else -a), e + b - 31
+
+    def mul(a, b):
+        return norm(a[0] * b[0], a[1] + b[1])
+
+    mm, me = norm(m, 0)
+    inv = norm((1 << 62) // mm, -62 - me)
+    v = norm(batch_num, 0)
+    for _ in range(batch_den_log2m):
+        v = mul(v, inv)
+    s = v[1] + x_exp + 24
+    if v[0] and s + abs(v[0]).bit_length() > 62:
+        batch = (1 << 62) if v[0] > 0 else -(1 << 62)
+    else:
+        batch = v[0] << s if s >= 0 else (v[0] + (1 << (-s - 1))) >> -s
+    lim = 1 << 44
+    old = max(-lim, min(lim, old))
+    delta = max(-lim, min(lim, batch)) - old
+    return max(-lim, min(lim, old + ((mom_q * delta + (1 << 15)) >> 16)))
 
 
 def codes_of(t, exp):
@@ -92,69 +128,33 @@ def store_exp(t):
 
 # --- the test -----------------------------------------------------------------------------------
 
-def test_full_mlp_step_equals_int64_oracle():
-    """Forward (weights, activations, BN, logits), output error, every error and weight
-    gradient, the SGD update and the BN running statistics of one int-backend step equal the
-    numpy int64 oracle bit for bit."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, 24)
-    torch.manual_seed(0)
-    cfg = QConfig(**BITS, seed=SEED)
-    net = mlp("l1", cfg, hidden=32)
-    lin = [m for m in net if isinstance(m, QuantLinear)]
-    bns = [m for m in net if isinstance(m, L1BatchNorm1d)]
-    quants = [m for m in net if isinstance(m, Quantize)]
-    opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=cfg)
+LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 
-    # the optimizer's store (initial exponent: 4x headroom) as the oracle sees it
-    stores = {}
-    for p in net.parameters():
-        e = store_exp(p) if p.abs().max() > 0 else 1 + 2 - 23
-        stores[p] = (np.floor(p.detach().double().numpy() * 2.0 ** -e + 0.5).astype(np.int64), e)
-    with torch.no_grad():
-        for p in net.parameters():
-            opt._store(p, opt.state[p])
-            assert opt.state[p]["store_exp"] == stores[p][1]
-            assert np.array_equal(codes_of(p, stores[p][1]), stores[p][0])
 
-    # ---- qtrain: one step
-    x = to_input(images)
-    y = torch.from_numpy(labels.astype(np.int64))
-    logits_t = net(x)
-    cross_entropy(logits_t, y, cfg).backward()
-    grads = {p: p.grad.detach().clone() for p in net.parameters()}
-    opt.step(batch_size=len(labels))
-
-    # ---- oracle: forward
-    h, h_exp = (images.astype(np.int64) - 128).clip(-127, 127).reshape(24, -1), -7
+def oracle_step(images, labels, stores, names, ids, step):
+    """The forward and backward of one step from the store codes: (logit codes, their exponent,
+    {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)])."""
+    n = len(labels)
+    h, h_exp = (images.astype(np.int64) - 128).clip(-127, 127).reshape(n, -1), -7
     saved = []
     for i in range(2):
-        w, w_exp = nearest(*stores[lin[i].weight], BITS["bits_w"])
-        acc, acc_exp = h @ w.T, h_exp + w_exp
-        a, a_exp = nearest(acc, acc_exp, BITS["bits_a"])
+        w, w_exp = nearest(*stores[f"lin{i}.w"], BITS["bits_w"])
+        a, a_exp = nearest(h @ w.T, h_exp + w_exp, BITS["bits_a"])
         a8, a8_exp = int8_view(a, a_exp)
-        bn = bns[i]
-        gq, gexp = stores[bn.weight]
-        bq, bexp = stores[bn.bias]
+        gq, gexp = stores[f"bn{i}.g"]
+        bq, bexp = stores[f"bn{i}.b"]
         yb, yb_exp, stats = bn_oracle.l1bn_forward_oracle(a8, a8_exp, gq, gexp, bq, bexp,
                                                           BITS["bits_a"], None, -17)
-        r = np.maximum(yb, 0)
-        out, out_exp = nearest(r, yb_exp, BITS["bits_a"])
+        out, out_exp = nearest(np.maximum(yb, 0), yb_exp, BITS["bits_a"])
         saved.append(dict(h=h, h_exp=h_exp, w=w, w_exp=w_exp, a8=a8, a8_exp=a8_exp,
                           stats=stats, yb=yb, gq=gq, gexp=gexp))
         h, h_exp = out, out_exp
-    w3, w3_exp = nearest(*stores[lin[2].weight], BITS["bits_w"])
+    w3, w3_exp = nearest(*stores["lin2.w"], BITS["bits_w"])
     z, z_exp = nearest(h @ w3.T, h_exp + w3_exp, 16)
-    assert np.array_equal(codes_of(logits_t, z_exp), z)
 
-    # ---- oracle: backward
-    step = 0
     err, err_exp = softmax_error(z, z_exp, labels)
     e, e_exp = nearest(err, err_exp, BITS["bits_e"])
-    want = {}
-    want[lin[2].weight] = stochastic(e.T @ h, e_exp + h_exp, BITS["bits_g"], step,
-                                     lin[2].grad_ids[0])
+    want = {"lin2.w": stochastic(e.T @ h, e_exp + h_exp, BITS["bits_g"], step, ids["lin2.w"])}
     d, d_exp = e @ w3, e_exp + w3_exp
     for i in (1, 0):
         s = saved[i]
@@ -164,30 +164,85 @@ def test_full_mlp_step_equals_int64_oracle():
         dx, dx_exp, dgam, dbet = bn_oracle.l1bn_backward_oracle(
             s["a8"], g8, s["stats"], s["gq"], s["gexp"], s["a8_exp"], g8_exp, BITS["bits_e"],
             None, g8_exp - 16)
-        bn = bns[i]
-        want[bn.weight] = stochastic(dgam, g8_exp - 16, BITS["bits_g"], step, bn.grad_ids[0])
-        want[bn.bias] = stochastic(dbet, g8_exp, BITS["bits_g"], step, bn.grad_ids[1])
+        want[f"bn{i}.g"] = stochastic(dgam, g8_exp - 16, BITS["bits_g"], step, ids[f"bn{i}.g"])
+        want[f"bn{i}.b"] = stochastic(dbet, g8_exp, BITS["bits_g"], step, ids[f"bn{i}.b"])
         d, d_exp = nearest(dx, dx_exp, BITS["bits_e"])        # quantizer after the linear
-        want[lin[i].weight] = stochastic(d.T @ s["h"], d_exp + s["h_exp"], BITS["bits_g"],
-                                         step, lin[i].grad_ids[0])
+        want[f"lin{i}.w"] = stochastic(d.T @ s["h"], d_exp + s["h_exp"], BITS["bits_g"],
+                                       step, ids[f"lin{i}.w"])
         d, d_exp = d @ s["w"], d_exp + s["w_exp"]
-    for p, (g, g_exp) in want.items():
-        assert np.array_equal(codes_of(grads[p], g_exp), g), p.shape
+    return z, z_exp, want, [(s["stats"], s["a8_exp"]) for s in saved]
 
-    # ---- oracle: update and running statistics
-    lr_q, mom_q = lr_code(0.1 / len(labels)), momentum_code(0.9)
-    for p, (g, g_exp) in want.items():
-        w_new, _, w_exp = sgd(stores[p][0], np.zeros_like(g), g, g_exp, stores[p][1], lr_q,
-                              mom_q)
-        assert opt.state[p]["store_exp"] == w_exp
-        assert np.array_equal(codes_of(p, w_exp), w_new), p.shape
-    for i, bn in enumerate(bns):
-        mean = np.zeros(bn.num_features, np.int64)
-        dev = np.full(bn.num_features, 1 << 24, np.int64)  # running_dev starts at 1.0
-        st = saved[i]["stats"]
-        table = np.zeros((bn.num_features, 9), np.int64)
-        table[:, 0], table[:, 1] = st["sum"], st["dev"]
-        running_update(mean, dev, table, 24, saved[i]["a8_exp"], momentum_code(0.1))
-        assert np.array_equal(bn._codes_of(bn.running_mean), mean)
-        assert np.array_equal(bn._codes_of(bn.running_dev), dev)
-    assert len(quants) == 5
+
+def test_two_mlp_steps_equal_int64_oracle():
+    """Two int-backend steps: forward (weights, activations, BN, logits), output error, every
+    error and weight gradient, the SGD update with momentum (the second step's velocity is not
+    zero), every optimizer state (store codes, store exponent, velocity) and the BN running
+    mean and L1 deviation equal the numpy int64 oracle bit for bit after each step."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8),
+                rng.integers(0, 10, 24)) for _ in range(2)]
+    torch.manual_seed(0)
+    cfg = QConfig(**BITS, seed=SEED)
+    net = mlp("l1", cfg, hidden=32)
+    lin = [m for m in net if isinstance(m, QuantLinear)]
+    bns = [m for m in net if isinstance(m, L1BatchNorm1d)]
+    assert len([m for m in net if isinstance(m, Quantize)]) == 5
+    params = {"lin0.w": lin[0].weight, "lin1.w": lin[1].weight, "lin2.w": lin[2].weight,
+              "bn0.g": bns[0].weight, "bn0.b": bns[0].bias,
+              "bn1.g": bns[1].weight, "bn1.b": bns[1].bias}
+    assert len(params) == len(list(net.parameters()))
+    ids = {"lin0.w": lin[0].grad_ids[0], "lin1.w": lin[1].grad_ids[0],
+           "lin2.w": lin[2].grad_ids[0]}
+    for i in range(2):
+        ids[f"bn{i}.g"], ids[f"bn{i}.b"] = bns[i].grad_ids
+    opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)
+
+    # the optimizer's store (initial exponent: 4x headroom) as the oracle sees it
+    stores, velocity = {}, {}
+    for name, p in params.items():
+        e = store_exp(p) if p.abs().max() > 0 else 1 + 2 - 23
+        stores[name] = (np.floor(p.detach().double().numpy() * 2.0 ** -e + 0.5)
+                        .astype(np.int64), e)
+        velocity[name] = np.zeros(p.shape, np.int64)
+    with torch.no_grad():
+        for name, p in params.items():
+            opt._store(p, opt.state[p])
+            assert opt.state[p]["store_exp"] == stores[name][1]
+            assert np.array_equal(codes_of(p, stores[name][1]), stores[name][0])
+    run_mean = [[0] * bn.num_features for bn in bns]
+    run_dev = [[1 << 24] * bn.num_features for bn in bns]  # running_dev starts at 1.0
+    mom_q = round(BN_MOMENTUM * (1 << 16))
+    lr_q, sgd_mom_q = round(LR / 24 * (1 << LR_BITS)), round(MOMENTUM * (1 << 16))
+
+    for step, (images, labels) in enumerate(batches):
+        # ---- qtrain: one step
+        assert net.qstate.step == step
+        logits_t = net(to_input(images))
+        cross_entropy(logits_t, torch.from_numpy(labels.astype(np.int64)), cfg).backward()
+        grads = {name: p.grad.detach().clone() for name, p in params.items()}
+        opt.step(batch_size=len(labels))
+        opt.zero_grad()
+        net.qstate.step += 1
+
+        # ---- the oracle
+        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, params, ids, step)
+        assert np.array_equal(codes_of(logits_t, z_exp), z), f"logits, step {step}"
+        for name, (g, g_exp) in want.items():
+            assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"
+        for name, (g, g_exp) in want.items():
+            w, v, e = sgd(*stores[name][:1], velocity[name], g, g_exp, stores[name][1], lr_q,
+                          sgd_mom_q)
+            stores[name], velocity[name] = (w, e), v
+            state = opt.state[params[name]]
+            assert state["store_exp"] == e, f"{name} store_exp, step {step}"
+            assert np.array_equal(codes_of(params[name], e), w), f"{name} store, step {step}"
+            assert np.array_equal(state["velocity"].numpy(), v), f"{name} velocity, step {step}"
+        for i, bn in enumerate(bns):
+            stats, x_exp = bn_stats[i]
+            m = len(labels)
+            for c in range(bn.num_features):
+                run_mean[i][c] = running(run_mean[i][c], int(stats["sum"][c]), 1, m, x_exp, mom_q)
+                run_dev[i][c] = running(run_dev[i][c], int(stats["dev"][c]), 2, m, x_exp, mom_q)
+            assert bn._codes_of(bn.running_mean).tolist() == run_mean[i], f"mean, step {step}"
+            assert bn._codes_of(bn.running_dev).tolist() == run_dev[i], f"dev, step {step}"
+    assert all(np.abs(v).max() > 0 for v in velocity.values())
