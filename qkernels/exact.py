@@ -97,8 +97,15 @@ def forward_slope(ch: Channel, gamma_q: int, gamma_shift: int, eps_shift: int | 
 def forward_value(ch: Channel, x: int, gamma_q: int, gamma_shift: int, beta_q: int,
                   beta_shift: int, eps_shift: int | None) -> Fraction:
     """y = gamma * (x - mu)/(sigma + eps) + beta in output LSBs: K*(m x - S) + beta."""
+    return _forward_affine(ch, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift)(x)
+
+
+def _forward_affine(ch: Channel, gamma_q: int, gamma_shift: int, beta_q: int, beta_shift: int,
+                    eps_shift: int | None):
+    """y of one channel as a function of the code x, its per-channel terms computed once."""
     k = forward_slope(ch, gamma_q, gamma_shift, eps_shift)
-    return k * (ch.m * int(x) - ch.s) + int(beta_q) * pow2(beta_shift)
+    beta = int(beta_q) * pow2(beta_shift)
+    return lambda x: k * (ch.m * int(x) - ch.s) + beta
 
 
 # --- backward (equation 20, docs section 4) ----------------------------------------------------
@@ -122,10 +129,9 @@ class GradChannel:
         g = np.asarray(g_codes).ravel().astype(np.int64)
         sg = int(g.sum())
         sgx = int((g * x).sum())  # |g*x| <= 2**30 and m <= 2**23: exact in int64
-        s = np.sign(ch.m * x - ch.s)
-        pairs = {(int(a), int(b)) for a, b in np.unique(np.stack([g, s]), axis=1).T}
+        keys = np.unique(g * 4 + np.sign(ch.m * x - ch.s) + 1).tolist()
         return cls(sg, sgx, ch.m * sgx - ch.s * sg, int(g.min()), int(g.max()),
-                   tuple(sorted(pairs)))
+                   tuple((k // 4, k % 4 - 1) for k in keys))
 
 
 def backward_slope(ch: Channel, gamma_q: int, k_shift: int, eps_shift: int | None) -> Fraction:
@@ -137,11 +143,18 @@ def backward_value(ch: Channel, gc: GradChannel, g: int, s: int, gamma_q: int, k
                    eps_shift: int | None) -> Fraction:
     """dx in dx LSBs for an element with error code g and sign s:
     K_b*(m g - sum g) - K_b*(P/D_eps)*(m s - sum s), i.e. equation (20)."""
+    return _backward_affine(ch, gc, gamma_q, k_shift, eps_shift)(g, s)
+
+
+def _backward_affine(ch: Channel, gc: GradChannel, gamma_q: int, k_shift: int,
+                     eps_shift: int | None):
+    """Equation (20) of one channel as a function of (g, s), its per-channel terms computed once."""
     den = ch.d_eps(eps_shift)
     if den == 0:
-        return Fraction(0)
+        return lambda g, s: Fraction(0)
     kb = backward_slope(ch, gamma_q, k_shift, eps_shift)
-    return kb * (ch.m * int(g) - gc.sg) - kb * Fraction(gc.p) / den * (ch.m * s - ch.sign_sum)
+    kpr = kb * Fraction(gc.p) / den
+    return lambda g, s: kb * (ch.m * int(g) - gc.sg) - kpr * (ch.m * s - ch.sign_sum)
 
 
 def amplification(ch: Channel, gc: GradChannel, gamma_q: int, k_shift: int,
@@ -288,10 +301,11 @@ def forward_reference(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits,
         args = (int(gamma_q[c]), gamma_exp - out_exp, int(beta_q[c]), beta_exp - out_exp,
                 eps_shift)
         k = forward_slope(ch, args[0], args[1], eps_shift)
+        y_of = _forward_affine(ch, *args)
         vals, inv = np.unique(row, return_inverse=True)
         table = np.empty((3, len(vals)), dtype=np.int64)
         for i, v in enumerate(vals.tolist()):
-            y = forward_value(ch, v, *args)
+            y = y_of(v)
             e = bound if abs(k * (ch.m * v - ch.s)) <= 2**21 else abs(y) / 2
             table[:, i] = (saturate(round_half_up(y), q), *code_window(y, e, q))
         out[:, c] = table[:, inv.ravel()]
@@ -323,9 +337,9 @@ def backward_reference(xq, gq, x_exp, g_exp, gamma_q, gamma_exp, dx_bits, dx_exp
         key = grow * 4 + np.sign(ch.m * xrow - ch.s) + 1
         keys, inv = np.unique(key, return_inverse=True)
         table = np.empty((3, len(keys)), dtype=np.int64)
+        dx_of = _backward_affine(ch, gc, gamma, k_shift, eps_shift)
         for i, kv in enumerate(keys.tolist()):
-            g, s = kv // 4, kv % 4 - 1
-            y = backward_value(ch, gc, g, s, gamma, k_shift, eps_shift)
+            y = dx_of(kv // 4, kv % 4 - 1)
             window = code_window(y, e, q) if e is not None else (-q, q)
             table[:, i] = (saturate(round_half_up(y), q), *window)
         out[:, c] = table[:, inv.ravel()]

@@ -606,9 +606,10 @@ def running_stats(rng, wide: bool, c: int):
 
 
 def check_inference_params(n_layers=30, fn=inference_params, wide=False):
-    """Folded inference: (A x + B)/2**sh - 1/2 within 0.073 + |slope per code| * 2**-(f+1)
-    of gamma*(x - mu)/(sigma + eps) + beta (section 7; the second term is mu's rounding to f
-    fractional bits), for every code whose output does not saturate at 16 bits."""
+    """Folded inference: (A x + B)/2**sh - 1/2 within E + |slope per code| * 2**-(f+1) of
+    gamma*(x - mu)/(sigma + eps) + beta (E: the forward's narrow bound, 0.073 for int8 and 0.08
+    for 16-bit codes; the second term is mu's rounding to f fractional bits; section 7), for
+    every code whose output does not saturate at 16 bits."""
     rng = np.random.default_rng(5 + wide)
     errs = Errors()
     for _ in range(n_layers):
@@ -629,7 +630,7 @@ def check_inference_params(n_layers=30, fn=inference_params, wide=False):
             den = max(int(dev[i]), 0) * pow2(to_code) + (0 if eps_shift is None
                                                           else pow2(eps_shift))
             slope = 0 if den == 0 else abs(int(gamma_q[i]) * pow2(gs) / den)
-            bound = Fraction(73, 1000) + slope * pow2(-(f + 1))
+            bound = (exact.FORWARD16_NARROW if wide else exact.FORWARD8) + slope * pow2(-(f + 1))
             for v in some_codes(lo_code, hi_code, rng):
                 y = exact.inference_value(v, int(gamma_q[i]), gs, int(beta_q[i]), bs,
                                           int(mean[i]), int(dev[i]), to_code, eps_shift)
