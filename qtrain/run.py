@@ -48,7 +48,12 @@ os.umask(_UMASK)
 # --------------------------------------------------------------------------------------------
 
 def _atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    The file is fsynced before the rename and the directory after it, so that once this
+    returns the new file is on disk under ``path`` even across a crash of the machine (and
+    files written after it, such as the epoch's metrics line, never get there before it).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's 0600
@@ -60,6 +65,16 @@ def _atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened (some platforms): nothing to sync
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -171,6 +171,7 @@ def test_integer_optimizer_state_round_trips(tmp_path):
         a, b = opt.state[p], opt2.state[q]
         assert type(b["store_exp"]) is int and b["store_exp"] == a["store_exp"]
         assert b["velocity"].dtype == torch.int64 and torch.equal(a["velocity"], b["velocity"])
+        assert_same_entries(a, b, "optimizer state")
     run_epoch(model, opt, 1)
     run_epoch(model2, opt2, 1)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
@@ -183,15 +184,93 @@ def _final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+def assert_same_entries(a: dict, b: dict, where: str) -> None:
+    """The same keys, and equal values: tensors bit for bit with the same dtype, the rest ==."""
+    assert a.keys() == b.keys(), where
+    for key, x in a.items():
+        y = b[key]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype, (where, key)
+            assert torch.equal(x, y), (where, key)
+        else:
+            assert type(x) is type(y) and x == y, (where, key)
+
+
+def assert_same_checkpoint(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same training state, bit for bit: every model parameter and
+    buffer, every optimizer state entry of every parameter (QSGD: the weight store's
+    ``store_exp`` and the int64 ``velocity``), the param groups, the step and the epoch."""
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    assert_same_entries(a["model"], b["model"], "model")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) == len(a["optimizer"]["param_groups"][0]["params"])
+    for i in sa:
+        assert {"store_exp", "velocity"} <= set(sa[i]), sa[i].keys()
+        assert_same_entries(sa[i], sb[i], f"optimizer state of parameter {i}")
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["config"] == b["config"]
+
+
+RUN_ARGS = ["--set", "per_class=100", "--batch-size", "8", "--epochs", "3", "--no-download"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the resume tests' run (fake data, 3 epochs) left alone, started in the
+    background; ``wait()`` gives its run directory once it has finished."""
+    root = tmp_path_factory.mktemp("resume")
+    data = fake_mnist(root / "data", 100, 10)
+    env = qtrain_env(root)
+    out = root / "whole"
+    log = root / "whole.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "qtrain.cli", "--data-dir", str(data),
+                                 *RUN_ARGS, "--out", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+    class Whole:
+        def wait(self) -> Path:
+            assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
+            return out
+
+    yield Whole(), data, env
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+#: Run as ``python -c``: qtrain's command line, with torch.save replaced by one that, on the
+#: checkpoint write of epoch KILL_AT, writes the first half of the checkpoint's bytes to the
+#: file it was given (checkpoint.pt's temporary file), fsyncs and SIGKILLs its own process.
+KILL_INSIDE_SAVE = """
+import io, os, signal, sys
+import torch
+import qtrain.cli
+KILL_AT = int(os.environ["KILL_AT"])
+real_save, calls = torch.save, []
+def save(obj, f, *args, **kwargs):
+    calls.append(obj.get("epoch") if isinstance(obj, dict) else None)
+    if len(calls) == KILL_AT:
+        assert obj["epoch"] == KILL_AT, obj.keys()
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.exit(qtrain.cli.main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
     """A run SIGKILLed during epoch 2 and resumed with --resume ends with the same weights,
-    optimizer state and step, bit for bit, as the same run left alone."""
-    data = fake_mnist(tmp_path / "data", 100, 10)
-    env = qtrain_env(tmp_path)
-    args = [sys.executable, "-m", "qtrain.cli", "--data-dir", str(data), "--set",
-            "per_class=100", "--batch-size", "8", "--epochs", "3", "--no-download"]
+    buffers, optimizer state (every entry: store_exp, velocity) and step, bit for bit, as the
+    same run left alone."""
+    whole, data, env = uninterrupted
+    args = [sys.executable, "-m", "qtrain.cli", "--data-dir", str(data), *RUN_ARGS]
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    whole = subprocess.Popen([*args, "--out", str(tmp_path / "whole")], **quiet)
     killed_dir = tmp_path / "killed"
     victim = subprocess.Popen([*args, "--out", str(killed_dir)], **quiet)
     metrics = killed_dir / "metrics.jsonl"
@@ -211,18 +290,61 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "resuming" in out.stdout and "after epoch 1" in out.stdout
-    assert whole.wait(timeout=300) == 0
+    whole_dir = whole.wait()
 
-    a, b = _final_state(tmp_path / "whole"), _final_state(killed_dir)
-    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-    for i, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["velocity"], b["optimizer"]["state"][i]["velocity"])
+    a, b = _final_state(whole_dir), _final_state(killed_dir)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_checkpoint(a, b)
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
-    whole_lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text()
+    whole_lines = [json.loads(x) for x in (whole_dir / "metrics.jsonl").read_text()
                    .splitlines()]
     assert [m["test_error"] for m in lines] == [m["test_error"] for m in whole_lines]
     assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in whole_lines]
+
+
+def test_kill_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path, uninterrupted):
+    """A run SIGKILLed inside the checkpoint write of epoch 2 (half the bytes written to the
+    temporary file) leaves epoch 1's checkpoint.pt whole and loadable, metrics.jsonl and
+    summary.json saying epoch 1 as it does, and the partial file under a temporary name that
+    nothing reads; --resume then finishes with the same state, bit for bit (every optimizer
+    state entry), as the run left alone."""
+    from qtrain.run import load_checkpoint
+
+    whole, data, env = uninterrupted
+    run_dir = tmp_path / "killed"
+    victim = subprocess.run(
+        [sys.executable, "-c", KILL_INSIDE_SAVE, "--data-dir", str(data), *RUN_ARGS,
+         "--out", str(run_dir)],
+        env={**env, "KILL_AT": "2"}, capture_output=True, text=True, timeout=300)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr
+
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")  # loads: the previous checkpoint is whole
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1
+    assert ckpt["step"] == -(-1000 // 8)  # one epoch of 1000 images in batches of 8
+    partial = [p for p in run_dir.iterdir() if p.name.startswith(".checkpoint.pt.")]
+    assert len(partial) == 1 and partial[0].suffix == ".tmp", sorted(run_dir.iterdir())
+    assert 0 < partial[0].stat().st_size < (run_dir / "checkpoint.pt").stat().st_size
+    with pytest.raises(Exception):  # it is the half-written epoch-2 checkpoint
+        torch.load(partial[0], map_location="cpu", weights_only=True)
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint.pt", "config.json", "curves.png", "metrics.jsonl", "summary.json"]
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(ckpt["history"]))  # the checkpoint's epoch 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_done"] == 1
+    assert summary["final_test_error"] == ckpt["history"][-1]["test_error"]
+
+    out = subprocess.run([sys.executable, "-m", "qtrain.cli", "--resume", str(run_dir)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "after epoch 1" in out.stdout
+    whole_dir = whole.wait()
+    a, b = _final_state(whole_dir), _final_state(run_dir)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_checkpoint(a, b)
+    resumed = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    alone = [json.loads(x) for x in (whole_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("epoch", "lr", "train_loss", "train_error", "test_error", "quant", "store"):
+        assert [m[key] for m in resumed] == [m[key] for m in alone], key

@@ -3,7 +3,6 @@ float equivalence, and accuracy on real data."""
 
 import contextlib
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +18,6 @@ from qtrain.quant import (QConfig, QState, Quantize, QuantStats, nearest, quant_
                           torch_emulation, weight_exponent)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
 
 def random_batch(n=32, seed=0):
     rng = np.random.default_rng(seed)
@@ -303,23 +299,53 @@ def test_bits_32_reproduces_plain_float_training():
 # --- accuracy on real data ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-def test_int8_lenet5_learns_fashion_mnist_subset():
-    """W8A8G8E8 LeNet-5 with int8 L1BN, 3 epochs on 6000 Fashion-MNIST images (600 per class),
-    reaches >= 78% test accuracy (measured: about 83%) and stays within 3 points of the same
-    network trained in float (about 81% here). Chance is 10%."""
-    from qtrain.data import load_mnist_like, stratified_subset
+#: Per data source (tests/conftest.py's ``fmnist``): training and test images per class, epochs,
+#: the epoch from which lr drops from 0.1 to 0.01, the least int8 test accuracy, and how far
+#: int8 may trail float (the measurements are in the test's docstring).
+ACCURACY = {
+    "full": dict(per_class=600, test_per_class=200, epochs=3, drop=None, least=0.78, gap=0.03),
+    "subset": dict(per_class=300, test_per_class=100, epochs=8, drop=6, least=0.78, gap=0.05),
+}
 
-    train = stratified_subset(load_mnist_like("fashion-mnist", "train"), 600, seed=0)
-    test = stratified_subset(load_mnist_like("fashion-mnist", "test"), 200, seed=0)
+
+@pytest.mark.accuracy
+def test_int8_lenet5_learns_fashion_mnist_subset(fmnist):
+    """W8A8G8E8 LeNet-5 with int8 L1BN learns Fashion-MNIST and keeps up with the same network
+    trained in float (L2BN). Chance is 10%. Seed 0 for the model, the data order and the
+    rounding; batches of 128, SGD with momentum 0.9, lr 0.1.
+
+    * Full set (Debian's dataset-fashion-mnist, $QTRAIN_DATA or the user cache): 6000
+      training images (600 per class), 3 epochs (141 steps), tested on 2000 (200 per class).
+      Needs int8 >= 78% and int8 >= float - 3 points. Measured: int8 82.05%, float 83.55%
+      (with seed 1 and 2 instead: int8 81.85%, 82.45%; float 81.55%, 82.05%).
+    * Shipped subset (when the full set is absent): all 3000 training images, 8 epochs (192
+      steps; lr 0.01 in the last two: with 0.1 throughout int8 ended up to 6 points below
+      float, depending on the seed), tested on all 1000. Needs int8 >= 78% and
+      int8 >= float - 5 points (on 1000 test images the difference of two accuracies has a
+      standard error near 1.6 points). Measured: int8 84.20%, float 85.40% (seeds 1 to 4:
+      int8 83.30%, 83.80%, 84.00%, 84.30%; float 85.60%, 85.20%, 86.90%, 84.60%).
+
+    Either takes about 20 to 30 s of CPU time. To measure, set ``$QTRAIN_TEST_DATA`` to
+    ``full`` or ``subset`` (tests/conftest.py); the accuracies are printed (pytest -s).
+    """
+    from qtrain.data import stratified_subset
+
+    limits = ACCURACY[fmnist.kind]
+    train = stratified_subset(fmnist.train, limits["per_class"], seed=0)
+    test = stratified_subset(fmnist.test, limits["test_per_class"], seed=0)
     accs = {}
     for name, cfg, norm in (("int8", QConfig(), "l1"), ("float", None, "l2")):
         torch.manual_seed(0)
         net = lenet5(norm, cfg)
         opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=cfg)
-        for epoch in range(3):
+        for epoch in range(limits["epochs"]):
+            if epoch == limits["drop"]:
+                for group in opt.param_groups:
+                    group["lr"] = 0.01
             train_epoch(net, opt, train.images, train.labels, batch_size=128, seed=0,
                         epoch=epoch)
         accs[name] = 1 - evaluate(net, test.images, test.labels)
-    assert accs["int8"] >= 0.78, accs
-    assert accs["int8"] >= accs["float"] - 0.03, accs
+    where = f"on the Fashion-MNIST {fmnist.kind} ({fmnist.source})"
+    print(f"test accuracy {where}: int8 {accs['int8']:.4f}, float {accs['float']:.4f}")
+    assert accs["int8"] >= limits["least"], (where, accs)
+    assert accs["int8"] >= accs["float"] - limits["gap"], (where, accs)
