@@ -13,12 +13,17 @@ import pytest
 import torch
 import torch.nn as nn
 
+import qtrain
 from qkernels.opcount import OPS, asic_estimate, bn_report, table4_counts
 from qtrain import analysis
 from qtrain.config import UserError, load_recipe
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d
 
+#: Debian's Fashion-MNIST where installed, else the subset shipped in the package (the tiny run
+#: below takes 10 images per class from either).
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+if not FMNIST.is_dir():
+    FMNIST = Path(qtrain.__file__).parent / "datasets" / "fashion-mnist-subset"
 LENET5_BN = [("2", [128, 6, 24, 24]), ("8", [128, 16, 8, 8]), ("15", [128, 120]),
              ("20", [128, 84])]
 LENET5_EPS_LOG2 = round(math.log2(1e-5))  # the layers' eps=1e-5 as the int8 kernels take it
@@ -239,8 +244,6 @@ def test_stats_on_gaussian_run(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    if not FMNIST.is_dir():
-        pytest.skip(f"{FMNIST} is absent")
     from qtrain.run import train
 
     cfg = dataclasses.replace(load_recipe("lenet5-fmnist"), per_class=10, epochs=1,
