@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -149,7 +150,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     return given
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, command: str | None = None) -> int:
     from .config import field_names
 
     flags = _overrides(args)
@@ -181,7 +182,7 @@ def _train(args: argparse.Namespace) -> int:
     from .run import train
 
     train(cfg, out, resume=args.resume is not None, download=not args.no_download,
-          recipe=label)
+          recipe=label, command=command)
     return 0
 
 
@@ -194,6 +195,7 @@ def _saved_recipe(run_dir: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    command_line = shlex.join(["qtrain", *argv])
     parser = build_parser()
     if not argv:
         parser.print_usage(sys.stderr)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train" and argv[:1] and not argv[0].startswith("-"):
             parser.error(f"unrecognized arguments: {' '.join(argv)}")
         return _train(build_parser("qtrain" if command == "train" else command)
-                      .parse_args(argv))
+                      .parse_args(argv), command_line)
     except UserError as err:
         print(f"qtrain: error: {err}", file=sys.stderr)
         return 2

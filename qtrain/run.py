@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -243,8 +244,13 @@ def load_checkpoint(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = True,
-          stdout: TextIO | None = None, recipe: str | None = None) -> dict:
+          stdout: TextIO | None = None, recipe: str | None = None,
+          command: str | None = None) -> dict:
     """Train ``cfg`` into run directory ``out`` (continuing it when ``resume``); the summary.
+
+    ``command`` (the command line that started it, as the CLI passes it) is recorded in the
+    summary with the package version and the source commit, so a figure quoted from it can be
+    traced to the code that produced it.
 
     Prints the data source first, then one line per epoch; a progress bar goes to stderr.
     """
@@ -316,14 +322,14 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
         history.append(record)
         save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s)
         plot_curves(out / CURVES, history)
-        summary = _summary(cfg, history, wall_s, source, recipe)
+        summary = _summary(cfg, history, wall_s, source, recipe, command)
         write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
         with open(out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         say(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
             f"test error {100 * test_error:6.2f}%  {seconds:6.1f} s  "
             f"{stats['images_per_s']:7.0f} img/s")
-    summary = _summary(cfg, history, wall_s, source, recipe)
+    summary = _summary(cfg, history, wall_s, source, recipe, command)
     write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
     if history:
         say(f"done: final test error {100 * summary['final_test_error']:.2f}%, best "
@@ -332,8 +338,27 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     return summary
 
 
+def source_commit() -> str | None:
+    """The git commit of the qtrain sources that run (``+dirty`` with uncommitted changes to
+    tracked files), or None outside a git checkout (an installed wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
-             recipe: str | None) -> dict:
+             recipe: str | None, command: str | None = None) -> dict:
+    from . import __version__
+
     best = min(history, key=lambda m: m["test_error"]) if history else None
     return {"epochs_done": len(history), "epochs": cfg.epochs,
             "final_test_error": history[-1]["test_error"] if history else None,
@@ -343,4 +368,5 @@ def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
             "wall_s": wall_s, "bits": cfg.bits,
             **{k: getattr(cfg, k) for k in ("bits_w", "bits_a", "bits_g", "bits_e")},
             "norm": cfg.norm, "backend": cfg.backend, "model": cfg.model, "data": cfg.data,
-            "data_source": source, "recipe": recipe}
+            "data_source": source, "recipe": recipe, "command": command,
+            "qtrain_version": __version__, "commit": source_commit()}
