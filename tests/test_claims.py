@@ -1,4 +1,4 @@
-"""Headline figures in README.md and docs/ are pinned to the run that produced them.
+"""Headline figures in README.md and docs/ are pinned to the run (or script) that produced them.
 
 A paragraph that cites ``docs/runs/<name>/summary.json`` must quote that run's final test error
 (two decimals, in %) and its wall time (whole seconds); the run's files must agree with each
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,15 @@ def test_cited_figures_equal_the_run(doc, name, para):
             known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e",
                                     summary["commit"] + "^{commit}"], capture_output=True)
             assert known.returncode == 0, f"{summary['commit']} is not in this repository"
+
+
+def test_worked_example_prints_what_the_docs_show():
+    """docs/l1bn-integer.md section 11: the script, run as written, prints the output shown."""
+    text = (ROOT / "docs" / "l1bn-integer.md").read_text()
+    section = text[text.index("## 11. Worked example"):text.index("## 12.")]
+    script = re.search(r"<<'EOF'\n(.*?)\nEOF\n", section, re.S).group(1)
+    shown = re.search(r"Output:\n\n```\n(.*?)```", section, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == shown
