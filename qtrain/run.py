@@ -220,12 +220,13 @@ def _store_report(model, optimizer) -> dict:
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: RunConfig,
-                    history: list[dict], wall_s: float) -> None:
+                    history: list[dict], wall_s: float,
+                    provenance: list[dict] | None = None) -> None:
     import torch
 
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": model.qstate.step, "epoch": epoch, "config": cfg.to_dict(),
-            "history": history, "wall_s": wall_s}
+            "history": history, "wall_s": wall_s, "provenance": provenance or []}
     _atomic(path, lambda f: torch.save(ckpt, f))
 
 
@@ -248,9 +249,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
           command: str | None = None) -> dict:
     """Train ``cfg`` into run directory ``out`` (continuing it when ``resume``); the summary.
 
-    ``command`` (the command line that started it, as the CLI passes it) is recorded in the
-    summary with the package version and the source commit, so a figure quoted from it can be
-    traced to the code that produced it.
+    ``command`` (the command line, as the CLI passes it) is recorded with the package version
+    and the source commit, read once here at the start, as one segment of the run's
+    ``provenance`` (kept in the checkpoint: a resumed run appends a segment), so a figure
+    quoted from the summary can be traced to the code and command that produced it.
 
     Prints the data source first, then one line per epoch; a progress bar goes to stderr.
     """
@@ -267,6 +269,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     out = Path(out)
     created = not out.exists()
     prepare_out(out, resume=resume)
+    if resume:  # partial files of a write that was killed (see _atomic)
+        for name in (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES):
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
     try:
         train_set, test_set = load_data(cfg, download=download)
     except UserError:
@@ -278,6 +284,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     model, optimizer = build(cfg, train_set.images.shape[1:])
 
     history: list[dict] = []
+    provenance: list[dict] = []
     start_epoch, wall_s = 0, 0.0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -286,6 +293,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
         optimizer.load_state_dict(ckpt["optimizer"])
         model.qstate.step = ckpt["step"]
         start_epoch, history, wall_s = ckpt["epoch"], ckpt["history"], ckpt["wall_s"]
+        provenance = list(ckpt.get("provenance", []))
+    provenance.append(_segment(command, start_epoch))
     write_text(out / CONFIG, cfg.to_json() + "\n")
     write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
     what = f"resuming {out} after epoch {start_epoch}" if resume else f"run: {out}"
@@ -320,16 +329,17 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
                   "seconds": seconds, "images_per_s": stats["images_per_s"],
                   "quant": quant_report(model), "store": _store_report(model, optimizer)}
         history.append(record)
-        save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s)
+        save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s,
+                        provenance)
         plot_curves(out / CURVES, history)
-        summary = _summary(cfg, history, wall_s, source, recipe, command)
+        summary = _summary(cfg, history, wall_s, source, recipe, provenance)
         write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
         with open(out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         say(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {stats['train_loss']:.4f}  "
             f"test error {100 * test_error:6.2f}%  {seconds:6.1f} s  "
             f"{stats['images_per_s']:7.0f} img/s")
-    summary = _summary(cfg, history, wall_s, source, recipe, command)
+    summary = _summary(cfg, history, wall_s, source, recipe, provenance)
     write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
     if history:
         say(f"done: final test error {100 * summary['final_test_error']:.2f}%, best "
@@ -338,10 +348,11 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     return summary
 
 
-def source_commit() -> str | None:
+def source_commit(root: Path | None = None) -> str | None:
     """The git commit of the qtrain sources that run (``+dirty`` with uncommitted changes to
-    tracked files), or None outside a git checkout (an installed wheel)."""
-    root = Path(__file__).resolve().parent.parent
+    tracked files), or None outside a git checkout (an installed wheel). ``root``: the
+    checkout to ask (default: the one this module lives in)."""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
     if not (root / ".git").exists():
         return None
     try:
@@ -355,10 +366,18 @@ def source_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
-             recipe: str | None, command: str | None = None) -> dict:
+def _segment(command: str | None, from_epoch: int) -> dict:
+    """Who ran the epochs from ``from_epoch`` on: the command, the version and the commit."""
     from . import __version__
 
+    return {"command": command, "qtrain_version": __version__, "commit": source_commit(),
+            "from_epoch": from_epoch}
+
+
+def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
+             recipe: str | None, provenance: list[dict] | None = None) -> dict:
+    provenance = provenance or [_segment(None, 0)]
+    commits = {seg["commit"] for seg in provenance}
     best = min(history, key=lambda m: m["test_error"]) if history else None
     return {"epochs_done": len(history), "epochs": cfg.epochs,
             "final_test_error": history[-1]["test_error"] if history else None,
@@ -368,5 +387,8 @@ def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
             "wall_s": wall_s, "bits": cfg.bits,
             **{k: getattr(cfg, k) for k in ("bits_w", "bits_a", "bits_g", "bits_e")},
             "norm": cfg.norm, "backend": cfg.backend, "model": cfg.model, "data": cfg.data,
-            "data_source": source, "recipe": recipe, "command": command,
-            "qtrain_version": __version__, "commit": source_commit()}
+            "data_source": source, "recipe": recipe,
+            # the command that started the run, and the commit of every segment if they agree
+            "command": provenance[0]["command"], "qtrain_version": provenance[0]["qtrain_version"],
+            "commit": provenance[0]["commit"] if len(commits) == 1 else None,
+            "provenance": provenance}

@@ -3,6 +3,9 @@
 import dataclasses
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -302,6 +305,43 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, uninterrupted):
     assert [m["test_error"] for m in lines] == [m["test_error"] for m in whole_lines]
     assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in whole_lines]
 
+    # provenance: the command that started the run, then the resume from epoch 1
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    first, second = summary["provenance"]
+    assert first["command"] == shlex.join(["qtrain", *args[3:], "--out", str(killed_dir)])
+    assert second["command"] == shlex.join(["qtrain", "--resume", str(killed_dir)])
+    assert (first["from_epoch"], second["from_epoch"]) == (0, 1)
+    assert summary["command"] == first["command"]
+    commit = re.compile(r"[0-9a-f]{40}(\+dirty)?")
+    for seg in (first, second):
+        assert seg["commit"] is None or commit.fullmatch(seg["commit"]), seg
+    assert summary["commit"] == first["commit"] == second["commit"]
+    assert b["provenance"] == summary["provenance"]
+
+
+def test_source_commit_names_the_checkout_and_its_edits(tmp_path):
+    """A clean checkout gives its HEAD, edited tracked files add "+dirty", untracked files do
+    not, and a directory outside git gives None."""
+    from qtrain.run import source_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert source_commit(repo) == head
+    (repo / "new.py").write_text("")
+    assert source_commit(repo) == head
+    (repo / "a.py").write_text("x = 2\n")
+    assert source_commit(repo) == head + "+dirty"
+    assert source_commit(tmp_path / "elsewhere") is None
+
 
 def test_kill_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path, uninterrupted):
     """A run SIGKILLed inside the checkpoint write of epoch 2 (half the bytes written to the
@@ -340,6 +380,7 @@ def test_kill_inside_checkpoint_write_keeps_previous_checkpoint(tmp_path, uninte
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "after epoch 1" in out.stdout
+    assert not list(run_dir.glob(".*.tmp")), "the resume leaves the killed write's partial file"
     whole_dir = whole.wait()
     a, b = _final_state(whole_dir), _final_state(run_dir)
     assert a["epoch"] == b["epoch"] == 3
