@@ -10,7 +10,10 @@ so the checksum is the same on every machine). The checksum is a sha256 over, in
 * every optimizer state entry of every parameter (``store_exp``, the int64 ``velocity`` and
   anything QSGD adds later), and the param groups' ``lr`` and ``momentum``,
 * every buffer of the model (L1BN running statistics, step counters, exponents) as little-endian
-  bytes of its own dtype, and ``qstate.step``.
+  bytes of its own dtype, and ``qstate.step``,
+* the eval-mode logits (their float32 containers of integer codes) of the first
+  :data:`EVAL_IMAGES` test images of the subset: the folded L1BN inference and the eval
+  forward behind every quoted test error.
 
 Any change to the arithmetic of training (kernels, rounding, the random stream, the optimizer,
 the data order) changes it. That may be intended; then update the constant deliberately::
@@ -39,6 +42,8 @@ import torch
 #: first 2560 images of the shipped subset in the order batches(seed=0, epoch=0) gives.
 STEPS = 20
 BATCH = 128
+#: Test images whose eval-mode logits enter the checksum.
+EVAL_IMAGES = 256
 
 #: name -> overrides of the default recipe's fields.
 CONFIGS = {
@@ -51,10 +56,10 @@ CONFIGS = {
 
 #: name -> sha256 of the state after STEPS steps (`python -m tests.qtrain.test_golden --print`).
 GOLDEN = {
-    "W8A8G8E8-int": "0ad2b27f42eab97f25078b88b8e44523b072ec2ff0b35721cc3f10f793b77f20",
-    "W8A8G8E8-emulate": "0ad2b27f42eab97f25078b88b8e44523b072ec2ff0b35721cc3f10f793b77f20",
-    "W8A8G8E8-emulate-torch": "0ad2b27f42eab97f25078b88b8e44523b072ec2ff0b35721cc3f10f793b77f20",
-    "W16A16G16E16-int": "a20194a7d3b5151c48af7914d8f806c69f68e5f7b1ea59db80a184a0b84d016c",
+    "W8A8G8E8-int": "a4008ae154a15485b16e6846b6686a1b45336dd5471df6c159505bed6fb3ed50",
+    "W8A8G8E8-emulate": "a4008ae154a15485b16e6846b6686a1b45336dd5471df6c159505bed6fb3ed50",
+    "W8A8G8E8-emulate-torch": "a4008ae154a15485b16e6846b6686a1b45336dd5471df6c159505bed6fb3ed50",
+    "W16A16G16E16-int": "8aec8d5a339d73d76b38558671ec6a9b44c144a00bbe9ee499e36b38ebb81b75",
 }
 
 UPDATE = ("a numeric change: if it is intended, print the new values with "
@@ -70,12 +75,14 @@ def subset_dir() -> Path:
     return Path(str(importlib.resources.files("qtrain").joinpath("datasets", data.SUBSET_DIR)))
 
 
-def train_steps(overrides: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The default recipe with ``overrides``, trained STEPS steps on the shipped subset."""
+def train_steps(overrides: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                          torch.Tensor]:
+    """The default recipe with ``overrides``, trained STEPS steps on the shipped subset; the
+    model, its optimizer, and the eval-mode logits of the first EVAL_IMAGES test images."""
     from qtrain.config import load_recipe
     from qtrain.data import load_mnist_like
     from qtrain.run import build
-    from qtrain.train import train_epoch
+    from qtrain.train import to_input, train_epoch
 
     cfg = dataclasses.replace(load_recipe("lenet5-fmnist"), batch_size=BATCH, **overrides)
     train = load_mnist_like("fashion-mnist", "train", subset_dir())
@@ -87,7 +94,12 @@ def train_steps(overrides: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer
     train_epoch(model, opt, train.images[:n], train.labels[:n], batch_size=BATCH,
                 seed=cfg.seed, epoch=0)
     assert model.qstate.step == STEPS
-    return model, opt
+    test = load_mnist_like("fashion-mnist", "test", subset_dir())
+    model.eval()
+    with torch.no_grad():
+        logits = model(to_input(test.images[:EVAL_IMAGES]))
+    model.train()
+    return model, opt, logits
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -104,8 +116,9 @@ def _value_bytes(v) -> bytes:
     return (b"i" + struct.pack("<q", v)) if isinstance(v, int) else (b"f" + struct.pack("<d", v))
 
 
-def checksum(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
-    """sha256 of the integer state of ``model`` and ``opt`` (see the module docstring)."""
+def checksum(model: torch.nn.Module, opt: torch.optim.Optimizer, logits: torch.Tensor) -> str:
+    """sha256 of the integer state of ``model`` and ``opt`` and of the eval ``logits`` (see the
+    module docstring)."""
     h = hashlib.sha256()
 
     def put(tag: str, payload: bytes) -> None:
@@ -130,6 +143,7 @@ def checksum(model: torch.nn.Module, opt: torch.optim.Optimizer) -> str:
     for name in sorted(buffers):
         put(f"buffer {name}", _tensor_bytes(buffers[name]))
     put("qstate.step", _value_bytes(int(model.qstate.step)))
+    put("eval logits", _tensor_bytes(logits))
     return h.hexdigest()
 
 
