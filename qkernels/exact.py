@@ -75,6 +75,15 @@ class Channel:
         sign_sum = sum(n * sign(m * a - s) for a, n in zip(v, c))
         return cls(tuple(v), tuple(c), m, s, dev, sign_sum)
 
+    @classmethod
+    def from_counts(cls, values, counts) -> "Channel":
+        """A channel given as distinct codes and how often each occurs (any m, no array)."""
+        v, c = [int(a) for a in values], [int(a) for a in counts]
+        m = sum(c)
+        s = sum(a * n for a, n in zip(v, c))
+        return cls(tuple(v), tuple(c), m, s, sum(n * abs(m * a - s) for a, n in zip(v, c)),
+                   sum(n * sign(m * a - s) for a, n in zip(v, c)))
+
     def sgn(self, x: int) -> int:
         """sgn(x - mu) = sgn(m x - S)."""
         return sign(self.m * int(x) - self.s)
@@ -122,6 +131,15 @@ class GradChannel:
     g_min: int
     g_max: int
     pairs: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_groups(cls, ch: Channel, groups) -> "GradChannel":
+        """The sums of a channel given as ``(x, g, count)`` groups (any m, no array)."""
+        sg = sum(int(g) * int(n) for _, g, n in groups)
+        sgx = sum(int(x) * int(g) * int(n) for x, g, n in groups)
+        gs = [int(g) for _, g, _ in groups]
+        pairs = sorted({(int(g), ch.sgn(x)) for x, g, _ in groups})
+        return cls(sg, sgx, ch.m * sgx - ch.s * sg, min(gs), max(gs), tuple(pairs))
 
     @classmethod
     def of(cls, ch: Channel, x_codes, g_codes) -> "GradChannel":
@@ -224,6 +242,8 @@ BACKWARD8_NARROW = Fraction(9, 100)
 FORWARD16_NARROW = Fraction(8, 100)
 #: 16-bit backward, narrow (section 12).
 BACKWARD16_NARROW = Fraction(1, 10)
+#: 16-bit forward, every output that is neither saturated nor clamped (section 12).
+FORWARD16 = Fraction(27, 100)
 
 
 def backward8_bound(a: Fraction) -> Fraction | None:
@@ -241,7 +261,9 @@ def forward16_bound(k: Fraction, u: int, sh: int) -> Fraction:
     wide = Fraction(17, 2) * EPS0 * abs(k * u) + pow2(-(sh + 1))
     if k and sh < -(_dyadic_exponent(k)) - 1:
         wide += abs(u) * pow2(-(sh + 1))
-    return max(FORWARD16_NARROW, wide)
+    # whatever sh the kernel chose, section 12 promises E < 0.27 (sh >= 40 where this term
+    # matters): a lower sh must not widen its own tolerance
+    return min(max(FORWARD16_NARROW, wide), FORWARD16)
 
 
 def _dyadic_exponent(v: Fraction) -> int:
@@ -264,8 +286,6 @@ def backward16_bound(a_dev: Fraction, q: int) -> Fraction | None:
 
 #: dgamma (sections 4, 5 and 12): relative error below 8.5 eps0, plus half a code.
 DGAMMA_REL = Fraction(17, 2) * EPS0
-#: 16-bit forward, every output that is neither saturated nor clamped (section 12).
-FORWARD16 = Fraction(27, 100)
 
 
 # --- whole tensors: the codes the contract allows -------------------------------------------------

@@ -85,7 +85,7 @@ def sgd(w, v, g, g_exp, w_exp, lr_q, mom_q, bits=24):
     return rshift(w, s), rshift(v, s), w_exp + s
 
 
-def running(old, batch_num, batch_den_log2m, m, x_exp, mom_q):
+def running(old, batch_num, m_power, m, x_exp, mom_q):
     """One running-statistics update (docs/l1bn-integer.md section 7), on Python integers:
     the batch statistic num/m**k (k = 1: mean S/m, k = 2: deviation D/m**2) through the dyadic
     1/m = 2**62 // mant (31-bit mantissas, truncating), rounded half up to RUN_EXP = -24 codes,
@@ -103,7 +103,7 @@ def running(old, batch_num, batch_den_log2m, m, x_exp, mom_q):
     mm, me = norm(m, 0)
     inv = norm((1 << 62) // mm, -62 - me)
     v = norm(batch_num, 0)
-    for _ in range(batch_den_log2m):
+    for _ in range(m_power):
         v = mul(v, inv)
     s = v[1] + x_exp + 24
     if v[0] and s + abs(v[0]).bit_length() > 62:
@@ -131,7 +131,7 @@ def store_exp(t):
 LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 
 
-def oracle_step(images, labels, stores, names, ids, step):
+def oracle_step(images, labels, stores, ids, step):
     """The forward and backward of one step from the store codes: (logit codes, their exponent,
     {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)])."""
     n = len(labels)
@@ -225,7 +225,7 @@ def test_two_mlp_steps_equal_int64_oracle():
         net.qstate.step += 1
 
         # ---- the oracle
-        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, params, ids, step)
+        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step)
         assert np.array_equal(codes_of(logits_t, z_exp), z), f"logits, step {step}"
         for name, (g, g_exp) in want.items():
             assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"
