@@ -306,16 +306,15 @@ def _qmax(bits: int) -> int:
 
 def forward_reference(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits, out_exp,
                       eps_log2=None):
-    """For the training forward's output codes: ``(rounded, lo, hi)``, int64 arrays shaped like
-    ``xq``: the exactly rounded code of every element, and the window of codes within
-    ``1/2 + E`` of the exact value (E: :data:`FORWARD8` for int8 codes, :data:`FORWARD16` for
+    """For the training forward's output codes: ``(lo, hi)``, int64 arrays shaped like ``xq``:
+    the window of codes within ``1/2 + E`` of each element's exact value (E: :data:`FORWARD8` for int8 codes, :data:`FORWARD16` for
     int16; an output with |K u| > 2**21, where the docs promise only saturation, gets the
     saturated code alone)."""
     q = _qmax(out_bits)
     bound = FORWARD8 if np.asarray(xq).dtype == np.int8 else FORWARD16
     eps_shift = None if eps_log2 is None else eps_log2 - x_exp
     rows = _rows(xq)
-    out = np.empty((3,) + rows.shape, dtype=np.int64)
+    out = np.empty((2,) + rows.shape, dtype=np.int64)
     for c, row in enumerate(rows):
         ch = Channel.of(row)
         args = (int(gamma_q[c]), gamma_exp - out_exp, int(beta_q[c]), beta_exp - out_exp,
@@ -323,19 +322,19 @@ def forward_reference(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bits,
         k = forward_slope(ch, args[0], args[1], eps_shift)
         y_of = _forward_affine(ch, *args)
         vals, inv = np.unique(row, return_inverse=True)
-        table = np.empty((3, len(vals)), dtype=np.int64)
+        table = np.empty((2, len(vals)), dtype=np.int64)
         for i, v in enumerate(vals.tolist()):
             y = y_of(v)
             e = bound if abs(k * (ch.m * v - ch.s)) <= 2**21 else abs(y) / 2
-            table[:, i] = (saturate(round_half_up(y), q), *code_window(y, e, q))
+            table[:, i] = code_window(y, e, q)
         out[:, c] = table[:, inv.ravel()]
     return tuple(_unrows(r, np.asarray(xq).shape) for r in out)
 
 
 def backward_reference(xq, gq, x_exp, g_exp, gamma_q, gamma_exp, dx_bits, dx_exp,
                        eps_log2=None):
-    """For the backward's dx codes: ``(rounded, lo, hi, promised)``: the exactly rounded code
-    of every element, the window within ``1/2 + E`` of the exact value, and a per-channel
+    """For the backward's dx codes: ``(lo, hi, promised)``: the window of codes within
+    ``1/2 + E`` of each element's exact value, and a per-channel
     boolean array, False where the docs promise no bound (int8: amplification a > 2**23;
     16-bit: a' > 2**24), whose windows are then the whole code range."""
     q = _qmax(dx_bits)
@@ -343,7 +342,7 @@ def backward_reference(xq, gq, x_exp, g_exp, gamma_q, gamma_exp, dx_bits, dx_exp
     eps_shift = None if eps_log2 is None else eps_log2 - x_exp
     k_shift = gamma_exp + g_exp - x_exp - dx_exp
     xr, gr = _rows(xq), _rows(gq)
-    out = np.empty((3,) + xr.shape, dtype=np.int64)
+    out = np.empty((2,) + xr.shape, dtype=np.int64)
     promised = np.ones(xr.shape[0], dtype=bool)
     for c, (xrow, grow) in enumerate(zip(xr, gr)):
         ch = Channel.of(xrow)
@@ -356,12 +355,11 @@ def backward_reference(xq, gq, x_exp, g_exp, gamma_q, gamma_exp, dx_bits, dx_exp
         promised[c] = e is not None
         key = grow * 4 + np.sign(ch.m * xrow - ch.s) + 1
         keys, inv = np.unique(key, return_inverse=True)
-        table = np.empty((3, len(keys)), dtype=np.int64)
+        table = np.empty((2, len(keys)), dtype=np.int64)
         dx_of = _backward_affine(ch, gc, gamma, k_shift, eps_shift)
         for i, kv in enumerate(keys.tolist()):
             y = dx_of(kv // 4, kv % 4 - 1)
-            window = code_window(y, e, q) if e is not None else (-q, q)
-            table[:, i] = (saturate(round_half_up(y), q), *window)
+            table[:, i] = code_window(y, e, q) if e is not None else (-q, q)
         out[:, c] = table[:, inv.ravel()]
     return (*(_unrows(r, np.asarray(xq).shape) for r in out), promised)
 

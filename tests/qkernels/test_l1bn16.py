@@ -85,8 +85,8 @@ def check_forward(x, gamma, beta, out_bits, out_exp, eps_log2=None, x_exp=None, 
                                       y.exp, eps_log2)
     assert np.abs(y.q.astype(np.int64) - y_f).max(initial=0) <= 1
     # within 1/2 + E of the exact rational value (E < 0.27, docs section 12)
-    _, lo, hi = exact.forward_reference(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp,
-                                        out_bits, y.exp, eps_log2)
+    lo, hi = exact.forward_reference(x, x_exp, gamma.q, gamma.exp, beta.q, beta.exp, out_bits,
+                                     y.exp, eps_log2)
     assert ((lo <= y.q) & (y.q <= hi)).all(), "forward code off by more than 1/2 + E"
     ranged = x.dtype == np.int16 or out_exp is None
     for col, key in STAT_COLUMNS + (RANGE_COLUMNS if ranged else ()):
@@ -119,8 +119,8 @@ def check_backward(x, dy, gamma, cache, stats, dx_bits, dx_exp, eps_log2=None, x
         sat = np.abs(dx_f) == int(qmax(dx_bits))
         assert (np.sign(dx.q[sat]) == np.sign(dx_f[sat])).all()
     # within 1/2 + E of exact rationals wherever section 12 promises E (a' <= 2**24)
-    _, lo, hi, promised = exact.backward_reference(x, dy, x_exp, dy_exp, gamma.q, gamma.exp,
-                                                   dx_bits, dx.exp, eps_log2)
+    lo, hi, promised = exact.backward_reference(x, dy, x_exp, dy_exp, gamma.q, gamma.exp,
+                                                dx_bits, dx.exp, eps_log2)
     assert ((lo <= dx.q) & (dx.q <= hi)).all(), "dx code off by more than 1/2 + E"
     assert promised.all() or not within_contract or dx_exp is not None
     # dgamma: relative error below 8.5 * 2**-30 plus half a code (docs, section 5)
@@ -534,19 +534,6 @@ def test_two_limb_helpers_match_python_integers():
         assert value(*grad_p(s, m, t, sg, sgx)) == m * sgx - s * sg
 
 
-def exact_forward(x, m, x_exp, gamma_q, gamma_shift, beta_q, beta_shift, eps_log2):
-    """Equations (10)-(11) on exact rationals, in output LSBs (gamma/beta shifts to output)."""
-    mu = Fraction(int(sum(x)), m)
-    den = Fraction(sum(abs(Fraction(int(v)) - mu) for v in x), m)
-    if eps_log2 is not None:
-        den += Fraction(2) ** (eps_log2 - x_exp)
-    g = Fraction(gamma_q) * Fraction(2) ** gamma_shift
-    b = Fraction(beta_q) * Fraction(2) ** beta_shift
-    if den == 0:
-        return {int(v): b for v in x}, mu, den
-    return {int(v): g * (int(v) - mu) / den + b for v in x}, mu, den
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_pre_rounding_values_are_close_to_exact_rationals(seed):
     """The kernels' value before rounding, (A*(x - c) + B)/2**sh - 1/2, is within 0.1 LSB of the
@@ -579,27 +566,25 @@ def test_pre_rounding_values_are_close_to_exact_rationals(seed):
         st_ = cache.stats[0]
         s, t, rm, re, ss = int(st_[0]), int(st_[4]) - 1, int(st_[5]), int(st_[6]), int(st_[2])
         xs, gs = x[:, 0].astype(np.int64), g[:, 0].astype(np.int64)
-        exact, mu, den = exact_forward(xs, m, x_exp, gq, -12 - y.exp, bq, -12 - y.exp, eps)
+        ch = exact.Channel.of(xs)
+        eps_shift = None if eps is None else eps - x_exp
         a, b, c, sh = forward_params16(s, m, t, rm, re, gq, -12 - y.exp, bq, -12 - y.exp,
                                        int(xs.min()), int(xs.max()))
-        for v, want in exact.items():
+        for v in ch.values:
+            want = exact.forward_value(ch, v, gq, -12 - y.exp, bq, -12 - y.exp, eps_shift)
             got = Fraction(a * (v - c) + b, 2**sh) - Fraction(1, 2)
             if abs(want) <= q + Fraction(1, 2):
                 worst = max(worst, abs(float(got - want)))
-        if den == 0:
+        if ch.d_eps(eps_shift) == 0:
             continue
         inv_m = dy_recip(*dy_norm(m, 0))
         k_shift = -12 + g_exp - x_exp - dx.exp
         a, b, c, sh = backward_params16(s, m, t, ss, rm, re, int(gs.sum()), int((gs * xs).sum()),
                                         int(gs.min()), int(gs.max()), gq, k_shift, *inv_m)
-        sign = [(v > mu) - (v < mu) for v in xs]
-        xhat = [(int(v) - mu) / den for v in xs]
-        mean_gx = sum(int(gv) * xh for gv, xh in zip(gs, xhat)) / m
-        kb = Fraction(gq) * Fraction(2) ** k_shift / den
-        for gv, sv in zip(gs, sign):
-            want = kb * (int(gv) - Fraction(int(gs.sum()), m)
-                         - mean_gx * (sv - Fraction(sum(sign), m)))
-            got = Fraction(a * (int(gv) - int(c[sv + 1])) + int(b[sv + 1]), 2**sh) - Fraction(1, 2)
+        gc = exact.GradChannel.of(ch, xs, gs)
+        for gv, sv in gc.pairs:
+            want = exact.backward_value(ch, gc, gv, sv, gq, k_shift, eps_shift)
+            got = Fraction(a * (gv - int(c[sv + 1])) + int(b[sv + 1]), 2**sh) - Fraction(1, 2)
             if abs(want) <= q + Fraction(1, 2):
                 worst = max(worst, abs(float(got - want)))
     assert worst < 0.1
