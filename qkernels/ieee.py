@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._jit import serial_and_parallel
-from .fixedpoint import bit_length, round_shift
+from .fixedpoint import bit_length
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
 from .quant import SR_BITS, QuantCounts, saturate_count
 from .rng import check_stream_args, random_u64, stream_key

@@ -391,7 +391,7 @@ def plot_stats(path: Path, layers: list[dict]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .run import _atomic
+    from .files import save_figure
 
     width = max(l["channels"] for l in layers)
     grid = np.full((len(layers), width), np.nan)
@@ -425,7 +425,7 @@ def plot_stats(path: Path, layers: list[dict]) -> None:
             title="histograms of the per-channel deviations")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=100))
+    save_figure(Path(path), fig, dpi=100)
     plt.close(fig)
 
 

@@ -64,10 +64,9 @@ examples:
 """
 
 #: Training flags -> RunConfig fields.
-_FLAGS = {"model": "model", "data": "data", "data_dir": "data_dir", "norm": "norm",
-          "backend": "backend", "bits_w": "bits_w", "bits_a": "bits_a", "bits_g": "bits_g",
-          "bits_e": "bits_e", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-          "seed": "seed", "device": "device"}
+#: RunConfig fields that have a flag of the same name.
+_FLAGS = ("model", "data", "data_dir", "norm", "backend", "bits_w", "bits_a", "bits_g", "bits_e",
+          "epochs", "batch_size", "lr", "seed", "device")
 
 
 def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
@@ -144,9 +143,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     given = {}
     if args.bits is not None:
         given.update(bits_w=args.bits, bits_a=args.bits, bits_g=args.bits, bits_e=args.bits)
-    for flag, field in _FLAGS.items():
-        if getattr(args, flag) is not None:
-            given[field] = getattr(args, flag)
+    for field in _FLAGS:
+        if getattr(args, field) is not None:
+            given[field] = getattr(args, field)
     return given
 
 

@@ -50,7 +50,6 @@ import pickle
 import re
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -196,24 +195,15 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, gz: bool | None = None
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, chunks) -> None:
-    """Write the byte chunks to a temp file beside ``path``, then ``os.replace`` it there."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 -> what open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the byte chunks to ``path`` atomically (:func:`qtrain.files.atomic_write`)."""
+    from .files import atomic_write
+
+    def write(f):
+        for chunk in chunks:
+            f.write(chunk)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,61 +26,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
 from .config import RunConfig, UserError
+from .files import atomic_write, remove_partial, save_figure, write_text  # noqa: F401 (re-export)
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png")
 #: Fields that may differ between a run and its resumption (the rest must match).
 RESUMABLE_CHANGES = ("epochs", "device")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-def _atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    The file is fsynced before the rename and the directory after it, so that once this
-    returns the new file is on disk under ``path`` even across a crash of the machine (and
-    files written after it, such as the epoch's metrics line, never get there before it).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a directory that cannot be opened (some platforms): nothing to sync
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
-
 
 def prepare_out(out: Path, *, resume: bool = False) -> Path:
     """Create (or, resuming, check) the run directory; one-line errors if that cannot be done."""
@@ -149,7 +112,7 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    save_figure(path, fig, dpi=100)
     plt.close(fig)
 
 
@@ -158,25 +121,12 @@ def plot_curves(path: Path, history: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 def load_data(cfg: RunConfig, *, download: bool = True):
-    """``(train, test)`` datasets of ``cfg`` (the training set cut to ``per_class``).
-
-    Uses ``qtrain.data.load_dataset`` where it exists, else ``load_mnist_like``.
-    """
+    """``(train, test)`` datasets of ``cfg`` (the training set cut to ``per_class``)."""
     from . import data
 
     try:
-        if hasattr(data, "load_dataset"):
-            train, test = data.load_dataset(cfg.data, data_dir=cfg.data_dir,
-                                            download_missing=download)
-        else:
-            if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
-                raise UserError(f"--data-dir {cfg.data_dir} is not a directory; give the "
-                                "directory that holds the dataset files")
-            if cfg.data not in data.CLASSES:
-                raise UserError(f"data {cfg.data} needs a newer qtrain.data; use fashion-mnist "
-                                "or mnist")
-            train = data.load_mnist_like(cfg.data, "train", cfg.data_dir)
-            test = data.load_mnist_like(cfg.data, "test", cfg.data_dir)
+        train, test = data.load_dataset(cfg.data, data_dir=cfg.data_dir,
+                                        download_missing=download)
         if cfg.per_class is not None:
             train = data.stratified_subset(train, cfg.per_class, seed=cfg.seed)
     except UserError:
@@ -227,7 +177,7 @@ def save_checkpoint(path: Path, model, optimizer, epoch: int, cfg: RunConfig,
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": model.qstate.step, "epoch": epoch, "config": cfg.to_dict(),
             "history": history, "wall_s": wall_s, "provenance": provenance or []}
-    _atomic(path, lambda f: torch.save(ckpt, f))
+    atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -269,10 +219,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     out = Path(out)
     created = not out.exists()
     prepare_out(out, resume=resume)
-    if resume:  # partial files of a write that was killed (see _atomic)
-        for name in (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES):
-            for tmp in out.glob(f".{name}.*.tmp"):
-                tmp.unlink(missing_ok=True)
+    if resume:  # partial files of a write that was killed (qtrain.files)
+        remove_partial(out, (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES))
     try:
         train_set, test_set = load_data(cfg, download=download)
     except UserError:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .config import (BACKENDS, DATASETS, DEFAULT_RECIPE, FLOAT_BITS, NORMS, RunConfig,
                      UserError, apply_sets, load_recipe, recipe_label)
+from .files import save_figure, write_text
 
 CLASSES = ("w", "a", "g", "e")
 RECORD_FIELDS = ("name", "bits_w", "bits_a", "bits_g", "bits_e", "norm", "backend", "seed",
@@ -337,18 +338,6 @@ def _execute(jobs: list[Job], n_jobs: int, download: bool, label: str | None,
             raise
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from .run import write_text
-
-    write_text(path, text)
-
-
-def _atomic_figure(path: Path, fig) -> None:
-    from .run import _atomic
-
-    _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-
-
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -531,13 +520,13 @@ def _pct(v) -> str:
 
 def write_sweep(out: Path, records: list[dict], plot: bool = True) -> None:
     """``sweep.json`` and ``sweep.csv`` (and ``sweep.png`` when ``plot``), atomically."""
-    _atomic_text(out / "sweep.json", json.dumps(records, indent=1) + "\n")
+    write_text(out / "sweep.json", json.dumps(records, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RECORD_FIELDS, lineterminator="\n")
     w.writeheader()
     for r in records:
         w.writerow({k: "" if r.get(k) is None else r.get(k) for k in RECORD_FIELDS})
-    _atomic_text(out / "sweep.csv", buf.getvalue())
+    write_text(out / "sweep.csv", buf.getvalue())
     if plot:
         plot_sweep(out / "sweep.png", records)
 
@@ -610,7 +599,7 @@ def plot_sweep(path: Path, records: list[dict]) -> None:
            title=f"test error vs bit width (mean ± std over {n_seeds} seed(s))")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_figure(path, fig)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -653,7 +642,7 @@ def _plot_one_at_a_time(path: Path, done: list[dict], plt) -> None:
     if lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_figure(path, fig)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
 
 
@@ -766,7 +755,7 @@ def run_compare(args) -> int:
         results.append(_compare_stats(m))
     report = {"bits": bits, "seeds": seeds, "recipe": label, "methods_chosen": chosen, "config": base.to_dict(),
               "jobs": n_jobs, "methods": results}
-    _atomic_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
+    write_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
     plot_compare(out / "compare.png", results, label)
     print(compare_table(results, seeds))
     _say(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
@@ -850,25 +839,5 @@ def plot_compare(path: Path, results: list[dict], label: str | None) -> None:
            title=f"test error per epoch{f' ({label})' if label else ''}, mean over seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic_figure(path, fig)
+    save_figure(path, fig, dpi=110)
     plt.close(fig)
-
-
-def _main(argv: list[str] | None = None) -> int:  # pragma: no cover - until cli.py wires these
-    """``python -m qtrain.sweep {sweep,compare} ...`` (the CLI wiring is cli.py's)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("sweep", "compare"):
-        print("usage: python -m qtrain.sweep {sweep,compare} ...", file=sys.stderr)
-        return 2
-    p = argparse.ArgumentParser(prog=f"qtrain {argv[0]}")
-    (add_sweep_arguments if argv[0] == "sweep" else add_compare_arguments)(p)
-    args = p.parse_args(argv[1:])
-    try:
-        return (run_sweep if argv[0] == "sweep" else run_compare)(args)
-    except UserError as err:
-        print(f"qtrain: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_main())

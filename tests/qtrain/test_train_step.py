@@ -11,10 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qtrain.loss import cross_entropy
-from qtrain.models import build, lenet5, mlp
+from qtrain.models import build, lenet5
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
-from qtrain.quant import (QConfig, QState, Quantize, QuantStats, nearest, quant_report, stochastic,
+from qtrain.quant import (QConfig, Quantize, QuantStats, nearest, quant_report, stochastic,
                           torch_emulation, weight_exponent)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
