@@ -102,3 +102,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     source = config.stash.get(_SOURCE, None)
     if source is not None:
         terminalreporter.write_line(f"accuracy tests ran on Fashion-MNIST {source}")
+
+
+# --- small, learnable MNIST-shaped data for end-to-end runs -------------------------------------
+
+
+def write_fake_mnist(directory, per_class_train: int, per_class_test: int):
+    """IDX files of an easy 10-class problem (a bright band whose position is the class) in
+    ``directory``, named like Fashion-MNIST's; returns the directory."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from qtrain.data import write_idx
+
+    directory = Path(directory)
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", per_class_train), ("t10k", per_class_test)):
+        labels = rng.permutation(np.arange(10 * n) % 10)
+        images = rng.integers(0, 60, (10 * n, 28, 28))
+        for c in range(10):
+            images[labels == c, 2 * c:2 * c + 6, 4:24] += 180
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images.astype(np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fake_mnist():
+    """:func:`write_fake_mnist`, for tests and fixtures of any scope."""
+    return write_fake_mnist

@@ -68,31 +68,12 @@ def test_no_command_prints_help_and_exits_2():
 # --- training through the command line --------------------------------------------------------
 
 import dataclasses  # noqa: E402
-import struct  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-
-def _write_idx(path, array):
-    head = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                    *array.shape)
-    path.write_bytes(head + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
-def fake_data(tmp_path):
+def fake_data(tmp_path, fake_mnist):
     """A --data-dir with tiny Fashion-MNIST-shaped IDX files (30 train, 5 test per class)."""
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data"
-    d.mkdir()
-    for prefix, n in (("train", 30), ("t10k", 5)):
-        labels = rng.permutation(np.arange(10 * n) % 10)
-        images = rng.integers(0, 60, (10 * n, 28, 28))
-        for c in range(10):
-            images[labels == c, 2 * c:2 * c + 6, 4:24] += 180
-        _write_idx(d / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(d / f"{prefix}-labels-idx1-ubyte", labels)
-    return d
+    return fake_mnist(tmp_path / "data", 30, 5)
 
 
 @pytest.fixture

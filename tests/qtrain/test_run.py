@@ -7,7 +7,6 @@ import re
 import shlex
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -19,26 +18,6 @@ import torch
 
 from qtrain import config, models, quant
 from qtrain.config import DEFAULTED, RunConfig, UserError, apply_sets, load_recipe, recipe_names
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    head = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                    *array.shape)
-    path.write_bytes(head + array.astype(np.uint8).tobytes())
-
-
-def fake_mnist(directory: Path, per_class_train: int, per_class_test: int) -> Path:
-    """IDX files of an easy 10-class problem (a bright band whose position is the class)."""
-    rng = np.random.default_rng(0)
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", per_class_train), ("t10k", per_class_test)):
-        labels = rng.permutation(np.arange(10 * n) % 10)
-        images = rng.integers(0, 60, (10 * n, 28, 28))
-        for c in range(10):
-            images[labels == c, 2 * c:2 * c + 6, 4:24] += 180
-        write_idx(directory / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
-    return directory
 
 
 def qtrain_env(tmp_path: Path) -> dict:
@@ -218,7 +197,7 @@ RUN_ARGS = ["--set", "per_class=100", "--batch-size", "8", "--epochs", "3", "--n
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, fake_mnist):
     """The reference: the resume tests' run (fake data, 3 epochs) left alone, started in the
     background; ``wait()`` gives its run directory once it has finished."""
     root = tmp_path_factory.mktemp("resume")
