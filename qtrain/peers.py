@@ -7,8 +7,9 @@
 * :func:`train_brevitas` -- a training run of that network written like :func:`qtrain.run.train`
   (``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png``): the same data, subset,
   batches (``qtrain.data.batches(seed, epoch)``), input codes, learning-rate schedule
-  (``RunConfig.lr_at``) and seed as a qtrain run of the same config, with ``torch.optim.SGD``
-  and ``F.cross_entropy``.
+  (``RunConfig.lr_at``) and seed as a qtrain run of the same config, through qtrain's own
+  :func:`~qtrain.train.train_epoch` and :func:`~qtrain.train.evaluate` with
+  ``torch.optim.SGD`` (so ``F.cross_entropy``).
 
 Importing this module imports no torch; the functions do.
 """
@@ -74,22 +75,6 @@ def brevitas_lenet5(classes: int = 10, bits: int = 8):
         qnn.QuantLinear(84, classes, bias=True, **last))
 
 
-def _evaluate(model, images, labels, device, batch_size: int = 500) -> float:
-    import numpy as np
-    import torch
-
-    from .train import to_input
-
-    model.eval()
-    wrong = 0
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = to_input(images[start:start + batch_size], device)
-            y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
-            wrong += int((model(x).argmax(1) != y).sum())
-    return wrong / len(images)
-
-
 def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool = True,
                    stdout: TextIO | None = None, recipe: str | None = None) -> dict:
     """Train :func:`brevitas_lenet5` on ``cfg``'s data and schedule into run directory ``out``.
@@ -98,13 +83,10 @@ def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool =
     returns the summary (``final_test_error``, ``best_test_error``, ``wall_s``, ...; ``bits``
     reads ``W{bits}A{bits}`` and ``backend`` ``brevitas``).
     """
-    import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from .data import batches
     from .run import CONFIG, CURVES, METRICS, SUMMARY, load_data, plot_curves, write_text
-    from .train import to_input
+    from .train import evaluate, train_epoch
 
     stdout = sys.stdout if stdout is None else stdout
     if cfg.model != "lenet5":
@@ -128,27 +110,15 @@ def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool =
         lr = cfg.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
+        stats = train_epoch(model, optimizer, images, labels, batch_size=cfg.batch_size,
+                            seed=cfg.seed, epoch=epoch, device=cfg.device)
         t0 = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
-        for idx in batches(images, labels, cfg.batch_size, cfg.seed, epoch):
-            x = to_input(images[idx], cfg.device)
-            y = torch.from_numpy(labels[idx].astype(np.int64)).to(cfg.device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(idx)
-        train_s = time.perf_counter() - t0
-        test_error = _evaluate(model, test_set.images, test_set.labels, cfg.device)
-        seconds = time.perf_counter() - t0
+        test_error = evaluate(model, test_set.images, test_set.labels, device=cfg.device)
+        seconds = stats["seconds"] + time.perf_counter() - t0
         wall_s += seconds
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": total_loss / seen,
-                  "train_error": 1 - correct / seen, "test_error": test_error,
-                  "seconds": seconds, "images_per_s": seen / train_s, "quant": {}}
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["train_loss"],
+                  "train_error": stats["train_error"], "test_error": test_error,
+                  "seconds": seconds, "images_per_s": stats["images_per_s"], "quant": {}}
         history.append(record)
         plot_curves(out / CURVES, history)
         best = min(history, key=lambda m: m["test_error"])

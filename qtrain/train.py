@@ -10,7 +10,6 @@ import torch
 
 from .data import INPUT_EXP, batches, to_codes
 from .loss import cross_entropy
-from .models import QNet
 from .optim import QSGD
 from .quant import pow2
 
@@ -28,13 +27,19 @@ def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     return x * pow2(INPUT_EXP)
 
 
-def train_epoch(model: QNet, optimizer: QSGD, images: np.ndarray, labels: np.ndarray, *,
-                batch_size: int, seed: int, epoch: int, device="cpu",
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: np.ndarray,
+                labels: np.ndarray, *, batch_size: int, seed: int, epoch: int, device="cpu",
                 on_batch: Callable[[int, float, float], None] | None = None) -> dict:
     """Train one epoch in the order fixed by (seed, epoch); returns loss, accuracy and timing.
 
-    ``on_batch(batch_index, loss, accuracy)`` is called after each step (progress bars).
+    ``model`` is a :class:`~qtrain.models.QNet` (its ``qconfig`` picks the loss, its ``qstate``
+    counts the steps) or any float ``nn.Module`` (cross-entropy; the peers of
+    :mod:`qtrain.peers`); :class:`~qtrain.optim.QSGD` is told the batch size, another optimizer
+    steps as usual. ``on_batch(batch_index, loss, accuracy)`` is called after each step
+    (progress bars).
     """
+    qconfig = getattr(model, "qconfig", None)
+    qstate = getattr(model, "qstate", None)
     model.train()
     start = time.perf_counter()
     total_loss = 0.0
@@ -43,11 +48,15 @@ def train_epoch(model: QNet, optimizer: QSGD, images: np.ndarray, labels: np.nda
         x = to_input(images[idx], device)
         y = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
         out = model(x)
-        loss = cross_entropy(out, y, model.qconfig)
+        loss = cross_entropy(out, y, qconfig)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step(batch_size=len(idx))
-        model.qstate.step += 1
+        if isinstance(optimizer, QSGD):
+            optimizer.step(batch_size=len(idx))
+        else:
+            optimizer.step()
+        if qstate is not None:
+            qstate.step += 1
         total_loss += float(loss.detach()) * len(idx)
         correct += int((out.argmax(1) == y).sum())
         seen += len(idx)
@@ -59,7 +68,8 @@ def train_epoch(model: QNet, optimizer: QSGD, images: np.ndarray, labels: np.nda
 
 
 @torch.no_grad()
-def evaluate(model: QNet, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500,
+def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
+             batch_size: int = 500,
              device="cpu") -> float:
     """Test error (fraction misclassified) in eval mode."""
     model.eval()
