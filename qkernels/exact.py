@@ -65,15 +65,10 @@ class Channel:
 
     @classmethod
     def of(cls, codes) -> "Channel":
+        """The channel of an array of codes."""
         values, counts = np.unique(np.asarray(codes).ravel().astype(np.int64),
                                    return_counts=True)
-        v = [int(a) for a in values]
-        c = [int(a) for a in counts]
-        m = sum(c)
-        s = sum(a * n for a, n in zip(v, c))
-        dev = sum(n * abs(m * a - s) for a, n in zip(v, c))
-        sign_sum = sum(n * sign(m * a - s) for a, n in zip(v, c))
-        return cls(tuple(v), tuple(c), m, s, dev, sign_sum)
+        return cls.from_counts(values, counts)
 
     @classmethod
     def from_counts(cls, values, counts) -> "Channel":

@@ -453,7 +453,7 @@ def run_stats(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .run import CHECKPOINT, build, load_checkpoint, load_data, prepare_out, read_config
-    from .run import write_text
+    from .files import write_text
 
     run_dir = Path(args.run_dir)
     batches, batch_size = args.batches, args.batch_size

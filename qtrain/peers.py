@@ -85,7 +85,8 @@ def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool =
     """
     import torch
 
-    from .run import CONFIG, CURVES, METRICS, SUMMARY, load_data, plot_curves, write_text
+    from .files import write_text
+    from .run import CONFIG, CURVES, METRICS, SUMMARY, load_data, plot_curves
     from .train import evaluate, train_epoch
 
     stdout = sys.stdout if stdout is None else stdout

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import RunConfig, UserError
-from .files import atomic_write, remove_partial, save_figure, write_text  # noqa: F401 (re-export)
+from .files import atomic_write, remove_partial, save_figure, write_text
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png")
