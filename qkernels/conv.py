@@ -1,12 +1,20 @@
-r"""Exact integer weight gradient of a 2-D convolution on int8 codes.
+r"""Integer convolution: the patch layout of an integer matrix product, its adjoint, and the exact
+weight gradient of a 2-D convolution on int8 codes.
+
+:func:`im2col` lays the input patches out as the columns of an int8 matrix (``K = C*kh*kw``
+rows of ``N*OH*OW`` codes), so that a convolution is one integer matrix product
+``W @ cols`` (qtrain's int backend runs it as an int8 x int8 -> int32 GEMM); :func:`col2im`
+adds such columns back into an image (the input gradient, from ``W.T @ errors``), and
+:func:`channels_first` lays errors out as the rows ``(O, N*OH*OW)`` of the same order. These
+only move or add integers.
+
+:func:`conv2d_weight_grad` is the torch-free exact weight gradient
 
 .. math:: G[o, c, u, v] = \sum_{n, i, j} E[n, o, i, j]\; X[n, c, i s + u - p, j s + v - p]
 
-(stride ``s``, zero padding ``p``). The sum runs over ``N*OH*OW`` terms (73,728 for LeNet-5's
-first layer at batch 128), too many for a float32 BLAS call to be provably exact, so it is
-computed in integers: the input patches are laid out as rows (im2col, ``K = C*kh*kw`` rows of
-``N*OH*OW`` int8 codes), the errors as ``O`` such rows, and every ``G[o, k]`` is one long
-int8 dot product with int16 products summed in int32 blocks and int64 across blocks.
+(stride ``s``, zero padding ``p``): every ``G[o, k]`` is one long int8 dot product of an error
+row and a patch row, int16 products summed in int32 blocks and int64 across blocks, exact for
+any number of terms (73,728 for LeNet-5's first layer at batch 128).
 """
 
 from __future__ import annotations
@@ -21,8 +29,8 @@ BLOCK = 1 << 16
 
 
 @njit(cache=True, parallel=True)
-def _im2col(x, kh, kw, stride, pad, oh, ow, out):
-    """out[(c*kh + u)*kw + v, (n*oh + i)*ow + j] = x[n, c, i*s + u - p, j*s + v - p] (or 0)."""
+def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    """out[(c*kh + u)*kw + v, (n*oh + i)*ow + j] = x[n, c, i*sh + u - ph, j*sw + v - pw] (or 0)."""
     n_img, n_ch, h, w = x.shape
     for row in prange(n_ch * kh * kw):
         c = row // (kh * kw)
@@ -31,7 +39,7 @@ def _im2col(x, kh, kw, stride, pad, oh, ow, out):
         dst = out[row]
         for n in range(n_img):
             for i in range(oh):
-                y = i * stride + u - pad
+                y = i * sh + u - ph
                 base = (n * oh + i) * ow
                 if y < 0 or y >= h:
                     for j in range(ow):
@@ -39,22 +47,42 @@ def _im2col(x, kh, kw, stride, pad, oh, ow, out):
                     continue
                 src = x[n, c, y]
                 for j in range(ow):
-                    xx = j * stride + v - pad
+                    xx = j * sw + v - pw
                     dst[base + j] = src[xx] if 0 <= xx < w else np.int8(0)
 
 
 @njit(cache=True, parallel=True)
+def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
+    """out[n, c, y, x] += cols[(c*kh + u)*kw + v, (n*oh + i)*ow + j] for every (u, v, i, j)
+    with i*sh + u - ph = y and j*sw + v - pw = x (one thread per channel: no write races)."""
+    n_img, n_ch, h, w = out.shape
+    for c in prange(n_ch):
+        for u in range(kh):
+            for v in range(kw):
+                src = cols[(c * kh + u) * kw + v]
+                for n in range(n_img):
+                    for i in range(oh):
+                        y = i * sh + u - ph
+                        if y < 0 or y >= h:
+                            continue
+                        dst = out[n, c, y]
+                        base = (n * oh + i) * ow
+                        for j in range(ow):
+                            xx = j * sw + v - pw
+                            if 0 <= xx < w:
+                                dst[xx] += src[base + j]
+
+
+@njit(cache=True, parallel=True)
 def _rows(e, out):
-    """out[o, (n*oh + i)*ow + j] = e[n, o, i, j]."""
-    n_img, n_out, oh, ow = e.shape
+    """out[o, n, l] = e[n, o, l]."""
+    n_img, n_out, size = e.shape
     for o in prange(n_out):
-        dst = out[o]
         for n in range(n_img):
-            for i in range(oh):
-                base = (n * oh + i) * ow
-                src = e[n, o, i]
-                for j in range(ow):
-                    dst[base + j] = src[j]
+            src = e[n, o]
+            dst = out[o, n]
+            for j in range(size):
+                dst[j] = src[j]
 
 
 @njit(cache=True)
@@ -79,6 +107,78 @@ def _gram(a, b, out):
         out[o, k] = _dot(a[o], b[k])
 
 
+def _geometry(shape, kernel_size, stride, padding) -> tuple[int, ...]:
+    """(kh, kw, sh, sw, ph, pw, oh, ow) of a convolution of an input of ``shape`` (N, C, H, W)."""
+    kh, kw = kernel_size
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"kernel {kernel_size} and stride {stride} must be positive and padding "
+                         f"{padding} non-negative")
+    oh = (shape[2] + 2 * ph - kh) // sh + 1
+    ow = (shape[3] + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kernel_size} with padding {padding} does not fit an input of "
+                         f"shape {tuple(shape)}")
+    return kh, kw, sh, sw, ph, pw, oh, ow
+
+
+def im2col(x: np.ndarray, kernel_size: tuple[int, int], stride=1, padding=0) -> np.ndarray:
+    """The patches of ``conv2d(x, w, stride, padding)`` as the columns of a matrix.
+
+    Args:
+        x: int8 codes (N, C, H, W).
+        kernel_size: (kh, kw); ``stride`` and ``padding`` an int or a pair.
+
+    Returns:
+        int8 (C*kh*kw, N*OH*OW): column ``(n*OH + i)*OW + j`` holds the window of output
+        position (i, j) of image n, in ``w``'s (c, u, v) order, zeros outside the image, so
+        that ``conv2d(x, w)`` is ``w.reshape(O, -1) @ cols`` with columns in (n, i, j) order.
+    """
+    check_array(x, "x", (np.int8,), (4,))
+    kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x.shape, kernel_size, stride, padding)
+    n_img, n_ch = x.shape[:2]
+    out = np.empty((n_ch * kh * kw, n_img * oh * ow), dtype=np.int8)
+    _im2col(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, oh, ow, out)
+    return out
+
+
+def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tuple[int, int],
+           stride=1, padding=0) -> np.ndarray:
+    """The adjoint of :func:`im2col`: every column's entries added back at the input positions
+    they were read from (``w.reshape(O, -1).T @ errors`` becomes the input gradient).
+
+    Args:
+        cols: int32 (C*kh*kw, N*OH*OW).
+        shape: the input's (N, C, H, W).
+
+    Returns:
+        int32 (N, C, H, W). Each element is a sum of at most ``ceil(kh/sh)*ceil(kw/sw)``
+        entries of ``cols``; the caller keeps that sum inside int32.
+    """
+    check_array(cols, "cols", (np.int32,), (2,))
+    kh, kw, sh, sw, ph, pw, oh, ow = _geometry(shape, kernel_size, stride, padding)
+    n_img, n_ch = shape[:2]
+    if cols.shape != (n_ch * kh * kw, n_img * oh * ow):
+        raise ValueError(f"cols has shape {cols.shape}, expected "
+                         f"{(n_ch * kh * kw, n_img * oh * ow)} for an input of shape "
+                         f"{tuple(shape)}, kernel {kernel_size}, stride {stride}, padding "
+                         f"{padding}")
+    out = np.zeros(tuple(shape), dtype=np.int32)
+    _col2im(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, oh, ow, out)
+    return out
+
+
+def channels_first(a: np.ndarray) -> np.ndarray:
+    """(N, C, ...) -> (C, N, ...), contiguous: an (N, O, OH, OW) error as the rows of an
+    (O, N*OH*OW) matrix whose columns follow :func:`im2col`'s order."""
+    check_array(a, "a", (np.int8, np.int16, np.int32), tuple(range(2, 9)))
+    src = np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+    out = np.empty((a.shape[1], a.shape[0], src.shape[2]), dtype=a.dtype)
+    _rows(src, out)
+    return out.reshape((a.shape[1], a.shape[0]) + a.shape[2:])
+
+
 def conv2d_weight_grad(x: QTensor, e: QTensor, kernel_size: tuple[int, int], stride: int = 1,
                        padding: int = 0) -> QTensor:
     """Exact weight gradient of ``conv2d(x, w, stride, padding)`` for output errors ``e``.
@@ -95,18 +195,14 @@ def conv2d_weight_grad(x: QTensor, e: QTensor, kernel_size: tuple[int, int], str
     check_qtensor(e, "e")
     check_array(x.q, "x.q", (np.int8,), (4,))
     check_array(e.q, "e.q", (np.int8,), (4,))
-    kh, kw = kernel_size
-    n_img, n_ch, h, w = x.q.shape
-    oh = (h + 2 * padding - kh) // stride + 1
-    ow = (w + 2 * padding - kw) // stride + 1
+    kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x.q.shape, kernel_size, stride, padding)
+    n_img, n_ch = x.q.shape[:2]
     if e.q.shape[0] != n_img or e.q.shape[2:] != (oh, ow):
         raise ValueError(f"e.q has shape {e.q.shape}, expected (N={n_img}, O, {oh}, {ow}) for "
                          f"x {x.q.shape}, kernel {kernel_size}, stride {stride}, padding "
                          f"{padding}")
-    cols = np.empty((n_ch * kh * kw, n_img * oh * ow), dtype=np.int8)
-    _im2col(np.ascontiguousarray(x.q), kh, kw, stride, padding, oh, ow, cols)
-    rows = np.empty((e.q.shape[1], n_img * oh * ow), dtype=np.int8)
-    _rows(np.ascontiguousarray(e.q), rows)
+    cols = im2col(x.q, kernel_size, stride, padding)
+    rows = channels_first(e.q).reshape(e.q.shape[1], -1)
     out = np.empty((e.q.shape[1], n_ch * kh * kw), dtype=np.int64)
     _gram(rows, cols, out)
     return QTensor(out.reshape(e.q.shape[1], n_ch, kh, kw), x.exp + e.exp)

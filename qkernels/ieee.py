@@ -18,7 +18,8 @@ test covers these kernels too). Infinities and NaNs are not codes; they saturate
 * :func:`quantize_f32_to_codes` -- the same rounding, writing integer codes (one pass where
   quantizing and converting would take two);
 * :func:`f32_to_codes` / :func:`codes_to_f32` -- containers to integer codes and back
-  (:func:`f32_to_codes_where` keeps only the elements a mask selects, :func:`codes_to_f32`
+  (:func:`f32_to_codes_exact` refuses a container that is not codes of the width asked for,
+  :func:`f32_to_codes_where` keeps only the elements a mask selects, :func:`codes_to_f32`
   can clip negative codes to 0: a ReLU and its backward fused into the conversions).
 """
 
@@ -128,6 +129,21 @@ def _to_codes(bits, out, e):
         out[i] = _code_at(bits[i], e)
 
 
+def _to_codes_exact(bits, out, e):
+    """:func:`_to_codes`, counting the values that are not a whole code at ``e`` (a set bit
+    of the mantissa below ``2**e``)."""
+    inexact = 0
+    for i in prange(bits.shape[0]):
+        a = np.int64(bits[i]) & 0x7FFFFFFF
+        f = a >> 23
+        m = (a & _MANT) | ((f > 0) << 23)
+        s = e - (max(f, np.int64(1)) - 150)
+        below = (np.int64(1) << min(max(s, np.int64(0)), np.int64(40))) - 1
+        inexact += np.int64((m & below) != 0)
+        out[i] = _code_at(bits[i], e)
+    return inexact
+
+
 def _peak_bits_where(bits, mask):
     top = np.int32(0)
     for i in prange(bits.shape[0]):
@@ -163,6 +179,7 @@ _peak_bits_s, _peak_bits_p = _drivers(_peak_bits)
 _quantize_nearest_s, _quantize_nearest_p = _drivers(_quantize_nearest)
 _quantize_stochastic_s, _quantize_stochastic_p = _drivers(_quantize_stochastic)
 _to_codes_s, _to_codes_p = _drivers(_to_codes)
+_to_codes_exact_s, _to_codes_exact_p = _drivers(_to_codes_exact)
 _peak_bits_where_s, _peak_bits_where_p = _drivers(_peak_bits_where)
 _to_codes_where_s, _to_codes_where_p = _drivers(_to_codes_where)
 _from_codes_s, _from_codes_p = _drivers(_from_codes)
@@ -272,6 +289,19 @@ def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) 
     return QTensor(out.reshape(x.shape), e)
 
 
+def f32_to_codes_exact(x: np.ndarray, width: int, dtype) -> QTensor | None:
+    """:func:`f32_to_codes` at the peak's exponent when every value is a code of at most
+    ``width`` bits there (no rounding), else None. One pass more than nothing: the check rides
+    on the conversion."""
+    b = _bits_of(x, "x")
+    top = _top(b)
+    e = 0 if top == _NO_TOP else top - width
+    out = np.empty(b.shape[0], dtype=dtype)
+    if _pick(_to_codes_exact_s, _to_codes_exact_p, b.size)(b, out, e):
+        return None
+    return QTensor(out.reshape(x.shape), e)
+
+
 def codes_to_f32(q: QTensor, relu: bool = False) -> np.ndarray:
     """The float32 container of codes (``|code| < 2**24``); with ``relu`` negative codes
     become 0 (the container of ``max(code, 0)``)."""
@@ -284,4 +314,4 @@ def codes_to_f32(q: QTensor, relu: bool = False) -> np.ndarray:
 
 
 __all__ = ["peak_exponent", "quantize_f32", "quantize_f32_to_codes", "f32_to_codes",
-           "f32_to_codes_where", "codes_to_f32", "code_dtype"]
+           "f32_to_codes_exact", "f32_to_codes_where", "codes_to_f32", "code_dtype"]

@@ -46,8 +46,8 @@ SQRT_PI_2 = math.sqrt(math.pi / 2)
 #: The whole-model L1BN-vs-L2BN savings the paper reports (Section V-D).
 PAPER_SAVING = {"time": 0.25, "energy": 0.37}
 #: Network input (without the batch dimension) of each model in ``qtrain ops --model``.
-MODEL_INPUT = {"lenet5": (1, 28, 28), "mlp": (784,), "vgg7": (3, 32, 32),
-               "resnet20": (3, 32, 32)}
+MODEL_INPUT = {"lenet5": (1, 28, 28), "lenet5-paper": (1, 28, 28), "mlp": (784,),
+               "vgg7": (3, 32, 32), "resnet20": (3, 32, 32)}
 DEFAULT_BATCH = 128
 DEFAULT_STATS_BATCHES = 10
 DEFAULT_STATS_BATCH_SIZE = 128

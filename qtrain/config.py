@@ -33,14 +33,15 @@ class UserError(ValueError):
 
 # Names known to the rest of the package (tests check they match qtrain.models / qtrain.quant;
 # kept here so that validating a config does not import torch).
-MODELS = ("lenet5", "mlp", "vgg7", "resnet20")
+MODELS = ("lenet5", "lenet5-paper", "mlp", "vgg7", "resnet20")
 NORMS = ("l1", "l2", "none")
 BACKENDS = ("int", "emulate")
 WEIGHT_EXPS = ("max", "mean")
 #: Dataset name -> image shape (H, W, C).
 DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 #: Model -> the image shapes it accepts (None: any).
-MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "mlp": None, "vgg7": {(32, 32, 3)}, "resnet20": None}
+MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "lenet5-paper": {(28, 28, 1)}, "mlp": None,
+                "vgg7": {(32, 32, 3)}, "resnet20": None}
 FLOAT_BITS = 32
 
 #: Fields a recipe may leave out, with their defaults' meaning.

@@ -9,6 +9,9 @@ quantizers are absent.
 
 * ``lenet5``: the paper's LeNet-5 for 28x28 inputs: conv5x5 6, pool, conv5x5 16, pool, fc 120,
   fc 84, fc 10, with BN after every conv and hidden fc.
+* ``lenet5-paper``: the network the paper and WAGE call LeNet-5, as the authors' code defines it
+  (581,408 weights without BN): conv5x5 32, pool, conv5x5 64, pool, fc 512, fc 10, no padding,
+  with BN after both convs and the hidden fc.
 * ``mlp``: 784-256-256-10 with BN after each hidden layer.
 * ``vgg7``: WAGE's 2x128C3-MP-2x256C3-MP-2x512C3-MP-1024FC-10 for 32x32x3 inputs.
 * ``resnet20``: He et al.'s CIFAR ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels,
@@ -132,6 +135,16 @@ def lenet5(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 
                     *p.head(84, classes)])
 
 
+def lenet5_paper(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 1,
+                 classes: int = 10) -> QNet:
+    p = _Parts(norm, qconfig)
+    return QNet(p, [*p.block(p.conv(in_channels, 32, 5), 32, pool=True),
+                    *p.block(p.conv(32, 64, 5), 64, pool=True),
+                    nn.Flatten(),
+                    *p.block(p.linear(64 * 4 * 4, 512), 512, dims=1),
+                    *p.head(512, classes)])
+
+
 def mlp(norm: str = "l1", qconfig: QConfig | None = None, in_features: int = 784,
         hidden: int = 256, classes: int = 10) -> QNet:
     p = _Parts(norm, qconfig)
@@ -190,7 +203,8 @@ def resnet20(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int 
     return QNet(p, layers)
 
 
-MODELS: dict[str, Callable[..., QNet]] = {"lenet5": lenet5, "mlp": mlp, "vgg7": vgg7,
+MODELS: dict[str, Callable[..., QNet]] = {"lenet5": lenet5, "lenet5-paper": lenet5_paper,
+                                          "mlp": mlp, "vgg7": vgg7,
                                           "resnet20": resnet20}
 
 

@@ -5,9 +5,10 @@ counterpart (L1 batch norm then uses the float reference of :mod:`qtrain.referen
 quantized :class:`~qtrain.quant.QConfig`:
 
 * :class:`QuantConv2d` / :class:`QuantLinear` round the weight store to ``bits_w`` (nearest,
-  range exponent; straight-through backward), multiply codes exactly (a float32 BLAS call only
-  where the sum provably stays below 2**24, float64 otherwise), and round their weight
-  gradient to ``bits_g`` stochastically before it reaches ``.grad``.
+  range exponent; straight-through backward), multiply codes exactly (int8 x int8 -> int32
+  GEMMs for codes of up to 8 bits on CPU, :mod:`qtrain.intgemm`; otherwise a float32 BLAS call
+  where the sum provably stays below 2**24, float64 beyond), and round their weight gradient
+  to ``bits_g`` stochastically before it reaches ``.grad``.
 * :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the integer L1BN kernels of
   :mod:`qkernels` (int8 codes up to 8 bits, int16 above; outputs ``bits_a``, errors
   ``bits_e``, exponents chosen from the range), keep
@@ -39,6 +40,7 @@ from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
 from qkernels.quant import quantize_stochastic
 
+from . import intgemm
 from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, has_hooks, nearest,
                     pow2, stochastic, use_kernels, weight_exponent)
 from .reference import l1_batch_norm
@@ -121,16 +123,30 @@ def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:
         else torch.float64
 
 
+def _gemm(x: torch.Tensor, q: QConfig, *bits: int) -> bool:
+    """Whether a product of codes of these widths runs as an integer GEMM
+    (:mod:`qtrain.intgemm`): CPU tensors the kernels handle, operands of at most 8 bits."""
+    return (max(bits) <= 8 and x.device.type == "cpu" and use_kernels(x, q.backend)
+            and intgemm.enabled())
+
+
 class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, layer):
         q = layer.qconfig
+        ctx.save_for_backward(x, w)
+        ctx.layer = layer
+        ctx.cols = None
+        if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
+            x8, w8 = intgemm.codes8(x), intgemm.codes8(w)
+            if x8 is not None and w8 is not None:
+                y, ctx.cols = intgemm.conv2d(x8, w8, layer.stride, layer.padding)
+                ctx.x_exp, ctx.w8 = x8.exp, w8
+                return y
         k = w.shape[1] * w.shape[2] * w.shape[3]
         dt = _exact_matmul_dtype(k, q.bits_a, q.bits_w)
         y = F.conv2d(x.to(dt), w.to(dt), None, layer.stride, layer.padding, layer.dilation,
                      layer.groups)
-        ctx.save_for_backward(x, w)
-        ctx.layer = layer
         return y.float()
 
     @staticmethod
@@ -138,42 +154,71 @@ class _ConvFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         layer = ctx.layer
         q = layer.qconfig
-        args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        g8 = None
+        if ctx.cols is not None and _gemm(gy, q, q.bits_e):
+            g8 = intgemm.conv2d_error_codes(gy.float().contiguous())
         gx = None
         if ctx.needs_input_grad[0]:
-            terms = w.shape[0] // layer.groups * w.shape[2] * w.shape[3]
-            dt = _exact_matmul_dtype(terms, q.bits_e, q.bits_w)
-            gx = torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), *args).float()
-        terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
-        dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
-        if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
-            return gx, layer._quantize_grad_codes(_int8_weight_grad(x, gy, layer), w), None
-        gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *args)
-        return gx, layer._quantize_grad(gw), None
+            if g8 is not None and intgemm.conv2d_input_applies(w.shape, layer.stride):
+                gx = intgemm.conv2d_input_grad(g8, ctx.w8, x.shape, layer.stride, layer.padding)
+            else:
+                gx = _conv_input_grad(x, w, gy, layer)
+        if g8 is not None:
+            gw = intgemm.conv2d_weight_grad(g8, ctx.cols, ctx.x_exp, w.shape)
+            return gx, layer._quantize_grad_codes(gw, w), None
+        return gx, _conv_weight_grad(x, w, gy, layer), None
+
+
+def _conv_args(layer) -> tuple:
+    return layer.stride, layer.padding, layer.dilation, layer.groups
+
+
+def _conv_input_grad(x, w, gy, layer) -> torch.Tensor:
+    """The float path's exact input gradient (float32 where provably exact, else float64)."""
+    q = layer.qconfig
+    terms = w.shape[0] // layer.groups * w.shape[2] * w.shape[3]
+    dt = _exact_matmul_dtype(terms, q.bits_e, q.bits_w)
+    return torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), *_conv_args(layer)).float()
+
+
+def _conv_weight_grad(x, w, gy, layer) -> torch.Tensor:
+    """The float path's weight gradient, rounded to bits_g: the torch-free int8 kernel where
+    float32 would not be exact, float32 or float64 BLAS otherwise."""
+    q = layer.qconfig
+    terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
+    dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
+    if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
+        return layer._quantize_grad_codes(_int8_weight_grad(x, gy, layer), w)
+    gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *_conv_args(layer))
+    return layer._quantize_grad(gw)
 
 
 def _int8_weight_grad_ok(layer, q: QConfig, x: torch.Tensor) -> bool:
-    """The integer kernel applies: int8 codes, CPU, square stride/padding, no dilation/groups."""
+    """The integer kernel applies: int8 codes, CPU, no dilation/groups, numeric padding."""
     return (max(q.bits_a, INPUT_BITS) <= 8 and q.bits_e <= 8 and x.device.type == "cpu"
-            and layer.groups == 1 and layer.dilation == (1, 1)
-            and layer.stride[0] == layer.stride[1] and layer.padding[0] == layer.padding[1]
-            and not isinstance(layer.padding, str))
+            and intgemm.conv_applies(layer))
 
 
 def _int8_weight_grad(x: torch.Tensor, gy: torch.Tensor, layer) -> QTensor:
     """Exact conv weight gradient from int8 codes (qkernels.conv), as int64 codes."""
     return conv2d_weight_grad(f32_to_codes(x.detach().numpy(), 7, np.int8),
                               f32_to_codes(gy.detach().numpy(), 7, np.int8), layer.kernel_size,
-                              layer.stride[0], layer.padding[0])
+                              layer.stride, layer.padding)
 
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, layer):
         q = layer.qconfig
-        dt = _exact_matmul_dtype(w.shape[1], q.bits_a, q.bits_w)
         ctx.save_for_backward(x, w)
         ctx.layer = layer
+        ctx.x8 = None
+        if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w):
+            x8, w8 = intgemm.codes8(x.reshape(-1, x.shape[-1])), intgemm.codes8(w)
+            if x8 is not None and w8 is not None:
+                ctx.x8, ctx.w8 = x8, w8
+                return intgemm.linear(x8, w8).reshape(*x.shape[:-1], w.shape[0])
+        dt = _exact_matmul_dtype(w.shape[1], q.bits_a, q.bits_w)
         return (x.to(dt) @ w.to(dt).t()).float()
 
     @staticmethod
@@ -181,6 +226,15 @@ class _LinearFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         layer = ctx.layer
         q = layer.qconfig
+        g8 = None
+        if ctx.x8 is not None and _gemm(gy, q, q.bits_e):
+            g8 = intgemm.codes8(gy.float().reshape(-1, gy.shape[-1]))
+        if g8 is not None:
+            gx = None
+            if ctx.needs_input_grad[0]:
+                gx = intgemm.linear_input_grad(g8, ctx.w8).reshape(x.shape)
+            gw = intgemm.linear_weight_grad(g8, ctx.x8)
+            return gx, layer._quantize_grad_codes(gw, w), None
         gx = None
         if ctx.needs_input_grad[0]:
             dt = _exact_matmul_dtype(w.shape[0], q.bits_e, q.bits_w)

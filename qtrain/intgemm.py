@@ -1,0 +1,187 @@
+r"""Integer GEMM of the ``int`` backend: the three products of a conv or linear layer (forward,
+input gradient, weight gradient) as int8 x int8 -> int32 matrix products.
+
+A layer's operands arrive as float32 containers of codes (``code * 2**e``). When both operands
+of a product are codes of at most 8 bits (``|code| <= 127``; checked while converting, not
+assumed), they become int8 matrices and ``torch._int_mm`` multiplies them (oneDNN's s8s8s32
+kernel: AVX-512 VNNI on this project's machines). Every product is exact:
+
+* a dot product of ``K`` such codes is at most ``K * 127**2`` in magnitude, inside int32 while
+  ``K <= MAX_TERMS`` (133,143); longer dot products are split into pieces of ``MAX_TERMS``
+  terms whose int32 results are added in int64;
+* a convolution is ``W @ im2col(x)`` (:mod:`qkernels.conv`; the columns are kept for the
+  weight gradient ``E @ cols.T``); the input gradient is ``col2im(W.T @ E)``, whose int32 sums
+  hold at most ``O * ceil(kh/sh) * ceil(kw/sw)`` products.
+
+The int32 results become float32 containers again by torch's int -> float conversion (round to
+nearest even: the same float32 the float64 sum of the float path rounds to), or, for weight
+gradients, stay integer codes for the stochastic rounding. So the results are those of the
+float path bit for bit (``tests/qtrain/test_intgemm.py``).
+
+Wider codes (9..16 bits, or a container that is not int8 codes) keep the float path of
+:mod:`qtrain.nn`: float32 BLAS where a sum provably stays below ``2**24``, float64 otherwise.
+Before its first use the GEMM is checked on this machine against int64 arithmetic with the
+largest codes (a CPU whose int8 kernel saturates int16 pairs fails it); if the check fails
+the float path is used throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from qkernels.conv import channels_first, col2im, im2col
+from qkernels.format import QTensor
+from qkernels.ieee import f32_to_codes_exact
+
+#: Largest code magnitude of an int8 operand (the quantizers' codes are symmetric).
+CODE_MAX = 127
+#: Longest dot product of int8 codes whose sum provably fits int32.
+MAX_TERMS = ((1 << 31) - 1) // (CODE_MAX * CODE_MAX)
+
+_enabled = True
+
+
+class Codes(NamedTuple):
+    """int8 codes as a torch tensor with their exponent: values ``q * 2**exp``."""
+
+    q: torch.Tensor
+    exp: int
+
+
+@contextmanager
+def float_gemm():
+    """Within this block conv and linear layers use the float path (for comparisons)."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
+
+
+@functools.cache
+def _int_mm_exact() -> bool:
+    """Whether ``torch._int_mm`` computes exact int32 products here, extreme codes included."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randint(-CODE_MAX, CODE_MAX + 1, (37, 1000), generator=g, dtype=torch.int8)]
+    for sign in (1, -1):
+        cases.append(torch.full((32, 1000), sign * CODE_MAX, dtype=torch.int8))
+    b = torch.randint(-CODE_MAX, CODE_MAX + 1, (1000, 19), generator=g, dtype=torch.int8)
+    b[:, :8] = CODE_MAX
+    b[:, 8:16] = -CODE_MAX
+    try:
+        return all(torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) for a in cases)
+    except RuntimeError:  # no int8 kernel for this build or CPU
+        return False
+
+
+def enabled() -> bool:
+    """Whether the integer GEMM runs (exact on this machine, not switched off)."""
+    return _enabled and _int_mm_exact()
+
+
+def codes8(t: torch.Tensor) -> Codes | None:
+    """The int8 codes of a float32 CPU container, or None when it is not codes of at most 8
+    bits (then the caller takes the float path)."""
+    if t.dtype != torch.float32:
+        return None
+    c = f32_to_codes_exact(t.detach().numpy(), 7, np.int8)
+    return None if c is None else Codes(torch.from_numpy(c.q), c.exp)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` of int8 matrices: int32, or int64 when the dot products are longer than
+    :data:`MAX_TERMS`."""
+    k = a.shape[1]
+    if k <= MAX_TERMS:
+        return torch._int_mm(a, b)
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
+    for start in range(0, k, MAX_TERMS):
+        out += torch._int_mm(a[:, start:start + MAX_TERMS], b[start:start + MAX_TERMS])
+    return out
+
+
+def container(acc: torch.Tensor, exp: int) -> torch.Tensor:
+    """float32 container of integer results at exponent ``exp`` (rounded to nearest even where
+    a result has more than 24 significant bits, as the float path's float64 -> float32)."""
+    out = torch.empty(acc.shape, dtype=torch.float32)
+    out.copy_(acc)
+    return out.mul_(2.0 ** exp) if exp else out
+
+
+def _grad_codes(acc: torch.Tensor, exp: int, shape) -> QTensor:
+    return QTensor(acc.reshape(shape).numpy(), exp)
+
+
+# --- convolution --------------------------------------------------------------------------------
+
+
+def conv_applies(layer) -> bool:
+    """The layer's geometry is one this path computes (zero padding given as numbers, no
+    dilation or groups)."""
+    return (layer.groups == 1 and tuple(layer.dilation) == (1, 1)
+            and not isinstance(layer.padding, str) and layer.padding_mode == "zeros")
+
+
+def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv2d(x, w)`` as a float32 container, and the int8 columns of ``x`` (for the weight
+    gradient)."""
+    (n, _, h, wd), (o, _, kh, kw) = x.q.shape, w.q.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
+    cols = torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding))
+    acc = matmul(w.q.reshape(o, -1), cols)  # (O, N*OH*OW)
+    y = container(acc.view(o, n, oh, ow).transpose(0, 1), x.exp + w.exp)
+    return y, cols
+
+
+def conv2d_error_codes(gy: torch.Tensor) -> Codes | None:
+    """The output error (N, O, OH, OW) as int8 rows (O, N*OH*OW), or None (not 8-bit codes)."""
+    g = codes8(gy)
+    if g is None:
+        return None
+    rows = torch.from_numpy(channels_first(g.q.numpy()))
+    return Codes(rows.reshape(rows.shape[0], -1), g.exp)
+
+
+def conv2d_input_applies(w_shape, stride) -> bool:
+    """col2im's int32 sums of ``W.T @ E`` hold at most ``MAX_TERMS`` products."""
+    o, _, kh, kw = w_shape
+    sh, sw = stride
+    return o * -(-kh // sh) * -(-kw // sw) <= MAX_TERMS
+
+
+def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Tensor:
+    """The input gradient (N, C, H, W) as a float32 container."""
+    o = w.q.shape[0]
+    acc = matmul(w.q.reshape(o, -1).t(), g.q)  # (C*kh*kw, N*OH*OW)
+    image = col2im(acc.numpy(), tuple(x_shape), tuple(w.q.shape[2:]), stride, padding)
+    return container(torch.from_numpy(image), g.exp + w.exp)
+
+
+def conv2d_weight_grad(g: Codes, cols: torch.Tensor, x_exp: int, w_shape) -> QTensor:
+    """The exact weight gradient as integer codes (O, C, kh, kw)."""
+    return _grad_codes(matmul(g.q, cols.t()), g.exp + x_exp, w_shape)
+
+
+# --- linear --------------------------------------------------------------------------------------
+
+
+def linear(x: Codes, w: Codes) -> torch.Tensor:
+    """``x @ w.T`` for x (B, in) as a float32 container."""
+    return container(matmul(x.q, w.q.t()), x.exp + w.exp)
+
+
+def linear_input_grad(g: Codes, w: Codes) -> torch.Tensor:
+    return container(matmul(g.q, w.q), g.exp + w.exp)
+
+
+def linear_weight_grad(g: Codes, x: Codes) -> QTensor:
+    return _grad_codes(matmul(g.q.t(), x.q), g.exp + x.exp, (g.q.shape[1], x.q.shape[1]))
