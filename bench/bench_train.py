@@ -108,14 +108,17 @@ from bench_bn import (CONTENTION_WARN, cpu_snapshot, fmt_load, foreign_load,  # 
                       keep_freed_memory, machine_info)
 from qtrain.data import DataError, batches, load_mnist_like, stratified_subset  # noqa: E402
 from qtrain.loss import cross_entropy  # noqa: E402
-from qtrain.models import lenet5  # noqa: E402
+from qtrain.models import build  # noqa: E402
 from qtrain.optim import QSGD  # noqa: E402
-from qtrain.peers import MissingBrevitas, brevitas_lenet5, import_brevitas  # noqa: E402,F401
+from qtrain.peers import MissingBrevitas, brevitas_model, import_brevitas  # noqa: E402,F401
 from qtrain.quant import QConfig  # noqa: E402
 from qtrain.train import to_input  # noqa: E402
 
 METHODS = ("int", "emulate", "float", "brevitas")
-TARGETS = {"int": 1.5, "emulate": 1.3}
+#: The networks timed: qtrain's small LeNet-5 and the paper's (conv 32-64, fc 512).
+MODELS = ("lenet5", "lenet5-paper")
+#: Per model, the largest ratio_to_float each method may reach.
+TARGETS = {"lenet5": {"int": 1.0, "emulate": 1.3}, "lenet5-paper": {"int": 0.6, "emulate": 1.3}}
 SEED = 0
 LOSS_WINDOW = 10
 
@@ -160,21 +163,21 @@ def log(msg: str, end: str = "\n") -> None:
 class Method:
     """One model and optimizer; ``step(idx)`` is one training step on batch ``idx``."""
 
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, lr: float,
+    def __init__(self, name: str, model: str, images: np.ndarray, labels: np.ndarray, lr: float,
                  momentum: float, seed: int):
         self.name = name
         self.images, self.labels = images, labels
         torch.manual_seed(seed)
         if name in ("int", "emulate"):
-            self.model = lenet5("l1", QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8,
-                                              backend=name))
+            self.model = build(model, "l1", QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8,
+                                                    backend=name))
             self.opt = QSGD(self.model.parameters(), lr=lr, momentum=momentum,
                             qconfig=self.model.qconfig)
         elif name == "float":
-            self.model = lenet5("l2", None)
+            self.model = build(model, "l2", None)
             self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
         elif name == "brevitas":
-            self.model = brevitas_lenet5()
+            self.model = brevitas_model(model)
             self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
         else:
             raise ValueError(f"unknown method {name!r}")
@@ -303,35 +306,43 @@ def loss_summary(m: Method) -> dict:
             "train_error": 1 - m.correct / m.seen if m.seen else None}
 
 
-def parse_methods(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in METHODS]
-    if bad or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"--methods takes distinct names from {', '.join(METHODS)}; got {text!r}")
-    return names
+def parse_names(flag: str, choices: tuple[str, ...]):
+    """An argparse type: a comma-separated list of distinct names from ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(
+                f"{flag} takes distinct names from {', '.join(choices)}; got {text!r}")
+        return names
+
+    return parse
 
 
 def print_table(res: dict) -> None:
     d = res["data"]
-    print(f"LeNet-5, {d['name']} {d['split']}: {d['images']} images, batch {d['batch_size']}, "
+    print(f"{d['name']} {d['split']}: {d['images']} images, batch {d['batch_size']}, "
           f"{d['steps_per_epoch']} steps/epoch ({d['source']})")
-    hdr = f"{'method':>9} {'step ms':>9} {'epoch s':>9} {'x float':>8} {'loss':>16} {'load':>6}"
-    print(hdr)
-    print("-" * len(hdr))
-    for n in res["epoch_s"]:
-        ratio = res["ratio_to_float"].get(n)
-        lo = res["loss"][n]
-        load = res["foreign_cpu_load_by_method"][n]
-        print(f"{n:>9} {res['step_ms'][n]:>9.2f} {res['epoch_s'][n]:>9.2f} "
-              f"{'' if ratio is None else f'{ratio:.2f}':>8} "
-              f"{lo['initial']:>6.3f} -> {lo['final']:<6.3f} "
-              f"{'' if load is None else f'{load:.2f}':>6}")
-    print("-" * len(hdr))
-    for n, t in res["targets"].items():
-        met = res["meets_targets"][n]
-        state = "n/a" if met is None else ("met" if met else "NOT met")
-        print(f"target {n}: ratio_to_float <= {t}: {state}")
+    for model, r in res["models"].items():
+        hdr = (f"{model:>12} {'step ms':>9} {'epoch s':>9} {'x float':>8} {'loss':>16} "
+               f"{'load':>6}")
+        print()
+        print(hdr)
+        print("-" * len(hdr))
+        for n in r["epoch_s"]:
+            ratio = r["ratio_to_float"].get(n)
+            lo = r["loss"][n]
+            load = r["foreign_cpu_load_by_method"][n]
+            print(f"{n:>12} {r['step_ms'][n]:>9.2f} {r['epoch_s'][n]:>9.2f} "
+                  f"{'' if ratio is None else f'{ratio:.2f}':>8} "
+                  f"{lo['initial']:>6.3f} -> {lo['final']:<6.3f} "
+                  f"{'' if load is None else f'{load:.2f}':>6}")
+        print("-" * len(hdr))
+        for n, t in r["targets"].items():
+            met = r["meets_targets"][n]
+            state = "n/a" if met is None else ("met" if met else "NOT met")
+            print(f"target {model} {n}: ratio_to_float <= {t}: {state}")
     m = res["machine"]
     print(f"machine: {m['cpu_model']}, {m['cores']} cores, numba {m['numba_version']} "
           f"({m['numba_threads']} threads), torch {m['torch_version']} "
@@ -345,7 +356,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     ap.add_argument("--full-epoch", action="store_true",
                     help="time one real full epoch per method instead of sampled steps")
-    ap.add_argument("--methods", type=parse_methods, default=list(METHODS),
+    ap.add_argument("--models", type=parse_names("--models", MODELS), default=list(MODELS),
+                    help=f"comma-separated subset of {','.join(MODELS)} (default: both)")
+    ap.add_argument("--methods", type=parse_names("--methods", METHODS), default=list(METHODS),
                     help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps per method (10)")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
@@ -398,71 +411,30 @@ def run(args) -> dict:
         f"{stream.per_epoch} steps/epoch; {numba.get_num_threads()} numba / "
         f"{torch.get_num_threads()} torch threads")
 
-    methods = {n: Method(n, ds.images, ds.labels, args.lr, args.momentum, args.seed)
-               for n in args.methods}
     tty = sys.stderr.isatty()
 
     def progress(msg):
         if tty:
             log(f"\r[bench_train] {msg:<40}", end="")
 
-    for n, m in methods.items():
-        progress(f"warm-up: {n}")
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            m.step(stream[i])
-        if not tty:
-            log(f"[bench_train] warm-up {n}: {args.warmup} steps in "
-                f"{time.perf_counter() - t0:.1f} s")
-
-    if args.full_epoch:
-        if args.warmup > stream.per_epoch:
-            raise SystemExit("bench_train: --warmup must not exceed one epoch in --full-epoch")
-        timed, loads = run_full_epoch(methods, stream, 1, progress)
-        epoch_s = {n: timed[n]["epoch_s"] for n in methods}
-    else:
-        timed, loads = run_steps(methods, stream, args.warmup, args.rounds, args.steps,
-                                 progress)
-        epoch_s = {n: timed[n]["step_ms"] / 1e3 * stream.per_epoch for n in methods}
+    per_model = {model: time_model(model, args, ds, stream, progress) for model in args.models}
     if tty:
         log("\r" + " " * 56 + "\r", end="")
-
-    step_ms = {n: timed[n]["step_ms"] for n in methods}
-    ratio = ({n: epoch_s[n] / epoch_s["float"] for n in methods if n != "float"}
-             if "float" in methods else {})
-    meets = {n: (None if n not in ratio else ratio[n] <= t) for n, t in TARGETS.items()}
-    meets["all"] = all(v is True for v in meets.values())
-    losses = {n: loss_summary(m) for n, m in methods.items()}
-    for n in methods:
-        lo = losses[n]
-        log(f"[bench_train] {n:>9}: {step_ms[n]:7.2f} ms/step, {epoch_s[n]:6.2f} s/epoch"
-            + (f", {ratio[n]:.2f}x float" if n in ratio else "")
-            + f", loss {lo['initial']:.3f} -> {lo['final']:.3f} {lo['unit']}"
-            + fmt_load(loads[n]))
-        if not lo["decreased"]:
-            log(f"[bench_train] WARNING: {n}'s training loss did not decrease "
-                f"({lo['initial']:.4f} -> {lo['final']:.4f}); it may not be training")
-
-    timed_load = max((v for v in loads.values() if v is not None), default=None)
+    timed_load = max((r["foreign_cpu_load_timed"] for r in per_model.values()
+                      if r["foreign_cpu_load_timed"] is not None), default=None)
     machine = machine_info()
     machine["brevitas_version"] = brevitas_version
     result = {
-        "model": "lenet5",
+        "models": per_model,
+        "ratio_to_float": {model: r["ratio_to_float"] for model, r in per_model.items()},
+        "meets_targets": {"all": all(r["meets_targets"]["all"] for r in per_model.values())},
         "data": {"name": ds.name, "split": ds.split, "source": ds.source, "images": len(ds),
                  "batch_size": args.batch_size, "steps_per_epoch": stream.per_epoch},
-        "epoch_s": epoch_s,
-        "ratio_to_float": ratio,
-        "step_ms": step_ms,
-        "targets": TARGETS,
-        "meets_targets": meets,
-        "final_loss": {n: losses[n]["final"] for n in methods},
-        "loss": losses,
-        "timing": timed,
-        "foreign_cpu_load_by_method": loads,
         "foreign_cpu_load_timed": timed_load,
         "machine": machine,
         "settings": {"mode": "full_epoch" if args.full_epoch else "steps",
-                     "methods": list(methods), "warmup_steps": args.warmup,
+                     "models": list(args.models),
+                     "methods": list(args.methods), "warmup_steps": args.warmup,
                      "rounds": None if args.full_epoch else args.rounds,
                      "steps_per_round": None if args.full_epoch else args.steps,
                      "lr": args.lr, "momentum": args.momentum, "seed": args.seed,
@@ -482,6 +454,54 @@ def run(args) -> dict:
             f"while a method was timed; the timings are contended, rerun on a quiet machine")
     log(f"[bench_train] done in {result['elapsed_s']:.1f} s")
     return result
+
+
+def time_model(model: str, args, ds, stream: BatchStream, progress) -> dict:
+    """Warm up and time every method on one network; its epoch times, ratios and losses."""
+    methods = {n: Method(n, model, ds.images, ds.labels, args.lr, args.momentum, args.seed)
+               for n in args.methods}
+    tty = sys.stderr.isatty()
+    for n, m in methods.items():
+        progress(f"{model} warm-up: {n}")
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            m.step(stream[i])
+        if not tty:
+            log(f"[bench_train] {model} warm-up {n}: {args.warmup} steps in "
+                f"{time.perf_counter() - t0:.1f} s")
+
+    if args.full_epoch:
+        if args.warmup > stream.per_epoch:
+            raise SystemExit("bench_train: --warmup must not exceed one epoch in --full-epoch")
+        timed, loads = run_full_epoch(methods, stream, 1, progress)
+        epoch_s = {n: timed[n]["epoch_s"] for n in methods}
+    else:
+        timed, loads = run_steps(methods, stream, args.warmup, args.rounds, args.steps,
+                                 progress)
+        epoch_s = {n: timed[n]["step_ms"] / 1e3 * stream.per_epoch for n in methods}
+
+    step_ms = {n: timed[n]["step_ms"] for n in methods}
+    ratio = ({n: epoch_s[n] / epoch_s["float"] for n in methods if n != "float"}
+             if "float" in methods else {})
+    targets = TARGETS[model]
+    meets = {n: (None if n not in ratio else ratio[n] <= t) for n, t in targets.items()}
+    meets["all"] = all(v is True for v in meets.values())
+    losses = {n: loss_summary(m) for n, m in methods.items()}
+    for n in methods:
+        lo = losses[n]
+        log(f"[bench_train] {model} {n:>9}: {step_ms[n]:7.2f} ms/step, {epoch_s[n]:6.2f} "
+            f"s/epoch" + (f", {ratio[n]:.2f}x float" if n in ratio else "")
+            + f", loss {lo['initial']:.3f} -> {lo['final']:.3f} {lo['unit']}"
+            + fmt_load(loads[n]))
+        if not lo["decreased"]:
+            log(f"[bench_train] WARNING: {model} {n}'s training loss did not decrease "
+                f"({lo['initial']:.4f} -> {lo['final']:.4f}); it may not be training")
+    return {"epoch_s": epoch_s, "ratio_to_float": ratio, "step_ms": step_ms,
+            "targets": targets, "meets_targets": meets,
+            "final_loss": {n: losses[n]["final"] for n in methods}, "loss": losses,
+            "timing": timed, "foreign_cpu_load_by_method": loads,
+            "foreign_cpu_load_timed": max((v for v in loads.values() if v is not None),
+                                          default=None)}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ weight gradient of a 2-D convolution on int8 codes.
 rows of ``N*OH*OW`` codes), so that a convolution is one integer matrix product
 ``W @ cols`` (qtrain's int backend runs it as an int8 x int8 -> int32 GEMM); :func:`col2im`
 adds such columns back into an image (the input gradient, from ``W.T @ errors``), and
-:func:`channels_first` lays errors out as the rows ``(O, N*OH*OW)`` of the same order. These
+:func:`channels_first` / :func:`channels_last` lay errors out as ``(O, N*OH*OW)`` or
+``(N*OH*OW, O)`` matrices in the same order. These
 only move or add integers.
 
 :func:`conv2d_weight_grad` is the torch-free exact weight gradient
@@ -107,6 +108,18 @@ def _gram(a, b, out):
         out[o, k] = _dot(a[o], b[k])
 
 
+@njit(cache=True, parallel=True)
+def _channels_last(a, out):
+    """out[n, l, c] = a[n, c, l]."""
+    n_img, n_ch, size = a.shape
+    for n in prange(n_img):
+        src = a[n]
+        dst = out[n]
+        for l in range(size):
+            for c in range(n_ch):
+                dst[l, c] = src[c, l]
+
+
 def _geometry(shape, kernel_size, stride, padding) -> tuple[int, ...]:
     """(kh, kw, sh, sw, ph, pw, oh, ow) of a convolution of an input of ``shape`` (N, C, H, W)."""
     kh, kw = kernel_size
@@ -177,6 +190,16 @@ def channels_first(a: np.ndarray) -> np.ndarray:
     out = np.empty((a.shape[1], a.shape[0], src.shape[2]), dtype=a.dtype)
     _rows(src, out)
     return out.reshape((a.shape[1], a.shape[0]) + a.shape[2:])
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, H, W, C), contiguous: an error as an (N*OH*OW, O) matrix whose rows
+    follow :func:`im2col`'s column order."""
+    check_array(a, "a", (np.int8, np.int16, np.int32), tuple(range(2, 9)))
+    src = np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+    out = np.empty((a.shape[0], src.shape[2], a.shape[1]), dtype=a.dtype)
+    _channels_last(src, out)
+    return out.reshape((a.shape[0],) + a.shape[2:] + (a.shape[1],))
 
 
 def conv2d_weight_grad(x: QTensor, e: QTensor, kernel_size: tuple[int, int], stride: int = 1,

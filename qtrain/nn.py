@@ -155,8 +155,9 @@ class _ConvFn(torch.autograd.Function):
         layer = ctx.layer
         q = layer.qconfig
         g8 = None
+        columns = ctx.needs_input_grad[0]  # the error's layout: see conv2d_error_codes
         if ctx.cols is not None and _gemm(gy, q, q.bits_e):
-            g8 = intgemm.conv2d_error_codes(gy.float().contiguous())
+            g8 = intgemm.conv2d_error_codes(gy.float(), columns)
         gx = None
         if ctx.needs_input_grad[0]:
             if g8 is not None and intgemm.conv2d_input_applies(w.shape, layer.stride):
@@ -164,7 +165,7 @@ class _ConvFn(torch.autograd.Function):
             else:
                 gx = _conv_input_grad(x, w, gy, layer)
         if g8 is not None:
-            gw = intgemm.conv2d_weight_grad(g8, ctx.cols, ctx.x_exp, w.shape)
+            gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
             return gx, layer._quantize_grad_codes(gw, w), None
         return gx, _conv_weight_grad(x, w, gy, layer), None
 
@@ -239,8 +240,9 @@ class _LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dt = _exact_matmul_dtype(w.shape[0], q.bits_e, q.bits_w)
             gx = (gy.to(dt) @ w.to(dt)).float()
-        dt = _exact_matmul_dtype(gy.shape[0], q.bits_a, q.bits_e)
-        gw = gy.to(dt).t() @ x.to(dt)
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])  # any batch dims
+        dt = _exact_matmul_dtype(g2.shape[0], q.bits_a, q.bits_e)
+        gw = g2.to(dt).t() @ x2.to(dt)
         return gx, layer._quantize_grad(gw), None
 
 

@@ -1,9 +1,10 @@
-"""Peer methods qtrain is compared with: Brevitas W8A8 quantization-aware training of LeNet-5.
+"""Peer methods qtrain is compared with: Brevitas W8A8 quantization-aware training of the LeNets.
 
 * :func:`import_brevitas` -- the Brevitas modules used, or :class:`MissingBrevitas` (a one-line
   message) when the optional ``bench`` extra is not installed.
-* :func:`brevitas_lenet5` -- qtrain's LeNet-5 topology with Brevitas 8-bit fixed-point weight
-  and activation quantizers (the network of ``bench/bench_train.py``'s ``brevitas`` method).
+* :func:`brevitas_model` -- qtrain's ``lenet5`` or ``lenet5-paper`` topology with Brevitas 8-bit
+  fixed-point weight and activation quantizers (the networks of ``bench/bench_train.py``'s
+  ``brevitas`` method); :func:`brevitas_lenet5` is the first.
 * :func:`train_brevitas` -- a training run of that network written like :func:`qtrain.run.train`
   (``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png``): the same data, subset,
   batches (``qtrain.data.batches(seed, epoch)``), input codes, learning-rate schedule
@@ -48,16 +49,24 @@ def brevitas_available() -> bool:
     return importlib.util.find_spec("brevitas") is not None
 
 
-def brevitas_lenet5(classes: int = 10, bits: int = 8):
-    """LeNet-5 as qtrain's, with Brevitas ``bits``-bit fixed-point weight/activation quantizers.
+#: The Brevitas peer's networks: qtrain model name -> (convs (in, out), hidden fcs (in, out)).
+#: Every conv is 5x5 without padding, followed by BN, ReLU and a 2x2 max-pool.
+BREVITAS_MODELS = {"lenet5": ([(1, 6), (6, 16)], [(16 * 4 * 4, 120), (120, 84)]),
+                   "lenet5-paper": ([(1, 32), (32, 64)], [(64 * 4 * 4, 512)])}
 
-    Conv5x5 6, max-pool 2, conv5x5 16, max-pool 2, fc 120, fc 84, fc 10; ``nn.BatchNorm2d/1d``
-    between each conv / hidden fc (no bias) and its ``QuantReLU``; a ``QuantIdentity`` input
-    quantizer; float bias and logits of the last layer. ``bits`` other than 8 overrides the
-    Int8 quantizers' bit width.
+
+def brevitas_model(model: str = "lenet5", classes: int = 10, bits: int = 8):
+    """qtrain's ``lenet5`` or ``lenet5-paper`` topology with Brevitas ``bits``-bit fixed-point
+    weight/activation quantizers.
+
+    ``nn.BatchNorm2d/1d`` between each conv / hidden fc (no bias) and its ``QuantReLU``; a
+    ``QuantIdentity`` input quantizer; float bias and logits of the last layer. ``bits`` other
+    than 8 overrides the Int8 quantizers' bit width.
     """
     import torch.nn as nn
 
+    if model not in BREVITAS_MODELS:
+        raise UserError(f"the Brevitas peer builds {', '.join(BREVITAS_MODELS)}, not {model}")
     _, qnn, wq, aq = import_brevitas()
     w = {"weight_quant": wq, "bias": False}
     a = {"act_quant": aq, "return_quant_tensor": False}
@@ -65,19 +74,27 @@ def brevitas_lenet5(classes: int = 10, bits: int = 8):
         w["weight_bit_width"] = bits
         a["bit_width"] = bits
     last = {k: v for k, v in w.items() if k != "bias"}
-    return nn.Sequential(
-        qnn.QuantIdentity(**a),
-        qnn.QuantConv2d(1, 6, 5, **w), nn.BatchNorm2d(6), qnn.QuantReLU(**a), nn.MaxPool2d(2),
-        qnn.QuantConv2d(6, 16, 5, **w), nn.BatchNorm2d(16), qnn.QuantReLU(**a), nn.MaxPool2d(2),
-        nn.Flatten(),
-        qnn.QuantLinear(16 * 4 * 4, 120, **w), nn.BatchNorm1d(120), qnn.QuantReLU(**a),
-        qnn.QuantLinear(120, 84, **w), nn.BatchNorm1d(84), qnn.QuantReLU(**a),
-        qnn.QuantLinear(84, classes, bias=True, **last))
+    convs, fcs = BREVITAS_MODELS[model]
+    layers = [qnn.QuantIdentity(**a)]
+    for cin, cout in convs:
+        layers += [qnn.QuantConv2d(cin, cout, 5, **w), nn.BatchNorm2d(cout),
+                   qnn.QuantReLU(**a), nn.MaxPool2d(2)]
+    layers.append(nn.Flatten())
+    for fin, fout in fcs:
+        layers += [qnn.QuantLinear(fin, fout, **w), nn.BatchNorm1d(fout), qnn.QuantReLU(**a)]
+    layers.append(qnn.QuantLinear(fcs[-1][1], classes, bias=True, **last))
+    return nn.Sequential(*layers)
+
+
+def brevitas_lenet5(classes: int = 10, bits: int = 8):
+    """:func:`brevitas_model` of qtrain's ``lenet5`` (conv5x5 6, pool, conv5x5 16, pool, fc 120,
+    fc 84, fc 10)."""
+    return brevitas_model("lenet5", classes, bits)
 
 
 def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool = True,
                    stdout: TextIO | None = None, recipe: str | None = None) -> dict:
-    """Train :func:`brevitas_lenet5` on ``cfg``'s data and schedule into run directory ``out``.
+    """Train :func:`brevitas_model` of ``cfg.model`` on ``cfg``'s data and schedule into run directory ``out``.
 
     Writes the files of a qtrain run (no checkpoint: an interrupted peer run restarts) and
     returns the summary (``final_test_error``, ``best_test_error``, ``wall_s``, ...; ``bits``
@@ -90,16 +107,16 @@ def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool =
     from .train import evaluate, train_epoch
 
     stdout = sys.stdout if stdout is None else stdout
-    if cfg.model != "lenet5":
-        raise UserError(f"the Brevitas peer is LeNet-5 only, not {cfg.model}; use a lenet5 "
-                        "recipe")
+    if cfg.model not in BREVITAS_MODELS:
+        raise UserError(f"the Brevitas peer builds {', '.join(BREVITAS_MODELS)}, not "
+                        f"{cfg.model}; use a recipe of one of those")
     import_brevitas()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_set, test_set = load_data(cfg, download=download)
     print(f"data: {train_set.source}", file=stdout, flush=True)
     torch.manual_seed(cfg.seed)
-    model = brevitas_lenet5(bits=bits).to(cfg.device)
+    model = brevitas_model(cfg.model, bits=bits).to(cfg.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     write_text(out / CONFIG, cfg.to_json() + "\n")
     write_text(out / METRICS, "")

@@ -681,7 +681,7 @@ def _history(run_dir: Path) -> list[dict]:
 
 def run_compare(args) -> int:
     """``qtrain compare``: 0 when every method that could run finished, 1 when one failed."""
-    from .peers import brevitas_available
+    from .peers import BREVITAS_MODELS, brevitas_available
 
     base, label = _base_config(args)
     bits = args.bits
@@ -706,9 +706,9 @@ def run_compare(args) -> int:
                                               ".[bench])")
             print(f"skipped {key}: {m['reason']}", flush=True)
             continue
-        if kind == "brevitas" and base.model != "lenet5":
-            m.update(status="skipped", reason=f"the Brevitas peer is LeNet-5 only, not "
-                                              f"{base.model}")
+        if kind == "brevitas" and base.model not in BREVITAS_MODELS:
+            m.update(status="skipped", reason=f"the Brevitas peer builds "
+                                              f"{', '.join(BREVITAS_MODELS)}, not {base.model}")
             continue
         for seed in seeds:
             try:

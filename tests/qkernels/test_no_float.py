@@ -70,6 +70,7 @@ ALLOWED_FLOAT_IR = {
 HELPERS = {
     "qkernels.ieee._code_at": (
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
         "qkernels.ieee._to_codes_p", "qkernels.ieee._to_codes_s",
         "qkernels.ieee._to_codes_where_p", "qkernels.ieee._to_codes_where_s",
         "qkernels.optim._sgd_p", "qkernels.optim._sgd_s",

@@ -1,0 +1,153 @@
+"""The integer GEMM path of conv and linear layers (qtrain.intgemm) against the float path: the
+same forward containers, input gradients and rounded weight gradients, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtrain import intgemm
+from qtrain.nn import QuantConv2d, QuantLinear
+from qtrain.quant import QConfig, QState
+
+pytestmark = pytest.mark.skipif(not intgemm.enabled(),
+                                reason="torch._int_mm is not exact on this machine")
+
+
+def codes(shape, exp, gen, extreme=False):
+    """A float32 container of 8-bit codes (|code| <= 127) at exponent ``exp``."""
+    q = torch.randint(-127, 128, shape, generator=gen)
+    if extreme:
+        q[0] = 127
+    return (q * 2.0 ** exp).float()
+
+
+class Spy:
+    """Counts the integer GEMM calls."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = intgemm.matmul
+
+        def counting(a, b):
+            self.calls += 1
+            return real(a, b)
+
+        monkeypatch.setattr(intgemm, "matmul", counting)
+
+
+def run_layer(make, x, gy, weight, first: bool):
+    """Forward and backward of a fresh layer: output, input gradient, weight gradient."""
+    layer = make()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    x = x.clone().requires_grad_(not first)
+    y = layer(x)
+    y.backward(gy)
+    return y.detach(), (None if first else x.grad), layer.weight.grad
+
+
+def both_paths(make, x, gy, weight, first=False, monkeypatch=None):
+    spy = Spy(monkeypatch)
+    got = run_layer(make, x, gy, weight, first)
+    assert spy.calls == (2 if first else 3), "the integer GEMM did not run"
+    with intgemm.float_gemm():
+        want = run_layer(make, x, gy, weight, first)
+    assert spy.calls == (2 if first else 3), "float_gemm() still ran the integer GEMM"
+    return got, want
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+CONVS = [  # (N, C, H, W), O, kernel, stride, padding
+    ((8, 1, 28, 28), 6, 5, 1, 0), ((4, 6, 12, 12), 16, 5, 1, 0), ((3, 3, 9, 7), 5, (3, 2),
+                                                                   (2, 1), (1, 0)),
+    ((2, 4, 8, 8), 8, 3, 2, 1), ((2, 64, 6, 6), 40, 5, 1, 2)]  # last: float64 on the float path
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("shape, o, k, stride, pad", CONVS)
+def test_conv_gemm_equals_the_float_path(shape, o, k, stride, pad, first, monkeypatch):
+    gen = torch.Generator().manual_seed(sum(shape) + o)
+    q = QConfig(seed=5)
+    make = (lambda: QuantConv2d(shape[1], o, k, stride, pad, bias=False, qconfig=q,
+                                qstate=QState()))
+    weight = torch.randn(make().weight.shape, generator=gen)
+    x = codes(shape, -7, gen, extreme=True)
+    out_shape = make()(x).shape
+    gy = codes(out_shape, -11, gen, extreme=True)
+    got, want = both_paths(make, x, gy, weight, first, monkeypatch)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("batch_shape", [(16,), (3, 5)])
+def test_linear_gemm_equals_the_float_path(batch_shape, monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    q = QConfig(seed=2)
+    make = lambda: QuantLinear(1024, 48, bias=False, qconfig=q, qstate=QState())  # noqa: E731
+    weight = torch.randn(48, 1024, generator=gen) * 0.05
+    x = codes(batch_shape + (1024,), -7, gen, extreme=True)
+    gy = codes(batch_shape + (48,), -9, gen)
+    got, want = both_paths(make, x, gy, weight, monkeypatch=monkeypatch)
+    assert_same(got, want)
+
+
+def test_rounded_sums_agree_beyond_float32_integers(monkeypatch):
+    """Products of 1,600 extreme codes pass 2**24: both paths round the exact sum to the same
+    float32 (nearest even), so the containers still agree."""
+    q = QConfig()
+    make = lambda: QuantConv2d(64, 4, 5, bias=False, qconfig=q, qstate=QState())  # noqa: E731
+    x = torch.full((2, 64, 5, 5), 127 * 2.0 ** -7)
+    weight = torch.full((4, 64, 5, 5), 127 / 128)
+    weight[0, 0, 0, 0] = 126 / 128  # a sum that is odd: not a float32 value
+    gy = torch.full((2, 4, 1, 1), 2.0 ** -8)
+    got, want = both_paths(make, x, gy, weight, True, monkeypatch)
+    assert_same(got, want)
+    exact = (1600 * 127 * 127 - 127)
+    assert exact > 1 << 24 and float(got[0][0, 0, 0, 0]) * 2 ** 14 != exact
+
+
+def test_containers_that_are_not_8bit_codes_take_the_float_path(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    q = QConfig()
+    make = lambda: QuantConv2d(2, 3, 3, bias=False, qconfig=q, qstate=QState())  # noqa: E731
+    x = torch.randn(2, 2, 6, 6, generator=gen)  # not codes of 8 bits
+    weight = torch.randn(3, 2, 3, 3, generator=gen)
+    spy = Spy(monkeypatch)
+    y = make()
+    with torch.no_grad():
+        y.weight.copy_(weight)
+    out = y(x)
+    assert spy.calls == 0
+    with intgemm.float_gemm():
+        ref = make()
+        with torch.no_grad():
+            ref.weight.copy_(weight)
+        assert torch.equal(out, ref(x))
+
+
+def test_long_dot_products_are_split_and_summed_in_int64(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randint(-127, 128, (5, 300), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (300, 7), generator=gen, dtype=torch.int8)
+    a[:] = 127
+    b[:] = 127
+    want = a.long() @ b.long()
+    monkeypatch.setattr(intgemm, "MAX_TERMS", 64)
+    got = intgemm.matmul(a, b)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_an_inexact_int_mm_turns_the_gemm_off(monkeypatch):
+    monkeypatch.setattr(intgemm, "_int_mm_exact", lambda: False)
+    assert not intgemm.enabled()
+    spy = Spy(monkeypatch)
+    layer = QuantLinear(8, 4, bias=False, qconfig=QConfig(), qstate=QState())
+    layer(torch.ones(3, 8) * 2.0 ** -7).sum().backward()
+    assert spy.calls == 0
