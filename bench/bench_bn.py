@@ -9,7 +9,8 @@ Usage (from the repository root)::
 
 Progress and info go to stderr; with ``--json`` stdout carries only the JSON object.
 
-What is timed, per shape (N, C, H, W):
+What is timed, per shape (N, C, H, W) or (N, C) (the default shapes: four reference shapes and
+the BN inputs of the paper's LeNet-5, (128, 32, 24, 24), (128, 64, 8, 8) and (128, 512)):
 
 * ``int8_fwd_s``: one ``l1bn_forward`` call (training forward, int8 codes in, int8 codes out,
   output buffer allocation and argument checks included, as a caller pays them).
@@ -113,7 +114,9 @@ from numba import njit, prange
 
 from qkernels import QTensor, l1bn_backward, l1bn_forward
 
-DEFAULT_SHAPES = ((128, 6, 28, 28), (128, 16, 10, 10), (128, 64, 32, 32), (256, 128, 16, 16))
+#: The reference shapes, then the BN inputs of the paper's LeNet-5 (conv 32, conv 64, fc 512).
+DEFAULT_SHAPES = ((128, 6, 28, 28), (128, 16, 10, 10), (128, 64, 32, 32), (256, 128, 16, 16),
+                  (128, 32, 24, 24), (128, 64, 8, 8), (128, 512))
 LARGE_SHAPES = ((128, 64, 32, 32), (256, 128, 16, 16))
 TARGETS = {"geomean_speedup_fwdbwd": 5.0, "large_shapes_bandwidth_fraction": 0.5}
 BYTES_PER_ELEMENT = 5
@@ -176,8 +179,9 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
         if not item:
             continue
         dims = tuple(int(d) for d in item.lower().split("x"))
-        if len(dims) != 4 or min(dims) <= 0:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxCxHxW with positive dims")
+        if len(dims) not in (2, 4) or min(dims) <= 0:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxCxHxW (or NxC) with "
+                                             f"positive dims")
         shapes.append(dims)
     if not shapes:
         raise argparse.ArgumentTypeError("no shapes given")
@@ -444,7 +448,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
     ap.add_argument("--shapes", type=parse_shapes, default=list(DEFAULT_SHAPES),
-                    help="comma-separated NxCxHxW shapes (default: the four reference shapes)")
+                    help="comma-separated NxCxHxW or NxC shapes (default: the four reference "
+                         "shapes and the paper's LeNet-5's three)")
     ap.add_argument("--repeat", type=int, default=11,
                     help="interleaved timing rounds per shape (default 11)")
     ap.add_argument("--min-time", type=float, default=0.1,

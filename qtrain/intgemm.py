@@ -22,12 +22,14 @@ Wider codes (9..16 bits, or a container that is not int8 codes) keep the float p
 :mod:`qtrain.nn`: float32 BLAS where a sum provably stays below ``2**24``, float64 otherwise.
 Before its first use the GEMM is checked on this machine against int64 arithmetic with the
 largest codes (a CPU whose int8 kernel saturates int16 pairs fails it); if the check fails
-the float path is used throughout.
+the float path is used throughout. ``QTRAIN_INT_GEMM=0`` or :func:`float_gemm` selects the
+float path on purpose.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -43,7 +45,9 @@ CODE_MAX = 127
 #: Longest dot product of int8 codes whose sum provably fits int32.
 MAX_TERMS = ((1 << 31) - 1) // (CODE_MAX * CODE_MAX)
 
-_enabled = True
+#: ``QTRAIN_INT_GEMM=0`` in the environment switches the integer GEMM off (the float path runs;
+#: results are the same bit for bit), e.g. to time it against the float path.
+_enabled = os.environ.get("QTRAIN_INT_GEMM", "1") != "0"
 
 
 class Codes(NamedTuple):
