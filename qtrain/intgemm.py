@@ -39,6 +39,7 @@ import torch
 from qkernels.conv import channels_first, channels_last, col2im, im2col
 from qkernels.format import QTensor
 from qkernels.ieee import f32_to_codes_exact
+from qkernels.quant import QuantCounts, quantize_nearest
 
 #: Largest code magnitude of an int8 operand (the quantizers' codes are symmetric).
 CODE_MAX = 127
@@ -149,17 +150,44 @@ def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Ten
     return container(acc, x.exp + w.exp), cols
 
 
+def conv2d_acc(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact accumulators of ``conv2d(x, w)`` as integers laid out (O, N, OH, OW), and the
+    int8 columns of ``x``."""
+    (n, _, h, wd), (o, _, kh, kw) = x.q.shape, w.q.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
+    cols = torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding))
+    return matmul(w.q.reshape(o, -1), cols).view(o, n, oh, ow), cols
+
+
+def requantize(acc: torch.Tensor, exp: int, bits: int, dtype, width: int
+               ) -> tuple[QTensor, QuantCounts]:
+    """Accumulators (O, N, ...) at exponent ``exp`` rounded to ``bits`` (nearest, range
+    exponent, saturated, counted) and laid out (N, O, ...) as codes filling ``width`` bits of
+    ``dtype``: what a ``Quantize`` and :func:`qkernels.ieee.quantize_f32_to_codes` give on
+    their float32 container when that container is exact (sums below ``2**24``)."""
+    q, counts = quantize_nearest(QTensor(acc.numpy(), exp), bits)
+    codes = channels_first(q.q).astype(dtype, copy=False)
+    up = width - (bits - 1)
+    if up:
+        codes <<= up
+    return QTensor(codes, q.exp - up if codes.any() else 0), counts  # all zero: exponent 0
+
+
 def conv2d_error_codes(gy: torch.Tensor, columns: bool) -> Codes | None:
     """The output error (N, O, OH, OW) as an int8 matrix, or None (not 8-bit codes):
     (N*OH*OW, O) with ``columns`` (both gradients then run from it), (O, N*OH*OW) otherwise
     (measured faster for the weight gradient alone of the first layer)."""
     g = codes8(gy)
-    if g is None:
-        return None
-    o = g.q.shape[1]
+    return None if g is None else error_matrix(g.q.numpy(), g.exp, columns)
+
+
+def error_matrix(codes: np.ndarray, exp: int, columns: bool) -> Codes:
+    """int8 error codes (N, O, OH, OW) in the layout :func:`conv2d_error_codes` describes."""
+    o = codes.shape[1]
     if columns:
-        return Codes(torch.from_numpy(channels_last(g.q.numpy())).reshape(-1, o), g.exp)
-    return Codes(torch.from_numpy(channels_first(g.q.numpy())).reshape(o, -1), g.exp)
+        return Codes(torch.from_numpy(channels_last(codes)).reshape(-1, o), exp)
+    return Codes(torch.from_numpy(channels_first(codes)).reshape(o, -1), exp)
 
 
 def conv2d_input_applies(w_shape, stride) -> bool:

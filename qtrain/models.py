@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .loss import LOGIT_BITS
 from .nn import (L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d,
-                 quant_bn_relu)
+                 conv_block, quant_bn_relu)
 from .quant import QConfig, QState, Quantize
 
 NORMS = ("l1", "l2", "none")
@@ -90,7 +90,8 @@ class QNet(nn.Sequential):
     Its forward runs the layers in order, as ``nn.Sequential`` does, except that a
     ``Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` run the int kernels would compute
     goes through one fused node (:func:`qtrain.nn.quant_bn_relu`: the same integers in fewer
-    passes), and the
+    passes), with the convolution before it when that runs as an integer GEMM
+    (:func:`qtrain.nn.conv_block`), and the
     next quantizer after it (past max-pool and flatten) skips its forward rounding when that
     provably changes nothing (:meth:`Quantize.forward_codes`).
     """
@@ -107,6 +108,13 @@ class QNet(nn.Sequential):
         i = 0
         while i < len(layers):
             layer = layers[i]
+            if isinstance(layer, QuantConv2d) and i + 3 < len(layers):
+                fused = conv_block(layer, layers[i + 1], layers[i + 2], layers[i + 3], x,
+                                   layers[i + 4] if i + 4 < len(layers) else None)
+                if fused is not None:
+                    x, pooled = fused
+                    i, code_bits = i + (5 if pooled else 4), layers[i + 2].qconfig.bits_a
+                    continue
             if isinstance(layer, Quantize) and i + 2 < len(layers):
                 fused = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x,
                                       layers[i + 3] if i + 3 < len(layers) else None)

@@ -41,8 +41,8 @@ from qkernels.format import code_dtype
 from qkernels.quant import quantize_stochastic
 
 from . import intgemm
-from .quant import (FLOAT_BITS, QConfig, QState, QuantStats, from_codes, has_hooks, nearest,
-                    pow2, stochastic, use_kernels, weight_exponent)
+from .quant import (FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes, has_hooks,
+                    nearest, pow2, stochastic, use_kernels, weight_exponent)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -426,6 +426,35 @@ class _L1BNFn(torch.autograd.Function):
         return _container(dx, gy), grad_w, grad_b, None
 
 
+def _block_forward(ctx, xq: QTensor, bn, quant, pool: bool) -> torch.Tensor:
+    """The fused nodes' common forward from the norm's input codes ``xq`` (N, C, ...): L1BN,
+    ReLU [and the 2x2 max-pool] on codes; the output container."""
+    shape = xq.q.shape
+    y, ctx.cache = bn._forward_codes(_ncl(xq))
+    ctx.bn, ctx.quant, ctx.pool, ctx.shape = bn, quant, pool, shape
+    if pool:  # the backward needs the pool's selection, not y
+        pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(shape))
+        return torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp)))
+    ctx.y = y.q
+    return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(shape)
+
+
+def _block_backward(ctx, gy: torch.Tensor) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
+    """The fused nodes' common backward: the error at the quantizer's input as codes (rounded
+    to ``bits_e`` by the quantizer's backward, laid out as the forward's input), and the norm's
+    parameter gradients."""
+    bn, quant = ctx.bn, ctx.quant
+    dtype, width = _storage(bn.qconfig.bits_e)
+    gy_f32 = gy.detach().float().contiguous().numpy()
+    if ctx.pool:
+        g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
+    else:
+        g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
+    dx, grad_w, grad_b = bn._backward_codes(_ncl(g), ctx.cache, gy)
+    dx = quant.round_error_codes(dx)
+    return QTensor(dx.q.reshape(ctx.shape), dx.exp), grad_w, grad_b
+
+
 class _QuantBNReLUFn(torch.autograd.Function):
     """``Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` of the int kernels as one
     autograd node.
@@ -444,48 +473,105 @@ class _QuantBNReLUFn(torch.autograd.Function):
         dtype, width = _storage(bn.qconfig.bits_a)
         xq, counts = quantize_f32_to_codes(x.detach().numpy(), quant.bits_fwd, width, dtype)
         quant.stats_fwd.add(*counts)
-        y, ctx.cache = bn._forward_codes(_ncl(xq))
-        ctx.bn, ctx.quant, ctx.pool, ctx.shape = bn, quant, pool, x.shape
-        if pool:  # the backward needs the pool's selection, not y
-            pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(x.shape))
-            return torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp)))
-        ctx.y = y.q
-        return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(x.shape)
+        return _block_forward(ctx, xq, bn, quant, pool)
 
     @staticmethod
     def backward(ctx, gy):
-        bn, quant = ctx.bn, ctx.quant
-        dtype, width = _storage(bn.qconfig.bits_e)
-        gy_f32 = gy.detach().float().contiguous().numpy()
-        if ctx.pool:
-            g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
-        else:
-            g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
-        dx, grad_w, grad_b = bn._backward_codes(_ncl(g), ctx.cache, gy)
-        dx = quant.round_error_codes(dx)
-        return (torch.from_numpy(codes_to_f32(dx)).reshape(ctx.shape), grad_w, grad_b, None,
+        dx, grad_w, grad_b = _block_backward(ctx, gy)
+        return torch.from_numpy(codes_to_f32(dx)), grad_w, grad_b, None, None, None
+
+
+class _ConvBlockFn(torch.autograd.Function):
+    """``QuantConv2d -> Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` of 8-bit codes as
+    one autograd node: :class:`_QuantBNReLUFn` with the convolution inside.
+
+    The conv's int32 accumulators are rounded straight to the norm's input codes (no float32
+    container of the conv output), and going back the quantizer's error codes feed the conv's
+    integer GEMMs (no error container, no conversion back to codes). The integers are those
+    of the modules in a row (``tests/qtrain/test_fused.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8):
+        w8 = intgemm.codes8(w)
+        acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
+        xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
+                                        *_storage(bn.qconfig.bits_a))
+        quant.stats_fwd.add(*counts)
+        ctx.save_for_backward(x, w)
+        ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
+        return _block_forward(ctx, xq, bn, quant, pool)
+
+    @staticmethod
+    def backward(ctx, gy):
+        dx, grad_bn_w, grad_bn_b = _block_backward(ctx, gy)
+        x, w = ctx.saved_tensors
+        conv = ctx.conv
+        columns = ctx.needs_input_grad[0]
+        g8 = intgemm.error_matrix(dx.q, dx.exp, columns)
+        gx = None
+        if columns:
+            if intgemm.conv2d_input_applies(w.shape, conv.stride):
+                gx = intgemm.conv2d_input_grad(g8, ctx.w8, x.shape, conv.stride, conv.padding)
+            else:
+                gx = _conv_input_grad(x, w, torch.from_numpy(codes_to_f32(dx)), conv)
+        gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
+        return (gx, conv._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None, None,
                 None, None)
+
+
+def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
+    """Whether the int kernels would run ``relu(bn(quant(x)))``: a quantized L1 batch norm in
+    training mode on a float32 CPU tensor, no hooks on the modules."""
+    if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
+        return False
+    q = bn.qconfig
+    return ((bn.training or not bn.track_running_stats)
+            and x.dtype == torch.float32 and x.device.type == "cpu"
+            and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
+            and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
+            and x.dim() in bn._ndims and not has_hooks(quant, bn, relu))
+
+
+def _pool_joins(pool, x: torch.Tensor) -> bool:
+    """A 2x2 ``QuantMaxPool2d`` after the ReLU joins a fused node when its fast path applies."""
+    return (isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
+            and not has_hooks(pool))
 
 
 def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
                   ) -> tuple[torch.Tensor, bool] | None:
-    """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three (a
-    quantized L1 batch norm in training mode on a float32 CPU tensor, no hooks on the
-    modules); None when they would not, and the caller runs the modules. A 2x2
+    """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three
+    (:func:`_fusable`); None when they would not, and the caller runs the modules. A 2x2
     ``QuantMaxPool2d`` ``pool`` (the next module) joins the node when its fast path applies.
     Returns the output and whether ``pool`` was applied."""
-    if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
+    if not _fusable(quant, bn, relu, x):
         return None
-    q = bn.qconfig
-    if not ((bn.training or not bn.track_running_stats)
-            and x.dtype == torch.float32 and x.device.type == "cpu"
-            and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
-            and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
-            and x.dim() in bn._ndims and not has_hooks(quant, bn, relu)):
-        return None
-    fuse_pool = (isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
-                 and not has_hooks(pool))
+    fuse_pool = _pool_joins(pool, x)
     return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool), fuse_pool
+
+
+def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
+               ) -> tuple[torch.Tensor, bool] | None:
+    """``relu(bn(quant(conv(x))))`` as one fused node (:class:`_ConvBlockFn`) when
+    :func:`quant_bn_relu` would fuse the last three and the conv runs as an integer GEMM of
+    8-bit codes whose sums stay below ``2**24`` (so the unfused conv's float32 output would be
+    exact); None otherwise. Returns the output and whether ``pool`` was applied."""
+    if not (isinstance(conv, QuantConv2d) and conv.quantized and isinstance(quant, Quantize)):
+        return None
+    q = conv.qconfig
+    if not (_gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
+            and intgemm.conv_applies(conv) and not has_hooks(conv)
+            and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
+            and _fusable(quant, bn, relu, x)):
+        return None
+    x8 = intgemm.codes8(x)
+    if x8 is None:
+        return None
+    fuse_pool = _pool_joins(pool, x)
+    w = _WeightFn.apply(conv.weight, conv)
+    return (_ConvBlockFn.apply(x, w, bn.weight, bn.bias, conv, quant, bn, fuse_pool, x8),
+            fuse_pool)
 
 
 class _L1BatchNorm(nn.Module, _Quantized):

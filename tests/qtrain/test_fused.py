@@ -1,5 +1,6 @@
-"""The fused Quantize -> L1BN -> ReLU node of QNet: taken exactly when the int kernels would run
-the three modules, and bit-identical to running them one by one."""
+"""The fused Quantize -> L1BN -> ReLU node of QNet (with the convolution before it when that runs
+as an integer GEMM): taken exactly when the int kernels would run the modules, and
+bit-identical to running them one by one."""
 
 import copy
 
@@ -14,10 +15,13 @@ from qtrain.quant import QConfig, quant_report, torch_emulation
 from qtrain.train import to_input
 
 
-def count_fused(monkeypatch):
+def count_fused(monkeypatch, convs=None):
+    """Calls of the fused nodes (both kinds); those of the conv block also go to ``convs``."""
     calls = []
-    apply = qnn._QuantBNReLUFn.apply
-    monkeypatch.setattr(qnn._QuantBNReLUFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    for fn, extra in ((qnn._QuantBNReLUFn, None), (qnn._ConvBlockFn, convs)):
+        monkeypatch.setattr(fn, "apply", (lambda apply, extra: lambda *a: (
+            calls.append(1), extra is not None and extra.append(1), apply(*a))[-1])(
+                fn.apply, extra))
     return calls
 
 
@@ -49,7 +53,8 @@ def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, backend
     fused = build(name, "l1", cfg)
     plain = copy.deepcopy(fused)
     disable_fusion(plain)
-    calls = count_fused(monkeypatch)
+    convs = []
+    calls = count_fused(monkeypatch, convs)
     results = []
     for net in (fused, plain):
         start = len(calls)
@@ -60,7 +65,9 @@ def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, backend
                         len(calls) - start))
     (o1, g1, s1, r1, n1), (o2, g2, s2, r2, n2) = results
     n_bn = sum(isinstance(m, qnn._L1BatchNorm) for m in fused.modules())
+    n_conv = sum(isinstance(m, qnn.QuantConv2d) for m in fused.modules())
     assert n1 == 2 * n_bn and n2 == 0
+    assert len(convs) == (2 * n_conv if bits <= 8 else 0)  # the conv joins at 8 bits or less
     assert torch.equal(o1, o2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # running statistics, last exponents
@@ -118,3 +125,19 @@ def test_forward_codes_rounds_nothing_it_should_not():
         assert q.stats_fwd == ref.stats_fwd or not same
         if same:
             assert q.stats_fwd.as_dict() == {"saturated": 0, "zeroed": 0, "total": 4}
+
+
+def test_a_hook_on_a_conv_keeps_only_that_conv_out_of_its_block(monkeypatch):
+    convs = []
+    count_fused(monkeypatch, convs)
+    cfg = QConfig(seed=5)
+    torch.manual_seed(0)
+    net = build("lenet5", "l1", cfg)
+    hooked = copy.deepcopy(net)
+    seen = []
+    hooked[0].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    out, grads = one_step(net, cfg)
+    assert len(convs) == 2
+    out_h, grads_h = one_step(hooked, cfg)
+    assert len(convs) == 3 and seen == [(24, 6, 24, 24)]  # the hook saw the conv's output
+    assert torch.equal(out, out_h) and all(torch.equal(grads[k], grads_h[k]) for k in grads)
