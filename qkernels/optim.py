@@ -7,12 +7,15 @@ int64 velocity ``v`` with the same exponent. One step with gradient codes ``g`` 
 
 .. math::
 
-    g_s = \operatorname{round}(g \cdot 2^{e_g - e_s}), \qquad
+    g_s = \operatorname{round}(g \cdot 2^{e_g - e_s})
+          + \operatorname{round}(\lambda_q w / 2^{24}), \qquad
     v' = \operatorname{round}(\mu_q v / 2^{16}) + g_s, \qquad
     w' = w - \operatorname{round}(\eta_q v' / 2^{24}),
 
-where ``mu_q / 2**MOMENTUM_BITS`` is the momentum and ``eta_q / 2**LR_BITS`` the learning rate
-(per unit of ``g``: a batch mean folds its ``1/N`` in here). Rounding is half up. When some
+where ``mu_q / 2**MOMENTUM_BITS`` is the momentum, ``eta_q / 2**LR_BITS`` the learning rate
+(per unit of ``g``: a batch mean folds its ``1/N`` in here) and ``lambda_q / 2**DECAY_BITS``
+the weight decay in the same units (``N`` times torch's ``weight_decay`` for a gradient summed
+over a batch of ``N``; 0 by default, which adds nothing). Rounding is half up. When some
 ``|w'|`` exceeds the store's ``2**(store_bits-1) - 1``, the store's exponent rises by the
 smallest ``s`` that brings every code back inside, and both ``w'`` and ``v'`` are divided by
 ``2**s`` (rounded half up); otherwise ``s = 0``:
@@ -44,6 +47,18 @@ from .ieee import _bits_of, _code_at, _encode
 LR_BITS = 24
 #: Widest store the update supports (int32 codes).
 STORE_BITS_MAX = 31
+
+
+#: The weight decay is a fixed-point fraction decay_q / 2**DECAY_BITS of the store's codes.
+DECAY_BITS = 24
+#: decay_q stays below 2**DECAY_MAX_BITS, so decay_q * w (|w| < 2**31) fits int64.
+DECAY_MAX_BITS = 31
+
+
+def decay_code(decay: float) -> int:
+    """Fixed-point weight decay ``round(decay * 2**DECAY_BITS)``, with ``decay`` in gradient
+    units (``N * weight_decay`` for a gradient summed over ``N`` samples)."""
+    return int(round(decay * (1 << DECAY_BITS)))
 
 
 def lr_code(lr: float) -> int:
@@ -82,7 +97,7 @@ def _grad_shifts(g_shift):
     return left, right, (np.int64(1) << right) >> 1
 
 
-def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, w_exp, out):
+def _sgd(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, w_exp, out):
     """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and ``sat(w')`` to ``w``;
     returns (min, max) of w'. ``sat(w')`` is the store whenever every w' fits (the common
     case, so that a step without a rise is one pass; otherwise :func:`_rescale` rewrites w
@@ -102,6 +117,7 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, w_exp, out):
             gs = _code_at(g_bits[i], w_exp)
         else:
             gs = ((np.int64(g[i]) << left) + half) >> right
+        gs += (decay_q * np.int64(w[i]) + (np.int64(1) << (DECAY_BITS - 1))) >> DECAY_BITS
         vi = ((momentum_q * v[i] + (np.int64(1) << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS) \
             + min(max(gs, -vmax), vmax)
         vi = min(max(vi, -vmax), vmax)
@@ -154,7 +170,7 @@ class SgdResult(NamedTuple):
 
 
 def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
-                momentum_q: int, store_bits: int, exp_max: int) -> int:
+                momentum_q: int, decay_q: int, store_bits: int, exp_max: int) -> int:
     check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
     if velocity.shape != store.q.shape or grad_shape != store.q.shape:
@@ -168,6 +184,9 @@ def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: i
         raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}-1")
     if not 0 < lr_q < (1 << LR_BITS):
         raise ValueError(f"lr_q={lr_q} is outside 1..2**{LR_BITS}-1 (a learning rate below 1)")
+    if not 0 <= decay_q < (1 << DECAY_MAX_BITS):
+        raise ValueError(f"decay_q={decay_q} is outside 0..2**{DECAY_MAX_BITS}-1 (a weight "
+                         f"decay times the batch size below {1 << (DECAY_MAX_BITS - DECAY_BITS)})")
     check_exp(store.exp, "store.exp")
     exp_max = check_exp(exp_max, "exp_max")
     if store.exp > exp_max:
@@ -179,13 +198,14 @@ _NONE_I8 = np.zeros(0, np.int8)
 _NONE_I32 = np.zeros(0, np.int32)
 
 
-def _run(store, velocity, g, g_shift, g_bits, out, lr_q, momentum_q, store_bits, exp_max
-         ) -> SgdResult:
+def _run(store, velocity, g, g_shift, g_bits, out, lr_q, momentum_q, decay_q, store_bits,
+         exp_max) -> SgdResult:
     w, v = store.q.reshape(-1), velocity.reshape(-1)
     q = qmax(store_bits)
     w_new = np.empty(w.shape[0], np.int64)
     kernel = _sgd_p if w.shape[0] >= PARALLEL_MIN else _sgd_s
-    lo, hi = kernel(w, v, g, g_shift, momentum_q, lr_q, q, w_new, g_bits, store.exp, out)
+    lo, hi = kernel(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, store.exp,
+                    out)
     s = min(int(store_shift(lo, hi, q)), exp_max - store.exp)
     if s or lo < -q or hi > q:
         return SgdResult(s, int(_rescale(w, v, w_new, s, q)))
@@ -193,27 +213,30 @@ def _run(store, velocity, g, g_shift, g_bits, out, lr_q, momentum_q, store_bits,
 
 
 def sgd_step(store: QTensor, velocity: np.ndarray, grad: QTensor, *, lr_q: int,
-             momentum_q: int, store_bits: int, exp_max: int = 126) -> SgdResult:
-    """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape).
+             momentum_q: int, store_bits: int, exp_max: int = 126, decay_q: int = 0
+             ) -> SgdResult:
+    """One in-place SGD step on ``store.q`` (int32) and ``velocity`` (int64, same shape),
+    with weight decay ``decay_q`` (:func:`decay_code`; 0: none).
 
     Returns :class:`SgdResult`: the new store is ``QTensor(store.q, store.exp + rise)``. The
     exponent rises only when a code would leave the store, and never above ``exp_max``: there
     codes saturate instead (a diverging run stays finite) and are counted.
     """
     check_array(grad.q, "grad.q", (np.int8, np.int16, np.int32, np.int64), (store.q.ndim,))
-    exp_max = _check_step(store, velocity, grad.q.shape, lr_q, momentum_q, store_bits, exp_max)
+    exp_max = _check_step(store, velocity, grad.q.shape, lr_q, momentum_q, decay_q, store_bits,
+                          exp_max)
     g_shift = check_exp(grad.exp, "grad.exp") - store.exp
     if grad.q.size and max(-int(grad.q.min()), int(grad.q.max())) >= (1 << 24):
         raise ValueError("grad.q must hold codes of at most 24 bits (quantize it first)")
     if store.q.size == 0:
         return SgdResult(0, 0)
     return _run(store, velocity, np.ascontiguousarray(grad.q).reshape(-1), g_shift, _NONE_I32,
-                _NONE_I32, lr_q, momentum_q, store_bits, exp_max)
+                _NONE_I32, lr_q, momentum_q, decay_q, store_bits, exp_max)
 
 
 def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np.ndarray, *,
-                 lr_q: int, momentum_q: int, store_bits: int, exp_max: int = 126
-                 ) -> SgdResult:
+                 lr_q: int, momentum_q: int, store_bits: int, exp_max: int = 126,
+                 decay_q: int = 0) -> SgdResult:
     """:func:`sgd_step` with the gradient as its float32 container, writing the new store's
     float32 container to ``out`` (a C-contiguous float32 array of the store's shape): one
     pass instead of three conversions and the step.
@@ -226,15 +249,16 @@ def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np
     ``out == codes_to_f32(QTensor(store.q, store.exp + rise))``.
     """
     b = _bits_of(grad, "grad")
-    exp_max = _check_step(store, velocity, grad.shape, lr_q, momentum_q, store_bits, exp_max)
+    exp_max = _check_step(store, velocity, grad.shape, lr_q, momentum_q, decay_q, store_bits,
+                          exp_max)
     check_array(out, "out", (np.float32,), (store.q.ndim,))
     if out.shape != store.q.shape or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {store.q.shape}")
     if store.q.size == 0:
         return SgdResult(0, 0)
     bits_out = out.reshape(-1).view(np.int32)
-    res = _run(store, velocity, _NONE_I8, 0, b, bits_out, lr_q, momentum_q, store_bits,
-               exp_max)
+    res = _run(store, velocity, _NONE_I8, 0, b, bits_out, lr_q, momentum_q, decay_q,
+               store_bits, exp_max)
     if res.rise or res.saturated:
         _encode_all(store.q.reshape(-1), store.exp + res.rise, bits_out)
     return res

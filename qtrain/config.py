@@ -50,6 +50,7 @@ DEFAULTED = {
     "per_class": "None: the whole training set",
     "device": "'cpu'",
     "weight_exp": "'max': weights take the range exponent, as every quantizer",
+    "weight_decay": "0.0: no weight decay",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -85,6 +86,7 @@ class RunConfig:
     per_class: int | None = None  # training images per class (a stratified subset); None: all
     device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
     weight_exp: str = "max"  # weight exponent from the largest (max) or mean magnitude (mean)
+    weight_decay: float = 0.0  # L2 penalty of SGD, as torch's weight_decay; in [0, 1)
 
     def __post_init__(self):
         _check_types(self)
@@ -119,6 +121,8 @@ class RunConfig:
             raise UserError(f"lr_gamma={self.lr_gamma} must be positive")
         if not 0 <= self.momentum < 1:
             raise UserError(f"momentum={self.momentum} must be in [0, 1)")
+        if not 0 <= self.weight_decay < 1:
+            raise UserError(f"weight_decay={self.weight_decay} must be in [0, 1), e.g. 5e-4")
         if self.seed < 0:
             raise UserError(f"seed={self.seed} must be non-negative")
         ms = self.lr_milestones

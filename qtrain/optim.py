@@ -6,10 +6,12 @@ headroom; the float32 parameter holds ``code * 2**e`` exactly) with an int64 vel
 step is :func:`qkernels.optim.sgd_step` (run on the float32 containers of the gradient and the
 parameter: :func:`~qkernels.optim.sgd_step_f32`):
 
-.. math:: v \leftarrow \mu v + g, \qquad w \leftarrow w - \frac{\eta}{N} v
+.. math:: v \leftarrow \mu v + g + N \lambda w, \qquad w \leftarrow w - \frac{\eta}{N} v
 
-with ``mu`` and ``eta / N`` as fixed-point constants (``N`` the batch size: the integer loss
-passes back per-sample errors) and the gradient ``g`` already rounded to ``bits_g`` by its layer.
+with ``mu``, ``eta / N`` and ``N lambda`` as fixed-point constants (``N`` the batch size: the
+integer loss passes back per-sample errors, so ``g`` is a sum over the batch and torch's
+weight decay ``lambda`` of the batch mean enters as ``N lambda``) and the gradient ``g``
+already rounded to ``bits_g`` by its layer.
 When an update would take a code out of the store, the store's exponent rises instead (the
 weights behind batch norm grow during training; nothing is clipped).
 The ``int`` backend runs the qkernels kernel; ``emulate`` runs the same integer formulas as torch
@@ -25,8 +27,8 @@ import torch
 
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
-from qkernels.optim import (LR_BITS, VELOCITY_BITS, lr_code, momentum_code, sgd_step,
-                            sgd_step_f32, store_shift)
+from qkernels.optim import (DECAY_BITS, LR_BITS, VELOCITY_BITS, decay_code, lr_code,
+                            momentum_code, sgd_step, sgd_step_f32, store_shift)
 
 from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes, use_kernels
 
@@ -60,6 +62,9 @@ class QSGD(torch.optim.Optimizer):
         params: parameters (or groups).
         lr: learning rate (per sample of the batch mean, as torch's).
         momentum: momentum factor (0.9 in the paper).
+        weight_decay: L2 penalty as torch's SGD applies it (``g + weight_decay * w``); in
+            integers a fixed-point constant of ``DECAY_BITS`` fractional bits times the store
+            codes (:mod:`qkernels.optim`). 0: none.
         qconfig: the network's quantization; None or float for torch's SGD.
 
     ``step(batch_size=N)`` must be told the batch size in quantized mode. ``self.stats`` holds
@@ -67,12 +72,15 @@ class QSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9,
-                 qconfig: QConfig | None = None):
-        if lr <= 0:
+                 qconfig: QConfig | None = None, weight_decay: float = 0.0):
+        if not lr > 0:
             raise ValueError(f"lr={lr} must be positive")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum} must be in [0, 1)")
-        super().__init__(params, {"lr": lr, "momentum": momentum})
+        if not 0 <= weight_decay < 1:
+            raise ValueError(f"weight_decay={weight_decay} must be in [0, 1)")
+        super().__init__(params, {"lr": lr, "momentum": momentum,
+                                  "weight_decay": weight_decay})
         self.qconfig = qconfig
         self.stats: dict[int, StoreStats] = {}
 
@@ -122,11 +130,14 @@ class QSGD(torch.optim.Optimizer):
 
     def _float_step(self, p, group):
         state = self.state[p]
+        grad = p.grad
+        if group.get("weight_decay", 0.0):  # groups saved before weight decay have none
+            grad = grad.add(p, alpha=group["weight_decay"])
         buf = state.get("momentum_buffer")
         if buf is None:
-            buf = state["momentum_buffer"] = p.grad.detach().clone()
+            buf = state["momentum_buffer"] = grad.detach().clone()
         else:
-            buf.mul_(group["momentum"]).add_(p.grad)
+            buf.mul_(group["momentum"]).add_(grad)
         p.add_(buf, alpha=-group["lr"])
 
     def _store(self, p, state) -> int:
@@ -150,6 +161,7 @@ class QSGD(torch.optim.Optimizer):
         exp = self._store(p, state)
         lr_q = lr_code(group["lr"] / batch_size)
         mom_q = momentum_code(group["momentum"])
+        decay_q = decay_code(group.get("weight_decay", 0.0) * batch_size)
         bits = self.qconfig.store_bits
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if use_kernels(p, self.qconfig.backend):
@@ -161,16 +173,16 @@ class QSGD(torch.optim.Optimizer):
                 out = np.empty(p.shape, np.float32)
                 rise, sat = sgd_step_f32(store, velocity, grad.float().contiguous().numpy(), out,
                                          lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
-                                         exp_max=exp_max)
+                                         exp_max=exp_max, decay_q=decay_q)
             else:  # a float gradient: its 24-bit codes, as emulate's torch operations read it
                 rise, sat = sgd_step(store, velocity, f32_to_codes(grad.float().numpy(), 24),
                                      lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
-                                     exp_max=exp_max)
+                                     exp_max=exp_max, decay_q=decay_q)
                 out = codes_to_f32(store._replace(exp=exp + rise))
             p.copy_(torch.from_numpy(out).reshape(p.shape))
         else:
             codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
-                                          mom_q, bits, exp_max)
+                                          mom_q, decay_q, bits, exp_max)
             p.copy_(codes * pow2(exp + rise))
         state["store_exp"] = exp + rise
         st = self.stats[id(p)]
@@ -185,12 +197,15 @@ def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:
     return (v + (1 << (s - 1))) >> s
 
 
-def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, bits, exp_max):
+def _sgd_torch(p, velocity, grad, exp, lr_q, mom_q, decay_q, bits, exp_max):
     """qkernels.optim's update as torch int64 operations on the parameter's device."""
     w = (p.double() * pow2(-exp)).to(torch.int64)
     g = torch.from_numpy(grad.q).to(p.device, torch.int64).reshape(p.shape)
     vmax = 1 << VELOCITY_BITS  # shifts past it saturate: cap them, as the kernel does
-    g = _round_shift(g, max(exp - grad.exp, -VELOCITY_BITS)).clamp_(-vmax, vmax)
+    g = _round_shift(g, max(exp - grad.exp, -VELOCITY_BITS))
+    if decay_q:
+        g += _round_shift(decay_q * w, DECAY_BITS)
+    g.clamp_(-vmax, vmax)
     velocity.copy_((_round_shift(mom_q * velocity, MOMENTUM_BITS) + g).clamp_(-vmax, vmax))
     w = w - _round_shift(lr_q * velocity, LR_BITS)
     qmax = (1 << (bits - 1)) - 1

@@ -117,7 +117,8 @@ def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool =
     print(f"data: {train_set.source}", file=stdout, flush=True)
     torch.manual_seed(cfg.seed)
     model = brevitas_model(cfg.model, bits=bits).to(cfg.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     write_text(out / CONFIG, cfg.to_json() + "\n")
     write_text(out / METRICS, "")
     images, labels = train_set.images, train_set.labels

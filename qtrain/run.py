@@ -156,7 +156,8 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...]):
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device} is not available here; use --device cpu")
         model.to(device)
-        optimizer = QSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, qconfig=qconfig)
+        optimizer = QSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, qconfig=qconfig,
+                         weight_decay=cfg.weight_decay)
     except (ValueError, TypeError) as err:
         raise UserError(str(err).splitlines()[0]) from None
     return model, optimizer

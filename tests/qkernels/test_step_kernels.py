@@ -10,7 +10,7 @@ from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
-from qkernels.optim import LR_BITS, lr_code, momentum_code, sgd_step, sgd_step_f32
+from qkernels.optim import LR_BITS, decay_code, lr_code, momentum_code, sgd_step, sgd_step_f32
 from qkernels.quant import mean_exponent, quantize_nearest, quantize_stochastic, range_exponent
 from qkernels.rng import random_u64_np, stream_key_np
 
@@ -222,14 +222,15 @@ def test_softmax_error_rejects_bad_labels():
         softmax_xent_error(QTensor(np.zeros((2, 3), np.int16), 0), np.array([0, 3]))
 
 
-def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits, exp_max=126):
+def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits, exp_max=126, decay_q=0):
     def rshift(x, s):
         return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
     q = 2 ** (store_bits - 1) - 1
     vmax = 1 << 38
     w, v = [int(a) for a in w], [int(a) for a in v]
     for i, gi in enumerate(g):
-        gs = max(-vmax, min(vmax, rshift(int(gi), w_exp - g_exp)))
+        decay = rshift(decay_q * w[i], 24)  # round(decay_q * w / 2**24), half up
+        gs = max(-vmax, min(vmax, rshift(int(gi), w_exp - g_exp) + decay))
         v[i] = max(-vmax, min(vmax, rshift(mom_q * v[i], MOMENTUM_BITS) + gs))
         w[i] = w[i] - rshift(lr_q * v[i], LR_BITS)
     s = 0
@@ -238,11 +239,13 @@ def sgd_oracle(w, v, g, g_exp, w_exp, lr_q, mom_q, store_bits, exp_max=126):
     return [max(-q, min(q, rshift(x, s))) for x in w], [rshift(x, s) for x in v], s
 
 
+@pytest.mark.parametrize("decay", [0.0, 128 * 5e-4, 1.5])
 @pytest.mark.parametrize("g_exp, grows", [(-30, False), (-20, True), (-10, True), (30, True)])
-def test_sgd_step_matches_its_formula(g_exp, grows):
-    """v = round(mu*v) + round(g aligned); w = w - round(lr*v), in integers; a code that would
-    leave the store raises its exponent (w and v halved per step, rounded) instead of clipping;
-    a gradient far above the store (a diverging run) saturates the velocity, no overflow."""
+def test_sgd_step_matches_its_formula(g_exp, grows, decay):
+    """v = round(mu*v) + round(g aligned) + round(decay*w); w = w - round(lr*v), in integers; a
+    code that would leave the store raises its exponent (w and v halved per step, rounded)
+    instead of clipping; a gradient far above the store (a diverging run) saturates the
+    velocity, no overflow."""
     rng = np.random.default_rng(abs(g_exp))
     w = rng.integers(-(1 << 22), 1 << 22, 300).astype(np.int32)
     v = rng.integers(-(1 << 30), 1 << 30, 300).astype(np.int64)
@@ -250,10 +253,10 @@ def test_sgd_step_matches_its_formula(g_exp, grows):
     if grows:
         w[0] = -(1 << 23) + 2  # leaves the store
         v[0] = 1 << 34
-    lr_q, mom_q = lr_code(0.1 / 128), momentum_code(0.9)
-    want_w, want_v, want_s = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24)
+    lr_q, mom_q, decay_q = lr_code(0.1 / 128), momentum_code(0.9), decay_code(decay)
+    want_w, want_v, want_s = sgd_oracle(w, v, g, g_exp, -24, lr_q, mom_q, 24, decay_q=decay_q)
     res = sgd_step(QTensor(w, -24), v, QTensor(g, g_exp), lr_q=lr_q, momentum_q=mom_q,
-                   store_bits=24)
+                   store_bits=24, decay_q=decay_q)
     assert w.tolist() == want_w and v.tolist() == want_v and res == (want_s, 0)
     assert (res.rise >= 1) == grows
 
@@ -272,7 +275,7 @@ def test_sgd_step_on_containers_equals_the_step_on_codes(n, case):
     if case != "plain":
         w[:2], v[:2] = [(1 << 23) - 2, -(1 << 23) + 2], [-(1 << 36), 1 << 36]
     kw = dict(lr_q=lr_code(0.1 / 128), momentum_q=momentum_code(0.9), store_bits=24,
-              exp_max=-24 if case == "ceiling" else 126)
+              exp_max=-24 if case == "ceiling" else 126, decay_q=decay_code(0.064))
     w2, v2 = w.copy(), v.copy()
     want = sgd_step(QTensor(w, -24), v, f32_to_codes(grad, 24), **kw)
     out = np.empty(n, np.float32)

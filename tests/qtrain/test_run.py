@@ -80,6 +80,16 @@ def test_recipes_named_in_the_issue_exist():
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     wage = load_recipe("wage-2888")
     assert (wage.bits_w, wage.bits_a, wage.bits_g, wage.bits_e) == (2, 8, 8, 8)
+    assert paper.model == wage.model == "lenet5-paper"  # the paper's and WAGE's own network
+    assert paper.weight_decay == 0.0
+
+
+def test_weight_decay_is_a_checked_field():
+    cfg = apply_sets(load_recipe("lenet5-fmnist"), ["weight_decay=5e-4"])
+    assert cfg.weight_decay == 5e-4 and load_recipe("lenet5-fmnist").weight_decay == 0.0
+    for bad in ("-1e-4", "1.5", "nan"):
+        with pytest.raises(UserError, match="weight_decay"):
+            apply_sets(load_recipe("lenet5-fmnist"), [f"weight_decay={bad}"])
 
 
 def test_apply_sets_parses_each_field_type():

@@ -26,9 +26,11 @@ def random_batch(n=32, seed=0):
     return images, labels
 
 
-def steps(model, qconfig, images, labels, n_steps, batch=16, lr=0.1, out_opt=None):
+def steps(model, qconfig, images, labels, n_steps, batch=16, lr=0.1, out_opt=None,
+          weight_decay=0.0):
     """A few SGD steps on fixed batches; returns the last logits."""
-    opt = QSGD(model.parameters(), lr=lr, momentum=0.9, qconfig=qconfig)
+    opt = QSGD(model.parameters(), lr=lr, momentum=0.9, qconfig=qconfig,
+               weight_decay=weight_decay)
     if out_opt is not None:
         out_opt.append(opt)
     for s in range(n_steps):
@@ -102,18 +104,20 @@ def test_quantized_layers_refuse_unsupported_options():
 # --- the two backends ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, norm, bits, n_steps, lr, sr_errors, wexp", [
-    ("lenet5", "l1", 8, 3, 0.1, False, "max"), ("mlp", "l1", 8, 3, 0.1, False, "max"),
-    ("lenet5", "none", 8, 3, 0.1, False, "max"), ("lenet5", "l1", 6, 3, 0.1, True, "max"),
-    ("lenet5", "l1", 12, 2, 0.1, False, "max"), ("mlp", "l1", 16, 3, 0.1, False, "max"),
-    ("lenet5", "l1", 2, 8, 15.0, False, "max"), ("mlp", "l1", 3, 8, 15.0, False, "max"),
-    ("lenet5", "l1", 2, 3, 0.1, False, "mean"), ("mlp", "l1", 8, 3, 0.1, False, "mean")])
-def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_errors, wexp):
+@pytest.mark.parametrize("name, norm, bits, n_steps, lr, sr_errors, wexp, wd", [
+    ("lenet5", "l1", 8, 3, 0.1, False, "max", 0), ("mlp", "l1", 8, 3, 0.1, False, "max", 0),
+    ("lenet5", "none", 8, 3, 0.1, False, "max", 0), ("lenet5", "l1", 6, 3, 0.1, True, "max", 0),
+    ("lenet5", "l1", 12, 2, 0.1, False, "max", 0), ("mlp", "l1", 16, 3, 0.1, False, "max", 0),
+    ("lenet5", "l1", 2, 8, 15.0, False, "max", 0), ("mlp", "l1", 3, 8, 15.0, False, "max", 0),
+    ("lenet5", "l1", 2, 3, 0.1, False, "mean", 0), ("mlp", "l1", 8, 3, 0.1, False, "mean", 0),
+    ("lenet5", "l1", 8, 3, 0.1, False, "max", 5e-3), ("mlp", "none", 8, 3, 0.1, False, "max",
+                                                      5e-4)])
+def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_errors, wexp, wd):
     """Training steps of the int and emulate backends from the same initial weights give
     identical logits, parameters, running statistics and quantizer counts -- also with
-    stochastically rounded errors, with weight exponents from the mean magnitude, and when a
-    huge learning rate makes training diverge at 2-3 bits and the weight stores' exponents
-    rise."""
+    stochastically rounded errors, with weight exponents from the mean magnitude, with weight
+    decay, and when a huge learning rate makes training diverge at 2-3 bits and the weight
+    stores' exponents rise."""
     images, labels = random_batch(48)
     results = []
     for backend in ("int", "emulate"):
@@ -124,7 +128,8 @@ def test_int_and_emulate_agree_bit_for_bit(name, norm, bits, n_steps, lr, sr_err
         opts = []
         # emulate's own torch quantizers (on CPU it otherwise uses the int backend's kernel)
         with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
-            out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts)
+            out = steps(net, cfg, images, labels, n_steps, lr=lr, out_opt=opts,
+                        weight_decay=wd)
         if lr > 1:  # the weights outgrow their stores, whose exponents rise
             assert sum(s.raised for s in opts[0].stats.values()) > 0
         results.append((out, copy.deepcopy(net.state_dict()), quant_report(net)))
@@ -271,6 +276,40 @@ def torch_lenet5():
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 120, bias=False),
                          nn.BatchNorm1d(120), nn.ReLU(), nn.Linear(120, 84, bias=False),
                          nn.BatchNorm1d(84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def test_weight_decay_moves_the_integer_store_as_torch_moves_floats():
+    """Weight decay alone (zero gradients) shrinks the integer store as torch's SGD shrinks the
+    same weights in float, to within the store's rounding, whatever the batch size."""
+    codes = torch.randint(-1000, 1001, (30, 40)).double()
+    for batch in (16, 256):
+        p = torch.nn.Parameter((codes * 2.0 ** -10).float())  # on the store's grid (2**-21)
+        ref = p.detach().clone().requires_grad_(True)
+        opt = QSGD([p], lr=0.1, momentum=0.9, qconfig=QConfig(), weight_decay=0.01)
+        ref_opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01)
+        for _ in range(5):
+            p.grad, ref.grad = torch.zeros_like(p), torch.zeros_like(ref)
+            opt.step(batch_size=batch)
+            ref_opt.step()
+        assert opt.state[p]["store_exp"] == -21
+        p, ref = p.detach().double(), ref.detach().double()
+        assert float((p - ref).abs().max()) <= 8 * 2.0 ** -21
+        assert float(p.abs().sum()) < 0.995 * float(codes.abs().sum() * 2.0 ** -10)
+
+
+def test_bits_32_weight_decay_is_torchs_sgd_bit_for_bit():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(20, 7)
+    b = copy.deepcopy(a)
+    opt_a = QSGD(a.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x = torch.randn(16, 20)
+    for _ in range(4):
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    assert all(torch.equal(u, v) for u, v in zip(a.parameters(), b.parameters()))
 
 
 def test_bits_32_reproduces_plain_float_training():

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The paper's Table II row on its own LeNet-5 (issue 10): long runs, meant for the background.
+#
+#   scripts/table2.sh wd           # 1. float L2BN, seed 0, weight decay 0 and 5e-4 (which helps?)
+#   scripts/table2.sh row WD       # 2. int8 L1BN, float L1BN, float L2BN x seeds 0-2 at WD
+#   scripts/table2.sh int16 WD     # 3. the same row's int run at 16 bits (W16A16G16E16)
+#
+# Every phase is a `qtrain compare` into runs/table2/...: running the same command again skips
+# the finished runs and resumes an interrupted one from its last checkpoint (bit-identical), so
+# a killed or timed-out session just runs it again. One job at a time (the machine has 2 cores;
+# each run uses both). Results and their commands go to docs/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/table2}
+phase=${1:?usage: scripts/table2.sh wd | row WD | int16 WD}
+
+case "$phase" in
+  wd)
+    for wd in 0 5e-4; do
+      qtrain compare --recipe lenet5-fmnist-paper --methods float-l2 --seeds 1 --jobs 1 \
+        --set weight_decay="$wd" --out "$OUT/wd-$wd"
+    done
+    ;;
+  row)
+    wd=${2:?the weight decay chosen in phase wd}
+    qtrain compare --recipe lenet5-fmnist-paper --methods int,float-l1,float-l2 --seeds 3 \
+      --jobs 1 --set weight_decay="$wd" --out "$OUT/row-wd-$wd"
+    ;;
+  int16)
+    wd=${2:?the weight decay chosen in phase wd}
+    qtrain compare --recipe lenet5-fmnist-paper --methods int --bits 16 --seeds 1 --jobs 1 \
+      --set weight_decay="$wd" --out "$OUT/int16-wd-$wd"
+    ;;
+  *)
+    echo "table2.sh: unknown phase '$phase' (wd, row or int16)" >&2
+    exit 2
+    ;;
+esac
