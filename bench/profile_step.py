@@ -113,7 +113,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{res['model']} {res['backend']} (int GEMM {'on' if res['int_gemm'] else 'off'}): "
+    gemm = "" if res["backend"] == "float" else \
+        f" (int GEMM {'on' if res['int_gemm'] else 'off'})"
+    print(f"{res['model']} {res['backend']}{gemm}: "
           f"{res['step_ms']:.1f} ms/step (median of {res['steps']}); self time per step under "
           f"cProfile:")
     for row in res["functions"]:
