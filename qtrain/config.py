@@ -31,18 +31,9 @@ class UserError(ValueError):
     """A problem with the user's input; the message is one line: what is wrong, how to fix it."""
 
 
-# Names known to the rest of the package (tests check they match qtrain.models / qtrain.quant;
-# kept here so that validating a config does not import torch).
-MODELS = ("lenet5", "lenet5-paper", "mlp", "vgg7", "resnet20")
-NORMS = ("l1", "l2", "none")
-BACKENDS = ("int", "emulate")
-WEIGHT_EXPS = ("max", "mean")
-#: Dataset name -> image shape (H, W, C).
-DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-#: Model -> the image shapes it accepts (None: any).
-MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "lenet5-paper": {(28, 28, 1)}, "mlp": None,
-                "vgg7": {(32, 32, 3)}, "resnet20": None}
-FLOAT_BITS = 32
+# The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
+from .spec import (BACKENDS, DATASETS, FLOAT_BITS, MODEL_INPUTS, MODELS, NORMS,  # noqa: E402
+                   WEIGHT_EXPS, backend_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
 DEFAULTED = {
@@ -95,20 +86,12 @@ class RunConfig:
         _choice("backend", self.backend, BACKENDS)
         _choice("weight_exp", self.weight_exp, WEIGHT_EXPS)
         _choice("data", self.data, tuple(DATASETS))
-        for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
-            bits = getattr(self, name)
-            if not (2 <= bits <= 16 or bits == FLOAT_BITS):
-                raise UserError(f"{name}={bits} is not a supported width: use 2..16, or 32 for "
-                                "float")
         widths = (self.bits_w, self.bits_a, self.bits_g, self.bits_e)
-        quantized = min(widths) < FLOAT_BITS
-        if quantized and self.backend == "int" and max(widths) == FLOAT_BITS:
-            raise UserError(f"the int backend needs integer W, A, G and E, got bits "
-                            f"{'/'.join(map(str, widths))}: set all four to 2..16 or use "
-                            "backend emulate for mixed float/integer widths")
-        if quantized and self.backend == "int" and self.norm == "l2":
-            raise UserError("the int backend runs integer L1 batch norm only: use norm l1 or "
-                            "none, or backend emulate for float L2BN in a quantized network")
+        for name, bits in zip(("bits_w", "bits_a", "bits_g", "bits_e"), widths):
+            if problem := width_problem(bits, name):
+                raise UserError(problem)
+        if problem := backend_problem(widths, self.backend, self.norm):
+            raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
                             "24-bit codes exactly)")
@@ -138,7 +121,7 @@ class RunConfig:
             raise UserError(f"model {self.model} does not take {self.data}'s "
                             f"{'x'.join(map(str, shape))} images: use model "
                             f"{' or '.join(fits)}, or other data")
-        if quantized and self.backend == "int" and self.device != "cpu":
+        if min(widths) < FLOAT_BITS and self.backend == "int" and self.device != "cpu":
             raise UserError(f"the int backend runs on the CPU, not {self.device}: use device cpu, "
                             "or backend emulate on an accelerator")
         if not self.device or self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):

@@ -58,6 +58,8 @@ from typing import Callable, Iterator, NamedTuple, TextIO
 
 import numpy as np
 
+from . import spec
+
 __all__ = [
     "CLASSES",
     "Candidate",
@@ -220,7 +222,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 }
 
 #: Datasets :func:`load_dataset` knows, and those stored as MNIST-like IDX files.
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10")
+DATASETS: tuple[str, ...] = tuple(spec.DATASETS)
 MNIST_LIKE: tuple[str, ...] = ("fashion-mnist", "mnist")
 
 #: System-wide dataset directory per dataset and how to name it to people.

@@ -30,8 +30,8 @@ from .loss import LOGIT_BITS
 from .nn import (L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d,
                  conv_block, quant_bn_relu)
 from .quant import QConfig, QState, Quantize
-
-NORMS = ("l1", "l2", "none")
+from .spec import MODELS as MODEL_NAMES
+from .spec import NORMS, backend_problem
 
 
 class _Parts:
@@ -40,10 +40,10 @@ class _Parts:
     def __init__(self, norm: str, qconfig: QConfig | None):
         if norm not in NORMS:
             raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
-        if qconfig is not None and qconfig.quantized and qconfig.backend == "int" \
-                and norm == "l2":
-            raise ValueError("the int backend runs integer L1 batch norm only: use norm l1 or "
-                             "none, or backend emulate for float L2BN in a quantized network")
+        if qconfig is not None and (problem := backend_problem(
+                (qconfig.bits_w, qconfig.bits_a, qconfig.bits_g, qconfig.bits_e),
+                qconfig.backend, norm)):
+            raise ValueError(problem)
         self.norm = norm
         self.qconfig = qconfig if qconfig is not None and qconfig.quantized else None
         self.qstate = QState()
@@ -211,9 +211,8 @@ def resnet20(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int 
     return QNet(p, layers)
 
 
-MODELS: dict[str, Callable[..., QNet]] = {"lenet5": lenet5, "lenet5-paper": lenet5_paper,
-                                          "mlp": mlp, "vgg7": vgg7,
-                                          "resnet20": resnet20}
+MODELS: dict[str, Callable[..., QNet]] = dict(zip(MODEL_NAMES, (lenet5, lenet5_paper, mlp, vgg7,
+                                                                resnet20), strict=True))
 
 
 def build(name: str, norm: str = "l1", qconfig: QConfig | None = None, **kwargs) -> QNet:

@@ -35,20 +35,13 @@ from qkernels.ieee import f32_to_codes, quantize_f32
 from qkernels.quant import SR_BITS, mean_exponent, quantize_nearest, quantize_stochastic
 from qkernels.rng import random_top_bits
 
-FLOAT_BITS = 32
-BACKENDS = ("int", "emulate")
-
-#: How a weight quantizer picks its exponent: from the largest magnitude (as every other
-#: quantizer) or from the mean magnitude (:func:`qkernels.quant.mean_exponent`).
-WEIGHT_EXPS = ("max", "mean")
-
+from .spec import BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, width_problem
 
 def check_width(bits: int, name: str) -> int:
     """A code width: 2..16, or 32 for float (no quantization)."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{name} must be an int (2..16, or 32 for float), got {bits!r}")
-    if not (2 <= bits <= 16 or bits == FLOAT_BITS):
-        raise ValueError(f"{name}={bits} is not a supported width: use 2..16, or 32 for float")
+    if problem := width_problem(bits, name):
+        raise (TypeError if isinstance(bits, bool) or not isinstance(bits, int)
+               else ValueError)(problem)
     return bits
 
 
@@ -90,9 +83,9 @@ class QConfig:
         if not 8 <= self.store_bits <= 24:
             raise ValueError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
                              f"24-bit codes exactly)")
-        if self.quantized and self.backend == "int" and not self.fully_quantized:
-            raise ValueError("the int backend needs integer W, A, G and E (all widths 2..16); "
-                             "use backend 'emulate' for mixed float/integer widths")
+        if problem := backend_problem((self.bits_w, self.bits_a, self.bits_g, self.bits_e),
+                                      self.backend):
+            raise ValueError(problem)
 
     @property
     def quantized(self) -> bool:

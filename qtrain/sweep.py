@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .config import (BACKENDS, DATASETS, DEFAULT_RECIPE, FLOAT_BITS, NORMS, RunConfig,
                      UserError, apply_sets, load_recipe, recipe_label)
+from .spec import width_problem
 from .files import save_figure, write_text
 
 CLASSES = ("w", "a", "g", "e")
@@ -63,7 +64,7 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
     if not values:
         raise UserError(f"{flag} is empty; give widths like 2,4,8,32")
     for v in values:
-        if not (2 <= v <= 16 or v == FLOAT_BITS):
+        if width_problem(v, flag):
             raise UserError(f"{flag}: {v} is not a supported width: use 2..16, or 32 for float")
     return list(dict.fromkeys(values))
 

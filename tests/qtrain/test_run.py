@@ -32,12 +32,15 @@ def qtrain_env(tmp_path: Path) -> dict:
 
 # --- configs and recipes ---------------------------------------------------------------------
 
-def test_names_match_the_package():
-    """config's name lists (kept torch-free) are the models', norms' and backends' names."""
-    assert set(config.MODELS) == set(models.MODELS)
-    assert set(config.NORMS) == set(models.NORMS)
-    assert set(config.BACKENDS) == set(quant.BACKENDS)
-    assert set(config.WEIGHT_EXPS) == set(quant.WEIGHT_EXPS)
+def test_names_are_defined_once():
+    """The names config validates (torch-free, from qtrain.spec) are the ones the models,
+    quantizers and data loaders use: the same objects, and a builder for every model name."""
+    from qtrain import data, spec
+    assert config.MODELS is spec.MODELS and tuple(models.MODELS) == spec.MODELS
+    assert config.NORMS is models.NORMS is spec.NORMS
+    assert config.BACKENDS is quant.BACKENDS is spec.BACKENDS
+    assert config.WEIGHT_EXPS is quant.WEIGHT_EXPS is spec.WEIGHT_EXPS
+    assert data.DATASETS == tuple(config.DATASETS)
 
 
 def test_default_recipe_sets_every_field():

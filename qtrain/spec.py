@@ -1,0 +1,48 @@
+"""The names and rules every part of qtrain shares, defined once (no torch: the command line
+and the run config import it before anything heavy).
+
+Each rule returns the one-line message of what is wrong, or None; callers raise it as their
+error type (:class:`qtrain.config.UserError` for configs, ``ValueError`` for the layers).
+"""
+
+from __future__ import annotations
+
+#: A width of 32 bits means float: no quantization.
+FLOAT_BITS = 32
+#: ``int``: integer codes through qkernels; ``emulate``: the same integers in torch, any device.
+BACKENDS = ("int", "emulate")
+#: Batch norm: integer L1BN, float L2BN (torch's), or none.
+NORMS = ("l1", "l2", "none")
+#: How weights pick their exponent: from the largest magnitude or from the mean magnitude.
+WEIGHT_EXPS = ("max", "mean")
+#: Dataset name -> image shape (H, W, C).
+DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+#: Model name -> the image shapes (H, W, C) it accepts (None: any); the builders are
+#: :data:`qtrain.models.MODELS`, in this order.
+MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "lenet5-paper": {(28, 28, 1)}, "mlp": None,
+                "vgg7": {(32, 32, 3)}, "resnet20": None}
+MODELS = tuple(MODEL_INPUTS)
+
+
+def width_problem(bits, name: str) -> str | None:
+    """A code width must be an int in 2..16, or 32 for float."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        return f"{name} must be an int (2..16, or 32 for float), got {bits!r}"
+    if not (2 <= bits <= 16 or bits == FLOAT_BITS):
+        return f"{name}={bits} is not a supported width: use 2..16, or 32 for float"
+    return None
+
+
+def backend_problem(widths: tuple[int, int, int, int], backend: str,
+                    norm: str | None = None) -> str | None:
+    """The int backend computes integers only: all four widths integer once any is, and L1BN
+    (not float L2BN) in a quantized network."""
+    quantized = min(widths) < FLOAT_BITS
+    if quantized and backend == "int" and max(widths) == FLOAT_BITS:
+        return (f"the int backend needs integer W, A, G and E, got bits "
+                f"{'/'.join(map(str, widths))}: set all four to 2..16 or use backend emulate "
+                "for mixed float/integer widths")
+    if quantized and backend == "int" and norm == "l2":
+        return ("the int backend runs integer L1 batch norm only: use norm l1 or none, or "
+                "backend emulate for float L2BN in a quantized network")
+    return None
