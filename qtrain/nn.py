@@ -494,6 +494,7 @@ class _ConvBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8):
         w8 = intgemm.codes8(w)
+        assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (conv_block)"
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
         xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
                                         *_storage(bn.qconfig.bits_a))
