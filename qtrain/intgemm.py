@@ -135,13 +135,18 @@ def conv_applies(layer) -> bool:
             and not isinstance(layer.padding, str) and layer.padding_mode == "zeros")
 
 
-def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv2d(x, w)`` as a float32 container, and the int8 columns of ``x`` (for the weight
-    gradient)."""
+def _columns(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The int8 columns of ``x`` for ``w``'s kernel, and the output's (N, O, OH, OW)."""
     (n, _, h, wd), (o, _, kh, kw) = x.q.shape, w.q.shape
     oh = (h + 2 * padding[0] - kh) // stride[0] + 1
     ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
-    cols = torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding))
+    return torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding)), (n, o, oh, ow)
+
+
+def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv2d(x, w)`` as a float32 container, and the int8 columns of ``x`` (for the weight
+    gradient)."""
+    cols, (n, o, oh, ow) = _columns(x, w, stride, padding)
     w2 = w.q.reshape(o, -1)
     if w2.shape[1] < o:  # short dot products (a first layer): (N*OH*OW, O) measured faster
         acc = matmul(cols.t(), w2.t()).view(n, oh, ow, o).permute(0, 3, 1, 2)
@@ -153,10 +158,7 @@ def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Ten
 def conv2d_acc(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact accumulators of ``conv2d(x, w)`` as integers laid out (O, N, OH, OW), and the
     int8 columns of ``x``."""
-    (n, _, h, wd), (o, _, kh, kw) = x.q.shape, w.q.shape
-    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
-    ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
-    cols = torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding))
+    cols, (n, o, oh, ow) = _columns(x, w, stride, padding)
     return matmul(w.q.reshape(o, -1), cols).view(o, n, oh, ow), cols
 
 
