@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 #: Temporary files are ``.<name>.<random>`` + this suffix, beside the destination.
 TMP_SUFFIX = ".tmp"
@@ -49,6 +49,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def write_bytes(path: Path, chunks: Iterable[bytes]) -> None:
+    """The byte strings of ``chunks`` (a list, or a stream read as it is written), in order,
+    into ``path``, atomically."""
+
+    def write(f):
+        for chunk in chunks:
+            f.write(chunk)
+
+    atomic_write(path, write)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -19,6 +19,7 @@ An accuracy test never skips: a skip is turned into a failure, and no data at al
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -50,9 +51,9 @@ def _load(choice: str, tmp: os.PathLike) -> AccuracyData:
         if choice == "subset":
             mp.delenv("QTRAIN_DATA", raising=False)
             mp.setenv("XDG_CACHE_HOME", os.fspath(tmp))  # an empty user cache
-            mp.setattr(data, "SYSTEM_DIRS", {
-                name: (data.Path(tmp) / "no-system-data" / name, label)
-                for name, (_, label) in data.SYSTEM_DIRS.items()})
+            for name, (_, label) in list(data.SYSTEM_DIRS.items()):
+                mp.setitem(data.SYSTEM_DIRS, name,
+                           (Path(tmp) / "no-system-data" / name, label))
         try:
             train, test = data.load_dataset("fashion-mnist", download_missing=False)
         except data.DataError as err:

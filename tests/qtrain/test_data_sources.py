@@ -129,10 +129,10 @@ def test_subset_found_through_importlib_resources(tmp_path):
     inside itself, not in this checkout."""
     shutil.copytree(ROOT / "qtrain", tmp_path / "qtrain",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import sys; from qtrain import data; import pathlib; "
+    code = ("import sys; import qtrain; from qtrain import data; import pathlib; "
             "d = data.search_dirs('fashion-mnist', subset=True)[-1].path; "
             "n = len(data.read_idx(d / 't10k-labels-idx1-ubyte.gz')); "
-            "print(pathlib.Path(data.__file__).parent); print(d); print(n)")
+            "print(pathlib.Path(qtrain.__file__).parent); print(d); print(n)")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c")}
     env.pop("QTRAIN_DATA", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
