@@ -14,7 +14,7 @@ import pytest
 import qtrain
 from qtrain.config import UserError
 from qtrain.peers import brevitas_available
-from qtrain.sweep import (RECORD_FIELDS, add_compare_arguments, add_sweep_arguments,
+from qtrain.sweep import (RECORD_FIELDS, Record, add_compare_arguments, add_sweep_arguments,
                           run_compare, run_sweep)
 
 #: Debian's Fashion-MNIST where installed, else the subset shipped in the package: either has
@@ -64,6 +64,14 @@ def test_sweep_writes_files_with_one_record_per_run(first_sweep):
     assert csv_lines[0].split(",") == list(RECORD_FIELDS) and len(csv_lines) == 5
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+def test_sweep_json_objects_are_records(first_sweep):
+    """sweep.json holds Record.to_dict() objects: every field, in RECORD_FIELDS order."""
+    _, out = first_sweep
+    for r in records(out):
+        assert list(r) == list(RECORD_FIELDS)
+        assert Record.from_dict(r).to_dict() == r
 
 
 def test_sweep_started_again_skips_finished_runs(first_sweep, capsys):
@@ -203,7 +211,7 @@ def test_pool_children_stop_when_the_parent_is_killed(tmp_path):
     script = (
         "import multiprocessing, os, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from qtrain.sweep import _init_child\n"
+        "from qtrain.sweep.jobs import _init_child\n"
         "def job(path):\n"
         "    open(path, 'w').write(str(os.getpid()))\n"
         "    time.sleep(120)\n"

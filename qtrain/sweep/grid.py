@@ -1,0 +1,81 @@
+"""The combinations a sweep trains: bit widths of the four tensor classes (every combination,
+or one class at a time) x norms x backends x seeds, the name of each run, and why a
+combination cannot run."""
+
+from __future__ import annotations
+
+import itertools
+
+from ..config import DATASETS, FLOAT_BITS, RunConfig, UserError
+from .args import int_list
+
+#: The tensor classes, in the order of their widths: weights, activations, gradients, errors.
+CLASSES = ("w", "a", "g", "e")
+CLASS_NAMES = {"w": "weights", "a": "activations", "g": "weight gradients", "e": "errors"}
+
+Widths = tuple[int, int, int, int]
+
+
+def run_name(cfg: RunConfig) -> str:
+    """``<norm>-<backend|float>-W?A?G?E?-s<seed>``: a float run does not depend on the backend."""
+    float_run = min(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e) == FLOAT_BITS
+    return f"{cfg.norm}-{'float' if float_run else cfg.backend}-{cfg.bits}-s{cfg.seed}"
+
+
+def widths(args, base: RunConfig) -> tuple[list[Widths], Widths | None]:
+    """The ``(W, A, G, E)`` widths to train, once each, from ``--bits`` and ``--bits-X``, and
+    with ``--one-at-a-time`` the widths held fixed (else None)."""
+    together = int_list(args.bits, "--bits")
+    per = {c: int_list(getattr(args, f"bits_{c}"), f"--bits-{c}") for c in CLASSES}
+    out: list[Widths] = []
+    if getattr(args, "one_at_a_time", False):
+        if not any(per.values()):
+            raise UserError("--one-at-a-time needs at least one --bits-w/-a/-g/-e list")
+        if together is not None and len(together) != 1:
+            raise UserError("--one-at-a-time takes one --bits width for the classes held fixed, "
+                            f"got {args.bits!r}")
+        fixed = tuple(together[0] if together else getattr(base, f"bits_{c}") for c in CLASSES)
+        out.append(fixed)  # every line's reference point
+        for i, c in enumerate(CLASSES):
+            for v in per[c] or []:
+                out.append(tuple(v if j == i else fixed[j] for j in range(len(CLASSES))))
+        return list(dict.fromkeys(out)), fixed
+    for b in together or [None]:
+        lists = [per[c] or [b if b is not None else getattr(base, f"bits_{c}")] for c in CLASSES]
+        out += list(itertools.product(*lists))
+    return list(dict.fromkeys(out)), None
+
+
+def default_backend(base: RunConfig, norm: str) -> str:
+    """Without --backend: the recipe's, except that float L2BN in a quantized network needs
+    emulate (the int backend runs integer L1BN only)."""
+    return "emulate" if base.backend == "int" and norm == "l2" else base.backend
+
+
+def combinations(widths: list[Widths], norms: list[str], backends: list[str] | None,
+                 seeds: list[int], base: RunConfig) -> list[tuple[Widths, str, str, int]]:
+    """Every ``(widths, norm, backend, seed)``, in that nesting order; without ``backends``
+    each norm's :func:`default_backend`."""
+    return [(w, norm, backend, seed) for w, norm in itertools.product(widths, norms)
+            for backend in backends or [default_backend(base, norm)] for seed in seeds]
+
+
+def varied(widths: tuple[int, ...], fixed: tuple[int, ...] | None) -> str | None:
+    """In a one-at-a-time sweep, the class whose width differs from the fixed ones (None for
+    the run with every class at the fixed width, which belongs to every line)."""
+    if fixed is None:
+        return None
+    diff = [c for c, w, f in zip(CLASSES, widths, fixed) if w != f]
+    return diff[0] if diff else None
+
+
+def cannot_run(cfg: RunConfig) -> str | None:
+    """Why a combination cannot run (one line: the model builder's error), or None."""
+    from ..run import build
+
+    try:
+        h, w, c = DATASETS[cfg.data]
+        build(cfg, (h, w, c))
+    except UserError as err:
+        return str(err)
+    return None
