@@ -186,6 +186,29 @@ def dy_to_fixed(m, e, sh):
 
 
 @njit(cache=True)
+def _narrow_affine(am, ae, cm, ce, mag):
+    """The narrow form: ``(A, B, sh)`` from the per-code slope ``am*2**ae`` and intercepts
+    ``cm[j]*2**ce[j]`` all below ``2**mag``, with ``sh = min(29 - mag, 30)`` and the rounding
+    half folded into ``B``."""
+    sh = min(np.int64(29) - mag, np.int64(30))
+    half = np.int64(1) << np.int64(sh - 1)
+    b = np.empty(cm.shape[0], dtype=np.int64)
+    for j in range(cm.shape[0]):
+        b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
+    return dy_to_fixed(am, ae, sh), b, sh
+
+
+@njit(cache=True)
+def _clamp_slope(km, ke):
+    """Slopes of ``2**SLOPE_MAX_LOG2`` or more, clamped just below it (``= 2 * OFFSET_MAX``:
+    every ``|u| >= 1`` still saturates)."""
+    if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
+        km = np.int64((1 << 31) - 1) if km > 0 else -np.int64((1 << 31) - 1)
+        ke = np.int64(SLOPE_MAX_LOG2 - 31)
+    return km, ke
+
+
+@njit(cache=True)
 def affine_params(km, ke, a1, b1, om, oe):
     """Integer affines ``y = saturate((A*x + B[j]) >> sh, q)`` for ``y = K*(a1*x - b1) + O[j]``.
 
@@ -218,16 +241,9 @@ def affine_params(km, ke, a1, b1, om, oe):
         if cm[j] != 0:
             mag = max(mag, ce[j] + bit_length(cm[j]))
     if mag <= NARROW_MAG:
-        sh = min(np.int64(29) - mag, np.int64(30))
-        half = np.int64(1) << np.int64(sh - 1)
-        for j in range(n):
-            b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
-        return dy_to_fixed(am, ae, sh), b, sh
+        return _narrow_affine(am, ae, cm, ce, mag)
     # wide: centred on the exact integer u
-    if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
-        # just below 2**SLOPE_MAX_LOG2 = 2 * OFFSET_MAX: every |u| >= 1 still saturates
-        km = np.int64((1 << 31) - 1) if km > 0 else -np.int64((1 << 31) - 1)
-        ke = np.int64(SLOPE_MAX_LOG2 - 31)
+    km, ke = _clamp_slope(km, ke)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
     kf = dy_to_fixed(km, ke, sh)
     # |Kf*u| < 2**30 * 2**31; offsets up to 2**61 keep |A*x + B| < 2**62 + 2**61 + 2**60
@@ -240,10 +256,10 @@ def affine_params(km, ke, a1, b1, om, oe):
 
 
 @njit(cache=True)
-def fits_int32(a, b_abs_max, sh):
-    """True when ``(a*x + b) >> sh`` stays inside int32 for every int8 ``x`` and every
-    ``|b| <= b_abs_max``."""
-    return sh <= 30 and abs(a) * 128 + b_abs_max < (np.int64(1) << np.int64(31))
+def fits_int32(a, b_abs_max, sh, x_abs_max=128):
+    """True when ``(a*x + b) >> sh`` stays inside int32 for every ``|x| <= x_abs_max`` (128: any
+    int8 code) and every ``|b| <= b_abs_max``."""
+    return sh <= 30 and abs(a) * x_abs_max + b_abs_max < (np.int64(1) << np.int64(31))
 
 
 @njit(cache=True)
@@ -424,14 +440,8 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
     if am != 0:
         mag = max(mag, ae + bit_length(am) + dlog)
     if mag <= min(np.int64(NARROW_MAG), np.int64(26) - dlog):
-        sh = min(np.int64(29) - mag, np.int64(30))
-        half = np.int64(1) << np.int64(sh - 1)
-        for j in range(n):
-            b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
-        return dy_to_fixed(am, ae, sh), b, sh
-    if km != 0 and ke + bit_length(km) - 1 >= SLOPE_MAX_LOG2:
-        km = np.int64((1 << 31) - 1) if km > 0 else -np.int64((1 << 31) - 1)
-        ke = np.int64(SLOPE_MAX_LOG2 - 31)
+        return _narrow_affine(am, ae, cm, ce, mag)
+    km, ke = _clamp_slope(km, ke)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX_C) if km != 0 else np.int64(SH_MIN)
     while True:
         kf = dy_to_fixed(km, ke, sh)

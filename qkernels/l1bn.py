@@ -22,13 +22,13 @@ The statistics use only add, sub and sign; ``1/D_eps`` is the one division per c
 is used anywhere in this module's kernels (``tests/qkernels/test_no_float.py`` reads their LLVM
 IR to prove it).
 
-Drivers run the same per-channel worker serially or with ``prange`` over channels, so each
-channel's sums stay on one thread and results do not depend on the thread count.
-
-Codes of up to 8 bits (int8) take the int8 kernels; 9..16-bit codes (int16) for x, dy or both
-take the 16-bit kernels (``*16*`` below), which keep the same contract with wider partial sums,
-two-limb per-channel integers where int64 is not enough, and a centred per-element affine
-``saturate((A*(x - c) + B) >> sh)`` (``docs/l1bn-integer.md``, section 12).
+One set of kernels serves both code widths: the per-element passes are written once and Numba
+specialises them on the code dtype (the partial-sum types and block lengths below); the
+per-channel math is :mod:`qkernels.l1bn_spec`, where the one width-dependent choice is the
+affine form (plain for int8 data, centred ``saturate((A*(x - c) + B) >> sh)`` once x or dy is
+int16, ``docs/l1bn-integer.md`` section 3). Drivers run the same per-channel worker serially or
+with ``prange`` over channels, so each channel's sums stay on one thread and results do not
+depend on the thread count.
 """
 
 from __future__ import annotations
@@ -36,46 +36,56 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from . import _i32
 from ._jit import serial_and_parallel
 from .fixedpoint import (
-    CENTRE_MAX,
     M_MAX,
     MOMENTUM_BITS,
     OFFSET_MAX,
-    RUN_EXP,
-    SLOPE_MAX_LOG2,
-    affine_params,
-    affine_params_c,
-    bit_length,
     centred_lanes,
-    dy_add,
-    dy_mul,
     dy_norm,
     dy_recip,
-    dy_to_fixed,
     fits_int32,
-    floor_div_by_recip,
-    grad_p,
     qmax,
-    round_shift,
     saturate,
-    wide_dy_norm,
 )
 from .format import QTensor, check_array, check_bits, check_exp, check_qtensor, code_dtype
+from .l1bn_spec import (
+    GS_MAX,
+    GS_MIN,
+    GS_SUM,
+    GS_SUMX,
+    N_GSTATS,
+    N_STATS,
+    ST_DEV,
+    ST_MAX,
+    ST_MIN,
+    ST_REXP,
+    ST_RMANT,
+    ST_SIGNSUM,
+    ST_SUM,
+    ST_THI,
+    ST_TLO,
+    backward_params,
+    dev_reciprocal,
+    dgamma_code,
+    forward_params,
+    grad_exponent,
+    grad_p_dyadic,
+    inference_params,
+    mean_thresholds,
+    output_exponent,
+    running_update,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Operation counter slots (Table IV's columns). Workers tally into ``cnt`` when it is non-empty;
 # the public functions pass an empty array, so counting costs one branch per row.
 SIGN, ABS, ADD, SUB, MUL, DIV, SQUARE, SQRT = range(8)
 OP_NAMES = ("SIGN", "ABS", "ADD", "SUB", "MUL", "DIV", "SQUARE", "SQRT")
-
-# Columns of the per-channel statistics a forward leaves for its backward.
-ST_SUM, ST_DEV, ST_SIGNSUM, ST_TLO, ST_THI, ST_RMANT, ST_REXP, ST_MIN, ST_MAX, N_STATS = range(10)
-# Columns of the per-channel error statistics of a backward.
-GS_SUM, GS_SUMX, GS_MIN, GS_MAX, N_GSTATS = range(5)
 
 _NO_COUNT = np.zeros(0, dtype=np.int64)
 
@@ -87,75 +97,145 @@ def _tally(cnt, op, n):
 
 
 # ---------------------------------------------------------------------------------------------
+# Types of the per-element sums, by code dtype (section 10). Sums go into narrow partials over
+# blocks short enough that they cannot overflow, then into int64; the explicit casts on every
+# step stop Numba from widening the lanes to int64 (64 int8 codes per AVX-512 vector instead of
+# 8). Each helper is a plain function (what runs under NUMBA_DISABLE_JIT) with a Numba overload
+# that resolves the dtype at compile time.
+#
+#   codes          partial of sum(x), sum(s*x)   block       partial of sum(g*x)       block
+#   int8           int16 (|.| <= 128*128)        128         int32 of int16 products   2**16
+#   int16 / mixed  int32 (|.| <= 2**15*2**15)    2**15       int64 of int32 products   2**15
+
+
+def _part(x, v):
+    """``v`` as the partial-sum type of sums of codes like ``x``'s."""
+    return np.int16(v) if x.dtype == np.int8 else np.int32(v)
+
+
+def _block(x):
+    """Codes summed into one partial of :func:`_part`'s type."""
+    return 128 if x.dtype == np.int8 else 1 << 15
+
+
+def _narrow_gx(x, g):
+    return x.dtype == np.int8 and g.dtype == np.int8
+
+
+def _gx_part(x, g, v):
+    """``v`` as the partial-sum type of sum(g*x)."""
+    return np.int32(v) if _narrow_gx(x, g) else np.int64(v)
+
+
+def _gx(x, g, gv, xv):
+    """The exact product g*x: int16 for int8 codes, int64 (of an int32 product) otherwise."""
+    return np.int16(gv * xv) if _narrow_gx(x, g) else np.int64(np.int32(gv) * np.int32(xv))
+
+
+def _gx_block(x, g):
+    return 1 << 16 if _narrow_gx(x, g) else 1 << 15
+
+
+def _code_bound(x):
+    """Largest |code| of ``x``'s dtype (int8 codes may be -128)."""
+    return 128 if x.dtype == np.int8 else 1 << 15
+
+
+def _is_int8(t):
+    return t.dtype == types.int8
+
+
+@overload(_part, inline="always")
+def _part_jit(x, v):
+    if _is_int8(x):
+        return lambda x, v: np.int16(v)
+    return lambda x, v: np.int32(v)
+
+
+@overload(_block, inline="always")
+def _block_jit(x):
+    n = 128 if _is_int8(x) else 1 << 15
+    return lambda x: n
+
+
+@overload(_gx_part, inline="always")
+def _gx_part_jit(x, g, v):
+    if _is_int8(x) and _is_int8(g):
+        return lambda x, g, v: np.int32(v)
+    return lambda x, g, v: np.int64(v)
+
+
+@overload(_gx, inline="always")
+def _gx_jit(x, g, gv, xv):
+    if _is_int8(x) and _is_int8(g):
+        return lambda x, g, gv, xv: np.int16(gv * xv)
+    return lambda x, g, gv, xv: np.int64(np.int32(gv) * np.int32(xv))
+
+
+@overload(_gx_block, inline="always")
+def _gx_block_jit(x, g):
+    n = 1 << 16 if _is_int8(x) and _is_int8(g) else 1 << 15
+    return lambda x, g: n
+
+
+@overload(_code_bound, inline="always")
+def _code_bound_jit(x):
+    n = 128 if _is_int8(x) else 1 << 15
+    return lambda x: n
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-element passes over one channel of x with shape (N, C, L). Each loops over the channel's
 # N rows as 1-D views indexed from 0 (the form LLVM vectorizes). They are separate functions,
 # not inlined into the workers: inlined together, LLVM vectorizes the second pass of a worker
-# about half as well (measured: backward 0.30 vs 0.15 ns per element). Sums go into narrow partials
-# over blocks short enough that they cannot overflow, then into int64; the explicit casts on
-# every step stop Numba from widening the lanes to int64 (64 int8 codes per AVX-512 vector
-# instead of 8).
-
-#: Codes (or sign*code, |.| <= 128) summed into one int16 partial: |partial| <= 128*128 = 2**14.
-BLOCK16 = 128
-#: int8*int8 products (|p| <= 2**14) summed into one int32 partial: 2**16 * 2**14 <= 2**30.
-BLOCK32 = 1 << 16
+# about half as well (measured: backward 0.30 vs 0.15 ns per element).
 
 
 @njit(cache=True)
-def _sum_pass(x, c, cnt):
-    """S = sum of the channel's codes (add only)."""
-    total = np.int64(0)
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        for start in range(0, row.shape[0], BLOCK16):
-            block = row[start:start + BLOCK16]
-            part = np.int16(0)
-            for i in range(block.shape[0]):
-                part = np.int16(part + block[i])
-            total += part
-        _tally(cnt, ADD, row.shape[0])
-    return total
-
-
-@njit(cache=True)
-def _sum_range_pass(x, c, cnt):
-    """S, and the smallest and largest code (for an output exponent chosen from the range)."""
+def _sum_pass(x, c, want_range, cnt):
+    """S = sum of the channel's codes (add only), and when ``want_range`` the smallest and
+    largest code (else 0, 0). The flag is loop-invariant: LLVM compiles the loop once for each
+    value, so the plain sum is not slowed by the range."""
     total = np.int64(0)
     lo = x[0, c, 0]
     hi = lo
     for n in range(x.shape[0]):
         row = x[n, c]
-        for start in range(0, row.shape[0], BLOCK16):
-            block = row[start:start + BLOCK16]
-            part = np.int16(0)
+        for start in range(0, row.shape[0], _block(row)):
+            block = row[start:start + _block(row)]
+            part = _part(row, 0)
             for i in range(block.shape[0]):
                 v = block[i]
-                part = np.int16(part + v)
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
+                part = _part(row, part + v)
+                if want_range:
+                    lo = v if v < lo else lo
+                    hi = v if v > hi else hi
             total += part
         _tally(cnt, ADD, row.shape[0])
+    if not want_range:
+        return total, np.int64(0), np.int64(0)
     return total, np.int64(lo), np.int64(hi)
 
 
 @njit(cache=True)
 def _sign_pass(x, c, t_lo, t_hi, cnt):
-    """sum(s*x) and sum(s) for s = sgn(x - mu) = [x >= t_hi] - [x <= t_lo]."""
-    lo = np.int16(t_lo)  # thresholds lie in [-129, 128]
-    hi = np.int16(t_hi)
+    """sum(s*x) and sum(s) for s = sgn(x - mu) = [x >= t_hi] - [x <= t_lo] (the thresholds lie
+    one beyond the code range at most, so they fit the partial type)."""
+    lo = _part(x, t_lo)
+    hi = _part(x, t_hi)
     sx = np.int64(0)
     ss = np.int64(0)
     for n in range(x.shape[0]):
         row = x[n, c]
-        for start in range(0, row.shape[0], BLOCK16):
-            block = row[start:start + BLOCK16]
-            part_sx = np.int16(0)
-            part_s = np.int16(0)
+        for start in range(0, row.shape[0], _block(row)):
+            block = row[start:start + _block(row)]
+            part_sx = _part(row, 0)
+            part_s = _part(row, 0)
             for i in range(block.shape[0]):
-                v = np.int16(block[i])
-                s = np.int16(np.int16(v >= hi) - np.int16(v <= lo))
-                part_sx = np.int16(part_sx + np.int16(s * v))
-                part_s = np.int16(part_s + s)
+                v = _part(row, block[i])
+                s = _part(row, _part(row, v >= hi) - _part(row, v <= lo))
+                part_sx = _part(row, part_sx + _part(row, s * v))
+                part_s = _part(row, part_s + s)
             sx += part_sx
             ss += part_s
         _tally(cnt, SIGN, row.shape[0])
@@ -165,9 +245,42 @@ def _sign_pass(x, c, t_lo, t_hi, cnt):
 
 
 @njit(cache=True)
+def _grad_sums_pass(x, g, c, want_range, cnt):
+    """sum(g) (int32 partials: |g| <= 2**15), sum(g*x), and when ``want_range`` the smallest
+    and largest g (else 0, 0)."""
+    sg = np.int64(0)
+    sgx = np.int64(0)
+    lo = g[0, c, 0]
+    hi = lo
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        grow = g[n, c]
+        for start in range(0, row.shape[0], _gx_block(row, grow)):
+            block = row[start:start + _gx_block(row, grow)]
+            gblock = grow[start:start + _gx_block(row, grow)]
+            part_g = np.int32(0)
+            part_gx = _gx_part(row, grow, 0)
+            for i in range(block.shape[0]):
+                gv = gblock[i]
+                part_g = np.int32(part_g + gv)
+                part_gx = _gx_part(row, grow, part_gx + _gx(row, grow, gv, block[i]))
+                if want_range:
+                    lo = gv if gv < lo else lo
+                    hi = gv if gv > hi else hi
+            sg += part_g
+            sgx += part_gx
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, 2 * row.shape[0])
+    if not want_range:
+        return sg, sgx, np.int64(0), np.int64(0)
+    return sg, sgx, np.int64(lo), np.int64(hi)
+
+
+@njit(cache=True)
 def _affine_pass(x, y, c, a, b, sh, q, cnt):
-    """y = saturate((a*x + b) >> sh): one multiply-and-shift per element."""
-    narrow = fits_int32(a, abs(b), sh)
+    """y = saturate((a*x + b) >> sh): one multiply-and-shift per element (int32 lanes when
+    nothing can overflow them, else int64)."""
+    narrow = fits_int32(a, abs(b), sh, _code_bound(x))
     a32, b32, sh32, q32 = np.int32(a), np.int32(b), np.int32(sh), np.int32(q)
     for n in range(x.shape[0]):
         row = x[n, c]
@@ -180,520 +293,6 @@ def _affine_pass(x, y, c, a, b, sh, q, cnt):
                 out[i] = saturate((a * np.int64(row[i]) + b) >> sh, q)
         _tally(cnt, MUL, row.shape[0])
         _tally(cnt, ADD, row.shape[0])
-
-
-@njit(cache=True)
-def _grad_sums_pass(x, g, c, cnt):
-    """sum(g) and sum(g*x) over the channel."""
-    sg = np.int64(0)
-    sgx = np.int64(0)
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        grow = g[n, c]
-        for start in range(0, row.shape[0], BLOCK32):
-            block = row[start:start + BLOCK32]
-            gblock = grow[start:start + BLOCK32]
-            part_g = np.int32(0)
-            part_gx = np.int32(0)
-            for i in range(block.shape[0]):
-                gv = gblock[i]
-                part_g = np.int32(part_g + gv)
-                part_gx = np.int32(part_gx + np.int16(gv * block[i]))
-            sg += part_g
-            sgx += part_gx
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, 2 * row.shape[0])
-    return sg, sgx
-
-
-@njit(cache=True)
-def _grad_sums_range_pass(x, g, c, cnt):
-    """sum(g), sum(g*x), and the smallest and largest g (for dx's exponent)."""
-    sg = np.int64(0)
-    sgx = np.int64(0)
-    lo = g[0, c, 0]
-    hi = lo
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        grow = g[n, c]
-        for start in range(0, row.shape[0], BLOCK32):
-            block = row[start:start + BLOCK32]
-            gblock = grow[start:start + BLOCK32]
-            part_g = np.int32(0)
-            part_gx = np.int32(0)
-            for i in range(block.shape[0]):
-                gv = gblock[i]
-                part_g = np.int32(part_g + gv)
-                part_gx = np.int32(part_gx + np.int16(gv * block[i]))
-                lo = gv if gv < lo else lo
-                hi = gv if gv > hi else hi
-            sg += part_g
-            sgx += part_gx
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, 2 * row.shape[0])
-    return sg, sgx, np.int64(lo), np.int64(hi)
-
-
-@njit(cache=True)
-def _grad_affine_pass(x, g, dx, c, a, b, sh, t_lo, t_hi, q, cnt):
-    """dx = saturate((a*g + b[s+1]) >> sh) with s = sgn(x - mu) selecting the offset."""
-    narrow = fits_int32(a, max(abs(b[0]), abs(b[1]), abs(b[2])), sh)
-    a32, sh32, q32 = np.int32(a), np.int32(sh), np.int32(q)
-    b_neg, b_zero, b_pos = np.int32(b[0]), np.int32(b[1]), np.int32(b[2])
-    lo, hi = np.int32(t_lo), np.int32(t_hi)
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        grow = g[n, c]
-        out = dx[n, c]
-        if narrow:
-            for i in range(row.shape[0]):
-                off = _i32.pick3(np.int32(row[i]), lo, hi, b_neg, b_zero, b_pos)
-                out[i] = _i32.clamp(_i32.mul_add_shr(a32, np.int32(grow[i]), off, sh32), q32)
-        else:
-            for i in range(row.shape[0]):
-                v = row[i]
-                off = b[2] if v >= t_hi else (b[0] if v <= t_lo else b[1])
-                out[i] = saturate((a * np.int64(grow[i]) + off) >> sh, q)
-        _tally(cnt, SIGN, row.shape[0])
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, row.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-channel arithmetic shared by the kernels and the oracle (all integer).
-
-
-@njit(cache=True)
-def mean_thresholds(s, m, inv_m_mant, inv_m_exp):
-    """Integer thresholds of sgn(m*x - s): x <= t_lo gives -1, x >= t_hi gives +1."""
-    t = floor_div_by_recip(s, m, inv_m_mant, inv_m_exp)
-    t_lo = t - 1 if m * t == s else t
-    return t_lo, t + 1
-
-
-@njit(cache=True)
-def dev_reciprocal(dev, m, eps_shift, use_eps):
-    """Dyadic 1/(D + m*m*2**eps_shift), or (0, 0) for a constant channel without epsilon."""
-    dm, de = dy_norm(dev, 0)
-    if use_eps:
-        dm, de = dy_add(dm, de, *dy_norm(m * m, eps_shift))
-    if dm == 0:
-        return np.int64(0), np.int64(0)
-    return dy_recip(dm, de)
-
-
-@njit(cache=True)
-def forward_params(s, m, rm, re, gamma_q, gamma_shift, beta_q, beta_shift):
-    """(A, B, sh) of the training forward for one channel.
-
-    y = gamma_lsb * m*(m*x - S)/D_eps + beta_lsb, i.e. slope K = gamma_q*m/D_eps *
-    2**gamma_shift per unit of u = m*x - S and offset beta_q * 2**beta_shift (output LSBs).
-    """
-    km, ke = dy_mul(*dy_norm(gamma_q * m, gamma_shift), rm, re)
-    if rm == 0:
-        km, ke = np.int64(0), np.int64(0)
-    om, oe = dy_norm(beta_q, beta_shift)
-    a, b, sh = affine_params(km, ke, m, s, np.full(1, om), np.full(1, oe))
-    return a, b[0], sh
-
-
-@njit(cache=True)
-def backward_params(s, m, sign_sum, rm, re, sg, sgx, gamma_q, k_shift):
-    """(A, [B_neg, B_zero, B_pos], sh) of equation (20) for one channel.
-
-    dx = K*(m*g - sum g) - K*(P/D_eps)*(m*s - sum s), with K = gamma_q*m/D_eps * 2**k_shift and
-    P = sum g*(m*x - S) = m*sum(g*x) - S*sum(g): affine in g, with one offset per sign s.
-    """
-    if rm == 0:
-        return np.int64(0), np.zeros(3, dtype=np.int64), np.int64(1)
-    p = m * sgx - s * sg
-    km, ke = dy_mul(*dy_norm(gamma_q * m, k_shift), rm, re)
-    kqm, kqe = dy_mul(km, ke, *dy_mul(*dy_norm(p, 0), rm, re))
-    om = np.empty(3, dtype=np.int64)
-    oe = np.empty(3, dtype=np.int64)
-    for i in range(3):
-        om[i], oe[i] = dy_mul(kqm, kqe, *dy_norm(sign_sum - m * (i - 1), 0))
-    # The offsets grow with the slope: past the slope clamp, scale the whole affine down by a
-    # power of two instead of clamping the slope alone. Signs and saturated outputs are kept;
-    # unsaturated ones shrink by that power of two (outside the accuracy contract anyway).
-    excess = ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0)
-    if excess > 0:
-        ke -= excess
-        for i in range(3):
-            oe[i] -= excess
-    return affine_params(km, ke, m, sg, om, oe)
-
-
-@njit(cache=True)
-def dgamma_code(m, p, rm, re, shift):
-    """round(sum(g*xhat) * 2**shift) = round(m*P/D_eps * 2**shift)."""
-    if rm == 0 or p == 0:
-        return np.int64(0)
-    dm, de = dy_mul(*dy_mul(*dy_norm(p, 0), rm, re), *dy_norm(m, 0))
-    return dy_to_fixed(dm, de, shift)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-channel workers and their serial / parallel drivers.
-
-
-@njit(cache=True)
-def _inv_m(x, cnt):
-    """1/m as a dyadic (mant, exp) array: one division per call, shared by all channels."""
-    out = np.empty(2, dtype=np.int64)
-    out[0], out[1] = dy_recip(*dy_norm(np.int64(x.shape[0] * x.shape[2]), 0))
-    _tally(cnt, DIV, 1)
-    return out
-
-
-@njit(cache=True, inline="always")
-def _stats_channel(x, c, inv_m, eps_shift, use_eps, want_range, stats, cnt):
-    """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, and (when
-    ``want_range``) the smallest and largest code."""
-    m = np.int64(x.shape[0] * x.shape[2])
-    if want_range:
-        s, lo, hi = _sum_range_pass(x, c, cnt)
-    else:
-        s, lo, hi = _sum_pass(x, c, cnt), np.int64(0), np.int64(0)
-    t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
-    sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
-    dev = m * sx - s * ss
-    rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
-    # thresholds (2 MUL), D (2 MUL, 1 SUB), epsilon (1 MUL, 1 ADD), reciprocal (1 DIV)
-    _tally(cnt, MUL, 4 + use_eps)
-    _tally(cnt, ADD, use_eps)
-    _tally(cnt, SUB, 1)
-    _tally(cnt, DIV, 1)
-    st = stats[c]
-    st[ST_SUM] = s
-    st[ST_DEV] = dev
-    st[ST_SIGNSUM] = ss
-    st[ST_TLO] = t_lo
-    st[ST_THI] = t_hi
-    st[ST_RMANT] = rm
-    st[ST_REXP] = re
-    st[ST_MIN] = lo
-    st[ST_MAX] = hi
-
-
-@njit(cache=True, inline="always")
-def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
-    """y = gamma*xhat + beta for one channel, from its statistics."""
-    m = np.int64(x.shape[0] * x.shape[2])
-    st = stats[c]
-    a, b, sh = forward_params(st[ST_SUM], m, st[ST_RMANT], st[ST_REXP], np.int64(gamma_q[c]),
-                              gamma_shift, np.int64(beta_q[c]), beta_shift)
-    _affine_pass(x, y, c, a, b, sh, q, cnt)
-    _tally(cnt, MUL, 3)  # slope (2), affine (1)
-    _tally(cnt, ADD, 2)
-    _tally(cnt, SUB, 1)
-
-
-# Drivers. With the output exponent given, one region does each channel's statistics and apply
-# (the channel's data is still in cache); to choose it from the range, statistics of all
-# channels come first, then the exponent, then the apply.
-
-
-def _forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-             stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in prange(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, False, stats, cnt)
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
-
-
-_forward_serial, _forward_parallel = serial_and_parallel(_forward)
-
-
-def _stats(x, eps_shift, use_eps, stats, cnt):
-    inv_m = _inv_m(x, cnt)
-    for c in prange(x.shape[1]):
-        _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
-
-
-_stats_serial, _stats_parallel = serial_and_parallel(_stats)
-
-
-def _apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
-    for c in prange(x.shape[1]):
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
-
-
-_apply_serial, _apply_parallel = serial_and_parallel(_apply)
-
-
-@njit(cache=True, inline="always")
-def _grad_stats_channel(x, g, c, want_range, gstats, cnt):
-    if want_range:
-        sg, sgx, lo, hi = _grad_sums_range_pass(x, g, c, cnt)
-    else:
-        sg, sgx = _grad_sums_pass(x, g, c, cnt)
-        lo, hi = np.int64(0), np.int64(0)
-    gs = gstats[c]
-    gs[GS_SUM] = sg
-    gs[GS_SUMX] = sgx
-    gs[GS_MIN] = lo
-    gs[GS_MAX] = hi
-
-
-@njit(cache=True, inline="always")
-def _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                        dbeta, cnt):
-    m = np.int64(x.shape[0] * x.shape[2])
-    st = stats[c]
-    sg, sgx = gstats[c, GS_SUM], gstats[c, GS_SUMX]
-    a, b, sh = backward_params(st[ST_SUM], m, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP], sg,
-                               sgx, np.int64(gamma_q[c]), k_shift)
-    _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
-    dbeta[c] = sg
-    dgamma[c] = dgamma_code(m, m * sgx - st[ST_SUM] * sg, st[ST_RMANT], st[ST_REXP],
-                            dgamma_shift)
-    # per channel: P (2 MUL, 1 SUB), slopes (4 MUL), three offsets (3 MUL, 3 SUB), affine
-    # (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL)
-    _tally(cnt, MUL, 13)
-    _tally(cnt, ADD, 2)
-    _tally(cnt, SUB, 5)
-
-
-def _backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-              dbeta, cnt):
-    for c in prange(x.shape[1]):
-        _grad_stats_channel(x, g, c, False, gstats, cnt)
-        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
-                            dgamma, dbeta, cnt)
-
-
-_backward_serial, _backward_parallel = serial_and_parallel(_backward)
-
-
-def _grad_stats(x, g, gstats, cnt):
-    for c in prange(x.shape[1]):
-        _grad_stats_channel(x, g, c, True, gstats, cnt)
-
-
-_grad_stats_serial, _grad_stats_parallel = serial_and_parallel(_grad_stats)
-
-
-def _grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                dbeta, cnt):
-    for c in prange(x.shape[1]):
-        _grad_apply_channel(x, g, dx, c, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
-                            dgamma, dbeta, cnt)
-
-
-_grad_apply_serial, _grad_apply_parallel = serial_and_parallel(_grad_apply)
-
-
-@njit(cache=True)
-def _magnitude_exp(vm, ve):
-    """Binary exponent bound of a dyadic: |v| < 2**result (very negative for 0)."""
-    return ve + bit_length(vm) if vm != 0 else np.int64(-1 << 20)
-
-
-@njit(cache=True)
-def output_exponent(stats, m, gamma_q, gamma_exp, beta_q, beta_exp, bits):
-    """Exponent of the forward's output chosen from its range: ``e = E - (bits - 1)``.
-
-    ``E`` bounds the binary exponent of the largest |gamma*xhat + beta| over all channels,
-    evaluated (dyadically) at each channel's smallest and largest code: the affine is monotone,
-    so its extremes are there. Like the normalization, it depends on the input's exponent only
-    through epsilon. An all-zero output gets ``beta_exp``.
-    """
-    top = np.int64(-1 << 20)
-    for c in range(stats.shape[0]):
-        st = stats[c]
-        km, ke = dy_mul(*dy_norm(np.int64(gamma_q[c]) * m, gamma_exp), st[ST_RMANT], st[ST_REXP])
-        if st[ST_RMANT] == 0:
-            km, ke = np.int64(0), np.int64(0)
-        bm, be = dy_norm(np.int64(beta_q[c]), beta_exp)
-        for code in (st[ST_MIN], st[ST_MAX]):
-            ym, ye = dy_add(*dy_mul(km, ke, *dy_norm(m * code - st[ST_SUM], 0)), bm, be)
-            top = max(top, _magnitude_exp(ym, ye))
-    if top < -(1 << 19):
-        return np.int64(beta_exp)
-    return top - (bits - 1)
-
-
-@njit(cache=True)
-def grad_exponent(stats, gstats, m, gamma_q, k_base, bits):
-    """Exponent of the backward's dx chosen from a bound of its range: ``E - (bits - 1)``.
-
-    ``k_base = gamma_exp + g_exp - x_exp`` (dx's exponent is then ``k_base - k_shift``).
-    Per channel dx is affine in g with an offset linear in the sign s; ``E`` bounds its binary
-    exponent at the channel's smallest and largest g with s = -1 and s = +1.
-    """
-    top = np.int64(-1 << 20)
-    for c in range(stats.shape[0]):
-        st = stats[c]
-        gs = gstats[c]
-        if st[ST_RMANT] == 0:
-            continue
-        p = m * gs[GS_SUMX] - st[ST_SUM] * gs[GS_SUM]
-        km, ke = dy_mul(*dy_norm(np.int64(gamma_q[c]) * m, k_base), st[ST_RMANT], st[ST_REXP])
-        kqm, kqe = dy_mul(km, ke, *dy_mul(*dy_norm(p, 0), st[ST_RMANT], st[ST_REXP]))
-        for gv in (gs[GS_MIN], gs[GS_MAX]):
-            am, ae = dy_mul(km, ke, *dy_norm(m * gv - gs[GS_SUM], 0))
-            for sgn in (-1, 1):
-                om, oe = dy_mul(kqm, kqe, *dy_norm(st[ST_SIGNSUM] - m * sgn, 0))
-                top = max(top, _magnitude_exp(*dy_add(am, ae, om, oe)))
-    if top < -(1 << 19):
-        return np.int64(k_base)
-    return top - (bits - 1)
-
-
-def _affine(x, y, params, q, cnt):
-    for c in prange(x.shape[1]):
-        _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
-
-
-_affine_serial, _affine_parallel = serial_and_parallel(_affine)
-
-
-@njit(cache=True)
-def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev, x_exp,
-                     eps_shift, use_eps):
-    """Fold running statistics into one (A, B, sh) per channel (Algorithm 1, step 9).
-
-    The running mean is taken to ``f`` fractional bits of the input code (as many as keep
-    |x*2**f - mu| < 2**31), so y = K*(x*2**f - mu_f) + beta with K = gamma/(sigma + eps)*2**-f.
-    """
-    n = gamma_q.shape[0]
-    out = np.zeros((n, 3), dtype=np.int64)
-    to_code = np.int64(RUN_EXP) - x_exp
-    for c in range(n):
-        mum, mue = dy_norm(run_mean[c], to_code)
-        mag = max(np.int64(8), bit_length(mum) + mue + 1) if mum != 0 else np.int64(8)
-        f = max(np.int64(0), np.int64(30) - mag)
-        mu_f = saturate(dy_to_fixed(mum, mue, f), np.int64(1) << np.int64(30))
-        sm, se = dy_norm(max(run_dev[c], np.int64(0)), to_code)
-        if use_eps:
-            sm, se = dy_add(sm, se, np.int64(1) << np.int64(30), eps_shift - 30)
-        if sm == 0:
-            km, ke = np.int64(0), np.int64(0)
-        else:
-            km, ke = dy_mul(*dy_norm(gamma_q[c], gamma_shift), *dy_recip(sm, se))
-        om, oe = dy_norm(beta_q[c], beta_shift)
-        a, b, sh = affine_params(km, ke - f, np.int64(1) << f, mu_f, np.full(1, om),
-                                 np.full(1, oe))
-        out[c, 0] = a
-        out[c, 1] = b[0]
-        out[c, 2] = sh
-    return out
-
-
-#: Running statistics saturate at +-2**44 codes (2**20 in real units at RUN_EXP = -24), so
-#: momentum_q * (new - old) <= 2**16 * 2**45 stays far inside int64.
-RUN_LIMIT = np.int64(1) << np.int64(44)
-
-
-@njit(cache=True)
-def _momentum_step(old, new, momentum_q, lim):
-    """old + momentum*(new - old), momentum = momentum_q / 2**MOMENTUM_BITS, saturated."""
-    old = saturate(old, lim)
-    delta = saturate(new, lim) - old
-    return saturate(old + round_shift(momentum_q * delta, MOMENTUM_BITS), lim)
-
-
-@njit(cache=True)
-def running_update(run_mean, run_dev, stats, m, x_exp, momentum_q):
-    """In-place integer momentum update of the running mean and running L1 deviation."""
-    inv_m = dy_recip(*dy_norm(m, 0))
-    shift = x_exp - np.int64(RUN_EXP)
-    lim = RUN_LIMIT
-    for c in range(run_mean.shape[0]):
-        mean = dy_to_fixed(*dy_mul(*dy_norm(stats[c, ST_SUM], 0), *inv_m), shift)
-        dm, de = dy_mul(*dy_mul(*dy_norm(stats[c, ST_DEV], 0), *inv_m), *inv_m)
-        dev = dy_to_fixed(dm, de, shift)
-        run_mean[c] = _momentum_step(run_mean[c], mean, momentum_q, lim)
-        run_dev[c] = _momentum_step(run_dev[c], dev, momentum_q, lim)
-
-
-# ---------------------------------------------------------------------------------------------
-# 16-bit codes. x and/or dy stored as int16 (9..16-bit codes, |code| <= 2**15) take these
-# kernels; int8 x with int8 dy keeps the kernels above. The statistics and the derivation are
-# the same; what differs (docs/l1bn-integer.md, section 12): wider partial sums, the backward's
-# P formed in two limbs (it reaches 2**77), and the per-element affine is centred,
-# ``y = saturate((A*(x - c) + B) >> sh)``, with c near where the affine crosses zero
-# (:func:`~qkernels.fixedpoint.affine_params_c`), because ``u = m*x - S`` reaches 2**39.
-
-#: int16 codes (|x| <= 2**15) summed into one int32 partial: |partial| <= 2**15 * 2**15 = 2**30.
-BLOCK16W = 1 << 15
-
-
-@njit(cache=True)
-def _sum_range_pass16(x, c, cnt):
-    """S and the smallest and largest code, for int16 codes (int32 partials)."""
-    total = np.int64(0)
-    lo = x[0, c, 0]
-    hi = lo
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        for start in range(0, row.shape[0], BLOCK16W):
-            block = row[start:start + BLOCK16W]
-            part = np.int32(0)
-            for i in range(block.shape[0]):
-                v = block[i]
-                part = np.int32(part + v)
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
-            total += part
-        _tally(cnt, ADD, row.shape[0])
-    return total, np.int64(lo), np.int64(hi)
-
-
-@njit(cache=True)
-def _sign_pass16(x, c, t_lo, t_hi, cnt):
-    """sum(s*x) and sum(s) for int16 codes (thresholds in [-2**15 - 1, 2**15]: int32)."""
-    lo = np.int32(t_lo)
-    hi = np.int32(t_hi)
-    sx = np.int64(0)
-    ss = np.int64(0)
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        for start in range(0, row.shape[0], BLOCK16W):
-            block = row[start:start + BLOCK16W]
-            part_sx = np.int32(0)
-            part_s = np.int32(0)
-            for i in range(block.shape[0]):
-                v = np.int32(block[i])
-                s = np.int32(np.int32(v >= hi) - np.int32(v <= lo))
-                part_sx = np.int32(part_sx + np.int32(s * v))
-                part_s = np.int32(part_s + s)
-            sx += part_sx
-            ss += part_s
-        _tally(cnt, SIGN, row.shape[0])
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, 2 * row.shape[0])
-    return sx, ss
-
-
-@njit(cache=True)
-def _grad_sums_range_pass16(x, g, c, cnt):
-    """sum(g), sum(g*x) and the smallest and largest g, for int8/int16 x and g in any mix:
-    sum(g) in int32 partials (|g| <= 2**15), the products (|g*x| <= 2**30) in int64."""
-    sg = np.int64(0)
-    sgx = np.int64(0)
-    lo = g[0, c, 0]
-    hi = lo
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        grow = g[n, c]
-        for start in range(0, row.shape[0], BLOCK16W):
-            block = row[start:start + BLOCK16W]
-            gblock = grow[start:start + BLOCK16W]
-            part_g = np.int32(0)
-            part_gx = np.int64(0)
-            for i in range(block.shape[0]):
-                gv = gblock[i]
-                part_g = np.int32(part_g + gv)
-                part_gx += np.int64(np.int32(gv) * np.int32(block[i]))
-                lo = gv if gv < lo else lo
-                hi = gv if gv > hi else hi
-            sg += part_g
-            sgx += part_gx
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, 2 * row.shape[0])
-    return sg, sgx, np.int64(lo), np.int64(hi)
 
 
 @njit(cache=True)
@@ -718,9 +317,35 @@ def _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt):
 
 
 @njit(cache=True)
+def _grad_affine_pass(x, g, dx, c, a, b, sh, t_lo, t_hi, q, cnt):
+    """dx = saturate((a*g + b[s+1]) >> sh) with s = sgn(x - mu) selecting the offset (the plain
+    form: int8 x and g)."""
+    narrow = fits_int32(a, max(abs(b[0]), abs(b[1]), abs(b[2])), sh, _code_bound(g))
+    a32, sh32, q32 = np.int32(a), np.int32(sh), np.int32(q)
+    b_neg, b_zero, b_pos = np.int32(b[0]), np.int32(b[1]), np.int32(b[2])
+    lo, hi = np.int32(t_lo), np.int32(t_hi)
+    for n in range(x.shape[0]):
+        row = x[n, c]
+        grow = g[n, c]
+        out = dx[n, c]
+        if narrow:
+            for i in range(row.shape[0]):
+                off = _i32.pick3(np.int32(row[i]), lo, hi, b_neg, b_zero, b_pos)
+                out[i] = _i32.clamp(_i32.mul_add_shr(a32, np.int32(grow[i]), off, sh32), q32)
+        else:
+            for i in range(row.shape[0]):
+                v = row[i]
+                off = b[2] if v >= t_hi else (b[0] if v <= t_lo else b[1])
+                out[i] = saturate((a * np.int64(grow[i]) + off) >> sh, q)
+        _tally(cnt, SIGN, row.shape[0])
+        _tally(cnt, MUL, row.shape[0])
+        _tally(cnt, ADD, row.shape[0])
+
+
+@njit(cache=True)
 def _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, t_lo, t_hi, q, lanes32, window, cnt):
     """dx = saturate((a*(g - cen[s+1]) + b[s+1]) >> sh), s = sgn(x - mu) picking the centre
-    and offset of its affine."""
+    and offset of its affine (the centred form)."""
     a32, sh32, q32 = np.int32(a), np.int32(sh), np.int32(q)
     b_neg, b_zero, b_pos = np.int32(b[0]), np.int32(b[1]), np.int32(b[2])
     c_neg, c_zero, c_pos = np.int32(cen[0]), np.int32(cen[1]), np.int32(cen[2])
@@ -753,91 +378,6 @@ def _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, t_lo, t_hi, q, lanes32, wind
 
 
 @njit(cache=True)
-def _affine_pass16(x, y, c, a, b, sh, q, cnt):
-    """Folded inference on int16 codes: y = saturate((a*x + b) >> sh); the fold (or the check
-    in l1bn_inference) guarantees |a|*2**15 + |b| < 2**63."""
-    narrow = sh <= 30 and abs(a) * (1 << 15) + abs(b) < (np.int64(1) << np.int64(31))
-    a32, b32, sh32, q32 = np.int32(a), np.int32(b), np.int32(sh), np.int32(q)
-    for n in range(x.shape[0]):
-        row = x[n, c]
-        out = y[n, c]
-        if narrow:
-            for i in range(row.shape[0]):
-                out[i] = _i32.clamp(_i32.mul_add_shr(a32, np.int32(row[i]), b32, sh32), q32)
-        else:
-            for i in range(row.shape[0]):
-                out[i] = saturate((a * np.int64(row[i]) + b) >> sh, q)
-        _tally(cnt, MUL, row.shape[0])
-        _tally(cnt, ADD, row.shape[0])
-
-
-# Per-channel arithmetic of the 16-bit kernels (shared with the oracle).
-
-
-@njit(cache=True)
-def forward_params16(s, m, t, rm, re, gamma_q, gamma_shift, beta_q, beta_shift, lo, hi):
-    """(A, B, c, sh) of the training forward for one channel of 16-bit codes in [lo, hi]:
-    y = saturate((A*(x - c) + B) >> sh), centred on c = t = floor(S/m)."""
-    km, ke = dy_mul(*dy_norm(gamma_q * m, gamma_shift), rm, re)
-    if rm == 0:
-        km, ke = np.int64(0), np.int64(0)
-    om, oe = dy_norm(beta_q, beta_shift)
-    a, b, sh = affine_params_c(km, ke, m, s, np.full(1, om), np.full(1, oe),
-                               np.full(1, np.int64(t)), lo, hi)
-    return a, b[0], np.int64(t), sh
-
-
-@njit(cache=True)
-def grad_p_dyadic(s, m, t, sg, sgx):
-    """P = m*sum(g*x) - S*sum(g) (exact, two limbs) as a dyadic, truncated toward zero."""
-    h, lo = grad_p(s, m, t, sg, sgx)
-    return wide_dy_norm(h, lo, 0)
-
-
-@njit(cache=True)
-def backward_params16(s, m, t, sign_sum, rm, re, sg, sgx, glo, ghi, gamma_q, k_shift, im, ie):
-    """(A, [B_neg, B_zero, B_pos], [c_neg, c_zero, c_pos], sh) of equation (20) for one channel
-    with 16-bit x or g (g in [glo, ghi]); dx = saturate((A*(g - c_s) + B_s) >> sh).
-
-    The same affine as :func:`backward_params` (slope K per unit of m*g - sum g, one offset per
-    sign), with P exact in two limbs and each sign's affine centred on the integer nearest its
-    root g* = (sum g - (P/D_eps)*(sum s - m*s))/m, computed with ``1/m ~ im * 2**ie``.
-    """
-    if rm == 0:
-        return (np.int64(0), np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64),
-                np.int64(1))
-    pm, pe = grad_p_dyadic(s, m, t, sg, sgx)
-    prm, pre = dy_mul(pm, pe, rm, re)  # P/D_eps, |.| <= (max g - min g)/2 (+ rounding)
-    km, ke = dy_mul(*dy_norm(gamma_q * m, k_shift), rm, re)
-    kqm, kqe = dy_mul(km, ke, prm, pre)
-    om = np.empty(3, dtype=np.int64)
-    oe = np.empty(3, dtype=np.int64)
-    cen = np.empty(3, dtype=np.int64)
-    sgm, sge = dy_norm(sg, 0)
-    for i in range(3):
-        vm, ve = dy_norm(sign_sum - m * (i - 1), 0)
-        om[i], oe[i] = dy_mul(kqm, kqe, vm, ve)
-        rtm, rte = dy_mul(*dy_add(sgm, sge, *dy_mul(-prm, pre, vm, ve)), im, ie)
-        cen[i] = saturate(dy_to_fixed(rtm, rte, 0), np.int64(CENTRE_MAX))
-    excess = ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0)
-    if excess > 0:
-        ke -= excess
-        for i in range(3):
-            oe[i] -= excess
-    a, b, sh = affine_params_c(km, ke, m, sg, om, oe, cen, glo, ghi)
-    return a, b, cen, sh
-
-
-@njit(cache=True)
-def dgamma_code16(m, pm, pe, rm, re, shift):
-    """round(m*P/D_eps * 2**shift) from P's dyadic (pm, pe)."""
-    if rm == 0 or pm == 0:
-        return np.int64(0)
-    dm, de = dy_mul(*dy_mul(pm, pe, rm, re), *dy_norm(m, 0))
-    return dy_to_fixed(dm, de, shift)
-
-
-@njit(cache=True)
 def _centred_lanes_of(a, b, cen, sh, q, lo, hi):
     """int32 lanes and clamp window for one channel's centred affines over codes [lo, hi]."""
     b_max = np.int64(0)
@@ -848,15 +388,32 @@ def _centred_lanes_of(a, b, cen, sh, q, lo, hi):
     return centred_lanes(a, b_max, d_max, sh, q)
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-channel workers and their serial / parallel drivers. ``wide`` is True when x (forward) or
+# x or dy (backward) holds int16 codes: the centred affine, which needs each channel's range.
+
+
+@njit(cache=True)
+def _inv_m(x, wide, cnt):
+    """1/m as a dyadic (mant, exp) array: one division per call, shared by all channels."""
+    out = np.zeros(2, dtype=np.int64)
+    if wide:
+        out[0], out[1] = dy_recip(*dy_norm(np.int64(x.shape[0] * x.shape[2]), 0))
+        _tally(cnt, DIV, 1)
+    return out
+
+
 @njit(cache=True, inline="always")
-def _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt):
-    """Forward statistics of one channel of int16 codes (always with the range)."""
+def _stats_channel(x, c, inv_m, eps_shift, use_eps, want_range, stats, cnt):
+    """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, and (when
+    ``want_range``) the smallest and largest code."""
     m = np.int64(x.shape[0] * x.shape[2])
-    s, lo, hi = _sum_range_pass16(x, c, cnt)
+    s, lo, hi = _sum_pass(x, c, want_range, cnt)
     t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
-    sx, ss = _sign_pass16(x, c, t_lo, t_hi, cnt)
+    sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
     dev = m * sx - s * ss
     rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
+    # thresholds (2 MUL), D (2 MUL, 1 SUB), epsilon (1 MUL, 1 ADD), reciprocal (1 DIV)
     _tally(cnt, MUL, 4 + use_eps)
     _tally(cnt, ADD, use_eps)
     _tally(cnt, SUB, 1)
@@ -874,51 +431,60 @@ def _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt):
 
 
 @njit(cache=True, inline="always")
-def _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+    """y = gamma*xhat + beta for one channel, from its statistics."""
     m = np.int64(x.shape[0] * x.shape[2])
     st = stats[c]
-    a, b, cen, sh = forward_params16(st[ST_SUM], m, st[ST_THI] - 1, st[ST_RMANT], st[ST_REXP],
-                                     np.int64(gamma_q[c]), gamma_shift, np.int64(beta_q[c]),
-                                     beta_shift, st[ST_MIN], st[ST_MAX])
-    lanes32, window = _centred_lanes_of(a, np.full(1, b), np.full(1, cen), sh, q, st[ST_MIN],
-                                        st[ST_MAX])
-    _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
-    _tally(cnt, MUL, 3)
+    lo, hi = st[ST_MIN], st[ST_MAX]
+    a, b, cen, sh = forward_params(st[ST_SUM], m, st[ST_THI] - 1, st[ST_RMANT], st[ST_REXP],
+                                   np.int64(gamma_q[c]), gamma_shift, np.int64(beta_q[c]),
+                                   beta_shift, lo, hi, wide)
+    if wide:
+        lanes32, window = _centred_lanes_of(a, np.full(1, b), np.full(1, cen), sh, q, lo, hi)
+        _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
+    else:
+        _affine_pass(x, y, c, a, b, sh, q, cnt)
+    _tally(cnt, MUL, 3)  # slope (2), affine (1)
     _tally(cnt, ADD, 2)
     _tally(cnt, SUB, 1)
 
 
-def _forward16(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q,
-               stats, cnt):
-    inv_m = _inv_m(x, cnt)
+# Drivers. With the output exponent given, one region does each channel's statistics and apply
+# (the channel's data is still in cache); to choose it from the range, statistics of all
+# channels come first, then the exponent, then the apply.
+
+
+def _forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, wide,
+             stats, cnt):
+    inv_m = _inv_m(x, True, cnt)
     for c in prange(x.shape[1]):
-        _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
-        _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, wide, stats, cnt)
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt)
 
 
-_forward16_serial, _forward16_parallel = serial_and_parallel(_forward16)
+_forward_serial, _forward_parallel = serial_and_parallel(_forward)
 
 
-def _stats16(x, eps_shift, use_eps, stats, cnt):
-    inv_m = _inv_m(x, cnt)
+def _stats(x, eps_shift, use_eps, stats, cnt):
+    inv_m = _inv_m(x, True, cnt)
     for c in prange(x.shape[1]):
-        _stats16_channel(x, c, inv_m, eps_shift, use_eps, stats, cnt)
+        _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
-_stats16_serial, _stats16_parallel = serial_and_parallel(_stats16)
+_stats_serial, _stats_parallel = serial_and_parallel(_stats)
 
 
-def _apply16(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt):
+def _apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
     for c in prange(x.shape[1]):
-        _apply16_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, stats, cnt)
+        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt)
 
 
-_apply16_serial, _apply16_parallel = serial_and_parallel(_apply16)
+_apply_serial, _apply_parallel = serial_and_parallel(_apply)
 
 
 @njit(cache=True, inline="always")
-def _grad_stats16_channel(x, g, c, gstats, cnt):
-    sg, sgx, lo, hi = _grad_sums_range_pass16(x, g, c, cnt)
+def _grad_stats_channel(x, g, c, want_range, gstats, cnt):
+    sg, sgx, lo, hi = _grad_sums_pass(x, g, c, want_range, cnt)
     gs = gstats[c]
     gs[GS_SUM] = sg
     gs[GS_SUMX] = sgx
@@ -927,126 +493,70 @@ def _grad_stats16_channel(x, g, c, gstats, cnt):
 
 
 @njit(cache=True, inline="always")
-def _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q, dgamma_shift,
-                          dgamma, dbeta, cnt):
+def _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q, dgamma_shift,
+                        dgamma, dbeta, wide, cnt):
     m = np.int64(x.shape[0] * x.shape[2])
     st = stats[c]
     gs = gstats[c]
     t = st[ST_THI] - 1
-    a, b, cen, sh = backward_params16(st[ST_SUM], m, t, st[ST_SIGNSUM], st[ST_RMANT],
-                                      st[ST_REXP], gs[GS_SUM], gs[GS_SUMX], gs[GS_MIN],
-                                      gs[GS_MAX], np.int64(gamma_q[c]), k_shift, inv_m[0],
-                                      inv_m[1])
-    lanes32, window = _centred_lanes_of(a, b, cen, sh, q, gs[GS_MIN], gs[GS_MAX])
-    _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, st[ST_TLO], st[ST_THI], q, lanes32, window,
-                        cnt)
+    a, b, cen, sh = backward_params(st[ST_SUM], m, t, st[ST_SIGNSUM], st[ST_RMANT],
+                                    st[ST_REXP], gs[GS_SUM], gs[GS_SUMX], gs[GS_MIN],
+                                    gs[GS_MAX], np.int64(gamma_q[c]), k_shift, inv_m[0],
+                                    inv_m[1], wide)
+    if wide:
+        lanes32, window = _centred_lanes_of(a, b, cen, sh, q, gs[GS_MIN], gs[GS_MAX])
+        _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, st[ST_TLO], st[ST_THI], q, lanes32,
+                            window, cnt)
+    else:
+        _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
     dbeta[c] = gs[GS_SUM]
     pm, pe = grad_p_dyadic(st[ST_SUM], m, t, gs[GS_SUM], gs[GS_SUMX])
-    dgamma[c] = dgamma_code16(m, pm, pe, st[ST_RMANT], st[ST_REXP], dgamma_shift)
-    # per channel: P (3 MUL, 2 SUB), slopes (4 MUL), three offsets and roots (9 MUL, 6 SUB),
-    # affine (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL)
-    _tally(cnt, MUL, 20)
+    dgamma[c] = dgamma_code(m, pm, pe, st[ST_RMANT], st[ST_REXP], dgamma_shift)
+    # per channel: P (2 MUL, 1 SUB), slopes (4 MUL), three offsets (3 MUL, 3 SUB), affine
+    # (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL); centred: P in two limbs (+1 MUL, +1 SUB) and the
+    # three roots (+6 MUL, +3 SUB)
+    _tally(cnt, MUL, 20 if wide else 13)
     _tally(cnt, ADD, 2)
-    _tally(cnt, SUB, 9)
+    _tally(cnt, SUB, 9 if wide else 5)
 
 
-def _backward16(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                dbeta, cnt):
-    inv_m = _inv_m(x, cnt)
+def _backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, wide,
+              cnt):
+    inv_m = _inv_m(x, wide, cnt)
     for c in prange(x.shape[1]):
-        _grad_stats16_channel(x, g, c, gstats, cnt)
-        _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
-                              dgamma_shift, dgamma, dbeta, cnt)
+        _grad_stats_channel(x, g, c, wide, gstats, cnt)
+        _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
+                            dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
-_backward16_serial, _backward16_parallel = serial_and_parallel(_backward16)
+_backward_serial, _backward_parallel = serial_and_parallel(_backward)
 
 
-def _grad_stats16(x, g, gstats, cnt):
+def _grad_stats(x, g, gstats, cnt):
     for c in prange(x.shape[1]):
-        _grad_stats16_channel(x, g, c, gstats, cnt)
+        _grad_stats_channel(x, g, c, True, gstats, cnt)
 
 
-_grad_stats16_serial, _grad_stats16_parallel = serial_and_parallel(_grad_stats16)
+_grad_stats_serial, _grad_stats_parallel = serial_and_parallel(_grad_stats)
 
 
-def _grad_apply16(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
-                  dbeta, cnt):
-    inv_m = _inv_m(x, cnt)
+def _grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                wide, cnt):
+    inv_m = _inv_m(x, wide, cnt)
     for c in prange(x.shape[1]):
-        _grad_apply16_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
-                              dgamma_shift, dgamma, dbeta, cnt)
+        _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
+                            dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
-_grad_apply16_serial, _grad_apply16_parallel = serial_and_parallel(_grad_apply16)
+_grad_apply_serial, _grad_apply_parallel = serial_and_parallel(_grad_apply)
 
 
-@njit(cache=True)
-def grad_exponent16(stats, gstats, m, gamma_q, k_base, bits):
-    """:func:`grad_exponent` for 16-bit x or g: the same corner bound, with P in two limbs."""
-    top = np.int64(-1 << 20)
-    for c in range(stats.shape[0]):
-        st = stats[c]
-        gs = gstats[c]
-        if st[ST_RMANT] == 0:
-            continue
-        pm, pe = grad_p_dyadic(st[ST_SUM], m, st[ST_THI] - 1, gs[GS_SUM], gs[GS_SUMX])
-        km, ke = dy_mul(*dy_norm(np.int64(gamma_q[c]) * m, k_base), st[ST_RMANT], st[ST_REXP])
-        kqm, kqe = dy_mul(km, ke, *dy_mul(pm, pe, st[ST_RMANT], st[ST_REXP]))
-        for gv in (gs[GS_MIN], gs[GS_MAX]):
-            am, ae = dy_mul(km, ke, *dy_norm(m * gv - gs[GS_SUM], 0))
-            for sgn in (-1, 1):
-                om, oe = dy_mul(kqm, kqe, *dy_norm(st[ST_SIGNSUM] - m * sgn, 0))
-                top = max(top, _magnitude_exp(*dy_add(am, ae, om, oe)))
-    if top < -(1 << 19):
-        return np.int64(k_base)
-    return top - (bits - 1)
-
-
-def _affine16(x, y, params, q, cnt):
+def _affine(x, y, params, q, cnt):
     for c in prange(x.shape[1]):
-        _affine_pass16(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
+        _affine_pass(x, y, c, params[c, 0], params[c, 1], params[c, 2], q, cnt)
 
 
-_affine16_serial, _affine16_parallel = serial_and_parallel(_affine16)
-
-
-@njit(cache=True)
-def inference_params16(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev, x_exp,
-                       eps_shift, use_eps):
-    """:func:`inference_params` for 16-bit input codes: (A, B, sh) per channel with
-    |A|*2**15 + |B| < 2**63, so that y = saturate((A*x + B) >> sh) is exact in int64 for every
-    int16 x.
-
-    The running mean is taken to f = max(0, 30 - max(16, b + 1)) <= 14 fractional bits
-    (|mu| < 2**b codes), so |x*2**f - mu_f| < 2**29 + 2**30, and the affine is
-    :func:`~qkernels.fixedpoint.affine_params_c` centred on 0 over [-2**15, 2**15 - 1]:
-    narrow, or wide with |A| = |Kf|*2**f <= 2**44 and |B| < 2**61.
-    """
-    n = gamma_q.shape[0]
-    out = np.zeros((n, 3), dtype=np.int64)
-    to_code = np.int64(RUN_EXP) - x_exp
-    zero = np.zeros(1, dtype=np.int64)
-    for c in range(n):
-        mum, mue = dy_norm(run_mean[c], to_code)
-        mag = max(np.int64(16), bit_length(mum) + mue + 1) if mum != 0 else np.int64(16)
-        f = max(np.int64(0), np.int64(30) - mag)
-        mu_f = saturate(dy_to_fixed(mum, mue, f), np.int64(1) << np.int64(30))
-        sm, se = dy_norm(max(run_dev[c], np.int64(0)), to_code)
-        if use_eps:
-            sm, se = dy_add(sm, se, np.int64(1) << np.int64(30), eps_shift - 30)
-        if sm == 0:
-            km, ke = np.int64(0), np.int64(0)
-        else:
-            km, ke = dy_mul(*dy_norm(gamma_q[c], gamma_shift), *dy_recip(sm, se))
-        om, oe = dy_norm(beta_q[c], beta_shift)
-        a, b, sh = affine_params_c(km, ke - f, np.int64(1) << f, mu_f, np.full(1, om),
-                                   np.full(1, oe), zero, np.int64(-(1 << 15)),
-                                   np.int64((1 << 15) - 1))
-        out[c, 0] = a
-        out[c, 1] = b[0]
-        out[c, 2] = sh
-    return out
+_affine_serial, _affine_parallel = serial_and_parallel(_affine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1141,7 +651,7 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
 
     Args:
         x: input codes, shape (N, C) or (N, C, H, W), with exponent: int8 (up to 8 bits) or
-            int16 (9..16 bits; the 16-bit kernels, ``docs/l1bn-integer.md`` section 12).
+            int16 (9..16 bits; the centred affine, ``docs/l1bn-integer.md`` section 3).
         gamma, beta: per-channel int32 codes with their exponents.
         out_bits: width of the output codes (2..16; int8 storage up to 8, int16 above).
         out_exp: exponent of the output codes; None chooses it from the output's range
@@ -1169,26 +679,22 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
     y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     q = (1 << (out_bits - 1)) - 1
-    if x3.dtype == np.int8:
-        stats_fn, apply_fn, forward_fn = ((_stats_parallel, _apply_parallel, _forward_parallel)
-                                          if parallel else
-                                          (_stats_serial, _apply_serial, _forward_serial))
-    else:
-        stats_fn, apply_fn, forward_fn = ((_stats16_parallel, _apply16_parallel,
-                                           _forward16_parallel) if parallel else
-                                          (_stats16_serial, _apply16_serial, _forward16_serial))
+    wide = x3.dtype != np.int8
+    stats_fn, apply_fn, forward_fn = ((_stats_parallel, _apply_parallel, _forward_parallel)
+                                      if parallel else
+                                      (_stats_serial, _apply_serial, _forward_serial))
     if out_exp is None:
         stats_fn(x3, eps_shift, use_eps, stats, _NO_COUNT)
         out_exp = check_exp(int(output_exponent(stats, m, gamma.q, gamma.exp, beta.q,
                                                 beta.exp, out_bits)), "out_exp")
         _check_offset(beta, out_exp)
-        apply_fn(x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, stats,
-                 _NO_COUNT)
+        apply_fn(x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, wide,
+                 stats, _NO_COUNT)
     else:
         out_exp = check_exp(out_exp, "out_exp")
         _check_offset(beta, out_exp)
         forward_fn(x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift,
-                   use_eps, q, stats, _NO_COUNT)
+                   use_eps, q, wide, stats, _NO_COUNT)
     cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats)
     return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
 
@@ -1206,7 +712,7 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     Args:
         dy: error codes with the forward output's shape, and their exponent: int8 (up to 8
             bits) or int16 (9..16 bits). Its width is independent of x's; unless both are
-            int8, the 16-bit kernels run (``docs/l1bn-integer.md`` section 12).
+            int8, dx takes the centred affine (``docs/l1bn-integer.md`` section 3).
         cache: the forward's cache.
         dx_bits, dx_exp: width and exponent of the returned error codes; ``dx_exp=None``
             chooses the exponent from a bound of dx's range (:func:`grad_exponent`).
@@ -1236,26 +742,20 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     dgamma = np.empty(n_channels, dtype=np.int64)
     dbeta = np.empty(n_channels, dtype=np.int64)
     q = (1 << (dx_bits - 1)) - 1
-    if cache.x.dtype == np.int8 and g3.dtype == np.int8:
-        exponent_fn = grad_exponent
-        stats_fn, apply_fn, backward_fn = (
-            (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel) if parallel else
-            (_grad_stats_serial, _grad_apply_serial, _backward_serial))
-    else:
-        exponent_fn = grad_exponent16
-        stats_fn, apply_fn, backward_fn = (
-            (_grad_stats16_parallel, _grad_apply16_parallel, _backward16_parallel) if parallel
-            else (_grad_stats16_serial, _grad_apply16_serial, _backward16_serial))
+    wide = cache.x.dtype != np.int8 or g3.dtype != np.int8
+    stats_fn, apply_fn, backward_fn = (
+        (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel) if parallel else
+        (_grad_stats_serial, _grad_apply_serial, _backward_serial))
     if dx_exp is None:
         stats_fn(cache.x, g3, gstats, _NO_COUNT)
-        dx_exp = check_exp(int(exponent_fn(cache.stats, gstats, m, cache.gamma.q, k_base,
-                                           dx_bits)), "dx_exp")
+        dx_exp = check_exp(int(grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base,
+                                             dx_bits)), "dx_exp")
         apply_fn(cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
-                 dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+                 dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
     else:
         dx_exp = check_exp(dx_exp, "dx_exp")
         backward_fn(cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
-                    dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+                    dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
     return (QTensor(_from_ncl(dx3, cache.shape, out), dx_exp), QTensor(dgamma, dgamma_exp),
             QTensor(dbeta, dy.exp))
 
@@ -1298,9 +798,8 @@ def l1bn_fold(gamma: QTensor, beta: QTensor, running_mean: np.ndarray, running_d
     _check_affine(gamma, beta, running_mean.shape[0])
     _check_offset(beta, out_exp)
     eps_shift, use_eps = _eps_shift(eps_log2, x_exp)
-    fold = inference_params if x_bits <= 8 else inference_params16
-    return fold(gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, running_mean,
-                running_dev, x_exp, eps_shift, use_eps)
+    return inference_params(gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
+                            running_mean, running_dev, x_exp, eps_shift, use_eps, x_bits > 8)
 
 
 def _check_fold16(folded: np.ndarray) -> None:
@@ -1326,39 +825,44 @@ def l1bn_inference(x: QTensor, folded: np.ndarray, *, out_bits: int, out_exp: in
     out_bits = check_bits(out_bits, "out_bits")
     x3 = _as_ncl(x.q)
     y3 = _output_ncl(None, "out", x.q.shape, out_bits)
-    if x3.dtype == np.int8:
-        (_affine_parallel if parallel else _affine_serial)(x3, y3, folded, qmax(out_bits),
-                                                           _NO_COUNT)
-    else:
+    if x3.dtype != np.int8:
         _check_fold16(folded)
-        (_affine16_parallel if parallel else _affine16_serial)(x3, y3, folded, qmax(out_bits),
-                                                               _NO_COUNT)
+    (_affine_parallel if parallel else _affine_serial)(x3, y3, folded, qmax(out_bits), _NO_COUNT)
     return QTensor(_from_ncl(y3, x.q.shape, None), check_exp(out_exp, "out_exp"))
 
 
-def count_ops(shape: tuple, eps_log2: int | None = None, seed: int = 0) -> dict[str, dict]:
-    """Operations one L1BN forward and backward perform on int8 input of ``shape``.
+def count_ops(shape: tuple, eps_log2: int | None = None, seed: int = 0, *, x_bits: int = 8,
+              dy_bits: int | None = None) -> dict[str, dict]:
+    """Operations one L1BN forward and backward perform on random codes of ``shape``.
 
-    Runs the serial drivers with the counter on random codes and returns
+    ``x_bits`` and ``dy_bits`` (default ``x_bits``) are the widths of x and dy codes (up to 8:
+    int8, 9..16: int16). Runs the serial drivers with the counter and returns
     ``{"forward": {op: n}, "backward": {op: n}}`` with Table IV's op names.
     """
+    x_bits = check_bits(x_bits, "x_bits")
+    dy_bits = x_bits if dy_bits is None else check_bits(dy_bits, "dy_bits")
     rng = np.random.default_rng(seed)
-    xq = rng.integers(-127, 128, size=shape, dtype=np.int8)
+
+    def codes(bits):
+        q = int(qmax(bits))
+        return rng.integers(-q, q + 1, size=shape).astype(code_dtype(bits))
+
     n_channels = shape[1]
     gamma = QTensor(np.full(n_channels, 1 << 12, dtype=np.int32), -12)
     beta = QTensor(np.zeros(n_channels, dtype=np.int32), -12)
     eps_shift, use_eps = _eps_shift(eps_log2, -4)
-    x3 = _as_ncl(xq)
+    x3 = _as_ncl(codes(x_bits))
     y3 = np.empty_like(x3)
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
     fwd = np.zeros(8, dtype=np.int64)
     _stats_serial(x3, eps_shift, use_eps, stats, fwd)
-    _apply_serial(x3, y3, gamma.q, 8, beta.q, 8, qmax(8), stats, fwd)
-    g3 = rng.integers(-127, 128, size=x3.shape, dtype=np.int8)
+    _apply_serial(x3, y3, gamma.q, 8, beta.q, 8, qmax(8), x3.dtype != np.int8, stats, fwd)
+    g3 = _as_ncl(codes(dy_bits))
+    wide = x3.dtype != np.int8 or g3.dtype != np.int8
     bwd = np.zeros(8, dtype=np.int64)
     gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
     _grad_stats_serial(x3, g3, gstats, bwd)
     _grad_apply_serial(x3, g3, np.empty_like(g3), stats, gstats, gamma.q, 0, qmax(8), 16,
-                       np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), bwd)
+                       np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), wide, bwd)
     return {"forward": dict(zip(OP_NAMES, map(int, fwd))),
             "backward": dict(zip(OP_NAMES, map(int, bwd)))}

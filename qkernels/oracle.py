@@ -5,9 +5,9 @@
   ``np.sum``. They call the spec's per-channel scalar functions (``qkernels.fixedpoint`` and the
   ``*_params`` functions of ``qkernels.l1bn``), so the per-channel arithmetic is defined once;
   the per-element arithmetic here is independent of the kernels'. Kernels must equal these bit
-  for bit. For 16-bit codes (int16 x or dy) the per-element affine is evaluated on Python
-  integers (object arrays), without the kernels' clamp window, and the backward's
-  ``P = m*sum(g*x) - S*sum(g)`` (up to 2**77) is a Python integer too.
+  for bit. For 16-bit codes (int16 x or dy) the centred per-element affine is evaluated on
+  Python integers (object arrays), without the kernels' clamp window; the backward's
+  ``P = m*sum(g*x) - S*sum(g)`` (up to 2**77) is always a Python integer.
 * ``*_float64`` functions evaluate the paper's equations (10, 11, 20) in float64 and round the
   result to the output format; kernels must be within one LSB of them.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from .fixedpoint import MANT_BITS, MOMENTUM_BITS, RUN_EXP, dy_norm, dy_recip, qmax
 from .format import code_dtype
-from .l1bn import (
+from .l1bn_spec import (
     GS_MAX,
     GS_MIN,
     GS_SUM,
@@ -32,16 +32,11 @@ from .l1bn import (
     ST_SIGNSUM,
     ST_SUM,
     backward_params,
-    backward_params16,
     dev_reciprocal,
     dgamma_code,
-    dgamma_code16,
     forward_params,
-    forward_params16,
     grad_exponent,
-    grad_exponent16,
     inference_params,
-    inference_params16,
     mean_thresholds,
     output_exponent,
 )
@@ -116,18 +111,14 @@ def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bit
     if out_exp is None:
         out_exp = int(output_exponent(_stats_array(stats), m, gamma_q, gamma_exp, beta_q,
                                       beta_exp, out_bits))
+    wide = xq.dtype != np.int8
     for c, x in enumerate(rows):
-        if xq.dtype == np.int8:
-            a, b, sh = forward_params(int(stats["sum"][c]), m, int(stats["rmant"][c]),
-                                      int(stats["rexp"][c]), int(gamma_q[c]),
-                                      gamma_exp - out_exp, int(beta_q[c]), beta_exp - out_exp)
-            out[c] = _affine(x, a, b, sh, q)
-        else:  # 16-bit codes: the centred affine, on Python integers
-            a, b, cen, sh = forward_params16(
-                int(stats["sum"][c]), m, int(stats["t_hi"][c]) - 1, int(stats["rmant"][c]),
-                int(stats["rexp"][c]), int(gamma_q[c]), gamma_exp - out_exp, int(beta_q[c]),
-                beta_exp - out_exp, int(stats["min"][c]), int(stats["max"][c]))
-            out[c] = _affine_centred(x, a, b, cen, sh, q)
+        a, b, cen, sh = forward_params(
+            int(stats["sum"][c]), m, int(stats["t_hi"][c]) - 1, int(stats["rmant"][c]),
+            int(stats["rexp"][c]), int(gamma_q[c]), gamma_exp - out_exp, int(beta_q[c]),
+            beta_exp - out_exp, int(stats["min"][c]), int(stats["max"][c]), wide)
+        # 16-bit codes: the centred affine, on Python integers
+        out[c] = _affine_centred(x, a, b, cen, sh, q) if wide else _affine(x, a, b, sh, q)
     return _unchannels(out, xq.shape), out_exp, stats
 
 
@@ -136,45 +127,14 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
     """Integer equation (20); returns (dx codes, dx_exp, dgamma codes, dbeta) as int64.
 
     ``dx_exp=None`` chooses the exponent with the spec's :func:`~qkernels.l1bn.grad_exponent`.
+    P is a Python integer; with 16-bit x or dy the centred affines run on Python integers.
     """
     rows, grows = _channels(xq), _channels(gq)
     m = rows.shape[1]
+    n_channels = rows.shape[0]
     q = int(qmax(dx_bits))
     k_base = gamma_exp + g_exp - x_exp
-    if xq.dtype != np.int8 or gq.dtype != np.int8:
-        return _backward_oracle16(rows, grows, xq.shape, stats, gamma_q, g_exp, dx_bits, dx_exp,
-                                  dgamma_exp, k_base)
-    if dx_exp is None:
-        gstats = np.zeros((rows.shape[0], N_GSTATS), dtype=np.int64)
-        gstats[:, GS_SUM] = grows.sum(axis=1)
-        gstats[:, GS_SUMX] = (grows * rows).sum(axis=1)
-        gstats[:, GS_MIN] = grows.min(axis=1)
-        gstats[:, GS_MAX] = grows.max(axis=1)
-        dx_exp = int(grad_exponent(_stats_array(stats), gstats, m, gamma_q, k_base, dx_bits))
-    k_shift = k_base - dx_exp
-    dx = np.empty_like(rows)
-    dgamma = np.empty(rows.shape[0], dtype=np.int64)
-    dbeta = np.empty(rows.shape[0], dtype=np.int64)
-    for c, (x, g) in enumerate(zip(rows, grows)):
-        s, rm, re, ss = (int(stats[k][c]) for k in ("sum", "rmant", "rexp", "sign_sum"))
-        sg, sgx = int(np.sum(g)), int(np.sum(g * x))
-        a, (b_neg, b_zero, b_pos), sh = backward_params(s, m, ss, rm, re, sg, sgx,
-                                                        int(gamma_q[c]), k_shift)
-        sign = np.sign(m * x - s)
-        offset = np.where(sign > 0, b_pos, np.where(sign < 0, b_neg, b_zero))
-        dx[c] = np.clip((int(a) * g + offset) >> int(sh), -q, q)
-        dbeta[c] = sg
-        dgamma[c] = dgamma_code(m, m * sgx - s * sg, rm, re, g_exp - dgamma_exp)
-    return _unchannels(dx, xq.shape), dx_exp, dgamma, dbeta
-
-
-def _backward_oracle16(rows, grows, shape, stats, gamma_q, g_exp, dx_bits, dx_exp, dgamma_exp,
-                       k_base):
-    """Equation (20) for 16-bit x or dy: P as a Python integer, the centred affines on Python
-    integers."""
-    m = rows.shape[1]
-    q = int(qmax(dx_bits))
-    n_channels = rows.shape[0]
+    wide = xq.dtype != np.int8 or gq.dtype != np.int8
     inv_m = dy_recip(*dy_norm(m, 0))
     sums = [(int(np.sum(g)), int(np.sum(g * x)), int(g.min()), int(g.max()))
             for x, g in zip(rows, grows)]
@@ -182,7 +142,7 @@ def _backward_oracle16(rows, grows, shape, stats, gamma_q, g_exp, dx_bits, dx_ex
         gstats = np.zeros((n_channels, N_GSTATS), dtype=np.int64)
         for c, (sg, sgx, lo, hi) in enumerate(sums):
             gstats[c, [GS_SUM, GS_SUMX, GS_MIN, GS_MAX]] = sg, sgx, lo, hi
-        dx_exp = int(grad_exponent16(_stats_array(stats), gstats, m, gamma_q, k_base, dx_bits))
+        dx_exp = int(grad_exponent(_stats_array(stats), gstats, m, gamma_q, k_base, dx_bits))
     dx = np.empty_like(rows)
     dgamma = np.empty(n_channels, dtype=np.int64)
     dbeta = np.empty(n_channels, dtype=np.int64)
@@ -190,17 +150,20 @@ def _backward_oracle16(rows, grows, shape, stats, gamma_q, g_exp, dx_bits, dx_ex
         s, rm, re, ss = (int(stats[k][c]) for k in ("sum", "rmant", "rexp", "sign_sum"))
         t = int(stats["t_hi"][c]) - 1
         sg, sgx, lo, hi = sums[c]
-        a, b, cen, sh = backward_params16(s, m, t, ss, rm, re, sg, sgx, lo, hi,
-                                          int(gamma_q[c]), k_base - dx_exp, *inv_m)
+        a, b, cen, sh = backward_params(s, m, t, ss, rm, re, sg, sgx, lo, hi, int(gamma_q[c]),
+                                        k_base - dx_exp, *inv_m, wide)
         sign = np.sign(m * x - s)
         j = np.where(sign > 0, 2, np.where(sign < 0, 0, 1))
-        v = (int(a) * (g.astype(object) - np.array([int(c_) for c_ in cen], dtype=object)[j])
-             + np.array([int(b_) for b_ in b], dtype=object)[j]) >> int(sh)
+        if wide:
+            v = (int(a) * (g.astype(object) - np.array([int(c_) for c_ in cen], dtype=object)[j])
+                 + np.array([int(b_) for b_ in b], dtype=object)[j]) >> int(sh)
+        else:
+            v = (int(a) * g + b[j]) >> int(sh)
         dx[c] = np.clip(v, -q, q).astype(np.int64)
         dbeta[c] = sg
         p = m * sgx - s * sg  # Python integers: exact
-        dgamma[c] = dgamma_code16(m, *_dy_norm_int(p), rm, re, g_exp - dgamma_exp)
-    return _unchannels(dx, shape), dx_exp, dgamma, dbeta
+        dgamma[c] = dgamma_code(m, *_dy_norm_int(p), rm, re, g_exp - dgamma_exp)
+    return _unchannels(dx, xq.shape), dx_exp, dgamma, dbeta
 
 
 def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_mean, run_dev,
@@ -210,9 +173,9 @@ def l1bn_inference_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, run_m
     use_eps = eps_log2 is not None
     q = int(qmax(out_bits))
     x_bits = (8 if xq.dtype == np.int8 else 16) if x_bits is None else x_bits
-    fold = inference_params if x_bits <= 8 else inference_params16
-    params = fold(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp, run_mean, run_dev,
-                  x_exp, (eps_log2 - x_exp) if use_eps else 0, use_eps)
+    params = inference_params(gamma_q, gamma_exp - out_exp, beta_q, beta_exp - out_exp, run_mean,
+                              run_dev, x_exp, (eps_log2 - x_exp) if use_eps else 0, use_eps,
+                              x_bits > 8)
     rows = _channels(xq)
     if xq.dtype == np.int8:
         out = np.stack([_affine(x, *params[c], q) for c, x in enumerate(rows)])
