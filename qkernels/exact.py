@@ -180,7 +180,7 @@ def amplification(ch: Channel, gc: GradChannel, gamma_q: int, k_shift: int,
 
 def deviation_amplification(ch: Channel, gc: GradChannel, gamma_q: int, k_shift: int,
                             eps_shift: int | None) -> Fraction:
-    """a' = |K_b| m (max g - min g) (docs section 12)."""
+    """a' = |K_b| m (max g - min g) (docs section 5, int16 codes)."""
     kb = backward_slope(ch, gamma_q, k_shift, eps_shift)
     return abs(kb) * ch.m * (gc.g_max - gc.g_min)
 
@@ -233,11 +233,11 @@ def code_window(exact: Fraction, bound: Fraction, q: int) -> tuple[int, int]:
 FORWARD8 = Fraction(73, 1000)
 #: int8 backward, narrow form (section 5).
 BACKWARD8_NARROW = Fraction(9, 100)
-#: 16-bit forward, narrow (section 12).
+#: 16-bit forward, narrow (section 5, int16 codes).
 FORWARD16_NARROW = Fraction(8, 100)
-#: 16-bit backward, narrow (section 12).
+#: 16-bit backward, narrow (section 5, int16 codes).
 BACKWARD16_NARROW = Fraction(1, 10)
-#: 16-bit forward, every output that is neither saturated nor clamped (section 12).
+#: 16-bit forward, every output that is neither saturated nor clamped (section 5).
 FORWARD16 = Fraction(27, 100)
 
 
@@ -250,13 +250,13 @@ def backward8_bound(a: Fraction) -> Fraction | None:
 
 
 def forward16_bound(k: Fraction, u: int, sh: int) -> Fraction:
-    """16-bit forward at u = m x - S (section 12): narrow < 0.08; wide
+    """16-bit forward at u = m x - S (section 5, int16 codes): narrow < 0.08; wide
     8.5 eps0 |K u| + 2**-(sh+1), plus |u| 2**-(sh+1) when sh is held below -ke-1 (K's
     rounding to Kf; ke is K's dyadic exponent)."""
     wide = Fraction(17, 2) * EPS0 * abs(k * u) + pow2(-(sh + 1))
     if k and sh < -(_dyadic_exponent(k)) - 1:
         wide += abs(u) * pow2(-(sh + 1))
-    # whatever sh the kernel chose, section 12 promises E < 0.27 (sh >= 40 where this term
+    # whatever sh the kernel chose, section 5 promises E < 0.27 (sh >= 40 where this term
     # matters): a lower sh must not widen its own tolerance
     return min(max(FORWARD16_NARROW, wide), FORWARD16)
 
@@ -271,7 +271,7 @@ def _dyadic_exponent(v: Fraction) -> int:
 
 
 def backward16_bound(a_dev: Fraction, q: int) -> Fraction | None:
-    """16-bit backward (section 12): narrow < 0.1; wide
+    """16-bit backward (section 5, int16 codes): narrow < 0.1; wide
     8.5 eps0 (a' + q + 1) + 17 eps0 a' + 2**-9 + 2**-6; promised for a' <= 2**24."""
     if a_dev > 2**24:
         return None
@@ -279,7 +279,7 @@ def backward16_bound(a_dev: Fraction, q: int) -> Fraction | None:
     return max(BACKWARD16_NARROW, wide)
 
 
-#: dgamma (sections 4, 5 and 12): relative error below 8.5 eps0, plus half a code.
+#: dgamma (sections 4 and 5): relative error below 8.5 eps0, plus half a code.
 DGAMMA_REL = Fraction(17, 2) * EPS0
 
 

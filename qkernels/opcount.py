@@ -2,7 +2,10 @@ r"""Operation counts of batch normalization and the paper's ASIC cost estimate (
 
 Three sources of counts, all as ``{op: n}`` with Table IV's op names (:data:`OPS`):
 
-* the int8 L1BN kernels, as they actually run (:func:`qkernels.l1bn.count_ops`);
+* the L1BN kernels, as they actually run (:func:`qkernels.l1bn.count_ops`): on int8 codes, or
+  with ``x_bits``/``dy_bits`` on int16 ones (the centred affine's extra SUB per element and,
+  in the backward, its per-channel roots and one DIV per call); :func:`bn_report` and its
+  tables count int8 codes, the datatype of Table IV's costs;
 * a counted reference L2BN (:func:`l2bn_reference`, :func:`count_ops_l2bn`): a plain per-element
   float64 implementation of equations (4)-(8) whose loops tally with the kernels' scheme;
 * Table IV's formulas in ``m`` (values per channel, N*H*W) and ``c`` (channels)

@@ -64,7 +64,9 @@ def test_cited_figures_equal_the_run(doc, name, para):
 def test_worked_example_prints_what_the_docs_show():
     """docs/l1bn-integer.md section 11: the script, run as written, prints the output shown."""
     text = (ROOT / "docs" / "l1bn-integer.md").read_text()
-    section = text[text.index("## 11. Worked example"):text.index("## 12.")]
+    start = text.index("## 11. Worked example")
+    end = text.find("\n## ", start + 1)
+    section = text[start:] if end < 0 else text[start:end]
     script = re.search(r"<<'EOF'\n(.*?)\nEOF\n", section, re.S).group(1)
     shown = re.search(r"Output:\n\n```\n(.*?)```", section, re.S).group(1)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,

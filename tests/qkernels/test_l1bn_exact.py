@@ -1,7 +1,8 @@
-"""Every per-channel L1BN function (int8 and 16-bit) against exact rational arithmetic.
+"""Every per-channel L1BN function (int8 and 16-bit codes) against exact rational arithmetic.
 
 The kernels and the numpy oracle share these functions (``qkernels.fixedpoint`` and the
-``*_params``/``*_exponent``/``*_code`` functions of ``qkernels.l1bn``), so kernel == oracle cannot
+``*_params``/``*_exponent``/``*_code`` functions of ``qkernels.l1bn_spec``, one of each for both
+widths: ``centred=True`` selects the 16-bit form), so kernel == oracle cannot
 see a fault in them. Here each result is compared with the exact value of what it stands for
 (``qkernels.exact``: Python integers and ``Fraction``) and must lie within its documented bound
 (``docs/l1bn-integer.md``, cited per check) and be rounded in the documented direction: truncated
@@ -35,6 +36,7 @@ from qkernels.fixedpoint import (
     floor_div_by_recip,
     round_shift,
 )
+from qkernels.l1bn_spec import RUN_LIMIT
 from qkernels.l1bn import (
     GS_MAX,
     GS_MIN,
@@ -42,7 +44,6 @@ from qkernels.l1bn import (
     GS_SUMX,
     N_GSTATS,
     N_STATS,
-    RUN_LIMIT,
     ST_DEV,
     ST_MAX,
     ST_MIN,
@@ -53,17 +54,12 @@ from qkernels.l1bn import (
     ST_THI,
     ST_TLO,
     backward_params,
-    backward_params16,
     dev_reciprocal,
     dgamma_code,
-    dgamma_code16,
     forward_params,
-    forward_params16,
     grad_exponent,
-    grad_exponent16,
     grad_p_dyadic,
     inference_params,
-    inference_params16,
     mean_thresholds,
     output_exponent,
     running_update,
@@ -325,16 +321,19 @@ def test_dev_reciprocal_within_bound(wide):
     check_dev_reciprocal(forward_cases(wide))
 
 
-# --- forward parameters (sections 2, 3, 5 and 12) -----------------------------------------------
+# --- forward parameters (sections 2, 3 and 5) ---------------------------------------------------
 
 
 def check_forward_params(cases, fn=forward_params, bias=True):
-    """int8: (A x + B)/2**sh - 1/2 within 0.073 LSB of the exact y for every code with
-    |K u| <= 2**21 (section 5); beyond, the sign is right and the value saturates at any width."""
+    """int8 (plain form, c = 0): (A x + B)/2**sh - 1/2 within 0.073 LSB of the exact y for every
+    code with |K u| <= 2**21 (section 5); beyond, the sign is right and the value saturates at
+    any width."""
     errs = Errors()
     for _, ch, eps_shift, gq, gs, bq, bs in cases:
         rm, re = reciprocal(ch, eps_shift)
-        a, b, sh = (int(v) for v in fn(ch.s, ch.m, rm, re, gq, gs, bq, bs))
+        a, b, c, sh = (int(v) for v in fn(ch.s, ch.m, ch.s // ch.m, rm, re, gq, gs, bq, bs,
+                                          -128, 127, False))
+        assert c == 0
         k = exact.forward_slope(ch, gq, gs, eps_shift)
         for v in range(-128, 128):
             y = exact.forward_value(ch, v, gq, gs, bq, bs, eps_shift)
@@ -346,16 +345,17 @@ def check_forward_params(cases, fn=forward_params, bias=True):
     errs.unbiased(0.01, "forward_params", bias=bias)
 
 
-def check_forward_params16(cases, fn=forward_params16, bias=True):
-    """16-bit: (A (x - c) + B)/2**sh - 1/2 within section 12's bound of the exact y, over the
-    channel's range [lo, hi], for every output that does not saturate at 16 bits."""
+def check_forward_params_centred(cases, fn=forward_params, bias=True):
+    """16-bit (centred form): (A (x - c) + B)/2**sh - 1/2 within section 5's 16-bit bound of
+    the exact y, over the channel's range [lo, hi], for every output that does not saturate at
+    16 bits."""
     errs = Errors()
     rng = np.random.default_rng(1)
     for x, ch, eps_shift, gq, gs, bq, bs in cases:
         rm, re = reciprocal(ch, eps_shift)
         lo, hi = min(ch.values), max(ch.values)
         a, b, c, sh = (int(v) for v in fn(ch.s, ch.m, ch.s // ch.m, rm, re, gq, gs, bq, bs,
-                                          lo, hi))
+                                          lo, hi, True))
         k = exact.forward_slope(ch, gq, gs, eps_shift)
         for v in some_codes(lo, hi, rng, ch.values[:50]):
             y = exact.forward_value(ch, v, gq, gs, bq, bs, eps_shift)
@@ -366,22 +366,23 @@ def check_forward_params16(cases, fn=forward_params16, bias=True):
             if abs(k * (ch.m * v - ch.s)) > 2**21:
                 continue
             errs.add(got - y, exact.forward16_bound(k, ch.m * v - ch.s, sh),
-                     f"forward_params16 at x={v}")
-    errs.unbiased(0.01, "forward_params16", bias=bias)
+                     f"forward_params (centred) at x={v}")
+    errs.unbiased(0.01, "forward_params (centred)", bias=bias)
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("wide", [False, True])
 def test_forward_params_within_bound_and_unbiased(wide, seed):
-    (check_forward_params16 if wide else check_forward_params)(forward_cases(wide, seed=seed))
+    (check_forward_params_centred if wide else check_forward_params)(forward_cases(wide, seed=seed))
 
 
-# --- backward parameters and dgamma (sections 4, 5 and 12) ---------------------------------------
+# --- backward parameters and dgamma (sections 4 and 5) -------------------------------------------
 
 
 def check_backward_params(cases, fn=backward_params, bias=True):
-    """int8: (A g + B_s)/2**sh - 1/2 within section 5's bound of equation (20), for every g in
-    the channel's range and every sign, where the amplification a <= 2**23."""
+    """int8 (plain form, c_s = 0): (A g + B_s)/2**sh - 1/2 within section 5's bound of equation
+    (20), for every g in the channel's range and every sign, where the amplification
+    a <= 2**23."""
     errs = Errors()
     checked = 0
     for _, g, ch, gc, eps_shift, gq, k_shift in cases:
@@ -390,8 +391,10 @@ def check_backward_params(cases, fn=backward_params, bias=True):
             continue
         checked += 1
         rm, re = reciprocal(ch, eps_shift)
-        a, b, sh = fn(ch.s, ch.m, ch.sign_sum, rm, re, gc.sg, gc.sgx, gq, k_shift)
+        a, b, c, sh = fn(ch.s, ch.m, ch.s // ch.m, ch.sign_sum, rm, re, gc.sg, gc.sgx,
+                         gc.g_min, gc.g_max, gq, k_shift, *inv_m(ch.m), False)
         a, sh, b = int(a), int(sh), [int(v) for v in b]
+        assert not np.any(c)
         if ch.d_eps(eps_shift) == 0:  # constant channel: no error passes (section 2)
             assert all((a * gv + bj) >> sh == 0 for gv in (gc.g_min, gc.g_max) for bj in b)
             continue
@@ -404,9 +407,9 @@ def check_backward_params(cases, fn=backward_params, bias=True):
     errs.unbiased(0.01, "backward_params", bias=bias)
 
 
-def check_backward_params16(cases, fn=backward_params16, bias=True):
-    """16-bit: (A (g - c_s) + B_s)/2**sh - 1/2 within section 12's bound, where a' <= 2**24,
-    for every output that does not saturate at 16 bits."""
+def check_backward_params_centred(cases, fn=backward_params, bias=True):
+    """16-bit (centred form): (A (g - c_s) + B_s)/2**sh - 1/2 within section 5's 16-bit bound,
+    where a' <= 2**24, for every output that does not saturate at 16 bits."""
     errs = Errors()
     rng = np.random.default_rng(2)
     checked = 0
@@ -418,9 +421,9 @@ def check_backward_params16(cases, fn=backward_params16, bias=True):
         checked += 1
         rm, re = reciprocal(ch, eps_shift)
         a, b, c, sh = fn(ch.s, ch.m, ch.s // ch.m, ch.sign_sum, rm, re, gc.sg, gc.sgx,
-                         gc.g_min, gc.g_max, gq, k_shift, *inv_m(ch.m))
+                         gc.g_min, gc.g_max, gq, k_shift, *inv_m(ch.m), True)
         a, sh, b, c = int(a), int(sh), [int(v) for v in b], [int(v) for v in c]
-        if ch.d_eps(eps_shift) == 0:  # constant channel: no error passes (section 12)
+        if ch.d_eps(eps_shift) == 0:  # constant channel: no error passes (section 2)
             assert all((a * (gv - cj) + bj) >> sh == 0 for gv in (gc.g_min, gc.g_max)
                        for bj, cj in zip(b, c))
             continue
@@ -430,23 +433,20 @@ def check_backward_params16(cases, fn=backward_params16, bias=True):
                 if abs(y) > 2**15:
                     continue
                 got = Fraction(a * (gv - c[s + 1]) + b[s + 1], 2**sh) - HALF
-                errs.add(got - y, bound, f"backward_params16 at g={gv}, s={s}")
+                errs.add(got - y, bound, f"backward_params (centred) at g={gv}, s={s}")
     assert checked >= len(cases) // 2
-    errs.unbiased(0.01, "backward_params16", bias=bias)
+    errs.unbiased(0.01, "backward_params (centred)", bias=bias)
 
 
-def check_dgamma(cases, fn=dgamma_code, wide=False, bias=True):
-    """round(m P / D_eps * 2**shift): within 1/2 code plus 8.5 eps0 relative (section 4), and
-    unbiased."""
+def check_dgamma(cases, fn=dgamma_code, bias=True):
+    """round(m P / D_eps * 2**shift), from P's dyadic: within 1/2 code plus 8.5 eps0 relative
+    (section 4), and unbiased."""
     errs = Errors()
     for shift in (-16, -3, 0, 9):
         for _, g, ch, gc, eps_shift, *_ in cases:
             rm, re = reciprocal(ch, eps_shift)
-            if wide:
-                pm, pe = grad_p_dyadic(ch.s, ch.m, ch.s // ch.m, gc.sg, gc.sgx)
-                code = int(fn(ch.m, pm, pe, rm, re, shift))
-            else:
-                code = int(fn(ch.m, gc.p, rm, re, shift))
+            pm, pe = grad_p_dyadic(ch.s, ch.m, ch.s // ch.m, gc.sg, gc.sgx)
+            code = int(fn(ch.m, pm, pe, rm, re, shift))
             z = exact.dgamma_value(ch, gc, shift, eps_shift)
             errs.add(code - z, HALF + exact.DGAMMA_REL * abs(z), f"dgamma at shift {shift}",
                      record=abs(z) < 2**20)
@@ -457,18 +457,24 @@ def check_dgamma(cases, fn=dgamma_code, wide=False, bias=True):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("wide", [False, True])
 def test_backward_params_within_bound_and_unbiased(wide, seed):
-    (check_backward_params16 if wide else check_backward_params)(backward_cases(wide, seed=seed))
+    check = check_backward_params_centred if wide else check_backward_params
+    check(backward_cases(wide, seed=seed))
 
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_dgamma_code_within_bound_and_unbiased(wide):
-    check_dgamma(backward_cases(wide, n=80), dgamma_code16 if wide else dgamma_code, wide)
+    check_dgamma(backward_cases(wide, n=80))
 
 
-def test_grad_p_dyadic_truncates_the_exact_p():
-    """P = m sum(g x) - S sum(g), exact in two limbs (up to 2**77), truncated toward zero."""
-    for _, _, ch, gc, *_ in backward_cases(True, n=60):
-        check_truncated(*grad_p_dyadic(ch.s, ch.m, ch.s // ch.m, gc.sg, gc.sgx), Fraction(gc.p))
+@pytest.mark.parametrize("wide", [False, True])
+def test_grad_p_dyadic_truncates_the_exact_p(wide):
+    """P = m sum(g x) - S sum(g), exact in two limbs (up to 2**77 for 16-bit codes), truncated
+    toward zero; for int8 codes exactly dy_norm(P, 0)."""
+    for _, _, ch, gc, *_ in backward_cases(wide, n=60):
+        pm, pe = grad_p_dyadic(ch.s, ch.m, ch.s // ch.m, gc.sg, gc.sgx)
+        check_truncated(pm, pe, Fraction(gc.p))
+        if not wide:
+            assert (pm, pe) == tuple(dy_norm(gc.p, 0))
 
 
 # --- the largest channels (m up to M_MAX = 2**23, section 6) -------------------------------------
@@ -516,12 +522,12 @@ def test_largest_channels_within_bounds(wide):
     check_mean_thresholds(fwd)
     check_dev_reciprocal(fwd)
     if wide:
-        check_forward_params16(fwd, bias=False)
-        check_backward_params16(bwd, bias=False)
+        check_forward_params_centred(fwd, bias=False)
+        check_backward_params_centred(bwd, bias=False)
     else:
         check_forward_params(fwd, bias=False)
         check_backward_params(bwd, bias=False)
-    check_dgamma(bwd, dgamma_code16 if wide else dgamma_code, wide, bias=False)
+    check_dgamma(bwd, bias=False)
     check_running_update(fwd, x_exp=-12 if wide else -4, bias=False)
 
 
@@ -616,7 +622,7 @@ def test_output_exponent_puts_the_largest_output_in_the_top_half(wide):
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_grad_exponent_puts_the_largest_corner_in_the_top_half(wide):
-    check_grad_exponent(layer_cases(wide), grad_exponent16 if wide else grad_exponent, wide)
+    check_grad_exponent(layer_cases(wide), wide=wide)
 
 
 # --- running statistics and folded inference (section 7) -----------------------------------------
@@ -679,7 +685,7 @@ def check_inference_params(n_layers=30, fn=inference_params, wide=False):
         eps_shift = None if rng.random() < 0.5 else int(rng.integers(-24, 0)) - x_exp
         gs, bs = -12 - int(rng.integers(-16, -2)), int(rng.integers(-6, 6))
         rows = fn(gamma_q, gs, beta_q, bs, mean, dev, x_exp,
-                  0 if eps_shift is None else eps_shift, eps_shift is not None)
+                  0 if eps_shift is None else eps_shift, eps_shift is not None, wide)
         to_code = RUN_EXP - x_exp
         lo_code, hi_code = (-(2**15), 2**15 - 1) if wide else (-128, 127)
         for i in range(c):
@@ -718,7 +724,7 @@ def test_running_update_within_bound_and_exact_momentum():
 
 @pytest.mark.parametrize("wide", [False, True])
 def test_inference_params_within_bound_and_unbiased(wide):
-    check_inference_params(fn=inference_params16 if wide else inference_params, wide=wide)
+    check_inference_params(wide=wide)
 
 
 # --- positive controls: biased variants of the real functions must be flagged --------------------
@@ -768,19 +774,18 @@ CONTROLS = {
         forward_cases(False), half_bit_off_variant(forward_params)),
     "forward_params 1/8 LSB bias": lambda: check_forward_params(
         forward_cases(False), small_bias_variant(forward_params)),
-    "forward_params16 floor": lambda: check_forward_params16(
-        forward_cases(True), floor_variant(forward_params16, b_index=1)),
+    "forward_params centred floor": lambda: check_forward_params_centred(
+        forward_cases(True), floor_variant(forward_params, b_index=1)),
     "backward_params floor": lambda: check_backward_params(
         backward_cases(False), floor_variant(backward_params)),
-    "backward_params16 floor": lambda: check_backward_params16(
-        backward_cases(True), floor_variant(backward_params16)),
+    "backward_params centred floor": lambda: check_backward_params_centred(
+        backward_cases(True), floor_variant(backward_params)),
     "dgamma_code one shift low, floored": lambda: check_dgamma(
         backward_cases(False, n=80),
-        lambda m, p, rm, re, shift: dgamma_code(m, p, rm, re, shift + 1) >> 1),
-    "dgamma_code16 one shift low, floored": lambda: check_dgamma(
+        lambda m, pm, pe, rm, re, shift: dgamma_code(m, pm, pe, rm, re, shift + 1) >> 1),
+    "dgamma_code 16-bit one shift low, floored": lambda: check_dgamma(
         backward_cases(True, n=80),
-        lambda m, pm, pe, rm, re, shift: dgamma_code16(m, pm, pe, rm, re, shift + 1) >> 1,
-        wide=True),
+        lambda m, pm, pe, rm, re, shift: dgamma_code(m, pm, pe, rm, re, shift + 1) >> 1),
     "dev_reciprocal with a 19-bit mantissa": lambda: check_dev_reciprocal(
         forward_cases(False), lambda *a: ((dev_reciprocal(*a)[0] >> 12) << 12,
                                           dev_reciprocal(*a)[1])),
@@ -793,12 +798,12 @@ CONTROLS = {
         layer_cases(False), lambda *a: output_exponent(*a) - 1),
     "grad_exponent one high": lambda: check_grad_exponent(
         layer_cases(False), lambda *a: grad_exponent(*a) + 1),
-    "grad_exponent16 one low": lambda: check_grad_exponent(
-        layer_cases(True), lambda *a: grad_exponent16(*a) - 1, wide=True),
+    "grad_exponent 16-bit one low": lambda: check_grad_exponent(
+        layer_cases(True), lambda *a: grad_exponent(*a) - 1, wide=True),
     "inference_params floor": lambda: check_inference_params(
         fn=rows_floor_variant(inference_params)),
-    "inference_params16 floor": lambda: check_inference_params(
-        fn=rows_floor_variant(inference_params16), wide=True),
+    "inference_params 16-bit floor": lambda: check_inference_params(
+        fn=rows_floor_variant(inference_params), wide=True),
     "running_update one code low": lambda: check_running_update(
         forward_cases(False, n=60), _one_code_low(running_update)),
 }

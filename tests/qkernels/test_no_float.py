@@ -84,42 +84,25 @@ HELPERS = {
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
         "qkernels.optim._encode_all", "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
-    "qkernels.l1bn._apply16_channel": (
-        "qkernels.l1bn._apply16_parallel", "qkernels.l1bn._apply16_serial",
-        "qkernels.l1bn._forward16_parallel", "qkernels.l1bn._forward16_serial"),
     "qkernels.l1bn._apply_channel": (
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
-    "qkernels.l1bn._grad_apply16_channel": (
-        "qkernels.l1bn._backward16_parallel", "qkernels.l1bn._backward16_serial",
-        "qkernels.l1bn._grad_apply16_parallel", "qkernels.l1bn._grad_apply16_serial"),
     "qkernels.l1bn._grad_apply_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_apply_parallel", "qkernels.l1bn._grad_apply_serial"),
-    "qkernels.l1bn._grad_stats16_channel": (
-        "qkernels.l1bn._backward16_parallel", "qkernels.l1bn._backward16_serial",
-        "qkernels.l1bn._grad_stats16_parallel", "qkernels.l1bn._grad_stats16_serial"),
     "qkernels.l1bn._grad_stats_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_stats_parallel", "qkernels.l1bn._grad_stats_serial"),
-    "qkernels.l1bn._stats16_channel": (
-        "qkernels.l1bn._forward16_parallel", "qkernels.l1bn._forward16_serial",
-        "qkernels.l1bn._stats16_parallel", "qkernels.l1bn._stats16_serial"),
     "qkernels.l1bn._stats_channel": (
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial",
         "qkernels.l1bn._stats_parallel", "qkernels.l1bn._stats_serial"),
     "qkernels.l1bn._tally": (
-        "qkernels.l1bn._affine_pass", "qkernels.l1bn._affine_pass16",
-        "qkernels.l1bn._affine_pass_c", "qkernels.l1bn._apply16_channel",
+        "qkernels.l1bn._affine_pass", "qkernels.l1bn._affine_pass_c",
         "qkernels.l1bn._apply_channel", "qkernels.l1bn._grad_affine_pass",
-        "qkernels.l1bn._grad_affine_pass_c", "qkernels.l1bn._grad_apply16_channel",
-        "qkernels.l1bn._grad_apply_channel", "qkernels.l1bn._grad_sums_pass",
-        "qkernels.l1bn._grad_sums_range_pass", "qkernels.l1bn._grad_sums_range_pass16",
-        "qkernels.l1bn._inv_m", "qkernels.l1bn._sign_pass", "qkernels.l1bn._sign_pass16",
-        "qkernels.l1bn._stats16_channel", "qkernels.l1bn._stats_channel",
-        "qkernels.l1bn._sum_pass", "qkernels.l1bn._sum_range_pass",
-        "qkernels.l1bn._sum_range_pass16", "qkernels.opcount._l2bn_backward",
-        "qkernels.opcount._l2bn_forward"),
+        "qkernels.l1bn._grad_affine_pass_c", "qkernels.l1bn._grad_apply_channel",
+        "qkernels.l1bn._grad_sums_pass", "qkernels.l1bn._inv_m", "qkernels.l1bn._sign_pass",
+        "qkernels.l1bn._stats_channel", "qkernels.l1bn._sum_pass",
+        "qkernels.opcount._l2bn_backward", "qkernels.opcount._l2bn_forward"),
     "qkernels.optim._grad_shifts": ("qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
     "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
     "qkernels.quant.saturate_count": (
@@ -192,6 +175,16 @@ def inspect_signatures(dispatcher: Dispatcher) -> dict[str, dict]:
         result[str(sig)] = {"floats": sorted(set(FLOAT_IR.findall(ir))),
                             "gufunc": "parfor_gufunc" in ir, "defines": ir.count("define ")}
     return result
+
+
+def is_overload_impl(obj) -> bool:
+    """A dispatcher Numba made for the implementation a ``numba.extending.overload`` function
+    returns (``qkernels.l1bn._part_jit.<locals>.<lambda>``, say): bound in no module's globals,
+    its typing function is a plain module-level function of its module."""
+    outer, sep, _ = obj.py_func.__qualname__.partition(".<locals>.")
+    home = sys.modules.get(obj.py_func.__module__ or "")
+    fn = getattr(home, outer, None) if sep else None
+    return callable(fn) and not _is_dispatcher(fn)
 
 
 def report_entries(found: dict[str, Dispatcher]) -> dict[str, dict]:
@@ -374,10 +367,15 @@ def _compile_and_inspect(out_path: str, full: bool) -> None:
         times[part.__name__] = round(time.perf_counter() - start, 1)
     found = enumerate_dispatchers(qkernels_modules())
     known = {id(d) for d in found.values()}
-    stray = sorted(f"{o.py_func.__module__}.{o.py_func.__qualname__}" for o in gc.get_objects()
-                   if _is_dispatcher(o) and id(o) not in known
-                   and (o.py_func.__module__ or "").split(".")[0] == "qkernels")
-    report = {"times": times, "stray": stray,
+    unbound = [o for o in gc.get_objects() if _is_dispatcher(o) and id(o) not in known
+               and (o.py_func.__module__ or "").split(".")[0] == "qkernels"]
+    stray = sorted(f"{o.py_func.__module__}.{o.py_func.__qualname__}" for o in unbound
+                   if not is_overload_impl(o))
+    # overload implementations (the dtype-specialising helpers of qkernels.l1bn): inlined into
+    # their callers, and their own IR is checked too
+    overloads = [{"name": f"{o.py_func.__module__}.{o.py_func.__qualname__}",
+                  "signatures": inspect_signatures(o)} for o in unbound if is_overload_impl(o)]
+    report = {"times": times, "stray": stray, "overloads": overloads,
               "dispatchers": report_entries(found)}
     with open(out_path, "w") as f:
         json.dump(report, f)
@@ -451,6 +449,16 @@ def test_every_dispatcher_is_enumerated(compiled):
             False, True], names
     twins = [n for n, d in DISPATCHERS.items() if d.py_func.__name__ != d.py_func.__code__.co_name]
     assert len(pairs) == len(twins) > 0
+
+
+def test_overload_implementations_have_no_floating_point(compiled):
+    """The implementations Numba compiled for qkernels' ``@overload`` helpers (outside every
+    module's globals, so not enumerated) use integers only too."""
+    entries = compiled["overloads"]
+    assert any(e["name"].startswith("qkernels.l1bn._part_jit.") for e in entries)
+    found = [f"{e['name']}{sig}: {info['floats']}" for e in entries
+             for sig, info in e["signatures"].items() if info["floats"] or not info["defines"]]
+    assert not found, "\n".join(found)
 
 
 @pytest.mark.parametrize("name", sorted(DISPATCHERS))

@@ -1,4 +1,5 @@
-"""Operation counts (int8 L1BN kernels, counted reference L2BN, Table IV) and the ASIC estimate."""
+"""Operation counts (L1BN kernels on int8 and int16 codes, counted reference L2BN, Table IV) and
+the ASIC estimate."""
 
 import json
 import subprocess
@@ -80,7 +81,8 @@ def test_table4_costs_are_the_papers():
 
 
 # ---------------------------------------------------------------------------------------------
-# The int8 L1BN kernels' counts, derived from the _tally calls in qkernels/l1bn.py.
+# The L1BN kernels' counts, derived from the _tally calls in qkernels/l1bn.py: int8 codes, and
+# what the centred affine (x or dy int16, docs/l1bn-integer.md section 3) adds.
 
 # forward per element: sum pass ADD; sign pass SIGN, MUL (s*x), 2 ADD; output pass MUL, ADD
 KERNEL_FWD_ELEM = counts(SIGN=1, ADD=4, MUL=2)
@@ -90,42 +92,93 @@ KERNEL_FWD_CALL = counts(DIV=1)  # 1/m, once per call
 # backward per element: sums pass MUL (g*x), 2 ADD; dx pass SIGN, MUL, ADD
 KERNEL_BWD_ELEM = counts(SIGN=1, ADD=3, MUL=2)
 KERNEL_BWD_CHAN = counts(ADD=2, SUB=5, MUL=13)
+KERNEL_BWD_CALL = counts()
+# centred affine, forward (int16 x): the SUB of x - c per element
+CENTRED_FWD_ELEM = counts(SUB=1)
+# centred affine, backward (int16 x or dy): the SUB of g - c_s per element; per channel P in
+# two limbs (1 MUL, 1 SUB) and the three roots c_s (6 MUL, 3 SUB); per call the 1/m of the
+# roots (1 DIV)
+CENTRED_BWD_ELEM = counts(SUB=1)
+CENTRED_BWD_CHAN = counts(MUL=7, SUB=4)
+CENTRED_BWD_CALL = counts(DIV=1)
+
+#: (x_bits, dy_bits): int8, int16, and the two mixes; the backward is centred unless both are
+#: int8, the forward when x is int16.
+WIDTHS = [(8, 8), (16, 16), (8, 16), (16, 8), (12, 4)]
 
 
-def kernel_formula(m, c, eps=False):
-    fwd = add(add(scale(KERNEL_FWD_ELEM, m * c), scale(KERNEL_FWD_CHAN, c)), KERNEL_FWD_CALL)
+def per_element(x_bits=8, dy_bits=8):
+    """(forward, backward) counts per element for codes of these widths."""
+    fwd = add(KERNEL_FWD_ELEM, CENTRED_FWD_ELEM) if x_bits > 8 else KERNEL_FWD_ELEM
+    wide = x_bits > 8 or dy_bits > 8
+    return fwd, add(KERNEL_BWD_ELEM, CENTRED_BWD_ELEM) if wide else KERNEL_BWD_ELEM
+
+
+def per_channel(x_bits=8, dy_bits=8):
+    """(forward, backward) counts per channel (the forward's does not depend on the width)."""
+    wide = x_bits > 8 or dy_bits > 8
+    return KERNEL_FWD_CHAN, add(KERNEL_BWD_CHAN, CENTRED_BWD_CHAN) if wide else KERNEL_BWD_CHAN
+
+
+def kernel_formula(m, c, eps=False, x_bits=8, dy_bits=8):
+    (fwd_e, bwd_e), (fwd_c, bwd_c) = per_element(x_bits, dy_bits), per_channel(x_bits, dy_bits)
+    bwd_call = (add(KERNEL_BWD_CALL, CENTRED_BWD_CALL) if x_bits > 8 or dy_bits > 8
+                else KERNEL_BWD_CALL)
+    fwd = add(add(scale(fwd_e, m * c), scale(fwd_c, c)), KERNEL_FWD_CALL)
     if eps:
         fwd = add(fwd, counts(MUL=c, ADD=c))
-    bwd = add(scale(KERNEL_BWD_ELEM, m * c), scale(KERNEL_BWD_CHAN, c))
+    bwd = add(add(scale(bwd_e, m * c), scale(bwd_c, c)), bwd_call)
     return {"forward": fwd, "backward": bwd}
 
 
+@pytest.mark.parametrize("x_bits, dy_bits", WIDTHS)
 @pytest.mark.parametrize("rows,c", [(4, 3), (2, 5)])
-def test_kernel_counts_are_linear_in_m_and_c(rows, c):
+def test_kernel_counts_are_linear_in_m_and_c(rows, c, x_bits, dy_bits):
     """Doubling m adds exactly the per-element part; doubling c doubles all but the per-call."""
-    base = count_ops(shape_for(rows, c))
+    def run(shape):
+        return count_ops(shape, x_bits=x_bits, dy_bits=dy_bits)
+
+    base = run(shape_for(rows, c))
     m = m_of(shape_for(rows, c))
-    two_m = count_ops(shape_for(2 * rows, c))
-    two_c = count_ops(shape_for(rows, 2 * c))
-    assert sub(two_m["forward"], base["forward"]) == scale(KERNEL_FWD_ELEM, m * c)
-    assert sub(two_m["backward"], base["backward"]) == scale(KERNEL_BWD_ELEM, m * c)
-    assert sub(two_c["forward"], base["forward"]) == add(scale(KERNEL_FWD_ELEM, m * c),
-                                                         scale(KERNEL_FWD_CHAN, c))
-    assert sub(two_c["backward"], base["backward"]) == add(scale(KERNEL_BWD_ELEM, m * c),
-                                                           scale(KERNEL_BWD_CHAN, c))
+    two_m = run(shape_for(2 * rows, c))
+    two_c = run(shape_for(rows, 2 * c))
+    (fwd_e, bwd_e), (fwd_c, bwd_c) = per_element(x_bits, dy_bits), per_channel(x_bits, dy_bits)
+    assert sub(two_m["forward"], base["forward"]) == scale(fwd_e, m * c)
+    assert sub(two_m["backward"], base["backward"]) == scale(bwd_e, m * c)
+    assert sub(two_c["forward"], base["forward"]) == add(scale(fwd_e, m * c), scale(fwd_c, c))
+    assert sub(two_c["backward"], base["backward"]) == add(scale(bwd_e, m * c),
+                                                           scale(bwd_c, c))
     assert base["forward"]["SIGN"] == m * c and base["backward"]["SIGN"] == m * c
 
 
+@pytest.mark.parametrize("x_bits, dy_bits", WIDTHS)
 @pytest.mark.parametrize("shape", [(2, 3), (128, 7), (4, 3, 5, 5), (2, 6, 1, 9)])
 @pytest.mark.parametrize("eps_log2", [None, -10])
-def test_kernel_counts_closed_form(shape, eps_log2):
-    """(N, C) and (N, C, H, W) alike: m = N*H*W, and the counts are the derived formula."""
-    got = count_ops(shape, eps_log2=eps_log2)
-    assert got == kernel_formula(m_of(shape), shape[1], eps=eps_log2 is not None)
+def test_kernel_counts_closed_form(shape, eps_log2, x_bits, dy_bits):
+    """(N, C) and (N, C, H, W) alike, every width: m = N*H*W, and the counts are the derived
+    formula."""
+    got = count_ops(shape, eps_log2=eps_log2, x_bits=x_bits, dy_bits=dy_bits)
+    assert got == kernel_formula(m_of(shape), shape[1], eps_log2 is not None, x_bits, dy_bits)
 
 
-def test_kernel_counts_do_not_depend_on_data():
-    assert count_ops((4, 3, 5, 5), seed=1) == count_ops((4, 3, 5, 5), seed=2)
+def test_centred_affine_counts():
+    """What 16-bit codes cost beyond int8, written out at m = 75, c = 3: the forward on int16 x
+    one SUB per element; every backward with an int16 operand one SUB per element, 7 MUL and
+    4 SUB per channel and one DIV per call; dy_bits defaults to x_bits."""
+    shape, mc, c = (3, 3, 5, 5), 225, 3
+    int8 = count_ops(shape)
+    for (x_bits, dy_bits), fwd in (((16, 16), counts(SUB=mc)), ((8, 16), counts()),
+                                   ((16, 8), counts(SUB=mc)), ((12, None), counts(SUB=mc))):
+        got = count_ops(shape, x_bits=x_bits, dy_bits=dy_bits)
+        assert sub(got["forward"], int8["forward"]) == fwd
+        assert sub(got["backward"], int8["backward"]) == counts(SUB=mc + 4 * c, MUL=7 * c,
+                                                                DIV=1)
+
+
+@pytest.mark.parametrize("x_bits, dy_bits", WIDTHS)
+def test_kernel_counts_do_not_depend_on_data(x_bits, dy_bits):
+    assert (count_ops((4, 3, 5, 5), seed=1, x_bits=x_bits, dy_bits=dy_bits)
+            == count_ops((4, 3, 5, 5), seed=2, x_bits=x_bits, dy_bits=dy_bits))
 
 
 def test_kernel_vs_table4_l1bn_differences():
