@@ -340,11 +340,13 @@ def bn_sigma_ratios(model, batches) -> list[dict]:
                 rec["l1"].append(l1)
                 rec["ratio"].append(ratio)
             handles.append(module.register_forward_pre_hook(pre_hook))
+    from .fusion import unfused
+
     was_training = model.training
     n = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), unfused(model):  # the hooks on the norms must fire
             for x in batches:
                 model(x)
                 n += 1

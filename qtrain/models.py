@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fusion import fuse
 from .loss import LOGIT_BITS
-from .nn import (L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d,
-                 conv_block, quant_bn_relu)
+from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d
 from .quant import QConfig, QState, Quantize
 from .spec import MODELS as MODEL_NAMES
 from .spec import NORMS, backend_problem
@@ -80,20 +80,13 @@ class _Parts:
         return [self.linear(fin, classes, bias=True), self.quant(bits_fwd=LOGIT_BITS)]
 
 
-#: Layers whose output holds a subset of their input's codes.
-_SELECTING = (nn.MaxPool2d, nn.Flatten, nn.ReLU)
-
-
 class QNet(nn.Sequential):
     """``nn.Sequential`` that remembers its quantization (``qconfig``, ``qstate``, ``norm``).
 
-    Its forward runs the layers in order, as ``nn.Sequential`` does, except that a
-    ``Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` run the int kernels would compute
-    goes through one fused node (:func:`qtrain.nn.quant_bn_relu`: the same integers in fewer
-    passes), with the convolution before it when that runs as an integer GEMM
-    (:func:`qtrain.nn.conv_block`), and the
-    next quantizer after it (past max-pool and flatten) skips its forward rounding when that
-    provably changes nothing (:meth:`Quantize.forward_codes`).
+    Its quantized L1 blocks are :class:`~qtrain.fusion.QuantBlock` modules (grouped by
+    :func:`~qtrain.fusion.fuse` when it is built, nested sequences included), which run as one
+    fused node where the int kernels run them. A checkpoint saved before fusion existed (flat
+    keys such as ``0.weight``) still loads.
     """
 
     def __init__(self, parts: _Parts, layers: list[nn.Module]):
@@ -101,35 +94,26 @@ class QNet(nn.Sequential):
         self.qconfig = parts.qconfig
         self.qstate = parts.qstate
         self.norm = parts.norm
+        flat = dict(self.named_modules())
+        fuse(self)
+        where = {id(m): name for name, m in self.named_modules()}
+        #: module name before fusion -> its name now, for the modules fusion moved
+        self._flat_names = {old: where[id(m)] for old, m in flat.items() if where[id(m)] != old}
+        self._register_load_state_dict_pre_hook(self._from_flat_keys)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = list(self)
-        code_bits = None  # x holds the fused node's codes of at most this many bits
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, QuantConv2d) and i + 3 < len(layers):
-                fused = conv_block(layer, layers[i + 1], layers[i + 2], layers[i + 3], x,
-                                   layers[i + 4] if i + 4 < len(layers) else None)
-                if fused is not None:
-                    x, pooled = fused
-                    i, code_bits = i + (5 if pooled else 4), layers[i + 2].qconfig.bits_a
-                    continue
-            if isinstance(layer, Quantize) and i + 2 < len(layers):
-                fused = quant_bn_relu(layer, layers[i + 1], layers[i + 2], x,
-                                      layers[i + 3] if i + 3 < len(layers) else None)
-                if fused is not None:
-                    x, pooled = fused  # pooled: the max-pool after the ReLU ran too
-                    i, code_bits = i + (4 if pooled else 3), layers[i + 1].qconfig.bits_a
-                    continue
-            if isinstance(layer, Quantize) and code_bits is not None:
-                x = layer.forward_codes(x, code_bits)
-            else:
-                x = layer(x)
-            if not isinstance(layer, _SELECTING):
-                code_bits = None
-            i += 1
-        return x
+    def _from_flat_keys(self, state_dict, prefix, *args) -> None:
+        """Rename the keys of a state dict saved before fusion (flat names) to this model's, in
+        place; a state dict with this model's keys is left alone."""
+        ours = {prefix + k for k in self.state_dict()}
+        mine = [k for k in state_dict if k.startswith(prefix)]
+        if not self._flat_names or all(k in ours for k in mine):
+            return
+        moved = {}
+        for key in mine:
+            module, _, leaf = key[len(prefix):].rpartition(".")
+            if module in self._flat_names:
+                moved[prefix + self._flat_names[module] + "." + leaf] = state_dict.pop(key)
+        state_dict.update(moved)
 
 
 def lenet5(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int = 1,

@@ -41,7 +41,7 @@ from qkernels.format import code_dtype
 from qkernels.quant import quantize_stochastic
 
 from . import intgemm
-from .quant import (FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes, has_hooks,
+from .quant import (FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes,
                     nearest, pow2, stochastic, use_kernels, weight_exponent)
 from .reference import l1_batch_norm
 
@@ -158,12 +158,8 @@ class _ConvFn(torch.autograd.Function):
         columns = ctx.needs_input_grad[0]  # the error's layout: see conv2d_error_codes
         if ctx.cols is not None and _gemm(gy, q, q.bits_e):
             g8 = intgemm.conv2d_error_codes(gy.float(), columns)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            if g8 is not None and intgemm.conv2d_input_applies(w.shape, layer.stride):
-                gx = intgemm.conv2d_input_grad(g8, ctx.w8, x.shape, layer.stride, layer.padding)
-            else:
-                gx = _conv_input_grad(x, w, gy, layer)
+        gx = _conv_gx(x, w, g8, ctx.w8 if g8 is not None else None, lambda: gy, layer) \
+            if ctx.needs_input_grad[0] else None
         if g8 is not None:
             gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
             return gx, layer._quantize_grad_codes(gw, w), None
@@ -172,6 +168,15 @@ class _ConvFn(torch.autograd.Function):
 
 def _conv_args(layer) -> tuple:
     return layer.stride, layer.padding, layer.dilation, layer.groups
+
+
+def _conv_gx(x, w, g8, w8, gy, layer) -> torch.Tensor:
+    """The conv's input gradient: col2im of the int8 GEMM of the error matrix ``g8`` (columns
+    layout) and the weight codes ``w8`` where that applies, else the float path on the error
+    container ``gy()``."""
+    if g8 is not None and intgemm.conv2d_input_applies(w.shape, layer.stride):
+        return intgemm.conv2d_input_grad(g8, w8, x.shape, layer.stride, layer.padding)
+    return _conv_input_grad(x, w, gy(), layer)
 
 
 def _conv_input_grad(x, w, gy, layer) -> torch.Tensor:
@@ -510,12 +515,8 @@ class _ConvBlockFn(torch.autograd.Function):
         conv = ctx.conv
         columns = ctx.needs_input_grad[0]
         g8 = intgemm.error_matrix(dx.q, dx.exp, columns)
-        gx = None
-        if columns:
-            if intgemm.conv2d_input_applies(w.shape, conv.stride):
-                gx = intgemm.conv2d_input_grad(g8, ctx.w8, x.shape, conv.stride, conv.padding)
-            else:
-                gx = _conv_input_grad(x, w, torch.from_numpy(codes_to_f32(dx)), conv)
+        gx = _conv_gx(x, w, g8, ctx.w8, lambda: torch.from_numpy(codes_to_f32(dx)), conv) \
+            if columns else None
         gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
         return (gx, conv._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None, None,
                 None, None)
@@ -523,7 +524,7 @@ class _ConvBlockFn(torch.autograd.Function):
 
 def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
     """Whether the int kernels would run ``relu(bn(quant(x)))``: a quantized L1 batch norm in
-    training mode on a float32 CPU tensor, no hooks on the modules."""
+    training mode on a float32 CPU tensor."""
     if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
         return False
     q = bn.qconfig
@@ -531,13 +532,12 @@ def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
             and x.dtype == torch.float32 and x.device.type == "cpu"
             and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
             and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
-            and x.dim() in bn._ndims and not has_hooks(quant, bn, relu))
+            and x.dim() in bn._ndims)
 
 
 def _pool_joins(pool, x: torch.Tensor) -> bool:
     """A 2x2 ``QuantMaxPool2d`` after the ReLU joins a fused node when its fast path applies."""
-    return (isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
-            and not has_hooks(pool))
+    return isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
 
 
 def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
@@ -562,7 +562,7 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
         return None
     q = conv.qconfig
     if not (_gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
-            and intgemm.conv_applies(conv) and not has_hooks(conv)
+            and intgemm.conv_applies(conv)
             and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
             and _fusable(quant, bn, relu, x)):
         return None

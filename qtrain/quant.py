@@ -356,10 +356,20 @@ class Quantize(torch.nn.Module):
         self.stats_fwd = QuantStats()
         self.stats_bwd = QuantStats()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code_bits: int | None = None) -> torch.Tensor:
+        """Round ``x`` to ``bits_fwd`` (its errors to ``bits_bwd`` coming back).
+
+        ``code_bits``: the caller knows ``x`` holds codes of at most this many bits (say, a
+        batch norm's output after ReLU and max-pool: :class:`qtrain.fusion.QuantBlock` says
+        so). Rounding such codes to ``bits_fwd >= code_bits`` with the range exponent changes
+        nothing (the exponent is at most theirs, and the largest code stays below
+        ``2**(bits_fwd-1)``), so the pass is skipped and the elements are counted as it would
+        count them: none saturated, none rounded to zero. The backward is unchanged.
+        """
         if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
             return x
-        return _QuantizeFn.apply(x, self)
+        exact = code_bits is not None and code_bits <= self.bits_fwd < FLOAT_BITS
+        return _QuantizeFn.apply(x, self, exact)
 
     def round_error_codes(self, err: QTensor) -> QTensor:
         """The backward's rounding (to ``bits_bwd``, nearest or stochastic, counted) applied to
@@ -375,30 +385,8 @@ class Quantize(torch.nn.Module):
         self.stats_bwd.add(*counts)
         return out
 
-    def forward_codes(self, x: torch.Tensor, bits: int) -> torch.Tensor:
-        """``forward`` for an ``x`` known to hold codes of at most ``bits`` bits (say, a batch
-        norm's output after ReLU and max-pool). Rounding such codes to ``bits_fwd >= bits``
-        with the range exponent changes nothing (the exponent is at most theirs, and the
-        largest code stays below ``2**(bits_fwd-1)``), so the pass is skipped and the elements
-        are counted as it would count them: none saturated, none rounded to zero. The
-        backward is unchanged."""
-        if self.bits_fwd < bits or self.bits_fwd >= FLOAT_BITS or has_hooks(self):
-            return self(x)
-        return _QuantizeFn.apply(x, self, True)
-
     def extra_repr(self) -> str:
         return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.backend}"
-
-
-def has_hooks(*modules: torch.nn.Module) -> bool:
-    """Whether any forward or backward hook (on these modules, or global) would watch them: a
-    fused or shortened path would skip it, so callers take the modules' own path instead."""
-    mod = torch.nn.modules.module
-    if (mod._global_forward_hooks or mod._global_forward_pre_hooks
-            or mod._global_backward_hooks or mod._global_backward_pre_hooks):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-               or m._backward_pre_hooks for m in modules)
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

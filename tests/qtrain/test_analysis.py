@@ -258,13 +258,13 @@ def test_stats_real_run_writes_figure_and_json(tiny_run, tmp_path):
     """qtrain stats on an int8 lenet5 run: a row per BN layer, stats.png and stats.json in the
     run directory (or at --out), ratios >= 1 (Jensen) and near sqrt(pi/2)."""
     out = stats(str(tiny_run), "--batches", "3", "--batch-size", "64")
-    for name in ("2", "8", "15", "20", "all"):
+    for name in ("0.bn", "1.bn", "3.bn", "4.bn", "all"):  # the norms of the fused blocks
         assert f"| {name} |" in out
     png, js = tiny_run / "stats.png", tiny_run / "stats.json"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(js.read_text())
     assert [(l["name"], l["channels"]) for l in result["layers"]] == [
-        ("2", 6), ("8", 16), ("15", 120), ("20", 84)]
+        ("0.bn", 6), ("1.bn", 16), ("3.bn", 120), ("4.bn", 84)]
     assert result["batches"] == 3 and result["images"] == 192
     assert result["layers"][0]["shape"] == [64, 6, 24, 24]
     ratios = [r for l in result["layers"] for r in l["ratio"] if r is not None]

@@ -1,6 +1,7 @@
-"""The fused Quantize -> L1BN -> ReLU node of QNet (with the convolution before it when that runs
-as an integer GEMM): taken exactly when the int kernels would run the modules, and
-bit-identical to running them one by one."""
+"""Fused blocks (qtrain.fusion.QuantBlock: the Quantize -> L1BN -> ReLU node, with the
+convolution before it when that runs as an integer GEMM): grouped once when a model is built,
+taken exactly when the int kernels would run the modules, and bit-identical to running them one
+by one."""
 
 import copy
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from qtrain import nn as qnn
+from qtrain.fusion import QuantBlock, fuse, unfuse, unfused
 from qtrain.loss import cross_entropy
 from qtrain.models import build
 from qtrain.quant import QConfig, quant_report, torch_emulation
@@ -37,10 +39,10 @@ def one_step(net, cfg, seed=0):
 
 
 def disable_fusion(net):
-    """A (no-op) forward hook on every batch norm keeps QNet from fusing it."""
+    """Every block runs its modules one by one."""
     for m in net.modules():
-        if isinstance(m, qnn._L1BatchNorm):
-            m.register_forward_pre_hook(lambda module, args: None)
+        if isinstance(m, QuantBlock):
+            m.fused = False
 
 
 @pytest.mark.parametrize("name, bits, sr_errors", [("lenet5", 8, False), ("mlp", 8, False),
@@ -95,8 +97,9 @@ def test_fusion_only_where_the_int_kernels_run(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_hooks_anywhere_turn_fusion_off(monkeypatch):
-    """A global backward hook (as a module hook) must see every module: no fused node then."""
+def test_global_hooks_see_every_module_while_unfused(monkeypatch):
+    """Inside ``unfused(net)`` a global backward hook sees every module (no fused node), and
+    each block's ``fused`` comes back afterwards."""
     calls = count_fused(monkeypatch)
     cfg = QConfig()
     torch.manual_seed(0)
@@ -105,29 +108,33 @@ def test_hooks_anywhere_turn_fusion_off(monkeypatch):
     handle = torch.nn.modules.module.register_module_full_backward_hook(
         lambda module, gin, gout: seen.append(type(module).__name__))
     try:
-        one_step(net, cfg)
+        with unfused(net):
+            one_step(net, cfg)
     finally:
         handle.remove()
     assert not calls and "L1BatchNorm2d" in seen and "ReLU" in seen
+    assert all(m.fused for m in net.modules() if isinstance(m, QuantBlock))
     one_step(net, cfg)
     assert len(calls) == 4
 
 
 def test_forward_codes_rounds_nothing_it_should_not():
-    """Quantize.forward_codes: the identity (counted as the rounding would count it) on codes
+    """Quantize(x, code_bits=...): the identity (counted as the rounding would count it) on codes
     of at most bits_fwd bits; the plain forward otherwise, including float forwards."""
     from qtrain.quant import QState, Quantize
     x = torch.tensor([[-3.0, 0.0, 1.0, 2.5]]) * 2.0 ** -3  # 4-bit-or-narrower codes
     for bits_fwd, bits_in, same in ((8, 8, True), (4, 8, False), (32, 8, False)):
         cfg = QConfig(bits_a=bits_fwd, bits_e=8, backend="emulate")
         q, ref = Quantize(cfg, QState()), Quantize(cfg, QState())
-        assert torch.equal(q.forward_codes(x, bits_in), ref(x))
+        assert torch.equal(q(x, code_bits=bits_in), ref(x))
         assert q.stats_fwd == ref.stats_fwd or not same
         if same:
             assert q.stats_fwd.as_dict() == {"saturated": 0, "zeroed": 0, "total": 4}
 
 
-def test_a_hook_on_a_conv_keeps_only_that_conv_out_of_its_block(monkeypatch):
+def test_one_unfused_block_runs_its_modules_and_their_hooks(monkeypatch):
+    """``block.fused = False`` keeps only that block out (a hook on its conv sees the conv's
+    output), with the same integers; a hook on a fused block sees the block."""
     convs = []
     count_fused(monkeypatch, convs)
     cfg = QConfig(seed=5)
@@ -135,9 +142,68 @@ def test_a_hook_on_a_conv_keeps_only_that_conv_out_of_its_block(monkeypatch):
     net = build("lenet5", "l1", cfg)
     hooked = copy.deepcopy(net)
     seen = []
-    hooked[0].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    hooked[0].fused = False
+    hooked[0].layer.register_forward_hook(lambda module, args, out: seen.append(out.shape[1:]))
+    hooked[1].register_forward_hook(lambda module, args, out: seen.append(out.shape[1:]))
     out, grads = one_step(net, cfg)
     assert len(convs) == 2
     out_h, grads_h = one_step(hooked, cfg)
-    assert len(convs) == 3 and seen == [(24, 6, 24, 24)]  # the hook saw the conv's output
+    assert len(convs) == 3 and seen == [(6, 24, 24), (16, 4, 4)]
     assert torch.equal(out, out_h) and all(torch.equal(grads[k], grads_h[k]) for k in grads)
+
+
+def test_blocks_are_built_once_and_visible():
+    """Quantized L1 models hold QuantBlocks (print shows them), nested ones included; fuse is
+    idempotent; unfuse restores the flat layout; float and L2 models have none."""
+    net = build("lenet5", "l1", QConfig())
+    assert [type(m).__name__ for m in net] == ["QuantBlock", "QuantBlock", "Flatten", "QuantBlock",
+                                              "QuantBlock", "QuantLinear", "Quantize"]
+    assert "QuantBlock(\n    fused=True\n    (layer): QuantConv2d(1, 6" in str(net)
+    keys = list(net.state_dict())
+    assert list(fuse(net).state_dict()) == keys
+    flat = list(unfuse(copy.deepcopy(net)).state_dict())
+    assert flat[:2] == ["0.weight", "2.weight"] and len(flat) == len(keys)
+    res = build("resnet20", "l1", QConfig())
+    assert sum(isinstance(m, QuantBlock) for m in res.modules()) == 10  # stem + one per block
+    assert isinstance(res[1].body[0], QuantBlock)
+    for norm, cfg in (("l2", QConfig(backend="emulate")), ("l1", None), ("none", QConfig())):
+        assert not any(isinstance(m, QuantBlock) for m in build("lenet5", norm, cfg).modules())
+
+
+def test_a_checkpoint_from_before_fusion_loads():
+    """A flat (pre-fusion) state dict loads into the fused model, values in place."""
+    torch.manual_seed(0)
+    for name in ("lenet5", "resnet20"):
+        src = build(name, "l1", QConfig())
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(1.0)
+        flat = unfuse(copy.deepcopy(src)).state_dict()
+        dst = build(name, "l1", QConfig())
+        dst.load_state_dict(flat)
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(),
+                                                     dst.state_dict().values()))
+        dst.load_state_dict(src.state_dict())  # its own keys load as they are
+
+
+def test_nested_blocks_fuse_bit_identically(monkeypatch):
+    """ResNet-20's blocks (inside _BasicBlock.body) fuse, with the same integers."""
+    calls = count_fused(monkeypatch)
+    cfg = QConfig(seed=3)
+    torch.manual_seed(0)
+    fused = build("resnet20", "l1", cfg, classes=10)
+    plain = copy.deepcopy(fused)
+    disable_fusion(plain)
+    rng = np.random.default_rng(0)
+    x = to_input(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    y = torch.from_numpy(rng.integers(0, 10, 8))
+    results = []
+    for net in (fused, plain):
+        out = net(x)
+        cross_entropy(out, y, cfg).backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters()},
+                        net.state_dict()))
+    assert len(calls) == 10
+    (o1, g1, s1), (o2, g2, s2) = results
+    assert torch.equal(o1, o2) and all(torch.equal(g1[k], g2[k]) for k in g1)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)

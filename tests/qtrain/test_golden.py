@@ -5,7 +5,8 @@ train :data:`STEPS` steps of :data:`BATCH` images on the Fashion-MNIST subset sh
 package (read from the package directory itself, never from Debian's set or ``$QTRAIN_DATA``,
 so the checksum is the same on every machine). The checksum is a sha256 over, in a fixed order,
 
-* every parameter as its int64 weight-store codes (``param = code * 2**store_exp``, checked
+* every parameter, by its name in the flat (unfused, :func:`qtrain.fusion.unfuse`) model so that
+  grouping modules into fused blocks is not a change, as its int64 weight-store codes (``param = code * 2**store_exp``, checked
   exact) with its ``store_exp``,
 * every optimizer state entry of every parameter (``store_exp``, the int64 ``velocity`` and
   anything QSGD adds later), and the param groups' ``lr`` and ``momentum``,
@@ -119,6 +120,9 @@ def _value_bytes(v) -> bytes:
 def checksum(model: torch.nn.Module, opt: torch.optim.Optimizer, logits: torch.Tensor) -> str:
     """sha256 of the integer state of ``model`` and ``opt`` and of the eval ``logits`` (see the
     module docstring)."""
+    from qtrain.fusion import unfuse
+
+    unfuse(model)  # flat module names (the parameters, buffers and optimizer state are the same)
     h = hashlib.sha256()
 
     def put(tag: str, payload: bytes) -> None:

@@ -184,9 +184,9 @@ def test_two_mlp_steps_equal_int64_oracle():
     torch.manual_seed(0)
     cfg = QConfig(**BITS, seed=SEED)
     net = mlp("l1", cfg, hidden=32)
-    lin = [m for m in net if isinstance(m, QuantLinear)]
-    bns = [m for m in net if isinstance(m, L1BatchNorm1d)]
-    assert len([m for m in net if isinstance(m, Quantize)]) == 5
+    lin = [m for m in net.modules() if isinstance(m, QuantLinear)]
+    bns = [m for m in net.modules() if isinstance(m, L1BatchNorm1d)]
+    assert len([m for m in net.modules() if isinstance(m, Quantize)]) == 5
     params = {"lin0.w": lin[0].weight, "lin1.w": lin[1].weight, "lin2.w": lin[2].weight,
               "bn0.g": bns[0].weight, "bn0.b": bns[0].bias,
               "bn1.g": bns[1].weight, "bn1.b": bns[1].bias}
