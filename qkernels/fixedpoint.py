@@ -82,7 +82,7 @@ OFFSET_MAX = 1 << 20
 #: Slopes of 2**SLOPE_MAX_LOG2 output LSBs per unit or more are clamped just below it, which
 #: keeps the fixed-point slope |Kf| <= 2**30 at SH_MIN; as 2**SLOPE_MAX_LOG2 = 2 * OFFSET_MAX,
 #: with an offset below OFFSET_MAX every |u| >= 1 saturates either way. (The backward scales its offsets down with the slope, see
-#: qkernels.l1bn.backward_params.)
+#: qkernels.l1bn_spec.backward_params.)
 SLOPE_MAX_LOG2 = MANT_BITS - 2 - SH_MIN
 
 #: The narrow (int32) affine form is used while |slope|*128 and |intercept| stay below

@@ -3,7 +3,7 @@
 * ``*_oracle`` functions are numpy int64 implementations of the same integer algorithm as the
   kernels, element by element and channel by channel, with every sum written as a plain
   ``np.sum``. They call the spec's per-channel scalar functions (``qkernels.fixedpoint`` and the
-  ``*_params`` functions of ``qkernels.l1bn``), so the per-channel arithmetic is defined once;
+  per-channel L1BN spec, ``qkernels.l1bn_spec``), so the per-channel arithmetic is defined once;
   the per-element arithmetic here is independent of the kernels'. Kernels must equal these bit
   for bit. For 16-bit codes (int16 x or dy) the centred per-element affine is evaluated on
   Python integers (object arrays), without the kernels' clamp window; the backward's
@@ -88,7 +88,7 @@ def l1bn_forward_oracle(xq, x_exp, gamma_q, gamma_exp, beta_q, beta_exp, out_bit
     """Integer L1BN training forward; returns (y codes as int64, out_exp, per-channel stats).
 
     ``out_exp=None`` chooses the exponent from the range, with the spec's
-    :func:`~qkernels.l1bn.output_exponent` applied to the statistics computed here.
+    :func:`~qkernels.l1bn_spec.output_exponent` applied to the statistics computed here.
     """
     rows = _channels(xq)
     m = rows.shape[1]
@@ -126,7 +126,7 @@ def l1bn_backward_oracle(xq, gq, stats, gamma_q, gamma_exp, x_exp, g_exp, dx_bit
                          dgamma_exp):
     """Integer equation (20); returns (dx codes, dx_exp, dgamma codes, dbeta) as int64.
 
-    ``dx_exp=None`` chooses the exponent with the spec's :func:`~qkernels.l1bn.grad_exponent`.
+    ``dx_exp=None`` chooses the exponent with the spec's :func:`~qkernels.l1bn_spec.grad_exponent`.
     P is a Python integer; with 16-bit x or dy the centred affines run on Python integers.
     """
     rows, grows = _channels(xq), _channels(gq)
