@@ -41,8 +41,8 @@ from qkernels.format import code_dtype
 from qkernels.quant import quantize_stochastic
 
 from . import intgemm
-from .quant import (FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes,
-                    nearest, pow2, stochastic, use_kernels, weight_exponent)
+from .quant import (BACKEND, FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes,
+                    nearest, pow2, stochastic, weight_exponent)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -73,7 +73,7 @@ class _Quantized:
     def _quantize_grad(self, grad: torch.Tensor, which: int = 0) -> torch.Tensor:
         """Exact gradient -> bits_g codes, stochastically (stream id per parameter)."""
         q = self.qconfig
-        return stochastic(grad, q.bits_g, q.backend, q.seed, self.qstate.step,
+        return stochastic(grad, q.bits_g, q.engine, q.seed, self.qstate.step,
                           self.grad_ids[which], self.stats_g)
 
     def _quantize_grad_codes(self, grad: QTensor, like: torch.Tensor, which: int = 0
@@ -82,7 +82,7 @@ class _Quantized:
         kernels run, rounded from the codes themselves (the result depends only on the
         values, so it is the same), without a float64 container in between."""
         q = self.qconfig
-        if not use_kernels(like, q.backend) or q.bits_g >= FLOAT_BITS:
+        if not q.engine.kernels(like) or q.bits_g >= FLOAT_BITS:
             return self._quantize_grad(from_codes(grad, like, torch.float64), which)
         out, counts = quantize_stochastic(grad, q.bits_g, seed=q.seed, step=self.qstate.step,
                                           tensor_id=self.grad_ids[which])
@@ -105,12 +105,12 @@ class _WeightFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, layer):
         q = layer.qconfig
-        exp = weight_exponent(weight, q.bits_w, q.backend, q.weight_exp)
+        exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
         ctx.inside = None
         if exp is not None:  # the mean exponent: which weights stay inside the codes
             codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
             ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
-        return nearest(weight, q.bits_w, q.backend, layer.stats_w, exp)
+        return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp)
 
     @staticmethod
     def backward(ctx, grad):
@@ -126,7 +126,7 @@ def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:
 def _gemm(x: torch.Tensor, q: QConfig, *bits: int) -> bool:
     """Whether a product of codes of these widths runs as an integer GEMM
     (:mod:`qtrain.intgemm`): CPU tensors the kernels handle, operands of at most 8 bits."""
-    return (max(bits) <= 8 and x.device.type == "cpu" and use_kernels(x, q.backend)
+    return (max(bits) <= 8 and x.device.type == "cpu" and q.engine.kernels(x)
             and intgemm.enabled())
 
 
@@ -328,7 +328,7 @@ class _MaxPool2x2Fn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         # one decision for both passes (the backward may run outside torch_emulation)
-        ctx.kernel = use_kernels(x, "emulate") and x.dtype == torch.float32
+        ctx.kernel = BACKEND["emulate"].kernels(x) and x.dtype == torch.float32
         if ctx.kernel:
             ctx.save_for_backward(x)
             return torch.from_numpy(maxpool2x2(x.detach().numpy()))
@@ -530,7 +530,7 @@ def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
     q = bn.qconfig
     return ((bn.training or not bn.track_running_stats)
             and x.dtype == torch.float32 and x.device.type == "cpu"
-            and use_kernels(x, q.backend) and quant.bits_fwd < FLOAT_BITS
+            and q.engine.kernels(x) and quant.bits_fwd < FLOAT_BITS
             and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
             and x.dim() in bn._ndims)
 

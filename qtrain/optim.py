@@ -30,7 +30,7 @@ from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels.optim import (DECAY_BITS, LR_BITS, VELOCITY_BITS, decay_code, lr_code,
                             momentum_code, sgd_step, sgd_step_f32, store_shift)
 
-from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes, use_kernels
+from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes
 
 #: Headroom of the store over the initial range: 2**STORE_HEADROOM.
 STORE_HEADROOM = 2
@@ -164,7 +164,7 @@ class QSGD(torch.optim.Optimizer):
         decay_q = decay_code(group.get("weight_decay", 0.0) * batch_size)
         bits = self.qconfig.store_bits
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
-        if use_kernels(p, self.qconfig.backend):
+        if self.qconfig.engine.kernels(p):
             store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
             velocity = state["velocity"].numpy()
             grad = p.grad.detach().cpu()

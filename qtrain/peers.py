@@ -94,7 +94,8 @@ def brevitas_lenet5(classes: int = 10, bits: int = 8):
 
 def train_brevitas(cfg: RunConfig, out: Path, *, bits: int = 8, download: bool = True,
                    stdout: TextIO | None = None, recipe: str | None = None) -> dict:
-    """Train :func:`brevitas_model` of ``cfg.model`` on ``cfg``'s data and schedule into run directory ``out``.
+    """Train :func:`brevitas_model` of ``cfg.model`` on ``cfg``'s data and schedule into run
+    directory ``out``.
 
     Writes the files of a qtrain run (no checkpoint: an interrupted peer run restarts) and
     returns the summary (``final_test_error``, ``best_test_error``, ``wall_s``, ...; ``bits``

@@ -88,6 +88,11 @@ class QConfig:
             raise ValueError(problem)
 
     @property
+    def engine(self) -> "Backend":
+        """The :class:`Backend` object named by ``backend``."""
+        return BACKEND[self.backend]
+
+    @property
     def quantized(self) -> bool:
         """True when any of W, A, G, E is quantized."""
         return min(self.bits_w, self.bits_a, self.bits_g, self.bits_e) < FLOAT_BITS
@@ -203,10 +208,28 @@ def torch_emulation():
         _cpu_kernels = saved
 
 
-def use_kernels(t: torch.Tensor, backend: str) -> bool:
-    """Whether integer work on ``t`` runs qkernels' kernels: always for the int backend, for
-    emulate on CPU tensors outside :func:`torch_emulation`."""
-    return backend == "int" or (_cpu_kernels and t.device.type == "cpu")
+class Backend:
+    """Where a network's integer arithmetic runs; chosen once per :class:`QConfig`
+    (``qconfig.engine``, one object per name in :data:`BACKEND`).
+
+    ``int`` runs qkernels' kernels on every tensor; ``emulate`` runs them on CPU tensors outside
+    :func:`torch_emulation` and the same arithmetic as torch operations elsewhere (any
+    device). The rounding operations take the backend and pick the implementation per tensor.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def kernels(self, t: torch.Tensor) -> bool:
+        """Whether integer work on ``t`` runs qkernels' kernels."""
+        return self.name == "int" or (_cpu_kernels and t.device.type == "cpu")
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+#: The backends by name.
+BACKEND = {name: Backend(name) for name in BACKENDS}
 
 
 def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None,
@@ -238,13 +261,13 @@ def _zeros(t: torch.Tensor, stats: QuantStats | None) -> torch.Tensor:
     return torch.zeros_like(t, dtype=torch.float32)
 
 
-def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None = None,
+def nearest(t: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | None = None,
             exp: int | None = None) -> torch.Tensor:
     """Round to ``bits`` with the range exponent (or ``exp``), half up, saturating; identity
     for 32 bits."""
     if bits >= FLOAT_BITS:
         return t
-    if use_kernels(t, backend):
+    if backend.kernels(t):
         return _int_round(t, bits, stats, None, exp)
     peak = _peak(t)
     top = top_exponent(t, peak)
@@ -269,12 +292,12 @@ def nearest(t: torch.Tensor, bits: int, backend: str, stats: QuantStats | None =
     return y.mul_(pow2(e)).float()
 
 
-def weight_exponent(t: torch.Tensor, bits: int, backend: str, rule: str) -> int | None:
+def weight_exponent(t: torch.Tensor, bits: int, backend: Backend, rule: str) -> int | None:
     """The exponent a weight quantizer rounds ``t`` to under ``rule``; None for the range
     exponent (``"max"``, or an all-zero tensor)."""
     if rule == "max" or bits >= FLOAT_BITS:
         return None
-    if use_kernels(t, backend):
+    if backend.kernels(t):
         codes = f32_to_codes(t.detach().cpu().float().numpy(), 24, np.int32)
         abs_sum, exp = int(np.abs(codes.q.astype(np.int64)).sum()), codes.exp
     else:  # the same codes: at E - 24, rounded half up (exact for a store's 24-bit codes)
@@ -285,13 +308,13 @@ def weight_exponent(t: torch.Tensor, bits: int, backend: str, rule: str) -> int 
     return mean_exponent(abs_sum, t.numel(), exp, bits)
 
 
-def stochastic(t: torch.Tensor, bits: int, backend: str, seed: int, step: int, tensor_id: int,
+def stochastic(t: torch.Tensor, bits: int, backend: Backend, seed: int, step: int, tensor_id: int,
                stats: QuantStats | None = None) -> torch.Tensor:
     """Round to ``bits`` with the range exponent, stochastically (24 random bits per element
     from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
     if bits >= FLOAT_BITS:
         return t
-    if use_kernels(t, backend):
+    if backend.kernels(t):
         return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id})
     top = top_exponent(t)
     if top is None:
@@ -319,7 +342,7 @@ class _QuantizeFn(torch.autograd.Function):
         if exact:  # x holds codes of at most bits_fwd bits: the rounding is the identity
             quant.stats_fwd.add(0, 0, x.numel())
             return x.clone()
-        return nearest(x, quant.bits_fwd, quant.backend, quant.stats_fwd)
+        return nearest(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
 
     @staticmethod
     def backward(ctx, grad):
@@ -327,10 +350,10 @@ class _QuantizeFn(torch.autograd.Function):
         if q.bits_bwd >= FLOAT_BITS:
             return grad, None, None
         if q.stochastic_bwd:
-            out = stochastic(grad, q.bits_bwd, q.backend, q.seed, q.state.step, q.tensor_id,
+            out = stochastic(grad, q.bits_bwd, q.engine, q.seed, q.state.step, q.tensor_id,
                              q.stats_bwd)
         else:
-            out = nearest(grad, q.bits_bwd, q.backend, q.stats_bwd)
+            out = nearest(grad, q.bits_bwd, q.engine, q.stats_bwd)
         return out, None, None
 
 
@@ -348,7 +371,7 @@ class Quantize(torch.nn.Module):
         super().__init__()
         self.bits_fwd = qconfig.bits_a if bits_fwd is None else check_width(bits_fwd, "bits_fwd")
         self.bits_bwd = qconfig.bits_e if bits_bwd is None else check_width(bits_bwd, "bits_bwd")
-        self.backend = qconfig.backend
+        self.engine = qconfig.engine
         self.seed = qconfig.seed
         self.stochastic_bwd = qconfig.stochastic_errors
         self.state = qstate
@@ -386,7 +409,7 @@ class Quantize(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.backend}"
+        return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.engine.name}"
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

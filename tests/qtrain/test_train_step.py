@@ -14,7 +14,7 @@ from qtrain.loss import cross_entropy
 from qtrain.models import build, lenet5
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
-from qtrain.quant import (QConfig, Quantize, QuantStats, nearest, quant_report, stochastic,
+from qtrain.quant import (BACKEND, QConfig, Quantize, QuantStats, nearest, quant_report, stochastic,
                           torch_emulation, weight_exponent)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
@@ -150,8 +150,8 @@ def test_mean_weight_exponent_keeps_two_bit_weights_ternary():
         for backend in ("int", "emulate"):
             stats = QuantStats()
             with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
-                exp = weight_exponent(w, 2, backend, rule)
-                codes[rule, backend] = nearest(w, 2, backend, stats, exp)
+                exp = weight_exponent(w, 2, BACKEND[backend], rule)
+                codes[rule, backend] = nearest(w, 2, BACKEND[backend], stats, exp)
             if rule == "mean":
                 assert 0.01 < stats.saturated / stats.total < 0.2
     for rule in ("max", "mean"):
@@ -196,7 +196,7 @@ def test_weight_gradient_stops_at_saturated_weights_with_the_mean_exponent(rule)
     if rule == "max":
         assert bool((grad != 0).float().mean() > 0.9)
         return
-    exp = weight_exponent(layer.weight, 2, "int", "mean")
+    exp = weight_exponent(layer.weight, 2, BACKEND["int"], "mean")
     saturated = torch.floor(layer.weight.double() * 2.0 ** -exp + 0.5).abs() > 1
     assert 0 < int(saturated.sum()) < grad.numel() // 3
     assert bool((grad[saturated] == 0).all()) and bool((grad[~saturated] != 0).float().mean() > 0.9)
@@ -215,7 +215,7 @@ def test_emulate_cpu_kernel_equals_torch_emulation(dtype, bits):
         for ctx in (contextlib.nullcontext(), torch_emulation()):
             stats = QuantStats()
             with ctx:
-                y = fn(t, bits, "emulate", *extra, stats=stats)
+                y = fn(t, bits, BACKEND["emulate"], *extra, stats=stats)
             results.append((y, stats))
         (y1, s1), (y2, s2) = results
         assert y1.dtype == y2.dtype == torch.float32
