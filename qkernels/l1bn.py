@@ -97,25 +97,26 @@ def _tally(cnt, op, n):
 
 
 # ---------------------------------------------------------------------------------------------
-# Types of the per-element sums, by code dtype (section 10). Sums go into narrow partials over
-# blocks short enough that they cannot overflow, then into int64; the explicit casts on every
-# step stop Numba from widening the lanes to int64 (64 int8 codes per AVX-512 vector instead of
-# 8). Each helper is a plain function (what runs under NUMBA_DISABLE_JIT) with a Numba overload
-# that resolves the dtype at compile time.
+# Types of the per-element sums, by code dtype (section 10). Sums go into partials twice as wide
+# as the codes over blocks short enough that they cannot overflow, then into int64; the explicit
+# casts on every step stop Numba from widening the lanes to int64 (64 int8 codes per AVX-512
+# vector instead of 8). Each helper is a plain function (what runs under NUMBA_DISABLE_JIT) with
+# a Numba overload that resolves the dtype at compile time.
 #
 #   codes          partial of sum(x), sum(s*x)   block       partial of sum(g*x)       block
 #   int8           int16 (|.| <= 128*128)        128         int32 of int16 products   2**16
 #   int16 / mixed  int32 (|.| <= 2**15*2**15)    2**15       int64 of int32 products   2**15
 
 
+def _code_bound(x):
+    """Largest |code| of ``x``'s dtype (int8 codes may be -128); also the block of codes whose
+    sum fits a partial twice as wide (``bound**2`` is 2**14, 2**30)."""
+    return 128 if x.dtype == np.int8 else 1 << 15
+
+
 def _part(x, v):
     """``v`` as the partial-sum type of sums of codes like ``x``'s."""
     return np.int16(v) if x.dtype == np.int8 else np.int32(v)
-
-
-def _block(x):
-    """Codes summed into one partial of :func:`_part`'s type."""
-    return 128 if x.dtype == np.int8 else 1 << 15
 
 
 def _narrow_gx(x, g):
@@ -136,52 +137,37 @@ def _gx_block(x, g):
     return 1 << 16 if _narrow_gx(x, g) else 1 << 15
 
 
-def _code_bound(x):
-    """Largest |code| of ``x``'s dtype (int8 codes may be -128)."""
-    return 128 if x.dtype == np.int8 else 1 << 15
+def _int8(*arrays):
+    return all(t.dtype == types.int8 for t in arrays)
 
 
-def _is_int8(t):
-    return t.dtype == types.int8
+@overload(_code_bound, inline="always")
+def _code_bound_jit(x):
+    n = 128 if _int8(x) else 1 << 15
+    return lambda x: n
 
 
 @overload(_part, inline="always")
 def _part_jit(x, v):
-    if _is_int8(x):
-        return lambda x, v: np.int16(v)
-    return lambda x, v: np.int32(v)
-
-
-@overload(_block, inline="always")
-def _block_jit(x):
-    n = 128 if _is_int8(x) else 1 << 15
-    return lambda x: n
+    return (lambda x, v: np.int16(v)) if _int8(x) else (lambda x, v: np.int32(v))
 
 
 @overload(_gx_part, inline="always")
 def _gx_part_jit(x, g, v):
-    if _is_int8(x) and _is_int8(g):
-        return lambda x, g, v: np.int32(v)
-    return lambda x, g, v: np.int64(v)
+    return (lambda x, g, v: np.int32(v)) if _int8(x, g) else (lambda x, g, v: np.int64(v))
 
 
 @overload(_gx, inline="always")
 def _gx_jit(x, g, gv, xv):
-    if _is_int8(x) and _is_int8(g):
+    if _int8(x, g):
         return lambda x, g, gv, xv: np.int16(gv * xv)
     return lambda x, g, gv, xv: np.int64(np.int32(gv) * np.int32(xv))
 
 
 @overload(_gx_block, inline="always")
 def _gx_block_jit(x, g):
-    n = 1 << 16 if _is_int8(x) and _is_int8(g) else 1 << 15
+    n = 1 << 16 if _int8(x, g) else 1 << 15
     return lambda x, g: n
-
-
-@overload(_code_bound, inline="always")
-def _code_bound_jit(x):
-    n = 128 if _is_int8(x) else 1 << 15
-    return lambda x: n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,8 +187,8 @@ def _sum_pass(x, c, want_range, cnt):
     hi = lo
     for n in range(x.shape[0]):
         row = x[n, c]
-        for start in range(0, row.shape[0], _block(row)):
-            block = row[start:start + _block(row)]
+        for start in range(0, row.shape[0], _code_bound(row)):
+            block = row[start:start + _code_bound(row)]
             part = _part(row, 0)
             for i in range(block.shape[0]):
                 v = block[i]
@@ -227,8 +213,8 @@ def _sign_pass(x, c, t_lo, t_hi, cnt):
     ss = np.int64(0)
     for n in range(x.shape[0]):
         row = x[n, c]
-        for start in range(0, row.shape[0], _block(row)):
-            block = row[start:start + _block(row)]
+        for start in range(0, row.shape[0], _code_bound(row)):
+            block = row[start:start + _code_bound(row)]
             part_sx = _part(row, 0)
             part_s = _part(row, 0)
             for i in range(block.shape[0]):
