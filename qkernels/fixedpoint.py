@@ -395,31 +395,22 @@ def grad_p(s, m, t, sg, sgx):
 @njit(cache=True)
 def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
     """Centred integer affines ``y = saturate((A*(x - cen[j]) + B[j]) >> sh, q)`` for
-    ``y = K*(a1*x - b1) + O[j]`` over codes ``lo <= x <= hi`` (the 16-bit kernels' form).
+    ``y = K*(a1*x - b1) + O[j]`` over codes ``lo <= x <= hi`` (the form of 16-bit codes;
+    derivation and bounds in docs/l1bn-integer.md, section 3).
 
-    ``K = km * 2**ke`` (output LSBs per unit of ``u = a1*x - b1``), ``O[j] = om[j] * 2**oe[j]``,
-    and ``cen[j]`` an integer centre per offset, chosen by the caller near where that affine
-    crosses zero (the forward: ``floor(S/m)``; the backward: its per-sign roots), with
-    ``|cen| <= CENTRE_MAX``, ``|a1| < 2**31`` and ``|a1*cen[j] - b1| < 2**62``. With ``dlog`` the
-    bit length of the largest ``|x - cen[j]|`` over ``[lo, hi]``:
+    ``K``, ``O[j]`` as in :func:`affine_params`; ``cen[j]`` is an integer centre per offset,
+    chosen by the caller near where that affine crosses zero (the forward: ``floor(S/m)``; the
+    backward: its per-sign roots), ``|cen| <= CENTRE_MAX``. With ``dlog`` the bit length of the
+    largest ``|x - cen[j]|``:
 
-    * narrow (when ``|K*a1| * 2**dlog`` and every intercept ``|O[j] + K*(a1*cen[j] - b1)|`` are
-      below ``2**mag`` with ``mag <= min(NARROW_MAG, 26 - dlog)``): ``A = round(K*a1 * 2**sh)``,
-      ``B[j] = round(intercept * 2**sh) + 2**(sh-1)``, ``sh = min(29 - mag, 30)`` (so
-      ``sh >= max(SH_NARROW, dlog + 3)``: rounding A costs at most ``2**(dlog-1) / 2**sh <= 1/16``
-      LSB) and ``|A*(x - c)| + |B| < 2**31``: int32 lanes. For int8-range data this is the
-      narrow form of :func:`affine_params`, centred.
-    * wide (otherwise): ``A = Kf*a1`` and ``B[j] = Kf*(a1*cen[j] - b1) + round(O[j]*2**sh)
-      + 2**(sh-1)`` with ``Kf = round(K*2**sh)`` and the slope clamp of :func:`affine_params`.
-      ``B[j]`` is formed exactly in two limbs, so
-      ``A*(x - c) + B = Kf*u + round(O*2**sh) + 2**(sh-1)``: exactly centred on the integer
-      ``u``, with no offset saturation. ``sh = clamp(-ke - 1, SH_MIN, SH_MAX_C)`` (so
-      ``|Kf| <= 2**30``), lowered while some ``|B[j]| >= 2**CENTRED_B_BITS`` (only a large
-      offset does that, ``|beta| >= 2**17`` output LSBs at ``sh = 44``; as ``|beta| < 2**20``
-      (OFFSET_MAX), ``|Kf*(m*t - S)| < 2**53`` in the forward and ``|Kf*mu_f| <= 2**59`` in
-      folded inference, ``sh`` stays >= 40 there). In the backward the centre is within
-      ``0.51`` of the root, so ``|B| <= Kf*m*0.51 + 2**(sh-1) < 2**54`` at any ``sh``. So
-      every ``|B[j]| < 2**61`` and the saturation at ``+-CENTRED_B_MAX`` is never reached.
+    * narrow when ``|K*a1| * 2**dlog`` and the intercepts ``|O[j] + K*(a1*cen[j] - b1)|`` are
+      below ``2**mag``, ``mag <= min(NARROW_MAG, 26 - dlog)``: ``sh = min(29 - mag, 30)`` and
+      ``|A*(x - c)| + |B| < 2**31`` (int32 lanes; rounding A costs at most 1/16 LSB);
+    * wide otherwise: ``A = Kf*a1``, ``B[j] = Kf*(a1*cen[j] - b1) + round(O[j]*2**sh) +
+      2**(sh-1)`` formed exactly in two limbs (so exactly centred on the integer ``u``), with the
+      slope clamp, ``sh = clamp(-ke - 1, SH_MIN, SH_MAX_C)`` lowered while some
+      ``|B[j]| >= 2**CENTRED_B_BITS``; every ``|B[j]| < 2**61``, so the saturation at
+      ``+-CENTRED_B_MAX`` is never reached.
 
     Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``; evaluating it needs no more
     than int64 once ``x - cen[j]`` is clamped to the window of :func:`centred_lanes`.
