@@ -9,8 +9,9 @@ Training is the default action::
     qtrain ops 128x6x24x24 128x16x8x8 [--json]    # BN op counts and Table IV ASIC estimate
 
 Every user error is one line on stderr and exit status 2 (:class:`qtrain.config.UserError`,
-data errors and argparse errors alike). Nothing heavy (torch, numba) is imported before the
-arguments, the recipe and the config have been checked.
+data errors and argparse errors alike; a non-finite float such as ``--lr inf``, and a run
+directory that another qtrain process is writing, too). Nothing heavy (torch, numba) is
+imported before the arguments, the recipe and the config have been checked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import time
@@ -33,6 +35,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # noqa: D102 - argparse hook
         self.exit(2, f"qtrain: error: {message} (see qtrain --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is not nan, inf or -inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number; give e.g. 0.1")
+    return value
 
 
 SUBCOMMANDS = ("train", "ops", "stats", "sweep", "compare")
@@ -52,6 +65,7 @@ subcommands (qtrain COMMAND --help):
   ops SHAPE... | --model M  BN operation counts of L1BN vs L2BN, Table IV ASIC estimate
   stats RUN_DIR           sigma_L2 / sigma_L1 per BN layer and channel (Fig. 3), stats.png
   sweep --bits 2,4,8 --norm l1,l2 --out DIR   test error against bit width, sweep.png
+        ... --shard K/N | --collect            one share of the grid per machine; summarize
   compare --bits 8 --out DIR                   int8 L1BN vs float L1BN / L2BN vs Brevitas
 
 recipes: %(recipes)s (or a .toml file, or a run's config.json)
@@ -101,7 +115,7 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, metavar="N", help="passes over the training set")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per step")
-    g.add_argument("--lr", type=float, metavar="LR", help="learning rate")
+    g.add_argument("--lr", type=finite_float, metavar="LR", help="learning rate")
     g.add_argument("--seed", type=int, metavar="N",
                    help="init, data order, subset and rounding stream")
     g = p.add_argument_group("where")
@@ -128,7 +142,8 @@ def _subcommand_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
                   "test batches (the paper's Fig. 3; Theorem 1 predicts sqrt(pi/2) = 1.2533)."),
         "sweep": (sweep.add_sweep_arguments, sweep.run_sweep,
                   "Test error against bit width: every combination of the lists, J runs side by "
-                  "side, finished runs skipped when started again."),
+                  "side, finished runs skipped when started again; --shard K/N trains one of N "
+                  "shares of the grid (machines over a shared --out), --collect summarizes."),
         "compare": (sweep.add_compare_arguments, sweep.run_compare,
                     "int8 L1BN (int backend), float L1BN, float L2BN and Brevitas W8A8 with the "
                     "same seeds and data order."),

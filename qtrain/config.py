@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -112,6 +113,15 @@ class RunConfig:
         if any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
             raise UserError(f"lr_milestones={list(ms)} must be increasing positive epochs, "
                             "e.g. [30, 60]")
+        try:
+            last = self.lr_at(ms[-1]) if ms else self.lr
+        except OverflowError:
+            last = math.inf
+        if not 0 < last < math.inf:
+            raise UserError(f"lr={self.lr} times lr_gamma={self.lr_gamma} at each of the "
+                            f"{len(ms)} lr_milestones gives lr {last} in the last epochs, not a "
+                            "positive finite number; choose an lr_gamma nearer 1 or fewer "
+                            "milestones")
         if self.per_class is not None and self.per_class < 1:
             raise UserError(f"per_class={self.per_class} must be at least 1 (or none for all)")
         accepts = MODEL_INPUTS[self.model]
@@ -208,6 +218,13 @@ def _check_types(cfg: RunConfig) -> None:
             raise UserError(f"{name}={value!r} has the wrong type: expected {_type_name(tp)}")
         if tp is float and isinstance(value, int):
             object.__setattr__(cfg, name, float(value))
+        elif tp is float and not math.isfinite(value):
+            raise UserError(finite_problem(name, value))
+
+
+def finite_problem(name: str, value: float) -> str:
+    """The one-line error for a non-finite (nan, inf, -inf) value of float field ``name``."""
+    return f"{name}={value} is not a finite number; give a value like {name}=0.1"
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

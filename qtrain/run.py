@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import RunConfig, UserError
-from .files import atomic_write, remove_partial, save_figure, write_text
+from .files import (atomic_write, check_unlocked, lock_run_dir, remove_partial, save_figure,
+                    write_text)
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES = (
     "config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "curves.png")
@@ -53,6 +54,7 @@ def prepare_out(out: Path, *, resume: bool = False) -> Path:
                             "written by qtrain --out")
         return out
     if (out / CONFIG).exists():
+        check_unlocked(out)  # a run still training there says so
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or choose "
                         "another --out")
     try:
@@ -206,7 +208,25 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     quoted from the summary can be traced to the code and command that produced it.
 
     Prints the data source first, then one line per epoch; a progress bar goes to stderr.
+    One process writes a run directory: ``out`` stays locked (:func:`qtrain.files.lock_run_dir`)
+    from its checks to the end, and a second writer stops with a one-line error.
     """
+    out = Path(out)
+    created = not out.exists()
+    prepare_out(out, resume=resume)
+    try:
+        with lock_run_dir(out):
+            return _train_locked(cfg, out, resume=resume, download=download, stdout=stdout,
+                                 recipe=recipe, command=command)
+    except UserError:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # leave no empty run directory behind
+        raise
+
+
+def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
+                  stdout: TextIO | None, recipe: str | None, command: str | None) -> dict:
+    """:func:`train`'s loop, in the prepared and locked run directory ``out``."""
     from tqdm import tqdm
 
     from .quant import quant_report, reset_stats
@@ -217,17 +237,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     def say(line: str) -> None:
         print(line, file=stdout, flush=True)
 
-    out = Path(out)
-    created = not out.exists()
-    prepare_out(out, resume=resume)
     if resume:  # partial files of a write that was killed (qtrain.files)
         remove_partial(out, (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES))
-    try:
-        train_set, test_set = load_data(cfg, download=download)
-    except UserError:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # leave no empty run directory behind
-        raise
+    train_set, test_set = load_data(cfg, download=download)
     source = train_set.source
     say(f"data: {source}")
     model, optimizer = build(cfg, train_set.images.shape[1:])

@@ -63,6 +63,21 @@ def seed_list(text: str | None, base: int) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def shard_spec(text: str | None) -> tuple[int, int] | None:
+    """``--shard K/N`` -> ``(K, N)`` with 1 <= K <= N (None when the option is not given)."""
+    if text is None:
+        return None
+    k, slash, n = text.replace(" ", "").partition("/")
+    try:
+        shard, shards = int(k), int(n)
+    except ValueError:
+        shard, shards = 0, 0
+    if not slash or not 1 <= shard <= shards:
+        raise UserError(f"--shard {text!r} is not K/N with K in 1..N, e.g. --shard 2/4 for the "
+                        "second of 4 shares of the grid")
+    return shard, shards
+
+
 def job_count(j: int | None) -> int:
     """``--jobs`` (default 1)."""
     if j is None:
@@ -110,6 +125,15 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--backend", metavar="LIST", help=f"backends from {', '.join(BACKENDS)} "
                                                      "(default: the recipe's; emulate for "
                                                      "norm l2 when the recipe's is int)")
+    g = parser.add_argument_group("across machines (a shared --out directory)")
+    g.add_argument("--shard", metavar="K/N",
+                   help="train only the K-th of N disjoint shares of the grid (K in 1..N; "
+                        "point i goes to shard i mod N + 1); the shard that finds the grid "
+                        "complete writes sweep.json, .csv and .png")
+    g.add_argument("--collect", action="store_true",
+                   help="train nothing: write sweep.json, .csv and .png from the finished runs "
+                        "in --out (the grid from the same arguments, or else from the "
+                        "sweep-grid.json a sweep saved there); an error lists missing points")
     _common_arguments(parser)
     return parser
 

@@ -1,6 +1,6 @@
 """The combinations a sweep trains: bit widths of the four tensor classes (every combination,
-or one class at a time) x norms x backends x seeds, the name of each run, and why a
-combination cannot run."""
+or one class at a time) x norms x backends x seeds, the name of each run, why a combination
+cannot run, and which shard of a sweep split across machines trains it."""
 
 from __future__ import annotations
 
@@ -67,6 +67,19 @@ def varied(widths: tuple[int, ...], fixed: tuple[int, ...] | None) -> str | None
         return None
     diff = [c for c, w, f in zip(CLASSES, widths, fixed) if w != f]
     return diff[0] if diff else None
+
+
+def shard_of(index: int, shards: int) -> int:
+    """The shard (1..``shards``) that trains grid point ``index`` (0-based, in the grid's
+    canonical order): points are dealt round-robin, so the shares are disjoint, cover the grid
+    and differ in size by at most one, whatever has already run."""
+    return index % shards + 1
+
+
+def shard_share(points: list, shard: int, shards: int) -> list:
+    """The points of ``points`` (the grid in canonical order) that shard ``shard`` of
+    ``shards`` trains."""
+    return [p for i, p in enumerate(points) if shard_of(i, shards) == shard]
 
 
 def cannot_run(cfg: RunConfig) -> str | None:

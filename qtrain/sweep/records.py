@@ -15,8 +15,9 @@ from ..config import RunConfig
 class Record:
     """One combination of a sweep and what became of it.
 
-    ``status`` is ``pending``, ``trained``, ``finished`` (before this sweep started),
-    ``failed`` or ``skipped`` (cannot run; ``reason`` says why, as it does for ``failed``).
+    ``status`` is ``pending``, ``trained``, ``finished`` (before this sweep started; in the
+    summary of a sharded sweep or of ``--collect``, every run that finished), ``failed`` or
+    ``skipped`` (cannot run; ``reason`` says why, as it does for ``failed``).
     ``name`` is None for a combination that is not a valid config; ``backend`` is ``float``
     for a float run (every width 32); ``varied`` is the class a one-at-a-time sweep varies
     (None for the run with every class at the fixed width). The test errors, wall time and

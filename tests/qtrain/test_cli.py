@@ -210,10 +210,13 @@ def test_corrupt_data_is_one_line(tmp_path, fake_data, env):
 @pytest.mark.parametrize("args, words", [
     (("stats", "/nonexistent/run"), "run"),
     (("sweep", "--bits", "8,x", "--out", "/tmp/qtrain-sweep-never"), "bits"),
+    *[(("sweep", f"--shard={k}", "--out", "/tmp/qtrain-sweep-never"), "is not k/n")
+      for k in ("0/2", "3/2", "x", "1/0")],
     (("ops", "--model", "lenet5", "128x6"), "either"),
 ])
 def test_subcommand_errors_are_one_line(args, words):
-    """stats, sweep and ops report bad input as one line with exit code 2."""
+    """stats, sweep (bad lists, bad --shard K/N) and ops report bad input as one line with exit
+    code 2."""
     out = qtrain(*args)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
@@ -225,3 +228,78 @@ def test_subcommand_help(command):
     """Every subcommand documents itself."""
     out = qtrain(command, "--help")
     assert out.returncode == 0 and f"qtrain {command}" in out.stdout
+
+
+# --- non-finite numbers -------------------------------------------------------------------------
+
+def _float_fields():
+    import typing
+
+    from qtrain.config import RunConfig
+
+    return [name for name, tp in typing.get_type_hints(RunConfig).items() if tp is float]
+
+
+def test_float_fields_are_the_ones_tested():
+    """The non-finite tests below cover every float field of RunConfig (found from its types)."""
+    assert set(_float_fields()) >= {"lr", "lr_gamma", "momentum", "weight_decay"}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", _float_fields())
+def test_non_finite_set_values_are_one_line(tmp_path, env, field, value):
+    """Every float field given nan, inf or -inf through --set: one line naming it, exit 2, no
+    traceback, nothing written."""
+    _one_line_exit_2(qtrain("--set", f"{field}={value}", "--out", str(tmp_path / "run")),
+                     f"{field}={value} is not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_non_finite_float_flags_are_one_line(tmp_path, env, value):
+    """Every float flag (--lr) rejects non-finite values when the arguments are parsed."""
+    from qtrain.cli import build_parser
+
+    flags = [a.option_strings[-1] for a in build_parser()._actions
+             if getattr(a.type, "__name__", "") in ("float", "finite_float")]
+    assert flags == ["--lr"]
+    for flag in flags:
+        _one_line_exit_2(qtrain(f"{flag}={value}", "--out", str(tmp_path / "run")),
+                         f"argument {flag}: {value} is not a finite number")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".json", '"momentum": NaN'),
+    (".toml", "lr_gamma = inf"),
+])
+def test_non_finite_recipe_values_are_one_line(tmp_path, env, suffix, text):
+    """Recipe files and run configs (config.json: Python's json reads NaN and Infinity) are
+    checked as --set values are."""
+    from qtrain.config import load_recipe
+
+    cfg = load_recipe("lenet5-fmnist").to_dict()
+    field, _, raw = text.partition("=" if suffix == ".toml" else ":")
+    del cfg[field.strip().strip('"')]
+    if suffix == ".json":
+        body = json.dumps(cfg)[:-1] + ", " + text + "}"
+    else:
+        body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items() if v is not None)
+        body += text + "\n"
+    recipe = tmp_path / f"recipe{suffix}"
+    recipe.write_text(body)
+    name = field.strip().strip('"')
+    _one_line_exit_2(qtrain("--recipe", str(recipe), "--out", str(tmp_path / "run")),
+                     f"{name}={raw.strip().lower()} is not a finite number")
+
+
+def test_learning_rate_schedule_must_stay_finite():
+    """A finite lr_gamma whose milestones take the rate out of range is one line too."""
+    from qtrain.config import UserError, load_recipe
+
+    base = load_recipe("lenet5-fmnist")
+    for gamma in (1e200, 1e-200):
+        with pytest.raises(UserError, match="not a positive finite number") as err:
+            dataclasses.replace(base, lr=1e-200 if gamma < 1 else 0.1, lr_gamma=gamma,
+                                lr_milestones=(1, 2))
+        assert "\n" not in str(err.value)

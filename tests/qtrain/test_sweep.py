@@ -14,8 +14,8 @@ import pytest
 import qtrain
 from qtrain.config import UserError
 from qtrain.peers import brevitas_available
-from qtrain.sweep import (RECORD_FIELDS, Record, add_compare_arguments, add_sweep_arguments,
-                          run_compare, run_sweep)
+from qtrain.sweep import (GRID, RECORD_FIELDS, Record, add_compare_arguments,
+                          add_sweep_arguments, run_compare, run_sweep, shard_of, shard_share)
 
 #: Debian's Fashion-MNIST where installed, else the subset shipped in the package: either has
 #: the 10 images per class these sweeps train on, so they never skip.
@@ -147,6 +147,91 @@ def test_bad_lists_are_user_errors(tmp_path):
         with pytest.raises(UserError) as err:
             run_sweep(parser.parse_args([*argv, "--out", str(tmp_path)]))
         assert "\n" not in str(err.value)
+
+
+# --- shards: one sweep split across machines ----------------------------------------------------
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("size", [0, 1, 2, 5, 12, 31])
+def test_shards_cover_the_grid_once(size, shards):
+    """Every grid point is in exactly one of N shards, shares differ in size by at most one, and
+    a point's shard depends only on its index and N."""
+    points = [f"p{i}" for i in range(size)]
+    shares = [shard_share(points, k, shards) for k in range(1, shards + 1)]
+    assert sorted(p for share in shares for p in share) == sorted(points)
+    assert sum(len(share) for share in shares) == size  # disjoint
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for k, share in enumerate(shares, 1):
+        assert all(shard_of(points.index(p), shards) == k for p in share)
+        assert share == [p for p in points if p in share]  # canonical order kept
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "x", "1/0", "1", "2/x", "-1/2", "1/2/3"])
+def test_bad_shards_are_user_errors(tmp_path, text):
+    parser = add_sweep_arguments(argparse.ArgumentParser())
+    with pytest.raises(UserError, match=r"--shard .* is not K/N with K in 1\.\.N") as err:
+        run_sweep(parser.parse_args(["--bits", "8", f"--shard={text}", "--out",
+                                     str(tmp_path / "s")]))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_shards_train_their_shares_and_the_last_writes_the_summary(tmp_path, capsys):
+    """Shard 1/2 trains points 1 and 3 of three and writes no summary (one line says what is
+    missing); --collect then refuses, naming the missing point; shard 2/2 trains the rest and
+    writes sweep.json, .csv and .png; --collect (with the arguments, or from the saved grid
+    alone) writes the same files again, training nothing."""
+    out = tmp_path / "sweep"
+    grid = ["--bits", "4,6,8", "--norm", "l1", "--backend", "int", "--out", str(out)]
+    rc, text = sweep(capsys, *grid, "--shard", "1/2")
+    assert rc == 0, text
+    assert "sweep: shard 1/2: 2 of 3 combinations, 2 to train" in text
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        "l1-int-W4A4G4E4-s0", "l1-int-W8A8G8E8-s0"]
+    assert not (out / "sweep.json").exists()
+    assert text.splitlines()[-1] == (
+        f"sweep: 1 of 3 grid points are not finished yet; the shard that finishes the grid "
+        f"writes {out / 'sweep.json'}, or write it then with qtrain sweep --out {out} --collect")
+
+    collect = add_sweep_arguments(argparse.ArgumentParser()).parse_args(
+        ["--out", str(out), "--collect"])
+    with pytest.raises(UserError, match=r"1 of 3 grid points are not finished "
+                                        r"\(l1-int-W6A6G6E6-s0\)") as err:
+        run_sweep(collect)
+    assert "\n" not in str(err.value) and not (out / "sweep.json").exists()
+
+    rc, text = sweep(capsys, *grid, "--shard", "2/2")
+    assert rc == 0, text
+    assert "1 to train" in text and "sweep complete: all 3 grid points done" in text
+    recs = records(out)
+    assert [(r["bits_w"], r["status"]) for r in recs] == [(4, "finished"), (6, "finished"),
+                                                          (8, "finished")]
+    assert all(r["final_test_error"] is not None for r in recs)
+    written = {name: (out / name).read_bytes() for name in ("sweep.json", "sweep.csv")}
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    for argv in (collect, None):  # from sweep-grid.json alone, and with the same arguments
+        for name in written:
+            (out / name).unlink()
+        if argv is None:
+            rc, text = sweep(capsys, *grid, "--collect")
+        else:
+            rc, text = run_sweep(argv), capsys.readouterr().out
+        assert rc == 0 and "sweep collected: 3 runs finished" in text, text
+        assert {name: (out / name).read_bytes() for name in written} == written
+
+    rc, text = sweep(capsys, *grid, "--shard", "1/2")  # again: nothing to train, grid complete
+    assert rc == 0 and "0 to train" in text and "sweep complete" in text
+    saved = json.loads((out / GRID).read_text())
+    assert saved["grid"]["bits"] == "4,6,8" and saved["base"]["per_class"] == 10
+
+
+def test_collect_without_a_saved_grid_asks_for_the_arguments(tmp_path):
+    parser = add_sweep_arguments(argparse.ArgumentParser())
+    with pytest.raises(UserError, match="give the sweep's arguments .* with --collect"):
+        run_sweep(parser.parse_args(["--out", str(tmp_path), "--collect"]))
+    with pytest.raises(UserError, match="takes no --shard"):
+        run_sweep(parser.parse_args(["--out", str(tmp_path), "--collect", "--shard", "1/2"]))
 
 
 def test_compare_writes_table_json_and_curves(tmp_path, capsys):
