@@ -237,24 +237,25 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)
 
 
-def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype
+def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype, exp: int | None = None
                           ) -> tuple[QTensor, QuantCounts]:
     """:func:`quantize_f32` to nearest, returning the codes instead of a container: the codes
     of ``bits`` at exponent ``e = E - (bits - 1)``, shifted left to fill ``width >= bits - 1``
     bits (exponent ``e - (width - bits + 1)``), in ``dtype``. The same codes and exponent as
     ``f32_to_codes(quantize_f32(x, bits)[0], width, dtype)`` (exponent 0 for an all-zero
-    ``x``), in one pass instead of two."""
+    ``x``), in one pass instead of two. ``exp``: round at this exponent instead of the
+    range's."""
     b = _bits_of(x, "x")
     bits = check_bits(bits, "bits")
     up = int(width) - (bits - 1)
     if up < 0 or np.iinfo(dtype).max < (1 << width) - 1:
         raise ValueError(f"width {width} cannot hold {bits}-bit codes in {np.dtype(dtype)}")
-    top = _top(b)
+    top = _top(b) if exp is None else 0
     out = np.empty(b.shape[0], dtype=dtype)
     if top == _NO_TOP:
         out[:] = 0
         return QTensor(out.reshape(x.shape), 0), QuantCounts(0, 0, b.size)
-    e = top - (bits - 1)
+    e = top - (bits - 1) if exp is None else check_exp(exp, "exp")
     q = (1 << (bits - 1)) - 1
     sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, up)
     return QTensor(out.reshape(x.shape), e - up), QuantCounts(int(sat), int(zero), b.size)

@@ -33,7 +33,7 @@ depend on the thread count.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from numba import njit, prange, types
@@ -380,11 +380,11 @@ def _centred_lanes_of(a, b, cen, sh, q, lo, hi):
 
 
 @njit(cache=True)
-def _inv_m(x, wide, cnt):
+def _inv_m(m, wide, cnt):
     """1/m as a dyadic (mant, exp) array: one division per call, shared by all channels."""
     out = np.zeros(2, dtype=np.int64)
     if wide:
-        out[0], out[1] = dy_recip(*dy_norm(np.int64(x.shape[0] * x.shape[2]), 0))
+        out[0], out[1] = dy_recip(*dy_norm(np.int64(m), 0))
         _tally(cnt, DIV, 1)
     return out
 
@@ -394,32 +394,40 @@ def _stats_channel(x, c, inv_m, eps_shift, use_eps, want_range, stats, cnt):
     """Forward statistics of one channel: S, D, sum of signs, thresholds, 1/D_eps, and (when
     ``want_range``) the smallest and largest code."""
     m = np.int64(x.shape[0] * x.shape[2])
-    s, lo, hi = _sum_pass(x, c, want_range, cnt)
-    t_lo, t_hi = mean_thresholds(s, m, inv_m[0], inv_m[1])
-    sx, ss = _sign_pass(x, c, t_lo, t_hi, cnt)
-    dev = m * sx - s * ss
-    rm, re = dev_reciprocal(dev, m, eps_shift, use_eps)
+    st = stats[c]
+    st[ST_SUM], st[ST_MIN], st[ST_MAX] = _sum_pass(x, c, want_range, cnt)
+    _sign_channel(x, c, m, inv_m, stats, cnt)
+    _finish_channel(c, m, eps_shift, use_eps, stats, cnt)
+
+
+@njit(cache=True, inline="always")
+def _sign_channel(x, c, m, inv_m, stats, cnt):
+    """The mean's thresholds from S (of all ``m`` codes), and this data's sum(s*x), sum(s)
+    (kept in the D and sign-sum slots until :func:`_finish_channel`)."""
+    st = stats[c]
+    t_lo, t_hi = mean_thresholds(st[ST_SUM], m, inv_m[0], inv_m[1])
+    st[ST_DEV], st[ST_SIGNSUM] = _sign_pass(x, c, t_lo, t_hi, cnt)
+    st[ST_TLO] = t_lo
+    st[ST_THI] = t_hi
+
+
+@njit(cache=True, inline="always")
+def _finish_channel(c, m, eps_shift, use_eps, stats, cnt):
+    """D = m*sum(s*x) - S*sum(s) and 1/D_eps from the channel's sums over all ``m`` codes."""
+    st = stats[c]
+    dev = m * st[ST_DEV] - st[ST_SUM] * st[ST_SIGNSUM]
+    st[ST_DEV] = dev
+    st[ST_RMANT], st[ST_REXP] = dev_reciprocal(dev, m, eps_shift, use_eps)
     # thresholds (2 MUL), D (2 MUL, 1 SUB), epsilon (1 MUL, 1 ADD), reciprocal (1 DIV)
     _tally(cnt, MUL, 4 + use_eps)
     _tally(cnt, ADD, use_eps)
     _tally(cnt, SUB, 1)
     _tally(cnt, DIV, 1)
-    st = stats[c]
-    st[ST_SUM] = s
-    st[ST_DEV] = dev
-    st[ST_SIGNSUM] = ss
-    st[ST_TLO] = t_lo
-    st[ST_THI] = t_hi
-    st[ST_RMANT] = rm
-    st[ST_REXP] = re
-    st[ST_MIN] = lo
-    st[ST_MAX] = hi
 
 
 @njit(cache=True, inline="always")
-def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
-    """y = gamma*xhat + beta for one channel, from its statistics."""
-    m = np.int64(x.shape[0] * x.shape[2])
+def _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+    """y = gamma*xhat + beta for one channel, from its statistics (over ``m`` codes)."""
     st = stats[c]
     lo, hi = st[ST_MIN], st[ST_MAX]
     a, b, cen, sh = forward_params(st[ST_SUM], m, st[ST_THI] - 1, st[ST_RMANT], st[ST_REXP],
@@ -442,17 +450,19 @@ def _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, s
 
 def _forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, wide,
              stats, cnt):
-    inv_m = _inv_m(x, True, cnt)
+    m = np.int64(x.shape[0] * x.shape[2])
+    inv_m = _inv_m(m, True, cnt)
     for c in prange(x.shape[1]):
         _stats_channel(x, c, inv_m, eps_shift, use_eps, wide, stats, cnt)
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt)
+        _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats,
+                       cnt)
 
 
 _forward_serial, _forward_parallel = serial_and_parallel(_forward)
 
 
 def _stats(x, eps_shift, use_eps, stats, cnt):
-    inv_m = _inv_m(x, True, cnt)
+    inv_m = _inv_m(np.int64(x.shape[0] * x.shape[2]), True, cnt)
     for c in prange(x.shape[1]):
         _stats_channel(x, c, inv_m, eps_shift, use_eps, True, stats, cnt)
 
@@ -460,9 +470,38 @@ def _stats(x, eps_shift, use_eps, stats, cnt):
 _stats_serial, _stats_parallel = serial_and_parallel(_stats)
 
 
-def _apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+# The statistics in three phases, for data split across processes (``l1bn_forward``'s
+# ``collective``): each phase's sums are this process's; the caller adds them up between phases.
+
+
+def _sum_phase(x, stats, cnt):
     for c in prange(x.shape[1]):
-        _apply_channel(x, y, c, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt)
+        st = stats[c]
+        st[ST_SUM], st[ST_MIN], st[ST_MAX] = _sum_pass(x, c, True, cnt)
+
+
+_sum_phase_serial, _sum_phase_parallel = serial_and_parallel(_sum_phase)
+
+
+def _sign_phase(x, m, stats, cnt):
+    inv_m = _inv_m(m, True, cnt)
+    for c in prange(x.shape[1]):
+        _sign_channel(x, c, m, inv_m, stats, cnt)
+
+
+_sign_phase_serial, _sign_phase_parallel = serial_and_parallel(_sign_phase)
+
+
+@njit(cache=True)
+def _finish_phase(m, eps_shift, use_eps, stats, cnt):
+    for c in range(stats.shape[0]):
+        _finish_channel(c, m, eps_shift, use_eps, stats, cnt)
+
+
+def _apply(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+    for c in prange(x.shape[1]):
+        _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats,
+                       cnt)
 
 
 _apply_serial, _apply_parallel = serial_and_parallel(_apply)
@@ -479,9 +518,8 @@ def _grad_stats_channel(x, g, c, want_range, gstats, cnt):
 
 
 @njit(cache=True, inline="always")
-def _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q, dgamma_shift,
-                        dgamma, dbeta, wide, cnt):
-    m = np.int64(x.shape[0] * x.shape[2])
+def _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
+                        dgamma_shift, dgamma, dbeta, wide, cnt):
     st = stats[c]
     gs = gstats[c]
     t = st[ST_THI] - 1
@@ -508,10 +546,11 @@ def _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q, 
 
 def _backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, wide,
               cnt):
-    inv_m = _inv_m(x, wide, cnt)
+    m = np.int64(x.shape[0] * x.shape[2])
+    inv_m = _inv_m(m, wide, cnt)
     for c in prange(x.shape[1]):
         _grad_stats_channel(x, g, c, wide, gstats, cnt)
-        _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
+        _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
                             dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
@@ -526,11 +565,11 @@ def _grad_stats(x, g, gstats, cnt):
 _grad_stats_serial, _grad_stats_parallel = serial_and_parallel(_grad_stats)
 
 
-def _grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+def _grad_apply(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
                 wide, cnt):
-    inv_m = _inv_m(x, wide, cnt)
+    inv_m = _inv_m(m, wide, cnt)
     for c in prange(x.shape[1]):
-        _grad_apply_channel(x, g, dx, c, stats, gstats, inv_m, gamma_q, k_shift, q,
+        _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
                             dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
@@ -558,6 +597,13 @@ class L1BNCache(NamedTuple):
     gamma: QTensor
     eps_log2: int | None
     stats: np.ndarray  # int64 (C, N_STATS): sum, D, sum of signs, thresholds, 1/D, min, max
+    m: int = 0  # values per channel the statistics cover (all processes'); 0: x's own
+    collective: object = None  # the forward's collective, which the backward uses too
+
+    @property
+    def count(self) -> int:
+        """Values per channel the statistics cover."""
+        return self.m or self.x.shape[0] * self.x.shape[2]
 
 
 def _as_ncl(a: np.ndarray) -> np.ndarray:
@@ -589,13 +635,15 @@ def _output_ncl(out: np.ndarray | None, name: str, shape: tuple, bits: int) -> n
     return np.empty(ncl, dtype=dtype) if len(shape) == 2 else out.reshape(ncl)
 
 
-def _check_input(x: np.ndarray, name: str) -> tuple[int, int]:
+def _check_input(x: np.ndarray, name: str, share: bool = False) -> tuple[int, int]:
+    """(C, m) of training input ``x``; ``share``: x is one process's share of a batch (its
+    own m may be 1; the batch's is checked once known)."""
     check_array(x, name, (np.int8, np.int16), (2, 4))
     n_channels = x.shape[1]
     m = x.size // max(n_channels, 1)
     if n_channels == 0 or m == 0:
         raise ValueError(f"{name} has an empty dimension: shape {x.shape}")
-    if m == 1:
+    if m == 1 and not share:
         raise ValueError(f"Expected more than 1 value per channel when training, got {name} "
                          f"of shape {x.shape} (N*H*W = 1)")
     if m > M_MAX:
@@ -626,10 +674,58 @@ def _eps_shift(eps_log2: int | None, x_exp: int) -> tuple[int, bool]:
     return check_exp(eps_log2, "eps_log2") - x_exp, True
 
 
+class Collective(Protocol):
+    """What a synchronized L1BN needs of the processes that share a batch: an in-place
+    all-reduce of an int64 array (``op`` is ``"sum"`` or ``"max"``), the same call in every
+    process. ``qtrain.distributed`` implements it on torch.distributed; any other transport
+    (MPI, shared memory) can."""
+
+    def allreduce(self, a: np.ndarray, op: str) -> None: ...
+
+
+def _allreduce(collective: Collective, table: np.ndarray, sums: tuple[int, ...], lo: int,
+               hi: int, extra: int = 0) -> int:
+    """Add up the columns ``sums`` of a per-channel table across processes, and take the
+    smallest of column ``lo`` and the largest of ``hi`` (one sum and one max call); ``extra``
+    (a count) is added up with the sums, and its total returned."""
+    total = np.empty((table.shape[0] * len(sums) + 1,), dtype=np.int64)
+    total[:-1] = table[:, list(sums)].reshape(-1)
+    total[-1] = extra
+    collective.allreduce(total, "sum")
+    table[:, list(sums)] = total[:-1].reshape(table.shape[0], len(sums))
+    peak = np.concatenate([-table[:, lo], table[:, hi]])
+    collective.allreduce(peak, "max")
+    table[:, lo], table[:, hi] = -peak[:table.shape[0]], peak[table.shape[0]:]
+    return int(total[-1])
+
+
+def _synchronized_stats(x3, eps_shift, use_eps, stats, collective: Collective,
+                        parallel: bool) -> int:
+    """The forward statistics of a batch split across processes (three all-reduces: S and m,
+    the range, then sum(s*x) and sum(s) once the thresholds of the whole batch's mean are
+    known); returns the batch's values per channel."""
+    sum_fn, sign_fn = ((_sum_phase_parallel, _sign_phase_parallel) if parallel
+                       else (_sum_phase_serial, _sign_phase_serial))
+    sum_fn(x3, stats, _NO_COUNT)
+    m = _allreduce(collective, stats, (ST_SUM,), ST_MIN, ST_MAX, x3.shape[0] * x3.shape[2])
+    if m == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got a batch "
+                         "of N*H*W = 1 across the processes")
+    if m > M_MAX:
+        raise ValueError(f"the batch has N*H*W = {m} values per channel; the {x3.dtype} L1BN "
+                         f"kernels support at most {M_MAX} (qkernels.fixedpoint.M_MAX)")
+    sign_fn(x3, np.int64(m), stats, _NO_COUNT)
+    signs = np.ascontiguousarray(stats[:, [ST_DEV, ST_SIGNSUM]])
+    collective.allreduce(signs, "sum")
+    stats[:, [ST_DEV, ST_SIGNSUM]] = signs
+    _finish_phase(np.int64(m), eps_shift, use_eps, stats, _NO_COUNT)
+    return m
+
+
 def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
                  out_exp: int | None = None, eps_log2: int | None = None,
-                 out: np.ndarray | None = None, parallel: bool = True
-                 ) -> tuple[QTensor, L1BNCache]:
+                 out: np.ndarray | None = None, parallel: bool = True,
+                 collective: Collective | None = None) -> tuple[QTensor, L1BNCache]:
     r"""Training-mode L1BN forward on int8 or int16 codes.
 
     .. math:: y = \gamma \frac{x - \mu_B}{\sigma_B + \epsilon} + \beta, \qquad
@@ -647,6 +743,12 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
         out: optional C-contiguous array (x's shape, int8 or int16 per out_bits) to write the
             codes into, so a training loop can reuse its buffers.
         parallel: run channels on all Numba threads (results are identical either way).
+        collective: the batch is split across processes (a synchronized batch norm): each
+            holds its share of the batch, with the same ``x.exp``, ``gamma``, ``beta``,
+            ``eps_log2`` and ``out_exp``; the statistics are the whole batch's, added up between
+            the kernels' phases by ``collective.allreduce`` (:class:`Collective`; three calls),
+            so every process gets the outputs of its share exactly as one process holding the
+            whole batch would. The backward then synchronizes too (two calls).
 
     Returns:
         ``(y, cache)``: the output codes (same shape as x) and what :func:`l1bn_backward` and
@@ -656,7 +758,7 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
     rounded half up and saturated (``docs/l1bn-integer.md`` states the conditions).
     """
     check_qtensor(x, "x")
-    n_channels, m = _check_input(x.q, "x.q")
+    n_channels, m = _check_input(x.q, "x.q", collective is not None)
     out_bits = check_bits(out_bits, "out_bits")
     _check_affine(gamma, beta, n_channels)
     eps_shift, use_eps = _eps_shift(eps_log2, x.exp)
@@ -669,19 +771,24 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
     stats_fn, apply_fn, forward_fn = ((_stats_parallel, _apply_parallel, _forward_parallel)
                                       if parallel else
                                       (_stats_serial, _apply_serial, _forward_serial))
-    if out_exp is None:
-        stats_fn(x3, eps_shift, use_eps, stats, _NO_COUNT)
-        out_exp = check_exp(int(output_exponent(stats, m, gamma.q, gamma.exp, beta.q,
-                                                beta.exp, out_bits)), "out_exp")
+    if collective is not None:
+        m = _synchronized_stats(x3, eps_shift, use_eps, stats, collective, parallel)
+    if out_exp is None or collective is not None:
+        if collective is None:
+            stats_fn(x3, eps_shift, use_eps, stats, _NO_COUNT)
+        if out_exp is None:
+            out_exp = output_exponent(stats, m, gamma.q, gamma.exp, beta.q, beta.exp, out_bits)
+        out_exp = check_exp(int(out_exp), "out_exp")
         _check_offset(beta, out_exp)
-        apply_fn(x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, wide,
-                 stats, _NO_COUNT)
+        apply_fn(x3, y3, np.int64(m), gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp,
+                 q, wide, stats, _NO_COUNT)
     else:
         out_exp = check_exp(out_exp, "out_exp")
         _check_offset(beta, out_exp)
         forward_fn(x3, y3, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift,
                    use_eps, q, wide, stats, _NO_COUNT)
-    cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats)
+    cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats,
+                      m if collective is not None else 0, collective)
     return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
 
 
@@ -721,7 +828,7 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
 
     g3 = _as_ncl(dy.q)
     n_channels = g3.shape[1]
-    m = g3.shape[0] * g3.shape[2]
+    m = cache.count
     gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
     k_base = cache.gamma.exp + dy.exp - cache.x_exp
     dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
@@ -732,12 +839,15 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     stats_fn, apply_fn, backward_fn = (
         (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel) if parallel else
         (_grad_stats_serial, _grad_apply_serial, _backward_serial))
-    if dx_exp is None:
+    if dx_exp is None or cache.collective is not None:
         stats_fn(cache.x, g3, gstats, _NO_COUNT)
-        dx_exp = check_exp(int(grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base,
-                                             dx_bits)), "dx_exp")
-        apply_fn(cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
-                 dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
+        if cache.collective is not None:  # the whole batch's sums, smallest and largest g
+            _allreduce(cache.collective, gstats, (GS_SUM, GS_SUMX), GS_MIN, GS_MAX)
+        if dx_exp is None:
+            dx_exp = grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base, dx_bits)
+        dx_exp = check_exp(int(dx_exp), "dx_exp")
+        apply_fn(cache.x, g3, dx3, np.int64(m), cache.stats, gstats, cache.gamma.q,
+                 k_base - dx_exp, q, dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
     else:
         dx_exp = check_exp(dx_exp, "dx_exp")
         backward_fn(cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
@@ -761,8 +871,7 @@ def l1bn_update_running(running_mean: np.ndarray, running_dev: np.ndarray, cache
             raise ValueError(f"{name} has {a.shape[0]} entries, expected {n_channels}")
     if not 0 <= momentum_q <= (1 << MOMENTUM_BITS):
         raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}")
-    m = cache.x.shape[0] * cache.x.shape[2]
-    running_update(running_mean, running_dev, cache.stats, m, cache.x_exp, momentum_q)
+    running_update(running_mean, running_dev, cache.stats, cache.count, cache.x_exp, momentum_q)
 
 
 def l1bn_fold(gamma: QTensor, beta: QTensor, running_mean: np.ndarray, running_dev: np.ndarray,
@@ -842,13 +951,14 @@ def count_ops(shape: tuple, eps_log2: int | None = None, seed: int = 0, *, x_bit
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
     fwd = np.zeros(8, dtype=np.int64)
     _stats_serial(x3, eps_shift, use_eps, stats, fwd)
-    _apply_serial(x3, y3, gamma.q, 8, beta.q, 8, qmax(8), x3.dtype != np.int8, stats, fwd)
+    m = np.int64(x3.shape[0] * x3.shape[2])
+    _apply_serial(x3, y3, m, gamma.q, 8, beta.q, 8, qmax(8), x3.dtype != np.int8, stats, fwd)
     g3 = _as_ncl(codes(dy_bits))
     wide = x3.dtype != np.int8 or g3.dtype != np.int8
     bwd = np.zeros(8, dtype=np.int64)
     gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
     _grad_stats_serial(x3, g3, gstats, bwd)
-    _grad_apply_serial(x3, g3, np.empty_like(g3), stats, gstats, gamma.q, 0, qmax(8), 16,
+    _grad_apply_serial(x3, g3, np.empty_like(g3), m, stats, gstats, gamma.q, 0, qmax(8), 16,
                        np.empty(n_channels, np.int64), np.empty(n_channels, np.int64), wide, bwd)
     return {"forward": dict(zip(OP_NAMES, map(int, fwd))),
             "backward": dict(zip(OP_NAMES, map(int, bwd)))}

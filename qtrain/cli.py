@@ -20,7 +20,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,7 +127,45 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
                    help="continue a run; flags that differ from its config are errors "
                         "(except --epochs and --device)")
     g.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda, cuda:1")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel on N local processes (starts torchrun "
+                        "--standalone --nproc-per-node N -m qtrain ...; the same network as one "
+                        "process, bit for bit, for quantized runs)")
     return p
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this command line (without ``--nproc``) as ``nproc`` processes under torchrun on this
+    machine, the cores shared among them; torchrun's exit status."""
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc} must be at least 1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cores or 1) // nproc))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "qtrain", *argv]
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _without_nproc(argv: list[str]) -> tuple[list[str], int | None]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``), and N (None if absent)."""
+    rest, n, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc" and i + 1 < len(argv):
+            n, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--nproc="):
+            n = a.partition("=")[2]
+        else:
+            rest.append(a)
+        i += 1
+    if n is None:
+        return rest, None
+    try:
+        return rest, int(n)
+    except ValueError:
+        raise UserError(f"--nproc {n!r} is not a whole number of processes") from None
 
 
 def _subcommand_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
@@ -228,10 +268,17 @@ def main(argv: list[str] | None = None) -> int:
             return run(parser.parse_args(argv))
         if command == "train" and argv[:1] and not argv[0].startswith("-"):
             parser.error(f"unrecognized arguments: {' '.join(argv)}")
+        rest, nproc = _without_nproc(argv)
+        if nproc is not None and nproc != 1 and "WORLD_SIZE" not in os.environ:
+            build_parser().parse_args(rest)  # bad flags: one error here, not one per process
+            return _launch(nproc, rest)
         return _train(build_parser("qtrain" if command == "train" else command)
                       .parse_args(argv), command_line)
     except UserError as err:
-        print(f"qtrain: error: {err}", file=sys.stderr)
+        from . import distributed
+
+        if distributed.world().main or str(err).startswith("rank "):  # one line per run
+            print(f"qtrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qtrain: interrupted; continue a run with qtrain --resume RUN_DIR",

@@ -162,13 +162,22 @@ def conv2d_acc(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch
     return matmul(w.q.reshape(o, -1), cols).view(o, n, oh, ow), cols
 
 
-def requantize(acc: torch.Tensor, exp: int, bits: int, dtype, width: int
-               ) -> tuple[QTensor, QuantCounts]:
+def top_exponent(acc: torch.Tensor, exp: int) -> int | None:
+    """``E`` with ``max|acc| * 2**exp < 2**E`` for integer accumulators, None if all zero."""
+    if acc.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(acc)
+    peak = max(-int(lo), int(hi))
+    return exp + peak.bit_length() if peak else None
+
+
+def requantize(acc: torch.Tensor, exp: int, bits: int, dtype, width: int,
+               round_exp: int | None = None) -> tuple[QTensor, QuantCounts]:
     """Accumulators (O, N, ...) at exponent ``exp`` rounded to ``bits`` (nearest, range
-    exponent, saturated, counted) and laid out (N, O, ...) as codes filling ``width`` bits of
+    exponent or ``round_exp``, saturated, counted) and laid out (N, O, ...) as codes filling ``width`` bits of
     ``dtype``: what a ``Quantize`` and :func:`qkernels.ieee.quantize_f32_to_codes` give on
     their float32 container when that container is exact (sums below ``2**24``)."""
-    q, counts = quantize_nearest(QTensor(acc.numpy(), exp), bits)
+    q, counts = quantize_nearest(QTensor(acc.numpy(), exp), bits, round_exp)
     codes = channels_first(q.q).astype(dtype, copy=False)
     up = width - (bits - 1)
     if up:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,17 @@ class _IntXentFn(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         err = softmax_xent_error(to_codes(logits, LOGIT_BITS), labels.cpu().numpy())
         return from_codes(err, logits), None
+
+
+def sample_losses(logits: torch.Tensor, labels: torch.Tensor,
+                  qconfig: QConfig | None = None) -> np.ndarray:
+    """Each sample's loss as :func:`cross_entropy` states it (nats for float networks, bits for
+    quantized ones), in float64, row by row: the same value for a sample whatever batch (or
+    process) it is in, so sums of them in sample order do not depend on how a batch is split."""
+    z = logits.detach().double()
+    if qconfig is None or not qconfig.quantized:
+        return F.cross_entropy(z, labels, reduction="none").cpu().numpy()
+    return (F.cross_entropy(z * LN2, labels, reduction="none") / LN2).cpu().numpy()
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
-from qkernels.ieee import codes_to_f32, f32_to_codes, f32_to_codes_where, quantize_f32_to_codes
+from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
+                           quantize_f32_to_codes)
 from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
                            maxpool2x2_relu_codes)
 from qkernels import l1bn_update_running
@@ -40,6 +41,7 @@ from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
 from qkernels.quant import quantize_stochastic
 
+from . import distributed as dist
 from . import intgemm
 from .quant import (BACKEND, FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes,
                     nearest, pow2, stochastic, weight_exponent)
@@ -70,20 +72,28 @@ class _Quantized:
     def quantized(self) -> bool:
         return self.qconfig is not None and self.qconfig.quantized
 
-    def _quantize_grad(self, grad: torch.Tensor, which: int = 0) -> torch.Tensor:
-        """Exact gradient -> bits_g codes, stochastically (stream id per parameter)."""
+    def _quantize_grad(self, grad: torch.Tensor, which: int = 0, reduce: bool = True
+                       ) -> torch.Tensor:
+        """Exact gradient -> bits_g codes, stochastically (stream id per parameter).
+
+        In a synchronized step the processes' exact gradients are added up first
+        (``reduce``; False for a gradient that is already the whole batch's)."""
         q = self.qconfig
+        if reduce and dist.active():
+            grad = dist.sum_float(grad)
         return stochastic(grad, q.bits_g, q.engine, q.seed, self.qstate.step,
                           self.grad_ids[which], self.stats_g)
 
-    def _quantize_grad_codes(self, grad: QTensor, like: torch.Tensor, which: int = 0
-                             ) -> torch.Tensor:
+    def _quantize_grad_codes(self, grad: QTensor, like: torch.Tensor, which: int = 0,
+                             reduce: bool = True) -> torch.Tensor:
         """:meth:`_quantize_grad` of an exact gradient given as integer codes: where the
         kernels run, rounded from the codes themselves (the result depends only on the
         values, so it is the same), without a float64 container in between."""
         q = self.qconfig
+        if reduce and dist.active():
+            grad = dist.sum_codes(grad)
         if not q.engine.kernels(like) or q.bits_g >= FLOAT_BITS:
-            return self._quantize_grad(from_codes(grad, like, torch.float64), which)
+            return self._quantize_grad(from_codes(grad, like, torch.float64), which, False)
         out, counts = quantize_stochastic(grad, q.bits_g, seed=q.seed, step=self.qstate.step,
                                           tensor_id=self.grad_ids[which])
         self.stats_g.add(*counts)
@@ -110,7 +120,7 @@ class _WeightFn(torch.autograd.Function):
         if exp is not None:  # the mean exponent: which weights stay inside the codes
             codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
             ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
-        return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp)
+        return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp, replicated=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -476,7 +486,11 @@ class _QuantBNReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, quant, bn, pool):
         dtype, width = _storage(bn.qconfig.bits_a)
-        xq, counts = quantize_f32_to_codes(x.detach().numpy(), quant.bits_fwd, width, dtype)
+        x32 = x.detach().numpy()
+        exp = None
+        if dist.active():
+            exp = dist.range_exponent(peak_exponent(x32), quant.bits_fwd)
+        xq, counts = quantize_f32_to_codes(x32, quant.bits_fwd, width, dtype, exp)
         quant.stats_fwd.add(*counts)
         return _block_forward(ctx, xq, bn, quant, pool)
 
@@ -501,8 +515,12 @@ class _ConvBlockFn(torch.autograd.Function):
         w8 = intgemm.codes8(w)
         assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (conv_block)"
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
+        exp = None
+        if dist.active():
+            exp = dist.range_exponent(intgemm.top_exponent(acc, x8.exp + w8.exp),
+                                      quant.bits_fwd)
         xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
-                                        *_storage(bn.qconfig.bits_a))
+                                        *_storage(bn.qconfig.bits_a), round_exp=exp)
         quant.stats_fwd.add(*counts)
         ctx.save_for_backward(x, w)
         ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
@@ -658,8 +676,11 @@ class _L1BatchNorm(nn.Module, _Quantized):
     def _forward_codes(self, x: QTensor) -> tuple[QTensor, object]:
         """Training-mode forward on the kernels' codes: output codes (``bits_a``) and the
         kernels' cache; updates the running statistics and the last output exponent."""
+        if dist.active():  # a synchronized batch norm (qtrain.distributed)
+            x = dist.align(x, _storage(self.qconfig.bits_a)[1])
         y, cache = l1bn_forward(x, _param_codes(self.weight), _param_codes(self.bias),
-                                out_bits=self.qconfig.bits_a, eps_log2=_eps_log2(self.eps))
+                                out_bits=self.qconfig.bits_a, eps_log2=_eps_log2(self.eps),
+                                collective=dist.collective())
         if self.track_running_stats:
             self._update_running(cache)
         self.last_out_exp.fill_(y.exp)
@@ -669,9 +690,12 @@ class _L1BatchNorm(nn.Module, _Quantized):
                         ) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
         """Backward on the kernels' codes: the input error codes (``bits_e``) and the
         ``bits_g`` gradients of gamma and beta (containers on ``like``'s device)."""
+        if cache.collective is not None:
+            gy = dist.align(gy, _storage(self.qconfig.bits_e)[1])
         dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.qconfig.bits_e)
-        return (dx, self._quantize_grad_codes(dgamma, like, 0),
-                self._quantize_grad_codes(dbeta, like, 1))
+        # a synchronized norm's dgamma and dbeta are already the whole batch's
+        return (dx, self._quantize_grad_codes(dgamma, like, 0, reduce=False),
+                self._quantize_grad_codes(dbeta, like, 1, reduce=False))
 
     def _update_running(self, cache) -> None:
         mean, dev = self._codes_of(self.running_mean), self._codes_of(self.running_dev)

@@ -35,6 +35,7 @@ from qkernels.ieee import f32_to_codes, quantize_f32
 from qkernels.quant import SR_BITS, mean_exponent, quantize_nearest, quantize_stochastic
 from qkernels.rng import random_top_bits
 
+from . import distributed as dist
 from .spec import BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, width_problem
 
 def check_width(bits: int, name: str) -> int:
@@ -262,11 +263,18 @@ def _zeros(t: torch.Tensor, stats: QuantStats | None) -> torch.Tensor:
 
 
 def nearest(t: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | None = None,
-            exp: int | None = None) -> torch.Tensor:
+            exp: int | None = None, replicated: bool = False) -> torch.Tensor:
     """Round to ``bits`` with the range exponent (or ``exp``), half up, saturating; identity
-    for 32 bits."""
+    for 32 bits.
+
+    In a synchronized step (:mod:`qtrain.distributed`) the range is the whole global batch's,
+    unless ``t`` is ``replicated`` (the same in every process: a weight)."""
     if bits >= FLOAT_BITS:
         return t
+    if exp is None and not replicated and dist.active():
+        exp = dist.range_exponent(top_exponent(t), bits)
+        if exp is None:
+            return _zeros(t, stats)
     if backend.kernels(t):
         return _int_round(t, bits, stats, None, exp)
     peak = _peak(t)
@@ -350,6 +358,7 @@ class _QuantizeFn(torch.autograd.Function):
         if q.bits_bwd >= FLOAT_BITS:
             return grad, None, None
         if q.stochastic_bwd:
+            _no_stochastic_errors_synchronized()
             out = stochastic(grad, q.bits_bwd, q.engine, q.seed, q.state.step, q.tensor_id,
                              q.stats_bwd)
         else:
@@ -401,15 +410,28 @@ class Quantize(torch.nn.Module):
         if self.bits_bwd >= FLOAT_BITS:
             return err
         if self.stochastic_bwd:
+            _no_stochastic_errors_synchronized()
             out, counts = quantize_stochastic(err, self.bits_bwd, seed=self.seed,
                                               step=self.state.step, tensor_id=self.tensor_id)
         else:
-            out, counts = quantize_nearest(err, self.bits_bwd)
+            exp = None
+            if dist.active():
+                peak = int(np.abs(err.q).max()) if err.q.size else 0
+                exp = dist.range_exponent(err.exp + peak.bit_length() if peak else None,
+                                          self.bits_bwd)
+            out, counts = quantize_nearest(err, self.bits_bwd, exp)
         self.stats_bwd.add(*counts)
         return out
 
     def extra_repr(self) -> str:
         return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.engine.name}"
+
+
+def _no_stochastic_errors_synchronized() -> None:
+    if dist.active():
+        raise ValueError("stochastic_errors is not available in multi-process training yet "
+                         "(its random stream is indexed per process); set "
+                         "stochastic_errors=false")
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

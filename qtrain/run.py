@@ -24,6 +24,7 @@ ends with the same weights, bit for bit, as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from . import distributed as dist
 from .config import RunConfig, UserError
 from .files import (atomic_write, check_unlocked, lock_run_dir, remove_partial, save_figure,
                     write_text)
@@ -210,57 +212,80 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     Prints the data source first, then one line per epoch; a progress bar goes to stderr.
     One process writes a run directory: ``out`` stays locked (:func:`qtrain.files.lock_run_dir`)
     from its checks to the end, and a second writer stops with a one-line error.
+
+    Started by torchrun (:mod:`qtrain.distributed`), the processes train together; rank 0
+    alone checks, locks and writes ``out``, prints, and reads the checkpoint it resumes from
+    (and hands it to the others), so the run directory need not be shared between machines.
     """
     out = Path(out)
+    world = dist.init()
     created = not out.exists()
-    prepare_out(out, resume=resume)
     try:
-        with lock_run_dir(out):
+        with contextlib.ExitStack() as held:
+            problem = None
+            if world.main:
+                try:
+                    prepare_out(out, resume=resume)
+                    held.enter_context(lock_run_dir(out))
+                except UserError as err:
+                    problem = err
+            problem = dist.broadcast_object(problem)  # the others stop with rank 0
+            if problem is not None:
+                raise problem
             return _train_locked(cfg, out, resume=resume, download=download, stdout=stdout,
-                                 recipe=recipe, command=command)
-    except UserError:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # leave no empty run directory behind
+                                 recipe=recipe, command=command, writer=world.main)
+    except UserError:  # the lock is released: an empty run directory is removed
+        if world.main and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
 
 
 def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
-                  stdout: TextIO | None, recipe: str | None, command: str | None) -> dict:
-    """:func:`train`'s loop, in the prepared and locked run directory ``out``."""
+                  stdout: TextIO | None, recipe: str | None, command: str | None,
+                  writer: bool = True) -> dict:
+    """:func:`train`'s loop, in the prepared and locked run directory ``out``; only the
+    ``writer`` (rank 0) writes files and prints."""
     from tqdm import tqdm
 
     from .quant import quant_report, reset_stats
     from .train import evaluate, train_epoch
 
     stdout = sys.stdout if stdout is None else stdout
+    world = dist.world()
 
     def say(line: str) -> None:
-        print(line, file=stdout, flush=True)
+        if writer:
+            print(line, file=stdout, flush=True)
 
-    if resume:  # partial files of a write that was killed (qtrain.files)
+    if resume and writer:  # partial files of a write that was killed (qtrain.files)
         remove_partial(out, (CONFIG, METRICS, SUMMARY, CHECKPOINT, CURVES))
     train_set, test_set = load_data(cfg, download=download)
     source = train_set.source
     say(f"data: {source}")
+    _check_world(cfg, world, len(train_set))
     model, optimizer = build(cfg, train_set.images.shape[1:])
+    stepped = dist.data_parallel(model)  # what a step runs: DDP for float nets on N processes
 
     history: list[dict] = []
     provenance: list[dict] = []
     start_epoch, wall_s = 0, 0.0
     ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path) if writer and resume and ckpt_path.exists() else None
+    ckpt = dist.broadcast_object(ckpt)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         model.qstate.step = ckpt["step"]
         start_epoch, history, wall_s = ckpt["epoch"], ckpt["history"], ckpt["wall_s"]
         provenance = list(ckpt.get("provenance", []))
     provenance.append(_segment(command, start_epoch))
-    write_text(out / CONFIG, cfg.to_json() + "\n")
-    write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+    if writer:
+        write_text(out / CONFIG, cfg.to_json() + "\n")
+        write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
     what = f"resuming {out} after epoch {start_epoch}" if resume else f"run: {out}"
     say(f"{what} -- {cfg.model} {cfg.norm} {cfg.bits} backend {cfg.backend}, "
-        f"{len(train_set)} train / {len(test_set)} test images, {cfg.epochs} epochs")
+        f"{len(train_set)} train / {len(test_set)} test images, {cfg.epochs} epochs"
+        + (f", {world.size} processes" if world.size > 1 else ""))
 
     device = cfg.device
     steps = -(-len(train_set) // cfg.batch_size)
@@ -271,25 +296,35 @@ def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
         reset_stats(model)
         optimizer.reset_stats()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   file=sys.stderr, leave=False, dynamic_ncols=True)
+                   file=sys.stderr, leave=False, dynamic_ncols=True, disable=not writer)
 
         def on_batch(i, loss, acc, bar=bar):
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", refresh=False)
             bar.update(1)
 
-        stats = train_epoch(model, optimizer, train_set.images, train_set.labels,
-                            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                            device=device, on_batch=on_batch)
-        bar.close()
-        t0 = time.perf_counter()
-        test_error = evaluate(model, test_set.images, test_set.labels, device=device)
+        try:
+            try:
+                stats = train_epoch(stepped, optimizer, train_set.images, train_set.labels,
+                                    batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                    device=device, on_batch=on_batch)
+            finally:
+                bar.close()
+            t0 = time.perf_counter()
+            test_error = evaluate(model, test_set.images, test_set.labels, device=device)
+        except dist.PeerLost as err:
+            last = f"the checkpoint of epoch {epoch}" if epoch else "no checkpoint yet"
+            raise UserError(f"rank {world.rank}: {err}; {out} keeps {last}: continue with "
+                            f"qtrain --resume {out} (any number of processes)") from None
         seconds = stats["seconds"] + time.perf_counter() - t0
         wall_s += seconds
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["train_loss"],
                   "train_error": stats["train_error"], "test_error": test_error,
                   "seconds": seconds, "images_per_s": stats["images_per_s"],
+                  "world_size": world.size,
                   "quant": quant_report(model), "store": _store_report(model, optimizer)}
         history.append(record)
+        if not writer:
+            continue
         save_checkpoint(ckpt_path, model, optimizer, epoch + 1, cfg, history, wall_s,
                         provenance)
         plot_curves(out / CURVES, history)
@@ -301,7 +336,8 @@ def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
             f"test error {100 * test_error:6.2f}%  {seconds:6.1f} s  "
             f"{stats['images_per_s']:7.0f} img/s")
     summary = _summary(cfg, history, wall_s, source, recipe, provenance)
-    write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    if writer:
+        write_text(out / SUMMARY, json.dumps(summary, indent=1) + "\n")
     if history:
         say(f"done: final test error {100 * summary['final_test_error']:.2f}%, best "
             f"{100 * summary['best_test_error']:.2f}% (epoch {summary['best_epoch']}); "
@@ -327,12 +363,34 @@ def source_commit(root: Path | None = None) -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def _check_world(cfg: RunConfig, world: dist.World, n_train: int) -> None:
+    """What a data-parallel run of ``cfg`` on ``world.size`` processes cannot do, as one line."""
+    if world.size == 1:
+        return
+    n = world.size
+    if cfg.batch_size < n:
+        raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; give "
+                        f"each process at least one image (--batch-size {n} or more)")
+    last = n_train % cfg.batch_size
+    if 0 < last < n:
+        raise UserError(f"the last batch of each epoch holds {last} images ({n_train} training "
+                        f"images, batch_size={cfg.batch_size}), fewer than the {n} processes; "
+                        "choose a batch size that leaves none or at least one per process")
+    quantized = max(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e) < 32
+    if quantized and cfg.stochastic_errors:
+        raise UserError("stochastic_errors=true is not available on several processes yet; "
+                        "set stochastic_errors=false or run one process")
+    if quantized and cfg.device != "cpu":
+        raise UserError(f"quantized training on several processes runs on the CPU; device "
+                        f"{cfg.device} is not supported there yet (use --device cpu)")
+
+
 def _segment(command: str | None, from_epoch: int) -> dict:
     """Who ran the epochs from ``from_epoch`` on: the command, the version and the commit."""
     from . import __version__
 
     return {"command": command, "qtrain_version": __version__, "commit": source_commit(),
-            "from_epoch": from_epoch}
+            "from_epoch": from_epoch, "world_size": dist.world().size}
 
 
 def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
@@ -352,4 +410,4 @@ def _summary(cfg: RunConfig, history: list[dict], wall_s: float, source: str,
             # the command that started the run, and the commit of every segment if they agree
             "command": provenance[0]["command"], "qtrain_version": provenance[0]["qtrain_version"],
             "commit": provenance[0]["commit"] if len(commits) == 1 else None,
-            "provenance": provenance}
+            "world_size": provenance[-1].get("world_size", 1), "provenance": provenance}

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import distributed as dist
 from .data import INPUT_EXP, batches, to_codes
-from .loss import cross_entropy
+from .loss import cross_entropy, sample_losses
 from .optim import QSGD
 from .quant import pow2
 
@@ -36,46 +37,73 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
     counts the steps) or any float ``nn.Module`` (cross-entropy; the peers of
     :mod:`qtrain.peers`); :class:`~qtrain.optim.QSGD` is told the batch size, another optimizer
     steps as usual. ``on_batch(batch_index, loss, accuracy)`` is called after each step
-    (progress bars).
+    (progress bars; loss and accuracy of this process's shares so far).
+
+    With several processes (:mod:`qtrain.distributed`) each trains on its share of every
+    batch (:func:`~qtrain.distributed.shard`) in a synchronized step; the loss and error
+    returned are the whole epoch's, the same at every world size: the loss sums per-sample
+    values (:func:`~qtrain.loss.sample_losses`) in sample order.
     """
-    qconfig = getattr(model, "qconfig", None)
-    qstate = getattr(model, "qstate", None)
     model.train()
     start = time.perf_counter()
     total_loss = 0.0
-    correct = seen = 0
-    for i, idx in enumerate(batches(images, labels, batch_size, seed, epoch)):
-        x = to_input(images[idx], device)
-        y = torch.from_numpy(labels[idx].astype(np.int64)).to(device)
+    correct = seen = shared = 0
+    with dist.whole_counts(model, replicated=True):
+        for i, idx in enumerate(batches(images, labels, batch_size, seed, epoch)):
+            loss_sum, right, mine = _train_step(model, optimizer, images, labels, idx, device)
+            total_loss += loss_sum
+            correct += right
+            seen += len(idx)
+            shared += mine
+            if on_batch is not None:
+                on_batch(i, total_loss / seen, correct / shared)
+    seconds = time.perf_counter() - start
+    correct, = dist.sum_counts([correct])
+    return {"train_loss": total_loss / seen, "train_error": 1 - correct / seen,
+            "seconds": seconds, "images_per_s": seen / seconds}
+
+
+def _train_step(model, optimizer, images, labels, idx, device) -> tuple[float, int, int]:
+    """One step on this process's share of the batch ``idx``: the batch's loss summed over its
+    samples, this share's correct predictions and its size."""
+    inner = getattr(model, "module", model)  # a DistributedDataParallel's network
+    qconfig = getattr(inner, "qconfig", None)
+    part = idx[dist.shard(len(idx))]
+    x = to_input(images[part], device)
+    y = torch.from_numpy(labels[part].astype(np.int64)).to(device)
+    with dist.synchronized():
         out = model(x)
         loss = cross_entropy(out, y, qconfig)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if isinstance(optimizer, QSGD):
-            optimizer.step(batch_size=len(idx))
-        else:
-            optimizer.step()
-        if qstate is not None:
-            qstate.step += 1
-        total_loss += float(loss.detach()) * len(idx)
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(idx)
-        if on_batch is not None:
-            on_batch(i, total_loss / seen, correct / seen)
-    seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / seen, "train_error": 1 - correct / seen,
-            "seconds": seconds, "images_per_s": seen / seconds}
+    if isinstance(optimizer, QSGD):
+        optimizer.step(batch_size=len(idx))
+    else:
+        optimizer.step()
+    qstate = getattr(inner, "qstate", None)
+    if qstate is not None:
+        qstate.step += 1
+    loss_sum = float(dist.gather_batch(sample_losses(out, y, qconfig), len(idx)).sum())
+    return loss_sum, int((out.argmax(1) == y).sum()), len(part)
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
              batch_size: int = 500,
              device="cpu") -> float:
-    """Test error (fraction misclassified) in eval mode."""
+    """Test error (fraction misclassified) in eval mode.
+
+    With several processes each evaluates whole batches in turn (batch ``k`` on rank ``k mod
+    N``), so every batch is computed as one process would, and the counts are added up."""
     model.eval()
     wrong = 0
-    for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], device)
-        y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
-        wrong += int((model(x).argmax(1) != y).sum())
+    world = dist.world()
+    with dist.whole_counts(model, replicated=False):
+        for k, start in enumerate(range(0, len(images), batch_size)):
+            if k % world.size != world.rank:
+                continue
+            x = to_input(images[start:start + batch_size], device)
+            y = torch.from_numpy(labels[start:start + batch_size].astype(np.int64)).to(device)
+            wrong += int((model(x).argmax(1) != y).sum())
+    wrong, = dist.sum_counts([wrong])
     return wrong / len(images)

@@ -7,28 +7,29 @@
 #
 # Every phase is a `qtrain compare` into runs/table2/...: running the same command again skips
 # the finished runs and resumes an interrupted one from its last checkpoint (bit-identical), so
-# a killed or timed-out session just runs it again. One job at a time (the machine has 2 cores;
-# each run uses both). Results and their commands go to docs/results.md.
+# a killed or timed-out session just runs it again. JOBS runs side by side (default 2: the machine
+# has 2 cores, one thread each). Results and their commands go to docs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/table2}
+JOBS=${JOBS:-2}
 phase=${1:?usage: scripts/table2.sh wd | row WD | int16 WD}
 
 case "$phase" in
   wd)
     for wd in 0 5e-4; do
-      qtrain compare --recipe lenet5-fmnist-paper --methods float-l2 --seeds 1 --jobs 1 \
+      qtrain compare --recipe lenet5-fmnist-paper --methods float-l2 --seeds 1 --jobs "$JOBS" \
         --set weight_decay="$wd" --out "$OUT/wd-$wd"
     done
     ;;
   row)
     wd=${2:?the weight decay chosen in phase wd}
     qtrain compare --recipe lenet5-fmnist-paper --methods int,float-l1,float-l2 --seeds 3 \
-      --jobs 1 --set weight_decay="$wd" --out "$OUT/row-wd-$wd"
+      --jobs "$JOBS" --set weight_decay="$wd" --out "$OUT/row-wd-$wd"
     ;;
   int16)
     wd=${2:?the weight decay chosen in phase wd}
-    qtrain compare --recipe lenet5-fmnist-paper --methods int --bits 16 --seeds 1 --jobs 1 \
+    qtrain compare --recipe lenet5-fmnist-paper --methods int --bits 16 --seeds 3 --jobs "$JOBS" \
       --set weight_decay="$wd" --out "$OUT/int16-wd-$wd"
     ;;
   *)

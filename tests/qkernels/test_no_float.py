@@ -87,21 +87,27 @@ HELPERS = {
     "qkernels.l1bn._apply_channel": (
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
+    "qkernels.l1bn._finish_channel": ("qkernels.l1bn._finish_phase",
+                                      "qkernels.l1bn._stats_channel"),
     "qkernels.l1bn._grad_apply_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_apply_parallel", "qkernels.l1bn._grad_apply_serial"),
     "qkernels.l1bn._grad_stats_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_stats_parallel", "qkernels.l1bn._grad_stats_serial"),
+    "qkernels.l1bn._sign_channel": (
+        "qkernels.l1bn._sign_phase_parallel", "qkernels.l1bn._sign_phase_serial",
+        "qkernels.l1bn._stats_channel"),
     "qkernels.l1bn._stats_channel": (
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial",
         "qkernels.l1bn._stats_parallel", "qkernels.l1bn._stats_serial"),
     "qkernels.l1bn._tally": (
         "qkernels.l1bn._affine_pass", "qkernels.l1bn._affine_pass_c",
-        "qkernels.l1bn._apply_channel", "qkernels.l1bn._grad_affine_pass",
+        "qkernels.l1bn._apply_channel", "qkernels.l1bn._finish_channel",
+        "qkernels.l1bn._grad_affine_pass",
         "qkernels.l1bn._grad_affine_pass_c", "qkernels.l1bn._grad_apply_channel",
         "qkernels.l1bn._grad_sums_pass", "qkernels.l1bn._inv_m", "qkernels.l1bn._sign_pass",
-        "qkernels.l1bn._stats_channel", "qkernels.l1bn._sum_pass",
+        "qkernels.l1bn._sum_pass",
         "qkernels.opcount._l2bn_backward", "qkernels.opcount._l2bn_forward"),
     "qkernels.optim._grad_shifts": ("qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
     "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
@@ -244,6 +250,13 @@ def _qtrain_steps(g, full):
                 net(images)
 
 
+class _Alone:
+    """The collective of a process that holds the whole batch."""
+
+    def allreduce(self, a, op):
+        pass
+
+
 def _l1bn_calls(g, full):
     """L1BN forward, backward, running update, fold and inference on int8 and int16 codes,
     chosen and given exponents, serial and parallel; the op counters. Full: activations and
@@ -268,6 +281,10 @@ def _l1bn_calls(g, full):
                     dy = QTensor(g.integers(-100, 100, shape).astype(gdt), -7)
                     l1bn.l1bn_backward(dy, cache, dx_bits=gbits, dx_exp=out_exp,
                                        parallel=parallel)
+                # a synchronized norm (here of one process): the phased statistics
+                y, cache = l1bn.l1bn_forward(x, gamma, beta, out_bits=xbits, eps_log2=-8,
+                                             parallel=parallel, collective=_Alone())
+                l1bn.l1bn_backward(dy, cache, dx_bits=gbits, parallel=parallel)
                 run_mean, run_dev = np.zeros(c, np.int64), np.full(c, 1 << 20, np.int64)
                 l1bn.l1bn_update_running(run_mean, run_dev, cache, 6554)
                 folded = l1bn.l1bn_fold(gamma, beta, run_mean, run_dev, x_exp=-4,

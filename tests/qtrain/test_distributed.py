@@ -1,0 +1,216 @@
+"""Data-parallel training (qtrain.distributed) is bit-identical at every world size: the same
+weights, optimizer state, running statistics and metrics after training on 1, 2, 3 or 4
+processes (gloo on loopback, tiny data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import re
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from qtrain import distributed as dist
+from qtrain.config import load_recipe
+
+from .dist_worker import train_worker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """100 training images (batches of 24: four full, one of 4) and 30 test images."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("dist") / "tiny.npz"
+    y_train = rng.integers(0, 10, 100)
+    x_train = rng.integers(0, 256, (100, 28, 28)).astype(np.uint8)
+    x_train[:, 4:8, :] = (y_train * 25)[:, None, None]  # something to learn
+    np.savez(path, x_train=x_train, y_train=y_train,
+             x_test=rng.integers(0, 256, (30, 28, 28)).astype(np.uint8),
+             y_test=rng.integers(0, 10, 30))
+    return str(path)
+
+
+def _train(world_size: int, cfg, data: str, out) -> dict:
+    path = str(out / f"w{world_size}.pt")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=train_worker,
+                         args=(r, world_size, port, dataclasses.asdict(cfg), data, path))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return torch.load(path, weights_only=False)
+
+
+def _assert_same(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+CASES = {
+    # the fused conv blocks (int8 GEMMs) and fused linear blocks, int backend
+    "lenet5-int8": ({"model": "lenet5", "backend": "int"}, (2, 4)),
+    # the emulate backend's CPU path; 16-bit codes: int16 L1BN, the float GEMM path
+    "mlp-emulate16": ({"model": "mlp", "backend": "emulate", "bits_w": 16, "bits_a": 16,
+                       "bits_g": 16, "bits_e": 16}, (3,)),
+    # the mean weight exponent and the unfused L1BN at low activation width
+    "lenet5-w4-mean": ({"model": "lenet5", "backend": "int", "bits_w": 4, "bits_a": 6,
+                        "weight_exp": "mean"}, (3,)),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == "lenet5-int8" else
+                                               pytest.mark.slow) for c in CASES])
+def test_world_sizes_give_identical_networks(case, tiny, tmp_path):
+    changes, sizes = CASES[case]
+    cfg = dataclasses.replace(load_recipe("lenet5-fmnist"), epochs=2, batch_size=24, lr=0.05,
+                              **changes)
+    one = _train(1, cfg, tiny, tmp_path)
+    assert one["step"] == 10 and one["metrics"][-1]["train_loss"] > 0
+    for n in sizes:
+        _assert_same(_train(n, cfg, tiny, tmp_path), one, f"world size {n}")
+
+
+def test_shards_cover_a_batch_in_order():
+    for n in (1, 4, 5, 24, 25):
+        for size in (1, 2, 3, 4, 7):
+            parts = [dist.shard(n, dist.World(r, size)) for r in range(size)]
+            covered = [i for s in parts for i in range(n)[s]]
+            assert covered == list(range(n))
+            lengths = [s.stop - s.start for s in parts]
+            assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+# --- the command line: qtrain --nproc, resume at another world size, a process that dies --------
+
+def _env(tmp_path) -> dict:
+    import os
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("QTRAIN_DATA", "WORLD_SIZE", "RANK")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+def _qtrain(args, env, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qtrain", *args], env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def _state(run_dir) -> dict:
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return {"model": ckpt["model"], "optimizer": ckpt["optimizer"], "step": ckpt["step"],
+            "metrics": [{k: v for k, v in m.items()
+                         if k not in ("seconds", "images_per_s", "world_size")}
+                        for m in ckpt["history"]]}
+
+
+def test_nproc_and_resume_at_another_world_size_are_bit_identical(tmp_path, fake_mnist):
+    import json
+
+    data = fake_mnist(tmp_path / "data", 20, 5)
+    env = _env(tmp_path)
+    args = ["--data-dir", str(data), "--no-download", "--batch-size", "16", "--set",
+            "per_class=20"]
+    one = _qtrain([*args, "--epochs", "3", "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _qtrain([*args, "--epochs", "2", "--nproc", "2", "--out", str(tmp_path / "two")], env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes" in two.stdout
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # the third epoch on one process, continuing the two-process run
+    more = _qtrain(["--resume", str(tmp_path / "two"), "--epochs", "3"], env)
+    assert more.returncode == 0, more.stderr[-2000:]
+    _assert_same(_state(tmp_path / "two"), _state(tmp_path / "one"), "resumed")
+    lines = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["world_size"] for m in lines] == [2, 2, 1]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert [s["world_size"] for s in summary["provenance"]] == [2, 1]
+
+
+def test_a_process_that_dies_stops_the_others_with_one_line(tmp_path, fake_mnist):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = fake_mnist(tmp_path / "data", 40, 5)
+    out = tmp_path / "run"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**_env(tmp_path), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "qtrain", "--data-dir", str(data), "--no-download",
+             "--set", "per_class=40", "--batch-size", "8", "--epochs", "50", "--out", str(out)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()
+        time.sleep(0.2)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=300)
+    procs[1].wait()
+    assert procs[0].returncode == 2
+    lines = [s for s in re.split(r"[\r\n]", err) if s.startswith("qtrain:")]
+    assert len(lines) == 1 and "rank 0: another process of the run stopped" in lines[0], err
+    assert "Traceback" not in err and f"qtrain --resume {out}" in lines[0]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # intact, and resumable
+    assert ckpt["epoch"] >= 1
+
+
+@pytest.mark.parametrize("value,words", [("0", "at least 1"), ("x", "whole number"),
+                                         ("-2", "at least 1")])
+def test_bad_nproc_is_one_line(value, words, capsys):
+    from qtrain import cli
+
+    assert cli.main(["--nproc", value, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "--nproc" in err[0]
+
+
+def test_world_size_limits_are_one_line_errors():
+    from qtrain.config import UserError
+    from qtrain.run import _check_world
+
+    cfg = load_recipe("lenet5-fmnist")
+    world = dist.World(0, 4)
+    _check_world(cfg, world, 60000)  # 60000 = 468 * 128 + 96: every process gets images
+    with pytest.raises(UserError, match="last batch of each epoch holds 2 images"):
+        _check_world(cfg, world, 128 * 3 + 2)
+    with pytest.raises(UserError, match="smaller than the 4 processes"):
+        _check_world(dataclasses.replace(cfg, batch_size=3), world, 60000)
+    with pytest.raises(UserError, match="stochastic_errors"):
+        _check_world(dataclasses.replace(cfg, stochastic_errors=True), world, 60000)
+    _check_world(dataclasses.replace(cfg, batch_size=3), dist.World(), 60000)  # one process
