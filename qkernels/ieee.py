@@ -32,7 +32,7 @@ from ._jit import serial_and_parallel
 from .fixedpoint import bit_length
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
 from .quant import SR_BITS, QuantCounts, saturate_count
-from .rng import check_stream_args, random_u64, stream_key
+from .rng import check_first, check_stream_args, random_u64, stream_key
 
 _ABS = np.int32(0x7FFFFFFF)
 _MANT = np.int64(0x7FFFFF)
@@ -108,14 +108,14 @@ def _quantize_nearest(bits, out, e, q, up):
     return saturated, zeroed
 
 
-def _quantize_stochastic(bits, out, e, q, key):
+def _quantize_stochastic(bits, out, e, q, key, first):
     saturated = 0
     zeroed = 0
     for i in prange(bits.shape[0]):
         m, exp = _decode(bits[i])
         up = exp - e + SR_BITS
         w = m << up if up >= 0 else (m >> -up if -up < 63 else (np.int64(-1) if m < 0 else 0))
-        r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
+        r = np.int64(random_u64(key, np.uint64(first) + np.uint64(i)) >> np.uint64(64 - SR_BITS))
         y = (w + r) >> SR_BITS
         y, sat, zero = saturate_count(y, m, q)
         saturated += sat
@@ -207,10 +207,12 @@ def peak_exponent(x: np.ndarray) -> int | None:
 
 
 def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: int = 0,
-                 step: int = 0, tensor_id: int = 0, exp: int | None = None
+                 step: int = 0, tensor_id: int = 0, exp: int | None = None, first: int = 0
                  ) -> tuple[np.ndarray, int, QuantCounts]:
-    """Round a float32 container to ``bits``-wide codes at the range exponent (or at ``exp``,
-    nearest only).
+    """Round a float32 container to ``bits``-wide codes at the range exponent (or at ``exp``).
+
+    Stochastic rounding takes element ``first + i`` of the random stream for element ``i``
+    (``first``: where this array starts in a larger tensor split across processes).
 
     Returns the new float32 container (same shape), its exponent, and the counts. Same results
     as :func:`qkernels.quant.quantize_nearest` / ``quantize_stochastic`` on the exact codes.
@@ -218,8 +220,6 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     b = _bits_of(x, "x")
     bits = check_bits(bits, "bits")
     if exp is not None:
-        if stochastic:
-            raise ValueError("a given exponent is for rounding to nearest")
         e = check_exp(exp, "exp")
     else:
         top = _top(b)
@@ -231,7 +231,7 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     if stochastic:
         key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
         kernel = _pick(_quantize_stochastic_s, _quantize_stochastic_p, b.size)
-        sat, zero = kernel(b, out, e, q, key)
+        sat, zero = kernel(b, out, e, q, key, np.int64(check_first(first)))
     else:
         sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, -1)
     return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)

@@ -30,7 +30,7 @@ from numba import njit, prange
 
 from .fixedpoint import bit_length, qmax, round_shift
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
-from .rng import check_stream_args, random_u64, stream_key
+from .rng import check_first, check_stream_args, random_u64, stream_key
 
 #: Random bits of a stochastic rounding: the fraction added below the new LSB.
 SR_BITS = 24
@@ -86,14 +86,15 @@ def _nearest(c, shift, q, out):
 
 
 @njit(cache=True, parallel=True)
-def _stochastic(c, up, q, key, out):
-    """``up = e_c - e + SR_BITS``: bits to move the code left (right if negative)."""
+def _stochastic(c, up, q, key, out, first):
+    """``up = e_c - e + SR_BITS``: bits to move the code left (right if negative); element
+    ``first + i`` of the stream for element ``i``."""
     saturated = 0
     zeroed = 0
     for i in prange(c.shape[0]):
         v = np.int64(c[i])
         w = v << up if up >= 0 else v >> -up
-        r = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - SR_BITS))
+        r = np.int64(random_u64(key, np.uint64(first) + np.uint64(i)) >> np.uint64(64 - SR_BITS))
         y = (w + r) >> SR_BITS
         y, sat, zero = saturate_count(y, v, q)
         saturated += sat
@@ -137,15 +138,17 @@ def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
 
 
-def quantize_stochastic(c: QTensor, bits: int, *, seed: int, step: int, tensor_id: int
-                        ) -> tuple[QTensor, QuantCounts]:
-    """Requantize codes to ``bits`` with the range exponent, rounding stochastically.
+def quantize_stochastic(c: QTensor, bits: int, *, seed: int, step: int, tensor_id: int,
+                        exp: int | None = None, first: int = 0) -> tuple[QTensor, QuantCounts]:
+    """Requantize codes to ``bits`` with the range exponent (or ``exp``, at most the range's),
+    rounding stochastically.
 
-    The random fraction of element ``i`` (C order) comes from the counter-based stream keyed by
-    ``(seed, step, tensor_id)``, so the result is the same on every machine.
+    The random fraction of element ``i`` (C order) is element ``first + i`` of the
+    counter-based stream keyed by ``(seed, step, tensor_id)``, so the result is the same on
+    every machine (``first``: where ``c`` starts in a tensor split across processes).
     """
-    flat, bits, exp, out = _prepare(c, bits, "c")
+    flat, bits, exp, out = _prepare(c, bits, "c", exp)
     key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
     up = c.exp - exp + SR_BITS  # <= 15 + SR_BITS: |code << up| < 2**(bits - 1 + SR_BITS)
-    sat, zero = _stochastic(flat, up, qmax(bits), key, out)
+    sat, zero = _stochastic(flat, up, qmax(bits), key, out, np.int64(check_first(first)))
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)

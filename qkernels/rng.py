@@ -172,18 +172,29 @@ def random_u64_np(key, index) -> np.ndarray:
 
 
 @njit(cache=True)
-def _top_bits(key, bits, out):
+def _top_bits(key, bits, out, first):
     for i in range(out.shape[0]):
-        out[i] = np.int64(random_u64(key, np.uint64(i)) >> np.uint64(64 - bits))
+        out[i] = np.int64(random_u64(key, np.uint64(first) + np.uint64(i)) >> np.uint64(64 - bits))
 
 
-def random_top_bits(seed: int, step: int, tensor_id: int, n: int, bits: int) -> np.ndarray:
-    """The top ``bits`` bits of elements ``0..n-1`` of the stream, as int64 (the random
-    fraction stochastic rounding adds); equals ``random_u64_np(...) >> (64 - bits)``."""
+def check_first(first) -> int:
+    """A stream position: a non-negative int below 2**62."""
+    if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
+        raise TypeError(f"first must be an int, got {type(first).__name__}")
+    if not 0 <= first < 1 << 62:
+        raise ValueError(f"first={first} is outside 0..2**62-1")
+    return int(first)
+
+
+def random_top_bits(seed: int, step: int, tensor_id: int, n: int, bits: int,
+                    first: int = 0) -> np.ndarray:
+    """The top ``bits`` bits of elements ``first..first+n-1`` of the stream, as int64 (the
+    random fraction stochastic rounding adds); equals ``random_u64_np(...) >> (64 - bits)``."""
     if not 1 <= bits <= 62:
         raise ValueError(f"bits={bits} is outside 1..62")
     out = np.empty(n, dtype=np.int64)
-    _top_bits(np.uint64(stream_key(*check_stream_args(seed, step, tensor_id))), bits, out)
+    _top_bits(np.uint64(stream_key(*check_stream_args(seed, step, tensor_id))), bits, out,
+              np.int64(check_first(first)))
     return out
 
 

@@ -19,6 +19,8 @@ process would compute from the whole batch is computed from the whole batch here
   them: the sums stay below 2**53 LSBs) before the stochastic rounding, which then runs on the
   same tensor in every process (its counter stream is keyed by the parameter, not by a
   process);
+* stochastic rounding of errors takes each element's random number at its place in the whole
+  batch's tensor (:func:`first_element`);
 * the optimizer divides by the global batch size.
 
 Outside :func:`synchronized` (the training step) nothing is all-reduced: evaluation hands
@@ -62,6 +64,7 @@ class World:
 
 _world = World()
 _sync = False
+_first_sample = 0  # where this process's share starts in the step's batch
 
 #: All-reduces made by this process since the last :func:`reset_traffic`: how many, their
 #: payload in bytes (an all-reduce among N processes sends about 2 (N-1)/N times the payload
@@ -109,15 +112,24 @@ def shutdown() -> None:
 
 
 @contextmanager
-def synchronized() -> Iterator[None]:
-    """Within this block (a training step's forward and backward) roundings, batch norms and
-    weight gradients are the whole global batch's (see the module docstring)."""
-    global _sync
-    saved, _sync = _sync, _world.size > 1
+def synchronized(first_sample: int = 0) -> Iterator[None]:
+    """Within this block (a training step's forward and backward on this process's share of
+    the batch, which starts at sample ``first_sample``) roundings, batch norms and weight
+    gradients are the whole global batch's (see the module docstring)."""
+    global _sync, _first_sample
+    saved = _sync, _first_sample
+    _sync, _first_sample = _world.size > 1, first_sample
     try:
         yield
     finally:
-        _sync = saved
+        _sync, _first_sample = saved
+
+
+def first_element(t) -> int:
+    """Where this process's share of a batch tensor (batch first) starts in the whole batch's
+    tensor, in elements (C order): the index its stochastic rounding starts at."""
+    n = t.shape[0] if t.ndim else 1
+    return _first_sample * (int(np.prod(t.shape)) // n if n else 0)
 
 
 def active() -> bool:

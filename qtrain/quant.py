@@ -236,19 +236,19 @@ BACKEND = {name: Backend(name) for name in BACKENDS}
 def _int_round(t: torch.Tensor, bits: int, stats: QuantStats | None, stream: dict | None,
                exp: int | None = None) -> torch.Tensor:
     """The int backend: round through qkernels (nearest, or stochastic with ``stream``; at the
-    range exponent, or at ``exp`` to nearest).
+    range exponent, or at ``exp``).
 
     float32 containers are read and written as bit patterns (qkernels.ieee); float64 ones
     (exact weight-gradient sums) are converted to int64 codes first.
     """
     if t.dtype == torch.float32:
-        extra = stream or ({} if exp is None else {"exp": exp})
+        extra = {**(stream or {}), **({} if exp is None else {"exp": exp})}
         y, _, counts = quantize_f32(t.detach().cpu().numpy(), bits, stochastic=stream is not None,
                                     **extra)
         out = torch.from_numpy(y).to(t.device)
     else:
         codes = to_codes(t, 53)
-        q, counts = (quantize_stochastic(codes, bits, **stream) if stream is not None
+        q, counts = (quantize_stochastic(codes, bits, exp=exp, **stream) if stream is not None
                      else quantize_nearest(codes, bits, exp))
         out = from_codes(q, t)
     if stats is not None:
@@ -317,19 +317,29 @@ def weight_exponent(t: torch.Tensor, bits: int, backend: Backend, rule: str) -> 
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: Backend, seed: int, step: int, tensor_id: int,
-               stats: QuantStats | None = None) -> torch.Tensor:
+               stats: QuantStats | None = None, shared: bool = False) -> torch.Tensor:
     """Round to ``bits`` with the range exponent, stochastically (24 random bits per element
-    from the counter-based stream keyed by ``(seed, step, tensor_id)``)."""
+    from the counter-based stream keyed by ``(seed, step, tensor_id)``).
+
+    ``shared``: ``t`` is this process's share of a batch (an error) in a synchronized step
+    (:mod:`qtrain.distributed`): the exponent is the whole batch's, and element ``i`` takes
+    the stream's element at its place in the whole batch's tensor."""
     if bits >= FLOAT_BITS:
         return t
+    exp, first = None, 0
+    if shared and dist.active():
+        exp, first = dist.range_exponent(top_exponent(t), bits), dist.first_element(t)
+        if exp is None:
+            return _zeros(t, stats)
     if backend.kernels(t):
-        return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id})
+        return _int_round(t, bits, stats, {"seed": seed, "step": step, "tensor_id": tensor_id,
+                                           "first": first}, exp)
     top = top_exponent(t)
     if top is None:
         return _zeros(t, stats)
-    e = top - (bits - 1)
+    e = top - (bits - 1) if exp is None else exp
     qmax = (1 << (bits - 1)) - 1
-    r = random_top_bits(seed, step, tensor_id, t.numel(), SR_BITS)
+    r = random_top_bits(seed, step, tensor_id, t.numel(), SR_BITS, first)
     r = torch.from_numpy(r).to(t.device, torch.float64).reshape(t.shape)
     w = _ldexp(t.detach().double(), SR_BITS - e).floor_()  # < 2**(bits-1+24): exact
     y = w.add_(r).mul_(pow2(-SR_BITS)).floor_()
@@ -358,9 +368,8 @@ class _QuantizeFn(torch.autograd.Function):
         if q.bits_bwd >= FLOAT_BITS:
             return grad, None, None
         if q.stochastic_bwd:
-            _no_stochastic_errors_synchronized()
             out = stochastic(grad, q.bits_bwd, q.engine, q.seed, q.state.step, q.tensor_id,
-                             q.stats_bwd)
+                             q.stats_bwd, shared=True)
         else:
             out = nearest(grad, q.bits_bwd, q.engine, q.stats_bwd)
         return out, None, None
@@ -409,29 +418,23 @@ class Quantize(torch.nn.Module):
         container (both depend only on the values)."""
         if self.bits_bwd >= FLOAT_BITS:
             return err
+        exp, first = None, 0
+        if dist.active():  # the whole batch's exponent, and this share's place in the batch
+            peak = int(np.abs(err.q).max()) if err.q.size else 0
+            exp = dist.range_exponent(err.exp + peak.bit_length() if peak else None,
+                                      self.bits_bwd)
+            first = dist.first_element(err.q)
         if self.stochastic_bwd:
-            _no_stochastic_errors_synchronized()
             out, counts = quantize_stochastic(err, self.bits_bwd, seed=self.seed,
-                                              step=self.state.step, tensor_id=self.tensor_id)
+                                              step=self.state.step, tensor_id=self.tensor_id,
+                                              exp=exp, first=first)
         else:
-            exp = None
-            if dist.active():
-                peak = int(np.abs(err.q).max()) if err.q.size else 0
-                exp = dist.range_exponent(err.exp + peak.bit_length() if peak else None,
-                                          self.bits_bwd)
             out, counts = quantize_nearest(err, self.bits_bwd, exp)
         self.stats_bwd.add(*counts)
         return out
 
     def extra_repr(self) -> str:
         return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.engine.name}"
-
-
-def _no_stochastic_errors_synchronized() -> None:
-    if dist.active():
-        raise ValueError("stochastic_errors is not available in multi-process training yet "
-                         "(its random stream is indexed per process); set "
-                         "stochastic_errors=false")
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

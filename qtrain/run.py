@@ -377,9 +377,6 @@ def _check_world(cfg: RunConfig, world: dist.World, n_train: int) -> None:
                         f"images, batch_size={cfg.batch_size}), fewer than the {n} processes; "
                         "choose a batch size that leaves none or at least one per process")
     quantized = max(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e) < 32
-    if quantized and cfg.stochastic_errors:
-        raise UserError("stochastic_errors=true is not available on several processes yet; "
-                        "set stochastic_errors=false or run one process")
     if quantized and cfg.device != "cpu":
         raise UserError(f"quantized training on several processes runs on the CPU; device "
                         f"{cfg.device} is not supported there yet (use --device cpu)")

@@ -68,10 +68,11 @@ def _train_step(model, optimizer, images, labels, idx, device) -> tuple[float, i
     samples, this share's correct predictions and its size."""
     inner = getattr(model, "module", model)  # a DistributedDataParallel's network
     qconfig = getattr(inner, "qconfig", None)
-    part = idx[dist.shard(len(idx))]
+    share = dist.shard(len(idx))
+    part = idx[share]
     x = to_input(images[part], device)
     y = torch.from_numpy(labels[part].astype(np.int64)).to(device)
-    with dist.synchronized():
+    with dist.synchronized(share.start):
         out = model(x)
         loss = cross_entropy(out, y, qconfig)
         optimizer.zero_grad(set_to_none=True)
