@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import (BACKENDS, DATASETS, DEFAULT_RECIPE, MODELS, NORMS, UserError,
-                     apply_sets, load_recipe, recipe_label, recipe_names)
+from .config import (BACKENDS, DATA_PATHS, DATASETS, DEFAULT_RECIPE, MODELS, NORMS, UserError,
+                     apply_sets, data_problem, load_recipe, recipe_label, recipe_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +48,14 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number; give e.g. 0.1")
     return value
+
+
+def data_arg(text: str) -> str:
+    """An argparse type: a dataset name or the path of the user's data (:func:`data_problem`)."""
+    if data_problem(text):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                         f"{', '.join(DATASETS)}, or give {DATA_PATHS})")
+    return text
 
 
 SUBCOMMANDS = ("train", "ops", "stats", "sweep", "compare")
@@ -76,6 +84,7 @@ examples:
   qtrain --bits 8 --norm l1
   qtrain --bits-w 2 --bits-a 8 --bits-g 8 --bits-e 8 --norm l1
   qtrain --recipe mlp-fmnist --set per_class=100 --epochs 3 --out runs/try
+  qtrain --model mlp --data my-images/ --epochs 5     # my-images/{train,test}/<class>/*.png
   qtrain --resume runs/try
 """
 
@@ -99,7 +108,10 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
                    help="set a recipe field, type-checked, e.g. per_class=100 or "
                         "lr_milestones=30,60 (repeatable)")
     g.add_argument("--model", choices=MODELS, help="network")
-    g.add_argument("--data", choices=tuple(DATASETS), help="dataset")
+    g.add_argument("--data", type=data_arg, metavar="NAME|FILE.npz|DIR/",
+                   help=f"dataset: {', '.join(DATASETS)}; or your own: FILE.npz (arrays "
+                        "x_train, y_train, x_test, y_test) or DIR/ holding train/ and test/, "
+                        "each with one folder of images per class (docs/your-data.md)")
     g.add_argument("--data-dir", metavar="DIR",
                    help="directory searched first for the data (then $QTRAIN_DATA, the "
                         "system dataset directory, the user cache)")

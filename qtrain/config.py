@@ -33,8 +33,9 @@ class UserError(ValueError):
 
 
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
-from .spec import (BACKENDS, DATASETS, FLOAT_BITS, MODEL_INPUTS, MODELS, NORMS,  # noqa: E402
-                   WEIGHT_EXPS, backend_problem, width_problem)
+from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
+                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, input_problem,
+                   width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
 DEFAULTED = {
@@ -58,7 +59,7 @@ class RunConfig:
     """
 
     model: str  # network: lenet5, mlp, vgg7 or resnet20
-    data: str  # dataset: fashion-mnist, mnist or cifar10
+    data: str  # dataset: fashion-mnist, mnist, cifar10, or a FILE.npz or DIR/ (made absolute)
     norm: str  # batch norm: l1 (L1BN), l2 (standard BN) or none
     backend: str  # int (integer kernels) or emulate (the same integers in torch, any device)
     bits_w: int  # weight code width, bits: 2..16, or 32 for float
@@ -86,7 +87,10 @@ class RunConfig:
         _choice("norm", self.norm, NORMS)
         _choice("backend", self.backend, BACKENDS)
         _choice("weight_exp", self.weight_exp, WEIGHT_EXPS)
-        _choice("data", self.data, tuple(DATASETS))
+        if problem := data_problem(self.data):
+            raise UserError(problem)
+        if data_is_path(self.data):  # recorded absolute: config.json repeats from anywhere
+            object.__setattr__(self, "data", os.path.abspath(os.path.expanduser(self.data)))
         widths = (self.bits_w, self.bits_a, self.bits_g, self.bits_e)
         for name, bits in zip(("bits_w", "bits_a", "bits_g", "bits_e"), widths):
             if problem := width_problem(bits, name):
@@ -124,13 +128,9 @@ class RunConfig:
                             "milestones")
         if self.per_class is not None and self.per_class < 1:
             raise UserError(f"per_class={self.per_class} must be at least 1 (or none for all)")
-        accepts = MODEL_INPUTS[self.model]
-        shape = DATASETS[self.data]
-        if accepts is not None and shape not in accepts:
-            fits = [m for m in MODELS if MODEL_INPUTS[m] is None or shape in MODEL_INPUTS[m]]
-            raise UserError(f"model {self.model} does not take {self.data}'s "
-                            f"{'x'.join(map(str, shape))} images: use model "
-                            f"{' or '.join(fits)}, or other data")
+        if self.data in DATASETS and (problem := input_problem(self.model, self.data,
+                                                               DATASETS[self.data])):
+            raise UserError(problem)  # the user's data: checked when it is loaded
         if min(widths) < FLOAT_BITS and self.backend == "int" and self.device != "cpu":
             raise UserError(f"the int backend runs on the CPU, not {self.device}: use device cpu, "
                             "or backend emulate on an accelerator")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import distributed as dist
-from .config import RunConfig, UserError
+from .config import RunConfig, UserError, input_problem
 from .files import (atomic_write, check_unlocked, lock_run_dir, remove_partial, save_figure,
                     write_text)
 
@@ -137,11 +137,15 @@ def load_data(cfg: RunConfig, *, download: bool = True):
         raise
     except ValueError as err:  # data.DataError and argument checks: one line each
         raise UserError(str(err).splitlines()[0]) from None
+    shape = train.images.shape[1:]  # the user's data: its shape is known only now
+    if problem := input_problem(cfg.model, cfg.data, shape if len(shape) == 3 else (*shape, 1)):
+        raise UserError(problem)
     return train, test
 
 
-def build(cfg: RunConfig, in_shape: tuple[int, ...]):
-    """The model (initialized from ``cfg.seed``) and its optimizer, on ``cfg.device``."""
+def build(cfg: RunConfig, in_shape: tuple[int, ...], classes: int = 10):
+    """The model (initialized from ``cfg.seed``) for images of ``in_shape`` and ``classes``
+    classes, and its optimizer, on ``cfg.device``."""
     import torch
 
     from .models import build as build_model
@@ -154,6 +158,7 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...]):
                           store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
                           weight_exp=cfg.weight_exp, seed=cfg.seed)
         kwargs = {"in_features": h * w * c} if cfg.model == "mlp" else {"in_channels": c}
+        kwargs["classes"] = classes
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.norm, qconfig, **kwargs)
         device = torch.device(cfg.device)
@@ -263,7 +268,7 @@ def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
     source = train_set.source
     say(f"data: {source}")
     _check_world(cfg, world, len(train_set))
-    model, optimizer = build(cfg, train_set.images.shape[1:])
+    model, optimizer = build(cfg, train_set.images.shape[1:], len(train_set.classes))
     stepped = dist.data_parallel(model)  # what a step runs: DDP for float nets on N processes
 
     history: list[dict] = []

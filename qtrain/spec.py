@@ -7,6 +7,8 @@ error type (:class:`qtrain.config.UserError` for configs, ``ValueError`` for the
 
 from __future__ import annotations
 
+import os
+
 #: A width of 32 bits means float: no quantization.
 FLOAT_BITS = 32
 #: ``int``: integer codes through qkernels; ``emulate``: the same integers in torch, any device.
@@ -22,6 +24,33 @@ DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 
 MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "lenet5-paper": {(28, 28, 1)}, "mlp": None,
                 "vgg7": {(32, 32, 3)}, "resnet20": None}
 MODELS = tuple(MODEL_INPUTS)
+#: What ``data`` may be besides a name of :data:`DATASETS`: the user's own files.
+DATA_PATHS = "a FILE.npz, or a DIR/ of image folders (a path with a /)"
+
+
+def data_is_path(data: str) -> bool:
+    """``data`` names the user's files, not a built-in dataset: a path ending in ``.npz`` (the
+    arrays x_train, y_train, x_test, y_test) or any path with a separator (a directory of
+    image folders: ``./flowers``, ``flowers/``, ``/data/flowers``). A bare word is a dataset
+    name, so a misspelt one is an error rather than a missing directory."""
+    return data not in DATASETS and (data.endswith(".npz") or "/" in data or os.sep in data)
+
+
+def data_problem(data: str) -> str | None:
+    """``data`` must be a name of :data:`DATASETS` or a path (:func:`data_is_path`)."""
+    if data in DATASETS or data_is_path(data):
+        return None
+    return f"unknown data {data!r}: choose one of {', '.join(DATASETS)}, or give {DATA_PATHS}"
+
+
+def input_problem(model: str, data: str, shape: tuple[int, int, int]) -> str | None:
+    """Model ``model`` must accept ``data``'s image shape (H, W, C) (:data:`MODEL_INPUTS`)."""
+    accepts = MODEL_INPUTS[model]
+    if accepts is None or shape in accepts:
+        return None
+    fits = [m for m in MODELS if MODEL_INPUTS[m] is None or shape in MODEL_INPUTS[m]]
+    return (f"model {model} does not take {data}'s {'x'.join(map(str, shape))} images: use "
+            f"model {' or '.join(fits)}, or other data")
 
 
 def width_problem(bits, name: str) -> str | None:

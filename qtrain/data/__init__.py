@@ -1,8 +1,10 @@
-"""Fashion-MNIST, MNIST and CIFAR-10 in memory, and the input format of integer training.
+"""Fashion-MNIST, MNIST, CIFAR-10 and the user's own data in memory, and the input format of
+integer training.
 
 * :func:`load_dataset` (here) -- the command line's entry point: ``(train, test)`` of
   ``fashion-mnist``, ``mnist`` or ``cifar10``, downloading a missing MNIST-like set into the
-  user cache first and falling back to the embedded Fashion-MNIST subset when that fails.
+  user cache first and falling back to the embedded Fashion-MNIST subset when that fails; or
+  of the user's ``FILE.npz`` or ``DIR/`` of image folders.
 * :mod:`.idx` -- :func:`read_idx` (one IDX file, gzipped or not, fully validated),
   :func:`write_idx`.
 * :mod:`.sources` -- where data is searched for (:func:`search_dirs`, :data:`SOURCES`, the
@@ -10,6 +12,7 @@
   :class:`Dataset`.
 * :mod:`.download` -- :func:`download` into the user cache.
 * :mod:`.cifar` -- :func:`load_cifar10` from the python batches.
+* :mod:`.user` -- :func:`load_user_data`, the user's ``.npz`` file or image folders, checked.
 * :mod:`.inputs` -- :func:`stratified_subset` (a class-balanced, seeded subset),
   :func:`to_codes` (pixels to 8-bit signed input codes ``(q, e)``) and :func:`batches` (index
   batches whose order depends only on ``(seed, epoch)``).
@@ -18,7 +21,7 @@
   how to fix it.
 
 Every public name of the submodules is importable from ``qtrain.data``. The package imports
-numpy only (no torch, no numba).
+numpy only (no torch, no numba; Pillow when image folders are read).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from .. import spec
 from .cifar import CIFAR10_DIR, load_cifar10
 from .download import DOWNLOAD_URLS, IDX_FILES, download
 from .errors import DataError, DataNotFound
@@ -36,6 +40,7 @@ from .inputs import INPUT_EXP, batches, stratified_subset, to_codes
 from .sources import (CLASSES, DATASETS, IMAGE_SHAPE, MNIST_LIKE, SOURCES, SPLITS, SUBSET_DIR,
                       SUBSET_SIZES, SUBSET_SOURCE, SUBSET_SOURCES, SYSTEM_DIRS, Candidate,
                       Dataset, load_mnist_like, search_dirs, user_cache_dir)
+from .user import IMAGE_EXTENSIONS, NPZ_ARRAYS, load_user_data
 
 __all__ = [
     "CIFAR10_DIR",
@@ -48,9 +53,11 @@ __all__ = [
     "Dataset",
     "IDX_DTYPES",
     "IDX_FILES",
+    "IMAGE_EXTENSIONS",
     "IMAGE_SHAPE",
     "INPUT_EXP",
     "MNIST_LIKE",
+    "NPZ_ARRAYS",
     "SOURCES",
     "SPLITS",
     "SUBSET_DIR",
@@ -63,6 +70,7 @@ __all__ = [
     "load_cifar10",
     "load_dataset",
     "load_mnist_like",
+    "load_user_data",
     "read_idx",
     "search_dirs",
     "stratified_subset",
@@ -75,7 +83,9 @@ __all__ = [
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
                  download_missing: bool = True,
                  stream: TextIO | None = None) -> tuple[Dataset, Dataset]:
-    """``(train, test)`` of ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``.
+    """``(train, test)`` of ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"``, or of the user's
+    data when ``name`` is a path (:func:`qtrain.spec.data_is_path`: :func:`load_user_data`,
+    which ignores the other arguments).
 
     For the MNIST-like sets each split is found by :func:`load_mnist_like` in the order of
     :mod:`qtrain.data.sources`' docstring. When a split is in none of the full-data places and
@@ -91,6 +101,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
             was found: a broken file is never skipped silently); MNIST or CIFAR-10 is nowhere
             and cannot be downloaded.
     """
+    if spec.data_is_path(name):
+        return load_user_data(name)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if data_dir is not None and not Path(data_dir).is_dir():

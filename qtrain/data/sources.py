@@ -62,13 +62,14 @@ IMAGE_SHAPE = (28, 28)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """One split of an MNIST-like dataset, held in memory.
+    """One split of a dataset, held in memory.
 
     Attributes:
-        images: uint8 array (N, 28, 28), pixel 0 = background.
-        labels: uint8 array (N,), values in ``0..len(classes)-1``.
+        images: uint8 array (N, 28, 28), pixel 0 = background; (N, H, W) grayscale or
+            (N, H, W, 3) colour in general.
+        labels: uint8 array (N,) (int64 for the user's data), values in ``0..len(classes)-1``.
         name: ``"fashion-mnist"``, ``"mnist"`` or ``"cifar10"`` (whose images are uint8
-            (N, 32, 32, 3), height x width x RGB).
+            (N, 32, 32, 3), height x width x RGB), or the path of the user's data.
         split: ``"train"`` or ``"test"``.
         source: where it came from, for people, e.g.
             ``"Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)"``;
