@@ -481,7 +481,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if getattr(args, "data_dir", None):
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     train_set, test_set = load_data(cfg, download=False)
-    model, _ = build(cfg, train_set.images.shape[1:])
+    model, _ = build(cfg, train_set.images.shape[1:], len(train_set.classes))
     ckpt = load_checkpoint(run_dir / CHECKPOINT)
     try:
         model.load_state_dict(ckpt["model"])

@@ -83,9 +83,12 @@ def shard_share(points: list, shard: int, shards: int) -> list:
 
 
 def cannot_run(cfg: RunConfig) -> str | None:
-    """Why a combination cannot run (one line: the model builder's error), or None."""
+    """Why a combination cannot run (one line: the model builder's error), or None. The user's
+    data (a path) is checked when its run loads it."""
     from ..run import build
 
+    if cfg.data not in DATASETS:
+        return None
     try:
         h, w, c = DATASETS[cfg.data]
         build(cfg, (h, w, c))

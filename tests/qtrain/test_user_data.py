@@ -319,3 +319,14 @@ def test_loader_errors_are_data_errors(tmp_path):
     """load_user_data raises DataError (a ValueError) with one line."""
     with pytest.raises(DataError, match="not found"):
         load_user_data(tmp_path / "nothing.npz")
+
+
+def test_a_sweep_leaves_the_check_of_path_data_to_its_runs():
+    """cannot_run checks built-in datasets' shapes; the user's data is checked when loaded."""
+    import dataclasses
+
+    from qtrain.config import load_recipe
+    from qtrain.sweep.grid import cannot_run
+
+    cfg = dataclasses.replace(load_recipe("mlp-fmnist"), data="./mine.npz")
+    assert cannot_run(cfg) is None
