@@ -140,23 +140,52 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
                         "(except --epochs and --device)")
     g.add_argument("--device", metavar="DEV", help="torch device: cpu, cuda, cuda:1")
     g.add_argument("--nproc", type=int, metavar="N",
-                   help="train data-parallel on N local processes (starts torchrun "
-                        "--standalone --nproc-per-node N -m qtrain ...; the same network as one "
-                        "process, bit for bit, for quantized runs)")
+                   help="train data-parallel on N processes of this machine (as torchrun "
+                        "--standalone --nproc-per-node N -m qtrain ... does; the same network "
+                        "as one process, bit for bit, for quantized runs)")
     return p
 
 
 def _launch(nproc: int, argv: list[str]) -> int:
-    """Run this command line (without ``--nproc``) as ``nproc`` processes under torchrun on this
-    machine, the cores shared among them; torchrun's exit status."""
+    """Run this command line (without ``--nproc``) as ``nproc`` processes on this machine, with
+    the environment torchrun gives its workers (rank, world size, a free loopback port) and the
+    cores shared among them. Returns 0, or the exit status of the first process that failed
+    (the others are stopped: they would wait for it)."""
+    import signal
+    import socket
+
     if nproc < 1:
         raise UserError(f"--nproc {nproc} must be at least 1")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = str(max(1, (cores or 1) // nproc))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "qtrain", *argv]
-    return subprocess.run(cmd, env=env).returncode
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads,
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc)}
+    procs = [subprocess.Popen([sys.executable, "-m", "qtrain", *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(nproc)]
+    status, deadline = 0, None
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed and deadline is None:  # the others notice within moments, and say so
+                status, deadline = failed[0], time.monotonic() + 15
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                deadline = float("inf")
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        return 130
+    return status or next((p.returncode for p in procs if p.returncode), 0)
 
 
 def _without_nproc(argv: list[str]) -> tuple[list[str], int | None]:
@@ -287,9 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(build_parser("qtrain" if command == "train" else command)
                       .parse_args(argv), command_line)
     except UserError as err:
-        from . import distributed
-
-        if distributed.world().main or str(err).startswith("rank "):  # one line per run
+        # one line per run: under torchrun rank 0 says it (a lost process: whoever survives)
+        if os.environ.get("RANK", "0") == "0" or str(err).startswith("rank "):
             print(f"qtrain: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

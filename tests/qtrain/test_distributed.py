@@ -255,3 +255,12 @@ def test_a_float_run_on_two_processes_uses_ddp(tmp_path, fake_mnist):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["bits"] == "W32A32G32E32"
     assert 0 <= summary["final_test_error"] <= 1
+
+
+def test_nproc_with_a_bad_config_is_one_line(tmp_path):
+    """Every process finds the error; rank 0 alone says it."""
+    run = _qtrain(["--nproc", "2", "--set", "lr=-1", "--out", str(tmp_path / "x")],
+                  _env(tmp_path))
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lr=-1" in lines[0], run.stderr
