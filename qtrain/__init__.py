@@ -8,14 +8,14 @@ import the submodule you need.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "convert"]
+__all__ = ["__version__", "convert", "calibrate"]
 
 
 def __getattr__(name: str):
-    """``qtrain.convert`` (a float model -> a quantized network) is imported when first used,
-    so that importing qtrain stays light; the module is callable (``qtrain.convert(model,
-    qconfig)``)."""
-    if name == "convert":
-        import importlib
-        return importlib.import_module(".convert", __name__)
+    """``qtrain.convert`` and ``qtrain.calibrate`` (a float model -> a quantized network:
+    :mod:`qtrain.conversion`), imported when first used so that importing qtrain stays
+    light."""
+    if name in ("convert", "calibrate"):
+        from . import conversion
+        return getattr(conversion, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import qtrain
-from qtrain.convert import GAUSS_L1_RATIO, calibrate
+from qtrain.conversion import GAUSS_L1_RATIO, calibrate
 from qtrain.fusion import QuantBlock
 from qtrain.models import QNet, lenet5, lenet5_paper
 from qtrain.nn import L1BatchNorm2d, QuantConv2d

@@ -1,8 +1,7 @@
 r"""Convert a float torch model to a quantized qtrain network, in the manner of
 ``torch.ao.quantization.convert`` and ``nn.SyncBatchNorm.convert_sync_batchnorm``.
 
-``qtrain.convert(model, qconfig, norm="l1")`` (this module is callable: ``qtrain.convert`` and
-``qtrain.convert.convert`` are the same function) swaps the layers and inserts the quantizers
+``qtrain.convert(model, qconfig, norm="l1")`` (:func:`convert`, also ``qtrain.convert``) swaps the layers and inserts the quantizers
 the built-in models have (:mod:`qtrain.models`), then fuses blocks as they are fused
 (:func:`qtrain.fusion.fuse`). The result trains with :func:`qtrain.train.train_epoch` and
 :class:`qtrain.optim.QSGD` like a built-in model: it carries ``qconfig``, ``qstate`` and ``norm``.
@@ -56,8 +55,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-import types
 import warnings
 
 import torch
@@ -331,15 +328,5 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
         model.train(was_training)
     return model
 
-
-class _CallableModule(types.ModuleType):
-    """``qtrain.convert(model, qconfig)`` calls :func:`convert`, whichever of the module and
-    the function ``qtrain.convert`` was imported as."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["convert", "calibrate", "GAUSS_L1_RATIO", "SUPPORTED"]
