@@ -132,6 +132,7 @@ def _state(run_dir) -> dict:
                         for m in ckpt["history"]]}
 
 
+@pytest.mark.slow  # three qtrain runs, one of them on two processes
 def test_nproc_and_resume_at_another_world_size_are_bit_identical(tmp_path, fake_mnist):
     import json
 
@@ -241,6 +242,7 @@ def test_stochastic_rounding_of_a_split_tensor_equals_the_whole(n, cut):
                           random_top_bits(1, 2, 3, 10, 24)[6:])
 
 
+@pytest.mark.slow
 def test_a_float_run_on_two_processes_uses_ddp(tmp_path, fake_mnist):
     """bits 32 trains under DistributedDataParallel (not bit-identical across world sizes:
     float sums; documented) and writes one run directory."""
