@@ -103,6 +103,13 @@ def _stochastic(c, up, q, key, out, first):
     return saturated, zeroed
 
 
+def code_top(c: QTensor) -> int | None:
+    """``E`` with ``max|c.q| * 2**c.exp < 2**E`` (the peak's binary exponent), or None when
+    every code is zero."""
+    peak = int(_max_abs(np.ascontiguousarray(c.q).reshape(-1)))
+    return c.exp + peak.bit_length() if peak else None
+
+
 def mean_exponent(abs_sum: int, n: int, exp: int, bits: int) -> int | None:
     """The *mean* rule's exponent for ``n`` codes at exponent ``exp`` whose magnitudes sum to
     ``abs_sum``: ``e = floor(log2(mean|v|)) + 3 - bits`` (None when all are zero), exactly,

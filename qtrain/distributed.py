@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from qkernels import QTensor
+from qkernels.quant import code_top
 
 #: Exponent all-reduced for "all zero" (below any real one).
 _NONE = -(1 << 40)
@@ -253,8 +254,7 @@ def align(q: QTensor, width: int) -> QTensor:
     """Codes at the exponent the whole batch's codes would have at ``width`` bits (``E -
     width``, ``E`` of the batch's peak): this process's codes shifted right, exactly (their
     values lie on the batch's grid: they are roundings at the batch's exponent)."""
-    peak = int(np.abs(q.q.astype(np.int64, copy=False)).max()) if q.q.size else 0
-    top = max_int(q.exp + peak.bit_length() if peak else None)
+    top = max_int(code_top(q))
     if top is None:
         return q
     exp = top - width

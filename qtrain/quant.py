@@ -32,7 +32,8 @@ import torch
 
 from qkernels import QTensor
 from qkernels.ieee import f32_to_codes, quantize_f32
-from qkernels.quant import SR_BITS, mean_exponent, quantize_nearest, quantize_stochastic
+from qkernels.quant import (SR_BITS, code_top, mean_exponent, quantize_nearest,
+                            quantize_stochastic)
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
@@ -420,9 +421,7 @@ class Quantize(torch.nn.Module):
             return err
         exp, first = None, 0
         if dist.active():  # the whole batch's exponent, and this share's place in the batch
-            peak = int(np.abs(err.q).max()) if err.q.size else 0
-            exp = dist.range_exponent(err.exp + peak.bit_length() if peak else None,
-                                      self.bits_bwd)
+            exp = dist.range_exponent(code_top(err), self.bits_bwd)
             first = dist.first_element(err.q)
         if self.stochastic_bwd:
             out, counts = quantize_stochastic(err, self.bits_bwd, seed=self.seed,
