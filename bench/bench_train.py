@@ -9,6 +9,7 @@ Usage (from the repository root)::
     python bench/bench_train.py --full-epoch --json    # time one real full epoch per method
     python bench/bench_train.py --methods int,emulate,float    # without Brevitas
     python bench/bench_train.py --models lenet5-paper          # one network
+    python bench/bench_train.py --device cuda --methods emulate,float   # on a GPU
 
 Progress and info go to stderr; with ``--json`` stdout carries only the JSON object. Brevitas
 is an optional dependency (``pip install -e .[bench]``); without it the ``brevitas`` method
@@ -171,9 +172,10 @@ class Method:
     """One model and optimizer; ``step(idx)`` is one training step on batch ``idx``."""
 
     def __init__(self, name: str, model: str, images: np.ndarray, labels: np.ndarray, lr: float,
-                 momentum: float, seed: int):
+                 momentum: float, seed: int, device: str = "cpu"):
         self.name = name
         self.images, self.labels = images, labels
+        self.device = device
         torch.manual_seed(seed)
         if name in ("int", "emulate"):
             self.model = build(model, "l1", QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8,
@@ -189,14 +191,14 @@ class Method:
         else:
             raise ValueError(f"unknown method {name!r}")
         self.qnet = name in ("int", "emulate")
-        self.model.train()
+        self.model.to(device).train()
         self.losses: list[float] = []
         self.correct = self.seen = 0
 
     def step(self, idx: np.ndarray) -> None:
         # the body of qtrain.train.train_epoch's loop
-        x = to_input(self.images[idx])
-        y = torch.from_numpy(self.labels[idx].astype(np.int64))
+        x = to_input(self.images[idx], self.device)
+        y = torch.from_numpy(self.labels[idx].astype(np.int64)).to(self.device)
         out = self.model(x)
         if self.qnet:
             loss = cross_entropy(out, y, self.model.qconfig)
@@ -379,11 +381,18 @@ def main(argv=None) -> int:
                     help="train on a stratified subset of this many images per class "
                          "(default: the whole train split)")
     ap.add_argument("--data-dir", default=None, help="directory holding the IDX files")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the emulate, float and brevitas methods (cpu; cuda)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator as it is")
     args = ap.parse_args(argv)
     if args.warmup < 0 or args.rounds < 1 or args.steps < 1 or args.batch_size < 1:
         ap.error("--warmup must be >= 0, --rounds, --steps and --batch-size >= 1")
+    if args.device != "cpu" and "int" in args.methods:
+        ap.error(f"the int method runs on the CPU, not {args.device}: leave it out with "
+                 "--methods emulate,float")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device here")
 
     try:
         # anything a library prints goes to stderr: stdout carries only the result
@@ -431,6 +440,9 @@ def run(args) -> dict:
                       if r["foreign_cpu_load_timed"] is not None), default=None)
     machine = machine_info()
     machine["brevitas_version"] = brevitas_version
+    if args.device.startswith("cuda"):
+        machine["cuda_device"] = torch.cuda.get_device_name(args.device)
+        machine["torch_cuda"] = torch.version.cuda
     result = {
         "models": per_model,
         "ratio_to_float": {model: r["ratio_to_float"] for model, r in per_model.items()},
@@ -440,6 +452,7 @@ def run(args) -> dict:
         "foreign_cpu_load_timed": timed_load,
         "machine": machine,
         "settings": {"mode": "full_epoch" if args.full_epoch else "steps",
+                     "device": args.device,
                      "models": list(args.models),
                      "methods": list(args.methods), "warmup_steps": args.warmup,
                      "rounds": None if args.full_epoch else args.rounds,
@@ -465,8 +478,8 @@ def run(args) -> dict:
 
 def time_model(model: str, args, ds, stream: BatchStream, progress) -> dict:
     """Warm up and time every method on one network; its epoch times, ratios and losses."""
-    methods = {n: Method(n, model, ds.images, ds.labels, args.lr, args.momentum, args.seed)
-               for n in args.methods}
+    methods = {n: Method(n, model, ds.images, ds.labels, args.lr, args.momentum, args.seed,
+                         args.device) for n in args.methods}
     tty = sys.stderr.isatty()
     for n, m in methods.items():
         progress(f"{model} warm-up: {n}")

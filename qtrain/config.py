@@ -131,12 +131,17 @@ class RunConfig:
         if self.data in DATASETS and (problem := input_problem(self.model, self.data,
                                                                DATASETS[self.data])):
             raise UserError(problem)  # the user's data: checked when it is loaded
-        if min(widths) < FLOAT_BITS and self.backend == "int" and self.device != "cpu":
+        if self.quantized and self.backend == "int" and self.device != "cpu":
             raise UserError(f"the int backend runs on the CPU, not {self.device}: use device cpu, "
                             "or backend emulate on an accelerator")
         if not self.device or self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
             raise UserError(f"device {self.device!r} is not a torch device like cpu, cuda or "
                             "cuda:1")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any of W, A, G, E is rounded (narrower than FLOAT_BITS)."""
+        return min(self.bits_w, self.bits_a, self.bits_g, self.bits_e) < FLOAT_BITS
 
     @property
     def bits(self) -> str:

@@ -5,6 +5,7 @@ the base config and the output folder; every bad value is a one-line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ..config import (BACKENDS, DEFAULT_RECIPE, NORMS, RunConfig, UserError, apply_sets,
@@ -96,6 +97,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                    help="N seeds from the recipe's seed on (default 1), or a list like 0,1,2")
     p.add_argument("--jobs", type=int, metavar="J",
                    help="runs side by side, each with cores/J threads (default 1)")
+    p.add_argument("--device", metavar="DEV",
+                   help="torch device of the runs that can use one (float and emulate), e.g. "
+                        "cuda; the int backend's runs stay on the CPU (default: the recipe's)")
     p.add_argument("--no-download", action="store_true", help="never download missing data")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory (runs go to DIR/runs/<name>); rerunning skips "
@@ -162,6 +166,14 @@ def runs_dir(out_arg: str) -> tuple[Path, Path]:
         raise UserError(f"cannot create {runs} ({err.strerror or err}); choose a writable --out") \
             from None
     return out, runs
+
+
+def on_device(cfg: RunConfig, device: str | None) -> RunConfig:
+    """``cfg`` on ``--device`` (None: as it is), except a quantized run of the int backend,
+    which runs on the CPU wherever the others run."""
+    if device is None or (cfg.backend == "int" and cfg.quantized):
+        return cfg
+    return dataclasses.replace(cfg, device=device)
 
 
 def base_config(args) -> tuple[RunConfig, str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..config import FLOAT_BITS, RunConfig, UserError
 from ..files import write_text
-from .args import (COMPARE_METHODS, base_config, choice_list, job_count, runs_dir,
-                   seed_list)
+from .args import (COMPARE_METHODS, base_config, choice_list, job_count, on_device,
+                   runs_dir, seed_list)
 from .grid import cannot_run
 from .jobs import Job, execute, finished_summary, progress, say
 from .plots import plot_compare
@@ -80,7 +80,8 @@ def run_compare(args) -> int:
             continue
         for seed in seeds:
             try:
-                cfg = dataclasses.replace(base, seed=seed, **changes)
+                cfg = on_device(dataclasses.replace(base, seed=seed, **changes),
+                                getattr(args, "device", None))
             except UserError as err:
                 m.update(status="skipped", reason=str(err))
                 break

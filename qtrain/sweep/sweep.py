@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..config import BACKENDS, NORMS, RunConfig, UserError
 from ..files import write_text
-from .args import base_config, choice_list, job_count, runs_dir, seed_list, shard_spec
+from .args import (base_config, choice_list, job_count, on_device, runs_dir, seed_list,
+                   shard_spec)
 from .grid import cannot_run, combinations, run_name, shard_share, varied, widths
 from .jobs import Job, execute, finished_summary, pct, progress, say, thread_count
 from .plots import plot_sweep
@@ -53,10 +54,12 @@ class Point:
 
 def plan(base: RunConfig, grid, runs: Path) -> list[Point]:
     """Every point of the grid (``grid``: the :data:`GRID_OPTIONS` as attributes) in canonical
-    order: skipped (cannot run), finished (its run says so) or pending."""
+    order: skipped (cannot run), finished (its run says so) or pending; on ``--device``
+    where the run can use it."""
     norms = choice_list(grid.norm, "--norm", NORMS) or [base.norm]
     backends = choice_list(grid.backend, "--backend", BACKENDS)
     seeds = seed_list(grid.seeds, base.seed)
+    device = getattr(grid, "device", None)  # --device: the runs that can use one
     sizes, fixed = widths(grid, base)
     points: list[Point] = []
     names: set[str] = set()
@@ -73,6 +76,7 @@ def plan(base: RunConfig, grid, runs: Path) -> list[Point]:
         name = run_name(cfg)
         if "-float-" in name:  # one canonical config, whichever backend list found it first
             cfg = dataclasses.replace(cfg, backend="emulate")
+        cfg = on_device(cfg, device)
         if name in names:
             continue  # a float run shared by several backends
         names.add(name)

@@ -93,12 +93,12 @@ def train_steps(overrides: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer
     for group in opt.param_groups:
         group["lr"] = cfg.lr_at(0)
     train_epoch(model, opt, train.images[:n], train.labels[:n], batch_size=BATCH,
-                seed=cfg.seed, epoch=0)
+                seed=cfg.seed, epoch=0, device=cfg.device)
     assert model.qstate.step == STEPS
     test = load_mnist_like("fashion-mnist", "test", subset_dir())
     model.eval()
     with torch.no_grad():
-        logits = model(to_input(test.images[:EVAL_IMAGES]))
+        logits = model(to_input(test.images[:EVAL_IMAGES], cfg.device))
     model.train()
     return model, opt, logits
 
@@ -151,12 +151,12 @@ def checksum(model: torch.nn.Module, opt: torch.optim.Optimizer, logits: torch.T
     return h.hexdigest()
 
 
-def run(name: str) -> str:
-    """The checksum of configuration ``name`` of :data:`CONFIGS`."""
+def run(name: str, device: str = "cpu") -> str:
+    """The checksum of configuration ``name`` of :data:`CONFIGS`, trained on ``device``."""
     from qtrain.quant import torch_emulation
 
     with torch_emulation() if name.endswith("-torch") else contextlib.nullcontext():
-        return checksum(*train_steps(CONFIGS[name]))
+        return checksum(*train_steps({**CONFIGS[name], "device": device}))
 
 
 @pytest.fixture(scope="module")

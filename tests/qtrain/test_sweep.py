@@ -1,6 +1,7 @@
 """qtrain sweep and qtrain compare (qtrain.sweep) on tiny data: files, resume, skips, peers."""
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -324,3 +325,34 @@ def test_pool_children_stop_when_the_parent_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the pool's child outlived its killed parent")
+
+
+def test_device_goes_to_the_runs_that_can_use_one(tmp_path):
+    """--device puts float and emulate runs there; the int backend's quantized runs stay on the
+    CPU (so `qtrain compare --device cuda` trains its integer row beside the GPU's)."""
+    from qtrain.config import load_recipe
+    from qtrain.sweep.args import on_device
+    from qtrain.sweep.sweep import plan
+
+    base = load_recipe("lenet5-fmnist")
+    assert on_device(base, None) is base
+    assert on_device(base, "cuda").device == "cpu"  # int8, int backend
+    assert on_device(dataclasses.replace(base, backend="emulate"), "cuda").device == "cuda"
+    args = add_sweep_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bits", "8,32", "--norm", "l1,l2", "--backend", "int,emulate", "--device", "cuda",
+         "--out", str(tmp_path), *TINY])
+    import torch
+
+    seen = set()
+    for p in plan(base, args, tmp_path / "runs"):
+        name = p.record.name
+        if name is None:  # int x l2: cannot run anywhere
+            continue
+        seen.add("int" if "-int-" in name else "other")
+        if "-int-" in name:
+            assert p.job is not None and p.job.config.device == "cpu", name
+        elif torch.cuda.is_available():
+            assert p.job is not None and p.job.config.device == "cuda", name
+        else:  # planned for cuda, and skipped with the reason
+            assert p.job is None and "device cuda is not available" in p.record.reason, name
+    assert seen == {"int", "other"}
