@@ -14,13 +14,16 @@
 # 4. Packs what came out into $OUT: check.tgz (logs, test results, bench JSON, the runs'
 #    config/summary/metrics/curves) and one ckpt-<run>.tar per unfinished run.
 #
-# SECONDS (default 540) is the whole budget; the script ends inside it.
+# SECONDS (default 540) is the whole budget; the script ends inside it. STEPS (default
+# tests,table,bench) picks the parts; the table resumes runs already in $OUT/runs/table2-cuda.
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${1:-540}
 START=$(date +%s)
 OUT=${OUT:?set OUT to the output directory}
-export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache
+export PYTHONUNBUFFERED=1 NUMBA_CACHE_DIR=/tmp/numba-cache PYTHONPATH=$PWD
+STEPS=,${STEPS:-tests,table,bench},
+want() { [[ $STEPS == *,$1,* ]]; }
 left() { echo $((START + BUDGET - $(date +%s))); }
 
 mkdir -p "$OUT/logs"
@@ -33,23 +36,28 @@ torch.version.cuda, torch.cuda.get_device_name(0)); print('numba', numba.__versi
 } > "$OUT/logs/machine.txt" 2>&1
 
 RUNS=$OUT/runs/table2-cuda/row-wd-0
-setsid python3 -m qtrain compare --recipe lenet5-fmnist-paper --methods float-l1,float-l2 \
-  --seeds 3 --jobs 6 --set weight_decay=0 --device cuda --out "$RUNS" \
-  > "$OUT/logs/table2.log" 2>&1 &
-TABLE=$!
+TABLE=
+if want table; then
+  setsid python3 -m qtrain compare --recipe lenet5-fmnist-paper --methods float-l1,float-l2 \
+    --seeds 3 --jobs 6 --set weight_decay=0 --device cuda --out "$RUNS" \
+    > "$OUT/logs/table2.log" 2>&1 &
+  TABLE=$!
+fi
 
-python3 -m pytest tests/qtrain/test_cuda.py -v -rs -p no:cacheprovider \
-  > "$OUT/logs/pytest.log" 2>&1
-echo "pytest exit $?" >> "$OUT/logs/pytest.log"
+if want tests; then
+  python3 -m pytest tests/qtrain/test_cuda.py -v -rs -p no:cacheprovider \
+    > "$OUT/logs/pytest.log" 2>&1
+  echo "pytest exit $?" >> "$OUT/logs/pytest.log"
+fi
 
 # the table runs until done, or until 110 s before the end (packing and the bench's turn)
-while kill -0 "$TABLE" 2>/dev/null && [ "$(left)" -gt 110 ]; do sleep 5; done
-if kill -0 "$TABLE" 2>/dev/null; then
+while [ -n "$TABLE" ] && kill -0 "$TABLE" 2>/dev/null && [ "$(left)" -gt 110 ]; do sleep 5; done
+if [ -n "$TABLE" ] && kill -0 "$TABLE" 2>/dev/null; then
   kill -TERM -- -"$TABLE" 2>/dev/null; sleep 5; kill -KILL -- -"$TABLE" 2>/dev/null
   echo "stopped at the deadline" >> "$OUT/logs/table2.log"
 fi
 
-if [ "$(left)" -gt 100 ]; then
+if want bench && [ "$(left)" -gt 100 ]; then
   timeout $(( $(left) - 40 )) python3 bench/bench_train.py --device cuda \
     --methods emulate,float --warmup 5 --rounds 4 --steps 20 --json \
     > "$OUT/logs/bench_cuda.json" 2> "$OUT/logs/bench_cuda.log"
