@@ -1,7 +1,8 @@
 """Data-parallel training on torch.distributed, bit-identical at every world size.
 
 ``torchrun --nproc-per-node N -m qtrain ...`` (or ``qtrain --nproc N ...``) starts N processes;
-:func:`init` joins them (gloo on CPU, NCCL for CUDA tensors). Each global batch (the same
+:func:`init` joins them (:func:`backend_for`: gloo, or NCCL for a float network with a GPU per
+process; with NCCL a gloo group carries the host-side collectives). Each global batch (the same
 batches, in the same order, as one process would draw) is split into N contiguous shares
 (:func:`shard`), and each process runs the forward and backward on its share. Integer
 arithmetic makes the result independent of N, bit for bit, because everything that a single
@@ -64,6 +65,7 @@ class World:
 
 
 _world = World()
+_host_group = None  # the gloo group of host (CPU) tensors when the default group is NCCL
 _sync = False
 _first_sample = 0  # where this process's share starts in the step's batch
 
@@ -88,16 +90,53 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init(backend: str | None = None) -> World:
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def _gpus_per_process(device: str) -> bool:
+    """Whether ``device`` is a CUDA device and this machine has a GPU for each of its
+    processes (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return False
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return device == "cuda" and torch.cuda.device_count() >= local
+
+
+def backend_for(device: str, quantized: bool) -> str:
+    """The torch.distributed backend of a run on ``device``: NCCL for a float network
+    (``DistributedDataParallel``'s all-reduces of GPU tensors) when every process on the
+    machine has a GPU of its own; gloo otherwise. A quantized network's collectives all-reduce
+    host arrays (exponents, integer sums), which gloo carries whatever the device, and NCCL
+    refuses two processes on one GPU."""
+    return "nccl" if not quantized and _gpus_per_process(device) else "gloo"
+
+
+def process_device(device: str) -> str:
+    """This process's torch device for a run on ``device``: a bare ``cuda`` on several
+    processes means the GPU of the process's ``LOCAL_RANK`` (modulo the machine's GPUs, so
+    processes may share one); anything else as given."""
+    if device != "cuda" or not launched() or not torch.cuda.is_available():
+        return device
+    return f"cuda:{_local_rank() % torch.cuda.device_count()}"
+
+
+def init(backend: str | None = None, device: str = "cpu") -> World:
     """Join the process group torchrun describes in the environment (``MASTER_ADDR``,
-    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``), once; a single process stays alone."""
-    global _world
+    ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``), once; a single process stays alone.
+    ``backend`` (default gloo); with NCCL this process's GPU is ``process_device(device)`` and
+    a gloo group carries the collectives of host tensors."""
+    global _world, _host_group
     import torch.distributed as dist
 
     if not launched():
         return _world
     if not dist.is_initialized():
-        dist.init_process_group(backend or "gloo")
+        backend = backend or "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(torch.device(process_device(device)))
+        dist.init_process_group(backend)
+        _host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     _world = World(dist.get_rank(), dist.get_world_size())
     return _world
 
@@ -107,9 +146,10 @@ def shutdown() -> None:
     global _world
     import torch.distributed as dist
 
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _world = World()
+    _world, _host_group = World(), None
 
 
 @contextmanager
@@ -172,7 +212,8 @@ def _allreduce(t: torch.Tensor, op: str) -> None:
     TRAFFIC["bytes"] += t.numel() * t.element_size()
     start = time.perf_counter()
     with _collective_call("an all-reduce"):
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op],
+                        group=_host_group if t.device.type == "cpu" else None)
     TRAFFIC["seconds"] += time.perf_counter() - start
 
 
@@ -184,7 +225,7 @@ def broadcast_object(obj):
         return obj
     box = [obj]
     with _collective_call("a broadcast"):
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_host_group)
     return box[0]
 
 

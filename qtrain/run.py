@@ -161,7 +161,7 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...], classes: int = 10):
         kwargs["classes"] = classes
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.norm, qconfig, **kwargs)
-        device = torch.device(cfg.device)
+        device = torch.device(dist.process_device(cfg.device))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device} is not available here; use --device cpu")
         model.to(device)
@@ -223,7 +223,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, download: bool = T
     (and hands it to the others), so the run directory need not be shared between machines.
     """
     out = Path(out)
-    world = dist.init()
+    world = dist.init(dist.backend_for(cfg.device, cfg.quantized), cfg.device)
     created = not out.exists()
     try:
         with contextlib.ExitStack() as held:
@@ -292,7 +292,7 @@ def _train_locked(cfg: RunConfig, out: Path, *, resume: bool, download: bool,
         f"{len(train_set)} train / {len(test_set)} test images, {cfg.epochs} epochs"
         + (f", {world.size} processes" if world.size > 1 else ""))
 
-    device = cfg.device
+    device = dist.process_device(cfg.device)
     steps = -(-len(train_set) // cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
         lr = cfg.lr_at(epoch)
@@ -381,10 +381,6 @@ def _check_world(cfg: RunConfig, world: dist.World, n_train: int) -> None:
         raise UserError(f"the last batch of each epoch holds {last} images ({n_train} training "
                         f"images, batch_size={cfg.batch_size}), fewer than the {n} processes; "
                         "choose a batch size that leaves none or at least one per process")
-    quantized = max(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e) < 32
-    if quantized and cfg.device != "cpu":
-        raise UserError(f"quantized training on several processes runs on the CPU; device "
-                        f"{cfg.device} is not supported there yet (use --device cpu)")
 
 
 def _segment(command: str | None, from_epoch: int) -> dict:

@@ -10,10 +10,12 @@ import torch
 
 
 def train_worker(rank: int, world_size: int, port: int, cfg_dict: dict, data_path: str,
-                 out_path: str) -> None:
-    if world_size > 1:
+                 out_path: str, launched: bool = False) -> None:
+    """``launched``: join a process group even alone (as torchrun starts one process)."""
+    if world_size > 1 or launched:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     from qtrain import distributed as dist
     from qtrain.config import RunConfig
@@ -21,22 +23,38 @@ def train_worker(rank: int, world_size: int, port: int, cfg_dict: dict, data_pat
     from qtrain.run import build
     from qtrain.train import evaluate, train_epoch
 
-    dist.init()
+    cfg = RunConfig.from_dict(cfg_dict)
+    dist.init(dist.backend_for(cfg.device, cfg.quantized), cfg.device)
+    device = dist.process_device(cfg.device)
     try:
         data = np.load(data_path)
-        cfg = RunConfig.from_dict(cfg_dict)
         model, optimizer = build(cfg, data["x_train"].shape[1:])
+        stepped = dist.data_parallel(model)  # DDP for a float network on several processes
         metrics = []
         for epoch in range(cfg.epochs):
             reset_stats(model)
-            m = train_epoch(model, optimizer, data["x_train"], data["y_train"],
-                            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            m["test_error"] = evaluate(model, data["x_test"], data["y_test"], batch_size=8)
+            m = train_epoch(stepped, optimizer, data["x_train"], data["y_train"],
+                            batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                            device=device)
+            m["test_error"] = evaluate(model, data["x_test"], data["y_test"], batch_size=8,
+                                      device=device)
             m["quant"] = quant_report(model)
             del m["seconds"], m["images_per_s"]
             metrics.append(m)
         if dist.world().main:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                        "optimizer": _to_cpu(optimizer.state_dict()),
                         "step": model.qstate.step, "metrics": metrics}, out_path)
     finally:
         dist.shutdown()
+
+
+def _to_cpu(obj):
+    """``obj`` with every tensor in it on the CPU (so runs on different devices compare)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

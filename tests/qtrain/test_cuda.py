@@ -11,6 +11,8 @@ on copies of the codes.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -113,3 +115,61 @@ def test_qtrain_trains_on_cuda(tmp_path):
     assert summary["epochs_done"] == 1
     config = json.loads((out / "config.json").read_text())
     assert config["device"] == CUDA and config["backend"] == "emulate"
+
+
+# --- several processes on the GPU (torch.distributed) -------------------------------------------
+
+from .test_distributed import _assert_same, _free_port, tiny  # noqa: E402,F401 (tiny: a fixture)
+
+
+def _spawn(world_size: int, cfg, data: str, path, launched: bool = False) -> dict:
+    """``world_size`` processes of ``dist_worker.train_worker`` (``launched``: a torchrun
+    environment even for one process); rank 0's saved state."""
+    import multiprocessing as mp
+
+    from .dist_worker import train_worker
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=train_worker, args=(r, world_size, port, dataclasses.asdict(cfg),
+                                                    data, str(path)),
+                         kwargs={"launched": launched}) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return torch.load(path, weights_only=False)
+
+
+def test_world_sizes_on_cuda_give_the_int_backends_network(tiny, tmp_path):
+    """W8A8G8E8 emulate on the GPU, on one process and on two sharing it (gloo), ends in the
+    network that int on the CPU trains on one process, bit for bit."""
+    from qtrain.config import load_recipe
+
+    base = dataclasses.replace(load_recipe("lenet5-fmnist"), epochs=2, batch_size=24, lr=0.05)
+    cpu = _spawn(1, base, tiny, tmp_path / "int.pt")
+    gpu = dataclasses.replace(base, backend="emulate", device=CUDA)
+    _assert_same(_spawn(1, gpu, tiny, tmp_path / "gpu1.pt"), cpu, "emulate on cuda, 1 process")
+    _assert_same(_spawn(2, gpu, tiny, tmp_path / "gpu2.pt"), cpu, "emulate on cuda, 2 processes")
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_float_network_trains_data_parallel_on_cuda(tiny, tmp_path, world_size):
+    """bits 32 under DistributedDataParallel on the GPU: NCCL where each process has a GPU of
+    its own (one process here), gloo where processes share one."""
+    from qtrain import distributed as dist
+    from qtrain.config import load_recipe
+
+    cfg = dataclasses.replace(load_recipe("lenet5-fmnist"), epochs=1, batch_size=24, lr=0.05,
+                              bits_w=32, bits_a=32, bits_g=32, bits_e=32, norm="l2",
+                              backend="emulate", device=CUDA)
+    os.environ.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        want = "nccl" if world_size <= torch.cuda.device_count() else "gloo"
+        assert dist.backend_for(CUDA, quantized=False) == want
+    finally:
+        for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(var)
+    out = _spawn(world_size, cfg, tiny, tmp_path / "float.pt", launched=True)
+    assert out["step"] == 5 and out["metrics"][-1]["train_loss"] > 0

@@ -201,6 +201,28 @@ def test_bad_nproc_is_one_line(value, words, capsys):
     assert len(err) == 1 and words in err[0] and "--nproc" in err[0]
 
 
+def test_backend_and_device_of_each_process(monkeypatch):
+    """gloo unless a float network has a GPU per process (then NCCL); a bare ``cuda`` on several
+    processes is the GPU of the process's LOCAL_RANK, modulo the machine's GPUs."""
+    assert dist.backend_for("cpu", quantized=False) == "gloo"
+    assert dist.process_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert dist.backend_for("cuda", quantized=False) == "nccl"
+    assert dist.backend_for("cuda", quantized=True) == "gloo"  # host-side integer collectives
+    assert dist.backend_for("cuda:0", quantized=False) == "gloo"  # both on one GPU
+    assert dist.process_device("cuda") == "cuda:1"
+    assert dist.process_device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes share two GPUs
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert dist.backend_for("cuda", quantized=False) == "gloo"
+    assert dist.process_device("cuda") == "cuda:1"
+
+
 def test_world_size_limits_are_one_line_errors():
     from qtrain.config import UserError
     from qtrain.run import _check_world
@@ -212,8 +234,7 @@ def test_world_size_limits_are_one_line_errors():
         _check_world(cfg, world, 128 * 3 + 2)
     with pytest.raises(UserError, match="smaller than the 4 processes"):
         _check_world(dataclasses.replace(cfg, batch_size=3), world, 60000)
-    with pytest.raises(UserError, match="runs on the CPU"):
-        _check_world(dataclasses.replace(cfg, device="cuda"), world, 60000)
+    _check_world(dataclasses.replace(cfg, backend="emulate", device="cuda"), world, 60000)
     _check_world(dataclasses.replace(cfg, batch_size=3), dist.World(), 60000)  # one process
 
 
