@@ -44,11 +44,13 @@ def sample_losses(logits: torch.Tensor, labels: torch.Tensor,
                   qconfig: QConfig | None = None) -> np.ndarray:
     """Each sample's loss as :func:`cross_entropy` states it (nats for float networks, bits for
     quantized ones), in float64, row by row: the same value for a sample whatever batch (or
-    process) it is in, so sums of them in sample order do not depend on how a batch is split."""
-    z = logits.detach().double()
+    process) it is in, so sums of them in sample order do not depend on how a batch is split,
+    and computed on the CPU, so they do not depend on the device either (a GPU's float64
+    ``log_softmax`` may round the last bit differently)."""
+    z, labels = logits.detach().cpu().double(), labels.cpu()
     if qconfig is None or not qconfig.quantized:
-        return F.cross_entropy(z, labels, reduction="none").cpu().numpy()
-    return (F.cross_entropy(z * LN2, labels, reduction="none") / LN2).cpu().numpy()
+        return F.cross_entropy(z, labels, reduction="none").numpy()
+    return (F.cross_entropy(z * LN2, labels, reduction="none") / LN2).numpy()
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
