@@ -10,7 +10,9 @@
 # Every phase is a `qtrain compare` into runs/table2/...: running the same command again skips
 # the finished runs and resumes an interrupted one from its last checkpoint (bit-identical), so
 # a killed or timed-out session just runs it again. JOBS runs side by side (default 2: the machine
-# has 2 cores, one thread each). Results and their commands go to docs/results.md.
+# has 2 cores, one thread each); DEVICE=cuda trains the float runs on a GPU (the int runs stay on
+# the CPU). Results and their commands go to docs/results.md. The float rows of `row 0` were
+# trained on an H200 by scripts/cuda_check.sh and are kept in docs/runs/table2/row-wd-0-cuda.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/table2}
@@ -28,7 +30,8 @@ case "$phase" in
   row)
     wd=${2:?the weight decay chosen in phase wd}
     qtrain compare --recipe lenet5-fmnist-paper --methods int,float-l1,float-l2 --seeds 3 \
-      --jobs "$JOBS" --set weight_decay="$wd" --out "$OUT/row-wd-$wd"
+      --jobs "$JOBS" --set weight_decay="$wd" ${DEVICE:+--device "$DEVICE"} \
+      --out "$OUT/row-wd-$wd"
     ;;
   int16)
     wd=${2:?the weight decay chosen in phase wd}
