@@ -9,17 +9,18 @@ the built-in models have (:mod:`qtrain.models`), then fuses blocks as they are f
 What is swapped (weights copied):
 
 * ``nn.Conv2d`` / ``nn.Linear`` -> :class:`~qtrain.nn.QuantConv2d` /
-  :class:`~qtrain.nn.QuantLinear`. A quantized layer has no bias yet. A bias directly followed
-  by a batch norm (the next module of the same ``nn.Sequential``) is cancelled by that norm, so
-  it is folded into the norm's running mean (``running_mean -= bias``, as torch.ao's conv-bn
-  folding does) and dropped; any other bias is a ``ValueError`` naming the module.
+  :class:`~qtrain.nn.QuantLinear`. A bias directly followed by a batch norm (the next module
+  of the same ``nn.Sequential``) is cancelled by that norm, so it is folded into the norm's
+  running mean (``running_mean -= bias``, as torch.ao's conv-bn folding does) and dropped; any
+  other bias becomes a quantized bias (integer codes at the accumulators' exponent, see
+  :class:`~qtrain.nn.QuantConv2d`).
 * ``nn.BatchNorm1d/2d`` -> :class:`~qtrain.nn.L1BatchNorm1d/2d` (``norm="l1"``). For a normal
   input the L1 deviation is ``sqrt(2/pi)`` times the standard deviation (Theorem 1 of the
   paper), so ``running_dev = sqrt(2/pi) * sqrt(running_var)`` and, so that the converted norm
   computes what the float one computed (``gamma (x - mu) / sigma``), ``gamma`` is scaled by the
   same factor (``beta`` is copied). In a quantized network the running statistics are rounded
   to nearest on their fixed-point grid (``2**RUN_EXP``). ``momentum=None`` (cumulative average)
-  and ``affine=False`` are refused. ``norm="l2"`` keeps the float ``nn.BatchNorm`` (backend
+  is kept (see :class:`~qtrain.nn.L1BatchNorm2d`); ``affine=False`` is refused. ``norm="l2"`` keeps the float ``nn.BatchNorm`` (backend
   ``emulate`` only, as for the built-in models).
 * ``nn.MaxPool2d`` (2x2, stride 2, no padding) -> :class:`~qtrain.nn.QuantMaxPool2d`;
   ``nn.ReLU``, ``nn.Flatten``, ``nn.Identity`` pass through; ``nn.Dropout`` becomes
@@ -41,7 +42,8 @@ in place, each conv/linear as ``nn.Sequential(QuantX, Quantize)`` and each batch
 ``nn.Sequential(L1BatchNormXd, Quantize)``, its ``nn.Sequential`` children by the rule above,
 its ``nn.ModuleList`` / ``nn.ModuleDict`` and own-class children recursively; the last
 ``nn.Linear`` registered is taken to give the logits. Limits: a conv/linear bias in such a
-module is refused (qtrain cannot see whether a norm follows it); the operations of its
+module stays a quantized bias (qtrain cannot see whether a norm follows it to fold it); the
+operations of its
 ``forward`` (``F.relu``, ``+``, ``torch.cat``, reshapes) are kept as written, and must leave
 the codes on a power-of-two grid (a sum of two activations is, up to the exponents' spread;
 a mean or a scale by a non-power of two is not); such a module's blocks are not fused.
@@ -93,11 +95,6 @@ class _Converter:
     def layer(self, m: nn.Module, path: str, folds: bool) -> nn.Module:
         """A conv/linear swapped, weights copied; ``folds``: its bias goes into the next BN."""
         bias = m.bias is not None and not folds
-        if bias and self.q is not None:
-            kind = "Conv2d" if isinstance(m, nn.Conv2d) else "Linear"
-            raise ValueError(f"{path}: a quantized {kind} has no bias yet (biases not followed by "
-                             f"a batch norm are not supported); pass bias=False or put a "
-                             f"BatchNorm after it")
         if isinstance(m, nn.Conv2d):
             new = QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                               m.dilation, m.groups, bias, m.padding_mode, qconfig=self.q,
@@ -118,10 +115,6 @@ class _Converter:
                 with torch.no_grad():
                     m.running_mean -= bias.detach().to(m.running_mean.dtype)
             return m
-        if m.momentum is None:
-            raise ValueError(f"{path}: momentum=None (cumulative average) is not supported yet "
-                             f"by qtrain's L1 batch norm; give the BatchNorm a momentum "
-                             f"(torch's default is 0.1)")
         if not m.affine:
             raise ValueError(f"{path}: affine=False is not supported (a quantized L1 batch norm "
                              f"learns gamma and beta); use affine=True")

@@ -143,16 +143,33 @@ def _columns(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, tuple[i
     return torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding)), (n, o, oh, ow)
 
 
-def conv2d(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv2d(x, w)`` as a float32 container, and the int8 columns of ``x`` (for the weight
-    gradient)."""
+def with_bias(acc: torch.Tensor, exp: int, bias: Codes | None, channel_dim: int
+              ) -> tuple[torch.Tensor, int]:
+    """Accumulators at ``exp`` plus per-channel bias codes at ``bias.exp``, in int64 at
+    ``bias.exp`` (as they are without a bias). The accumulators move onto the bias's grid
+    exactly: left, or right where ``bias.exp`` is the whole batch's coarser grid in a
+    synchronized step (this process's operands then lie on that grid, being roundings there,
+    so the bits shifted out are zeros)."""
+    if bias is None:
+        return acc, exp
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    up = exp - bias.exp
+    acc = acc.long() << up if up >= 0 else acc.long() >> -up
+    return acc + bias.q.view(shape), bias.exp
+
+
+def conv2d(x: Codes, w: Codes, stride, padding, bias: Codes | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv2d(x, w) [+ bias]`` as a float32 container, and the int8 columns of ``x`` (for
+    the weight gradient). ``bias``: int64 codes per output channel (see :func:`with_bias`)."""
     cols, (n, o, oh, ow) = _columns(x, w, stride, padding)
     w2 = w.q.reshape(o, -1)
     if w2.shape[1] < o:  # short dot products (a first layer): (N*OH*OW, O) measured faster
         acc = matmul(cols.t(), w2.t()).view(n, oh, ow, o).permute(0, 3, 1, 2)
     else:
         acc = matmul(w2, cols).view(o, n, oh, ow).transpose(0, 1)  # from (O, N*OH*OW)
-    return container(acc, x.exp + w.exp), cols
+    return container(*with_bias(acc, x.exp + w.exp, bias, 1)), cols
 
 
 def conv2d_acc(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,9 +247,9 @@ def conv2d_weight_grad(g: Codes, columns: bool, cols: torch.Tensor, x_exp: int, 
 # --- linear --------------------------------------------------------------------------------------
 
 
-def linear(x: Codes, w: Codes) -> torch.Tensor:
-    """``x @ w.T`` for x (B, in) as a float32 container."""
-    return container(matmul(x.q, w.q.t()), x.exp + w.exp)
+def linear(x: Codes, w: Codes, bias: Codes | None = None) -> torch.Tensor:
+    """``x @ w.T [+ bias]`` for x (B, in) as a float32 container (see :func:`with_bias`)."""
+    return container(*with_bias(matmul(x.q, w.q.t()), x.exp + w.exp, bias, 1))
 
 
 def linear_input_grad(g: Codes, w: Codes) -> torch.Tensor:

@@ -127,6 +127,44 @@ class _WeightFn(torch.autograd.Function):
         return (grad if ctx.inside is None else grad * ctx.inside), None
 
 
+#: Bias codes saturate here, as an int32 accumulator holds them.
+BIAS_MAX = (1 << 31) - 1
+
+
+def _top(t: torch.Tensor) -> int | None:
+    """``E`` with ``max|t| < 2**E``; None when ``t`` is all zero."""
+    peak = t.detach().abs().max() if t.numel() else None
+    if peak is None or peak == 0:
+        return None
+    return int(torch.frexp(peak.float()).exponent)
+
+
+def _acc_exponent(x: torch.Tensor, w: torch.Tensor, bits_x: int, bits_w: int) -> int:
+    """The exponent of a layer's exact accumulators, where a bias joins them: the sum of the
+    operands' exponents when their codes fill their storage (``E - 7`` for int8, ``E - 15`` for
+    int16, ``E`` of the operand's peak; 0 for an all-zero operand), as the int backend holds
+    them. In a synchronized step the input's peak is the whole batch's."""
+    tx = _top(x)
+    if dist.active():
+        tx = dist.max_int(tx)
+    tw = _top(w)
+    return ((0 if tx is None else tx - _storage(bits_x)[1])
+            + (0 if tw is None else tw - _storage(bits_w)[1]))
+
+
+def _bias_codes(bias: torch.Tensor, exp: int) -> torch.Tensor:
+    """The bias at the accumulators' exponent ``exp``: its store value rounded half up to a
+    multiple of ``2**exp`` and saturated at :data:`BIAS_MAX`, as float64 integers (exact)."""
+    return torch.floor(bias.detach().double() * pow2(-exp) + 0.5).clamp_(-BIAS_MAX, BIAS_MAX)
+
+
+def _bias_grad(layer, gy: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """The bias gradient: the output error summed over everything but the channels (exact in
+    float64), rounded to ``bits_g`` like a weight gradient (the layer's second stream)."""
+    dims = [d for d in range(gy.dim()) if d != channel_dim % gy.dim()]
+    return layer._quantize_grad(gy.detach().double().sum(dims), 1)
+
+
 def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:
     """float32 when a sum of ``terms`` products of such codes cannot reach 2**24."""
     return torch.float32 if terms * _code_max(bits_x) * _code_max(bits_y) < F32_EXACT \
@@ -142,21 +180,29 @@ def _gemm(x: torch.Tensor, q: QConfig, *bits: int) -> bool:
 
 class _ConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, layer):
+    def forward(ctx, x, w, b, layer):
         q = layer.qconfig
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.cols = None
+        bias = None
+        if b is not None:  # codes at the accumulators' exponent
+            exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
+            bias = intgemm.Codes(_bias_codes(b, exp), exp)
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
             x8, w8 = intgemm.codes8(x), intgemm.codes8(w)
             if x8 is not None and w8 is not None:
-                y, ctx.cols = intgemm.conv2d(x8, w8, layer.stride, layer.padding)
+                y, ctx.cols = intgemm.conv2d(
+                    x8, w8, layer.stride, layer.padding,
+                    None if bias is None else bias._replace(q=bias.q.long().cpu()))
                 ctx.x_exp, ctx.w8 = x8.exp, w8
                 return y
         k = w.shape[1] * w.shape[2] * w.shape[3]
-        dt = _exact_matmul_dtype(k, q.bits_a, q.bits_w)
+        dt = torch.float64 if bias is not None else _exact_matmul_dtype(k, q.bits_a, q.bits_w)
         y = F.conv2d(x.to(dt), w.to(dt), None, layer.stride, layer.padding, layer.dilation,
                      layer.groups)
+        if bias is not None:  # exact in float64; then rounded once, as the int64 sums are
+            y += (bias.q * pow2(bias.exp)).view(1, -1, 1, 1)
         return y.float()
 
     @staticmethod
@@ -170,10 +216,11 @@ class _ConvFn(torch.autograd.Function):
             g8 = intgemm.conv2d_error_codes(gy.float(), columns)
         gx = _conv_gx(x, w, g8, ctx.w8 if g8 is not None else None, lambda: gy, layer) \
             if ctx.needs_input_grad[0] else None
+        gb = _bias_grad(layer, gy, 1) if ctx.needs_input_grad[2] else None
         if g8 is not None:
             gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
-            return gx, layer._quantize_grad_codes(gw, w), None
-        return gx, _conv_weight_grad(x, w, gy, layer), None
+            return gx, layer._quantize_grad_codes(gw, w), gb, None
+        return gx, _conv_weight_grad(x, w, gy, layer), gb, None
 
 
 def _conv_args(layer) -> tuple:
@@ -224,18 +271,27 @@ def _int8_weight_grad(x: torch.Tensor, gy: torch.Tensor, layer) -> QTensor:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, layer):
+    def forward(ctx, x, w, b, layer):
         q = layer.qconfig
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.x8 = None
+        bias = None
+        if b is not None:  # codes at the accumulators' exponent
+            exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
+            bias = intgemm.Codes(_bias_codes(b, exp), exp)
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w):
             x8, w8 = intgemm.codes8(x.reshape(-1, x.shape[-1])), intgemm.codes8(w)
             if x8 is not None and w8 is not None:
                 ctx.x8, ctx.w8 = x8, w8
-                return intgemm.linear(x8, w8).reshape(*x.shape[:-1], w.shape[0])
-        dt = _exact_matmul_dtype(w.shape[1], q.bits_a, q.bits_w)
-        return (x.to(dt) @ w.to(dt).t()).float()
+                b64 = None if bias is None else bias._replace(q=bias.q.long().cpu())
+                return intgemm.linear(x8, w8, b64).reshape(*x.shape[:-1], w.shape[0])
+        dt = torch.float64 if bias is not None else _exact_matmul_dtype(w.shape[1], q.bits_a,
+                                                                         q.bits_w)
+        y = x.to(dt) @ w.to(dt).t()
+        if bias is not None:  # exact in float64; then rounded once, as the int64 sums are
+            y += bias.q * pow2(bias.exp)
+        return y.float()
 
     @staticmethod
     def backward(ctx, gy):
@@ -245,12 +301,13 @@ class _LinearFn(torch.autograd.Function):
         g8 = None
         if ctx.x8 is not None and _gemm(gy, q, q.bits_e):
             g8 = intgemm.codes8(gy.float().reshape(-1, gy.shape[-1]))
+        gb = _bias_grad(layer, gy, -1) if ctx.needs_input_grad[2] else None
         if g8 is not None:
             gx = None
             if ctx.needs_input_grad[0]:
                 gx = intgemm.linear_input_grad(g8, ctx.w8).reshape(x.shape)
             gw = intgemm.linear_weight_grad(g8, ctx.x8)
-            return gx, layer._quantize_grad_codes(gw, w), None
+            return gx, layer._quantize_grad_codes(gw, w), gb, None
         gx = None
         if ctx.needs_input_grad[0]:
             dt = _exact_matmul_dtype(w.shape[0], q.bits_e, q.bits_w)
@@ -258,13 +315,7 @@ class _LinearFn(torch.autograd.Function):
         g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])  # any batch dims
         dt = _exact_matmul_dtype(g2.shape[0], q.bits_a, q.bits_e)
         gw = g2.to(dt).t() @ x2.to(dt)
-        return gx, layer._quantize_grad(gw), None
-
-
-def _no_bias(bias: bool, qconfig: QConfig | None, name: str) -> None:
-    if bias and qconfig is not None and qconfig.quantized:
-        raise ValueError(f"a quantized {name} has no bias (batch norm's beta plays its role); "
-                         f"pass bias=False")
+        return gx, layer._quantize_grad(gw), gb, None
 
 
 class QuantConv2d(nn.Conv2d, _Quantized):
@@ -272,7 +323,11 @@ class QuantConv2d(nn.Conv2d, _Quantized):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
-            as ``nn.Conv2d`` (``bias`` must be False when quantized).
+            as ``nn.Conv2d``. A quantized bias lives in the integer weight store like the
+            weight; it joins the exact accumulators as int32 codes at their exponent (rounded
+            half up, saturated) and its gradient, the error summed per channel, is rounded
+            to ``bits_g`` like the weight's. (Before a batch norm a bias does nothing: its
+            beta plays that role, so the built-in models have none.)
         qconfig: widths and backend; None (or all 32) is a plain ``nn.Conv2d``.
         qstate: the network's shared :class:`~qtrain.quant.QState`.
 
@@ -289,7 +344,6 @@ class QuantConv2d(nn.Conv2d, _Quantized):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, bias=True, padding_mode="zeros", device=None,
                  dtype=None, *, qconfig: QConfig | None = None, qstate: QState | None = None):
-        _no_bias(bias, qconfig, "QuantConv2d")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device, dtype)
         if padding_mode != "zeros" and qconfig is not None and qconfig.quantized:
@@ -299,7 +353,7 @@ class QuantConv2d(nn.Conv2d, _Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return super().forward(x)
-        return _ConvFn.apply(x, _WeightFn.apply(self.weight, self), self)
+        return _ConvFn.apply(x, _WeightFn.apply(self.weight, self), self.bias, self)
 
 
 class QuantLinear(nn.Linear, _Quantized):
@@ -310,14 +364,13 @@ class QuantLinear(nn.Linear, _Quantized):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  qconfig: QConfig | None = None, qstate: QState | None = None):
-        _no_bias(bias, qconfig, "QuantLinear")
         super().__init__(in_features, out_features, bias, device, dtype)
         self._setup_quant(qconfig, qstate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return super().forward(x)
-        return _LinearFn.apply(x, _WeightFn.apply(self.weight, self), self)
+        return _LinearFn.apply(x, _WeightFn.apply(self.weight, self), self.bias, self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +629,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
     :func:`quant_bn_relu` would fuse the last three and the conv runs as an integer GEMM of
     8-bit codes whose sums stay below ``2**24`` (so the unfused conv's float32 output would be
     exact); None otherwise. Returns the output and whether ``pool`` was applied."""
-    if not (isinstance(conv, QuantConv2d) and conv.quantized and isinstance(quant, Quantize)):
+    if not (isinstance(conv, QuantConv2d) and conv.quantized and conv.bias is None
+            and isinstance(quant, Quantize)):
         return None
     q = conv.qconfig
     if not (_gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
@@ -603,7 +657,11 @@ class _L1BatchNorm(nn.Module, _Quantized):
     Mirrors ``nn.BatchNorm``: parameters ``weight`` (gamma) and ``bias`` (beta), buffers
     ``running_mean``, ``running_dev`` (the running L1 deviation, where BatchNorm keeps a
     variance) and ``num_batches_tracked``; ``momentum``, ``eps``, ``affine``,
-    ``track_running_stats`` and eval mode mean what they mean there.
+    ``track_running_stats`` and eval mode mean what they mean there; ``momentum=None`` is the
+    cumulative average (the update's factor ``1 / num_batches_tracked``, counting this batch).
+    Quantized, every factor is a 16-bit fixed-point fraction (``round(factor * 2**16)``), so the
+    cumulative average's ``1/n`` is exact for n = 1, 2, 4, ... and rounded otherwise, and
+    after about 131,000 batches it rounds to 0 (the statistics then stay).
     """
 
     _ndims: tuple[int, ...] = ()
@@ -622,9 +680,6 @@ class _L1BatchNorm(nn.Module, _Quantized):
         if self.quantized:
             if not affine:
                 raise ValueError("a quantized L1 batch norm needs affine=True")
-            if momentum is None:
-                raise ValueError("a quantized L1 batch norm needs a momentum (the cumulative "
-                                 "average of momentum=None is not implemented in integers)")
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -697,9 +752,16 @@ class _L1BatchNorm(nn.Module, _Quantized):
         return (dx, self._quantize_grad_codes(dgamma, like, 0, reduce=False),
                 self._quantize_grad_codes(dbeta, like, 1, reduce=False))
 
+    def _factor(self) -> float:
+        """This training batch's weight in the running statistics: ``momentum``, or with
+        ``momentum=None`` the cumulative average's ``1 / n`` (n batches, this one counted)."""
+        if self.momentum is None:
+            return 1.0 / (int(self.num_batches_tracked) + 1)
+        return self.momentum
+
     def _update_running(self, cache) -> None:
         mean, dev = self._codes_of(self.running_mean), self._codes_of(self.running_dev)
-        l1bn_update_running(mean, dev, cache, round(self.momentum * (1 << MOMENTUM_BITS)))
+        l1bn_update_running(mean, dev, cache, round(self._factor() * (1 << MOMENTUM_BITS)))
         for codes, buf in ((mean, self.running_mean), (dev, self.running_dev)):
             buf.copy_(torch.from_numpy(np.ldexp(codes.astype(np.float64), RUN_EXP)))
         self.num_batches_tracked += 1
@@ -710,12 +772,13 @@ class _L1BatchNorm(nn.Module, _Quantized):
         self._check_input_dim(x)
         use_batch = self.training or not self.track_running_stats
         if not self.quantized:
-            if self.training and self.track_running_stats and self.momentum is None:
-                raise ValueError("momentum=None (cumulative average) is not supported")
+            factor = 0.0
+            if self.training and self.track_running_stats:
+                factor = self._factor()
+                self.num_batches_tracked += 1
             return l1_batch_norm(x, self.running_mean if self.track_running_stats else None,
                                  self.running_dev if self.track_running_stats else None,
-                                 self.weight, self.bias, use_batch,
-                                 0.0 if self.momentum is None else self.momentum, self.eps)
+                                 self.weight, self.bias, use_batch, factor, self.eps)
         if use_batch:
             return _L1BNFn.apply(x, self.weight, self.bias, self)
         return self._inference(x)

@@ -58,3 +58,38 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def biased_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
+    """Four training steps of ``test_bias.biased_net`` converted to W8A8G8E8 (quantized biases
+    in a conv without a norm and in both linears) at some world size; rank 0 saves the state."""
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    import qtrain
+    from qtrain import distributed as dist
+    from qtrain.optim import QSGD
+    from qtrain.quant import QConfig
+    from qtrain.train import train_epoch
+
+    from .test_bias import biased_net
+
+    dist.init()
+    try:
+        rng = np.random.default_rng(3)
+        # contrasts from 1/64 to 1: the processes' shares (two images) differ in range, so a
+        # bias put on a share's own grid instead of the batch's would show
+        contrast = 2.0 ** -rng.uniform(0, 6, (16, 1, 1))
+        noise = rng.integers(-128, 128, size=(16, 28, 28)) * contrast
+        images = (128 + noise).round().clip(0, 255).astype(np.uint8)
+        labels = rng.integers(0, 10, 16)
+        cfg = QConfig(seed=4)
+        net = qtrain.convert(biased_net(), cfg)
+        opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=cfg)
+        train_epoch(net, opt, images, labels, batch_size=4, seed=0, epoch=0)
+        if dist.world().main:
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, out_path)
+    finally:
+        dist.shutdown()

@@ -183,10 +183,8 @@ def test_float_trained_model_converted_and_fine_tuned(capsys):
 
 
 @pytest.mark.parametrize("model, cfg, path, message", [
-    (nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), QConfig(), "1",
-     "a quantized Linear has no bias yet"),
-    (nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2, momentum=None),
-                                 nn.ReLU())), QConfig(), "0.1", "momentum=None"),
+    (nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.BatchNorm2d(2, affine=False),
+                                 nn.ReLU())), QConfig(), "0.1", "affine=False"),
     (nn.Sequential(nn.Flatten(), nn.Linear(784, 8, bias=False), nn.LayerNorm(8)), QConfig(), "2",
      "LayerNorm"),
     (nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.AvgPool2d(2)), QConfig(), "1",

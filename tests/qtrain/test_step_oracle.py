@@ -1,8 +1,9 @@
-"""Two full training steps of a small MLP with L1BN (int backend) against a numpy int64 oracle.
+"""Two full training steps of a small MLP with L1BN and a biased classifier (int backend)
+against a numpy int64 oracle.
 
 The oracle below re-derives every integer of the steps from the definitions -- range
 exponents, round half up, stochastic rounding from the counter-based stream, exact integer
-matrix products, the base-2 softmax error, integer SGD with momentum, the BN running statistics
+matrix products, the bias as codes at the accumulators' exponent, the base-2 softmax error, integer SGD with momentum, the BN running statistics
 with their dyadic 1/m -- with numpy int64 arrays and Python integers; for the L1BN forward and
 backward it calls qkernels' own slow oracle (whose per-channel functions
 tests/qkernels/test_l1bn_exact.py checks against exact rationals). Nothing of qtrain's code path
@@ -150,11 +151,19 @@ def oracle_step(images, labels, stores, ids, step):
                           stats=stats, yb=yb, gq=gq, gexp=gexp))
         h, h_exp = out, out_exp
     w3, w3_exp = nearest(*stores["lin2.w"], BITS["bits_w"])
-    z, z_exp = nearest(h @ w3.T, h_exp + w3_exp, 16)
+    h8, h8_exp = int8_view(h, h_exp)
+    w8, w8_exp = int8_view(w3, w3_exp)
+    acc_exp = h8_exp + w8_exp                  # the accumulators' exponent: int8 views
+    b, b_exp = stores["lin2.b"]
+    s = acc_exp - b_exp                        # the bias on that grid, half up, int32
+    bias = (b + (1 << (s - 1))) >> s if s > 0 else b << -s
+    bias = np.clip(bias, -(2**31 - 1), 2**31 - 1)
+    z, z_exp = nearest(h8.astype(np.int64) @ w8.T.astype(np.int64) + bias, acc_exp, 16)
 
     err, err_exp = softmax_error(z, z_exp, labels)
     e, e_exp = nearest(err, err_exp, BITS["bits_e"])
-    want = {"lin2.w": stochastic(e.T @ h, e_exp + h_exp, BITS["bits_g"], step, ids["lin2.w"])}
+    want = {"lin2.w": stochastic(e.T @ h, e_exp + h_exp, BITS["bits_g"], step, ids["lin2.w"]),
+            "lin2.b": stochastic(e.sum(axis=0), e_exp, BITS["bits_g"], step, ids["lin2.b"])}
     d, d_exp = e @ w3, e_exp + w3_exp
     for i in (1, 0):
         s = saved[i]
@@ -185,14 +194,16 @@ def test_two_mlp_steps_equal_int64_oracle():
     cfg = QConfig(**BITS, seed=SEED)
     net = mlp("l1", cfg, hidden=32)
     lin = [m for m in net.modules() if isinstance(m, QuantLinear)]
+    lin[2].bias = torch.nn.Parameter(torch.empty(10).uniform_(-0.2, 0.2))  # a biased classifier
     bns = [m for m in net.modules() if isinstance(m, L1BatchNorm1d)]
     assert len([m for m in net.modules() if isinstance(m, Quantize)]) == 5
     params = {"lin0.w": lin[0].weight, "lin1.w": lin[1].weight, "lin2.w": lin[2].weight,
+              "lin2.b": lin[2].bias,
               "bn0.g": bns[0].weight, "bn0.b": bns[0].bias,
               "bn1.g": bns[1].weight, "bn1.b": bns[1].bias}
     assert len(params) == len(list(net.parameters()))
     ids = {"lin0.w": lin[0].grad_ids[0], "lin1.w": lin[1].grad_ids[0],
-           "lin2.w": lin[2].grad_ids[0]}
+           "lin2.w": lin[2].grad_ids[0], "lin2.b": lin[2].grad_ids[1]}
     for i in range(2):
         ids[f"bn{i}.g"], ids[f"bn{i}.b"] = bns[i].grad_ids
     opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)

@@ -90,9 +90,10 @@ def test_l1_batch_norm_mirrors_batchnorm():
 
 
 def test_quantized_layers_refuse_unsupported_options():
-    """Quantized layers have no bias; the int backend needs integer widths everywhere."""
-    with pytest.raises(ValueError, match="bias"):
-        QuantConv2d(1, 2, 3, bias=True, qconfig=QConfig())
+    """The int backend needs integer widths everywhere; a quantized conv takes zero padding
+    only (its biases: tests/qtrain/test_bias.py)."""
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        QuantConv2d(1, 2, 3, padding=1, padding_mode="reflect", qconfig=QConfig())
     with pytest.raises(ValueError, match="int backend"):
         QConfig(bits_w=32)
     with pytest.raises(ValueError, match="bits_a"):
