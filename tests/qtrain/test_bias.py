@@ -126,22 +126,12 @@ def test_momentum_none_is_the_cumulative_average(bits):
 def test_biases_are_the_same_on_two_processes(tmp_path):
     """Quantized biases in a data-parallel step: the input's peak all-reduced, so the bias
     codes are the whole batch's and two processes end where one does, bit for bit."""
-    import multiprocessing as mp
-
     from .dist_worker import biased_worker
-    from .test_distributed import _assert_same, _free_port
+    from .test_distributed import _assert_same, spawn
 
     states = []
     for n in (1, 2):
         path = tmp_path / f"w{n}.pt"
-        port = _free_port()
-        procs = [mp.get_context("spawn").Process(target=biased_worker,
-                                                 args=(r, n, port, str(path)))
-                 for r in range(n)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(300)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        spawn(biased_worker, n, str(path))
         states.append(torch.load(path, weights_only=False))
     _assert_same(states[1], states[0], "2 processes")

@@ -119,26 +119,15 @@ def test_qtrain_trains_on_cuda(tmp_path):
 
 # --- several processes on the GPU (torch.distributed) -------------------------------------------
 
-from .test_distributed import _assert_same, _free_port, tiny  # noqa: E402,F401 (tiny: a fixture)
+from .test_distributed import _assert_same, spawn, tiny  # noqa: E402,F401 (tiny: a fixture)
 
 
 def _spawn(world_size: int, cfg, data: str, path, launched: bool = False) -> dict:
     """``world_size`` processes of ``dist_worker.train_worker`` (``launched``: a torchrun
     environment even for one process); rank 0's saved state."""
-    import multiprocessing as mp
-
     from .dist_worker import train_worker
 
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=train_worker, args=(r, world_size, port, dataclasses.asdict(cfg),
-                                                    data, str(path)),
-                         kwargs={"launched": launched}) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn(train_worker, world_size, dataclasses.asdict(cfg), data, str(path), launched=launched)
     return torch.load(path, weights_only=False)
 
 

@@ -39,18 +39,23 @@ def tiny(tmp_path_factory):
     return str(path)
 
 
-def _train(world_size: int, cfg, data: str, out) -> dict:
-    path = str(out / f"w{world_size}.pt")
+def spawn(target, world_size: int, *args, **kwargs) -> None:
+    """``target(rank, world_size, port, *args, **kwargs)`` in ``world_size`` spawned
+    processes on a free loopback port; every one must exit 0."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=train_worker,
-                         args=(r, world_size, port, dataclasses.asdict(cfg), data, path))
+    procs = [ctx.Process(target=target, args=(r, world_size, port, *args), kwargs=kwargs)
              for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _train(world_size: int, cfg, data: str, out) -> dict:
+    path = str(out / f"w{world_size}.pt")
+    spawn(train_worker, world_size, dataclasses.asdict(cfg), data, path)
     return torch.load(path, weights_only=False)
 
 
