@@ -29,7 +29,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import (BACKENDS, DATA_PATHS, DATASETS, DEFAULT_RECIPE, MODELS, NORMS, UserError,
-                     apply_sets, data_problem, load_recipe, recipe_label, recipe_names)
+                     apply_sets, data_problem, load_recipe, model_problem, recipe_label,
+                     recipe_names)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +56,16 @@ def data_arg(text: str) -> str:
     if data_problem(text):
         raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
                                          f"{', '.join(DATASETS)}, or give {DATA_PATHS})")
+    return text
+
+
+def model_arg(text: str) -> str:
+    """An argparse type: a built-in model's name or ``package.module:function``."""
+    if problem := model_problem(text):
+        if ":" not in text:
+            problem = (f"invalid choice: {text!r} (choose from {', '.join(MODELS)}, or give "
+                       f"package.module:function)")
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -107,7 +118,10 @@ def build_parser(prog: str = "qtrain") -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set a recipe field, type-checked, e.g. per_class=100 or "
                         "lr_milestones=30,60 (repeatable)")
-    g.add_argument("--model", choices=MODELS, help="network")
+    g.add_argument("--model", type=model_arg, metavar="NAME|MODULE:FUNCTION",
+                   help=f"network: {', '.join(MODELS)}; or your own: package.module:function, "
+                        "a callable returning a torch nn.Module (converted like "
+                        "qtrain.convert; the current directory is searched)")
     g.add_argument("--data", type=data_arg, metavar="NAME|FILE.npz|DIR/",
                    help=f"dataset: {', '.join(DATASETS)}; or your own: FILE.npz (arrays "
                         "x_train, y_train, x_test, y_test) or DIR/ holding train/ and test/, "

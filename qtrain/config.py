@@ -35,7 +35,7 @@ class UserError(ValueError):
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
 from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
                    WEIGHT_EXPS, backend_problem, data_is_path, data_problem, input_problem,
-                   width_problem)
+                   model_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
 DEFAULTED = {
@@ -58,7 +58,7 @@ class RunConfig:
     epochs 1..30 (as printed) use ``lr``, 31..60 ``lr * lr_gamma``, the rest ``lr * lr_gamma**2``.
     """
 
-    model: str  # network: lenet5, mlp, vgg7 or resnet20
+    model: str  # network: a name of MODELS, or your own as package.module:function
     data: str  # dataset: fashion-mnist, mnist, cifar10, or a FILE.npz or DIR/ (made absolute)
     norm: str  # batch norm: l1 (L1BN), l2 (standard BN) or none
     backend: str  # int (integer kernels) or emulate (the same integers in torch, any device)
@@ -83,7 +83,8 @@ class RunConfig:
 
     def __post_init__(self):
         _check_types(self)
-        _choice("model", self.model, MODELS)
+        if problem := model_problem(self.model):
+            raise UserError(problem)
         _choice("norm", self.norm, NORMS)
         _choice("backend", self.backend, BACKENDS)
         _choice("weight_exp", self.weight_exp, WEIGHT_EXPS)

@@ -35,6 +35,7 @@ from typing import TextIO
 
 from . import distributed as dist
 from .config import RunConfig, UserError, input_problem
+from .spec import model_is_user
 from .files import (atomic_write, check_unlocked, lock_run_dir, remove_partial, save_figure,
                     write_text)
 
@@ -157,10 +158,14 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...], classes: int = 10):
         qconfig = QConfig(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e, backend=cfg.backend,
                           store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
                           weight_exp=cfg.weight_exp, seed=cfg.seed)
-        kwargs = {"in_features": h * w * c} if cfg.model == "mlp" else {"in_channels": c}
-        kwargs["classes"] = classes
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.norm, qconfig, **kwargs)
+        if model_is_user(cfg.model):  # --model package.module:function
+            from . import usermodel
+
+            model = usermodel.build(cfg.model, cfg.norm, qconfig, (h, w, c), classes)
+        else:
+            kwargs = {"in_features": h * w * c} if cfg.model == "mlp" else {"in_channels": c}
+            model = build_model(cfg.model, cfg.norm, qconfig, classes=classes, **kwargs)
         device = torch.device(dist.process_device(cfg.device))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device} is not available here; use --device cpu")

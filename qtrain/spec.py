@@ -8,6 +8,7 @@ error type (:class:`qtrain.config.UserError` for configs, ``ValueError`` for the
 from __future__ import annotations
 
 import os
+import re
 
 #: A width of 32 bits means float: no quantization.
 FLOAT_BITS = 32
@@ -24,6 +25,28 @@ DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 
 MODEL_INPUTS = {"lenet5": {(28, 28, 1)}, "lenet5-paper": {(28, 28, 1)}, "mlp": None,
                 "vgg7": {(32, 32, 3)}, "resnet20": None}
 MODELS = tuple(MODEL_INPUTS)
+#: What ``model`` may be besides a name of :data:`MODELS`: the user's own network.
+USER_MODEL = "package.module:function (a callable returning a torch nn.Module)"
+_USER_MODEL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def model_is_user(model: str) -> bool:
+    """``model`` names the user's own network (``package.module:function``), not a built-in
+    one: it holds a colon."""
+    return ":" in model
+
+
+def model_problem(model: str) -> str | None:
+    """``model`` must be a name of :data:`MODELS` or ``package.module:function``."""
+    if model_is_user(model):
+        return None if _USER_MODEL.fullmatch(model) else (
+            f"model {model!r} is not {USER_MODEL}, e.g. mymodels:small_cnn")
+    if model not in MODELS:
+        return (f"model {model!r} is not one of {', '.join(MODELS)}; or give your own as "
+                f"{USER_MODEL}")
+    return None
+
+
 #: What ``data`` may be besides a name of :data:`DATASETS`: the user's own files.
 DATA_PATHS = "a FILE.npz, or a DIR/ of image folders (a path with a /)"
 
@@ -45,6 +68,8 @@ def data_problem(data: str) -> str | None:
 
 def input_problem(model: str, data: str, shape: tuple[int, int, int]) -> str | None:
     """Model ``model`` must accept ``data``'s image shape (H, W, C) (:data:`MODEL_INPUTS`)."""
+    if model_is_user(model):
+        return None  # checked when it is built, on the data
     accepts = MODEL_INPUTS[model]
     if accepts is None or shape in accepts:
         return None
