@@ -5,6 +5,7 @@ import contextlib
 import copy
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,24 @@ def test_l2_on_emulate_keeps_float_batch_norm_and_dropout_is_dropped():
     assert net.norm == "l2" and any(isinstance(m, nn.BatchNorm1d) for m in net.modules())
     assert not any(isinstance(m, (nn.Dropout, QuantBlock)) for m in net.modules())
     assert net(torch.randn(4, 1, 8, 8)).shape == (4, 4)
+
+
+def test_the_convert_and_finetune_example_runs(tmp_path):
+    """examples/convert_finetune.py (the docs' Fashion-MNIST figure), one epoch of each on the
+    package's subset: the float, converted and fine-tuned test errors, as JSON."""
+    import importlib.util
+    import json
+
+    from .test_golden import subset_dir
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "convert_finetune.py"
+    spec = importlib.util.spec_from_file_location("convert_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "figures.json"
+    assert example.main(["--data-dir", str(subset_dir()), "--float-epochs", "1",
+                         "--int-epochs", "1", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    errors = [figures["float_test_error"], figures["converted_test_error"],
+              *figures["finetuned_test_error"]]
+    assert len(errors) == 3 and all(0 <= e < 0.9 for e in errors), errors  # chance: 0.9
