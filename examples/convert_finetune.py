@@ -20,6 +20,7 @@ Every test error is on the full 10,000-image test set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -69,12 +70,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--train-images", type=int, default=None,
+                    help="train on the first N training images only (a quick check)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     train = load_mnist_like("fashion-mnist", "train", args.data_dir)
     test = load_mnist_like("fashion-mnist", "test", args.data_dir)
+    if args.train_images is not None:
+        n = args.train_images
+        train = dataclasses.replace(train, images=train.images[:n], labels=train.labels[:n])
     print(f"data: {train.source}", file=sys.stderr)
     start = time.perf_counter()
     model = float_lenet5()

@@ -231,7 +231,7 @@ def test_the_convert_and_finetune_example_runs(tmp_path):
     spec.loader.exec_module(example)
     out = tmp_path / "figures.json"
     assert example.main(["--data-dir", str(subset_dir()), "--float-epochs", "1",
-                         "--int-epochs", "1", "--json", str(out)]) == 0
+                         "--int-epochs", "1", "--train-images", "640", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     errors = [figures["float_test_error"], figures["converted_test_error"],
               *figures["finetuned_test_error"]]
