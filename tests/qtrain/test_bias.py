@@ -28,15 +28,16 @@ def biased_net() -> nn.Sequential:
         nn.Flatten(), nn.Linear(6 * 5 * 5, 24), nn.ReLU(), nn.Linear(24, 10))
 
 
-def _steps(net, cfg, n_steps=3, batch=16):
+def _steps(net, cfg, n_steps=3, batch=16, device="cpu"):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(n_steps * batch, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n_steps * batch)
     opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=cfg)
     for s in range(n_steps):
         part = slice(s * batch, (s + 1) * batch)
-        out = net(to_input(images[part]))
-        loss = cross_entropy(out, torch.from_numpy(labels[part].astype(np.int64)), cfg)
+        out = net(to_input(images[part], device))
+        y = torch.from_numpy(labels[part].astype(np.int64)).to(device)
+        loss = cross_entropy(out, y, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step(batch_size=batch)

@@ -81,6 +81,25 @@ def test_emulate_on_cuda_equals_int_on_cpu(name, norm, bits, sr_errors, wexp):
     assert r1 == r2, "the quantizers' saturation / underflow counters differ"
 
 
+def test_quantized_biases_on_cuda_equal_int_on_cpu():
+    """A converted model with quantized biases (conv and linears), three steps: emulate on
+    the GPU (float64 products with the bias codes) and int on the CPU agree bit for bit."""
+    import qtrain
+
+    from .test_bias import _steps, biased_net
+
+    runs = []
+    for backend, device in (("int", "cpu"), ("emulate", CUDA)):
+        cfg = QConfig(backend=backend, seed=5)
+        net = qtrain.convert(biased_net(), cfg).to(device)
+        out, state, report = _steps(net, cfg, device=device)
+        runs.append((out.cpu(), {k: v.cpu() for k, v in state.items()}, report))
+    (o1, s1, r1), (o2, s2, r2) = runs
+    assert torch.equal(o1, o2) and r1 == r2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1), [k for k in s1
+                                                        if not torch.equal(s1[k], s2[k])]
+
+
 def test_golden_checksum_on_cuda():
     """The golden run (20 steps of the default recipe, eval logits included) of emulate on the
     GPU ends in the int backend's checksum."""
