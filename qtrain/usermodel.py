@@ -1,8 +1,9 @@
 """Your own network on the command line: ``--model package.module:function``.
 
 The function is imported (the current directory is searched first, as for ``python -m``) and
-called with no arguments; it returns a float torch ``nn.Module`` taking images (N, C, H, W)
-and giving logits (N, classes). qtrain checks that shape on two blank images of the data's
+called with the data's sizes for those of its parameters named in :data:`SIZES` (e.g.
+``def small_cnn(num_classes=10, in_channels=1)``), none otherwise; it returns a float torch
+``nn.Module`` taking images (N, C, H, W) and giving logits (N, classes). qtrain checks that shape on two blank images of the data's
 size, then converts the network as :func:`qtrain.convert` does (quantizers, L1 batch norm,
 fused blocks; with every width 32, qtrain's float layers). Each problem is one line that names
 the model and says what to fix.
@@ -11,6 +12,7 @@ the model and says what to fix.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -19,9 +21,24 @@ from torch import nn
 
 from .config import UserError
 
+#: Parameter names of the user's function that qtrain fills from the data: the class count K,
+#: the image channels C, and the image height and width.
+SIZES = {"num_classes": "classes", "classes": "classes", "in_channels": "channels",
+         "height": "height", "width": "width"}
 
-def load(spec: str) -> nn.Module:
-    """The float network ``package.module:function`` builds."""
+
+def _sizes_for(func, sizes: dict[str, int]) -> dict[str, int]:
+    """The keyword arguments of :data:`SIZES` that ``func`` takes."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: call it bare
+        return {}
+    return {name: sizes[what] for name, what in SIZES.items() if name in params}
+
+
+def load(spec: str, sizes: dict[str, int] | None = None) -> nn.Module:
+    """The float network ``package.module:function`` builds (``sizes``: ``classes``,
+    ``channels``, ``height``, ``width`` of the data, for the parameters of :data:`SIZES`)."""
     module_name, _, func_name = spec.partition(":")
     here = os.getcwd()
     if here not in sys.path:
@@ -39,11 +56,13 @@ def load(spec: str) -> nn.Module:
         what = "has no" if func is None else "has a non-callable"
         raise UserError(f"--model {spec}: {module_name} {what} {func_name}; name a function "
                         f"that returns an nn.Module")
+    kwargs = _sizes_for(func, sizes or {}) if sizes else {}
+    call = f"{func_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
     try:
-        net = func()
+        net = func(**kwargs)
     except Exception as err:  # noqa: BLE001 - the user's function failed
-        raise UserError(f"--model {spec}: {func_name}() raised {type(err).__name__}: "
-                        f"{_first_line(err)} (it is called with no arguments)") from None
+        raise UserError(f"--model {spec}: {call} raised {type(err).__name__}: "
+                        f"{_first_line(err)}") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"--model {spec}: {func_name}() returned a {type(net).__name__}, not a "
                         f"torch nn.Module")
@@ -79,7 +98,8 @@ def build(spec: str, norm: str, qconfig, in_shape: tuple[int, int, int], classes
         raise UserError(f"--model {spec}: norm none leaves batch norm out of the built-in "
                         f"models; your model's own layers decide: norm l1 makes its BatchNorms "
                         f"L1 batch norm, l2 keeps them float")
-    net = load(spec)
+    h, w, c = in_shape
+    net = load(spec, {"classes": classes, "channels": c, "height": h, "width": w})
     check_logits(spec, net, in_shape, classes)
     try:
         return convert(net, qconfig, norm, inplace=True)

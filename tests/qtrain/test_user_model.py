@@ -29,6 +29,11 @@ MODELS_PY = textwrap.dedent('''
     def ten_classes():
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 
+    def sized(num_classes=10, in_channels=3, height=0, width=0, depth=2):
+        """Told the data's sizes (8x8 grayscale, 3 classes here); depth keeps its default."""
+        return nn.Sequential(nn.Conv2d(in_channels, depth, 3), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(depth * (height - 2) * (width - 2), num_classes))
+
     def broken():
         raise RuntimeError("no weights file")
 
@@ -102,3 +107,11 @@ def test_norm_none_is_refused_for_your_model(models, capsys):
     data = make_npz(models / "d.npz")
     one_line_exit_2(capsys, ["norm none", "l1", "l2"], "--model", "mymodels:small",
                     "--norm", "none", "--data", str(data), "--out", str(models / "run"))
+
+
+def test_your_function_is_told_the_data_sizes(models, capsys):
+    """Parameters named num_classes / classes, in_channels, height and width get the data's."""
+    data = make_npz(models / "d.npz")
+    status, _, err = run_cli(capsys, "--model", "mymodels:sized", "--data", str(data),
+                             "--epochs", "1", "--batch-size", "10", "--out", str(models / "r"))
+    assert status == 0, err
