@@ -145,24 +145,24 @@ def _columns(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, tuple[i
 
 def with_bias(acc: torch.Tensor, exp: int, bias: Codes | None, channel_dim: int
               ) -> tuple[torch.Tensor, int]:
-    """Accumulators at ``exp`` plus per-channel bias codes at ``bias.exp``, in int64 at
-    ``bias.exp`` (as they are without a bias). The accumulators move onto the bias's grid
-    exactly: left, or right where ``bias.exp`` is the whole batch's coarser grid in a
-    synchronized step (this process's operands then lie on that grid, being roundings there,
-    so the bits shifted out are zeros)."""
+    """Accumulators at ``exp`` plus per-channel bias codes (integers of any dtype) at
+    ``bias.exp``: int64 sums at ``bias.exp`` (as they are without a bias). The accumulators
+    move onto the bias's grid exactly: left, or right where ``bias.exp`` is the whole batch's
+    coarser grid in a synchronized step (this process's operands then lie on that grid, being
+    roundings there, so the bits shifted out are zeros)."""
     if bias is None:
         return acc, exp
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
     up = exp - bias.exp
     acc = acc.long() << up if up >= 0 else acc.long() >> -up
-    return acc + bias.q.view(shape), bias.exp
+    return acc + bias.q.to(torch.int64).view(shape), bias.exp
 
 
 def conv2d(x: Codes, w: Codes, stride, padding, bias: Codes | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv2d(x, w) [+ bias]`` as a float32 container, and the int8 columns of ``x`` (for
-    the weight gradient). ``bias``: int64 codes per output channel (see :func:`with_bias`)."""
+    the weight gradient). ``bias``: codes per output channel (see :func:`with_bias`)."""
     cols, (n, o, oh, ow) = _columns(x, w, stride, padding)
     w2 = w.q.reshape(o, -1)
     if w2.shape[1] < o:  # short dot products (a first layer): (N*OH*OW, O) measured faster

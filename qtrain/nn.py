@@ -158,6 +158,15 @@ def _bias_codes(bias: torch.Tensor, exp: int) -> torch.Tensor:
     return torch.floor(bias.detach().double() * pow2(-exp) + 0.5).clamp_(-BIAS_MAX, BIAS_MAX)
 
 
+def _bias_at_accumulators(b: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor,
+                          q: QConfig) -> intgemm.Codes | None:
+    """A layer's bias as float64 codes at its accumulators' exponent (None without one)."""
+    if b is None:
+        return None
+    exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
+    return intgemm.Codes(_bias_codes(b, exp), exp)
+
+
 def _bias_grad(layer, gy: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """The bias gradient: the output error summed over everything but the channels (exact in
     float64), rounded to ``bits_g`` like a weight gradient (the layer's second stream)."""
@@ -185,16 +194,11 @@ class _ConvFn(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.cols = None
-        bias = None
-        if b is not None:  # codes at the accumulators' exponent
-            exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
-            bias = intgemm.Codes(_bias_codes(b, exp), exp)
+        bias = _bias_at_accumulators(b, x, w, q)
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
             x8, w8 = intgemm.codes8(x), intgemm.codes8(w)
             if x8 is not None and w8 is not None:
-                y, ctx.cols = intgemm.conv2d(
-                    x8, w8, layer.stride, layer.padding,
-                    None if bias is None else bias._replace(q=bias.q.long().cpu()))
+                y, ctx.cols = intgemm.conv2d(x8, w8, layer.stride, layer.padding, bias)
                 ctx.x_exp, ctx.w8 = x8.exp, w8
                 return y
         k = w.shape[1] * w.shape[2] * w.shape[3]
@@ -276,16 +280,12 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.layer = layer
         ctx.x8 = None
-        bias = None
-        if b is not None:  # codes at the accumulators' exponent
-            exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
-            bias = intgemm.Codes(_bias_codes(b, exp), exp)
+        bias = _bias_at_accumulators(b, x, w, q)
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w):
             x8, w8 = intgemm.codes8(x.reshape(-1, x.shape[-1])), intgemm.codes8(w)
             if x8 is not None and w8 is not None:
                 ctx.x8, ctx.w8 = x8, w8
-                b64 = None if bias is None else bias._replace(q=bias.q.long().cpu())
-                return intgemm.linear(x8, w8, b64).reshape(*x.shape[:-1], w.shape[0])
+                return intgemm.linear(x8, w8, bias).reshape(*x.shape[:-1], w.shape[0])
         dt = torch.float64 if bias is not None else _exact_matmul_dtype(w.shape[1], q.bits_a,
                                                                          q.bits_w)
         y = x.to(dt) @ w.to(dt).t()
