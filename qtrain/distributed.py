@@ -95,12 +95,13 @@ def _local_rank() -> int:
 
 
 def _gpus_per_process(device: str) -> bool:
-    """Whether ``device`` is a CUDA device and this machine has a GPU for each of its
-    processes (torchrun's ``LOCAL_WORLD_SIZE``)."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
+    """Whether ``device`` is a bare ``cuda`` (each process its own GPU, see
+    :func:`process_device`) and this machine has a GPU for each of its processes (torchrun's
+    ``LOCAL_WORLD_SIZE``)."""
+    if device != "cuda" or not torch.cuda.is_available():
         return False
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return device == "cuda" and torch.cuda.device_count() >= local
+    return torch.cuda.device_count() >= local
 
 
 def backend_for(device: str, quantized: bool) -> str:
@@ -143,10 +144,9 @@ def init(backend: str | None = None, device: str = "cpu") -> World:
 
 def shutdown() -> None:
     """Leave the process group (a no-op when alone)."""
-    global _world
+    global _world, _host_group
     import torch.distributed as dist
 
-    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
     _world, _host_group = World(), None

@@ -44,7 +44,7 @@ from qkernels.quant import quantize_stochastic
 from . import distributed as dist
 from . import intgemm
 from .quant import (BACKEND, FLOAT_BITS, QConfig, QState, Quantize, QuantStats, from_codes,
-                    nearest, pow2, stochastic, weight_exponent)
+                    nearest, pow2, stochastic, top_exponent, weight_exponent)
 from .reference import l1_batch_norm
 
 #: A float32 sum of integers is exact while every partial sum stays below this.
@@ -131,23 +131,15 @@ class _WeightFn(torch.autograd.Function):
 BIAS_MAX = (1 << 31) - 1
 
 
-def _top(t: torch.Tensor) -> int | None:
-    """``E`` with ``max|t| < 2**E``; None when ``t`` is all zero."""
-    peak = t.detach().abs().max() if t.numel() else None
-    if peak is None or peak == 0:
-        return None
-    return int(torch.frexp(peak.float()).exponent)
-
-
 def _acc_exponent(x: torch.Tensor, w: torch.Tensor, bits_x: int, bits_w: int) -> int:
     """The exponent of a layer's exact accumulators, where a bias joins them: the sum of the
     operands' exponents when their codes fill their storage (``E - 7`` for int8, ``E - 15`` for
     int16, ``E`` of the operand's peak; 0 for an all-zero operand), as the int backend holds
     them. In a synchronized step the input's peak is the whole batch's."""
-    tx = _top(x)
+    tx = top_exponent(x)
     if dist.active():
         tx = dist.max_int(tx)
-    tw = _top(w)
+    tw = top_exponent(w)
     return ((0 if tx is None else tx - _storage(bits_x)[1])
             + (0 if tw is None else tw - _storage(bits_w)[1]))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..config import DATASETS, FLOAT_BITS, RunConfig, UserError
+from ..config import DATASETS, RunConfig, UserError
 from .args import int_list
 
 #: The tensor classes, in the order of their widths: weights, activations, gradients, errors.
@@ -18,8 +18,7 @@ Widths = tuple[int, int, int, int]
 
 def run_name(cfg: RunConfig) -> str:
     """``<norm>-<backend|float>-W?A?G?E?-s<seed>``: a float run does not depend on the backend."""
-    float_run = min(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e) == FLOAT_BITS
-    return f"{cfg.norm}-{'float' if float_run else cfg.backend}-{cfg.bits}-s{cfg.seed}"
+    return f"{cfg.norm}-{cfg.backend if cfg.quantized else 'float'}-{cfg.bits}-s{cfg.seed}"
 
 
 def widths(args, base: RunConfig) -> tuple[list[Widths], Widths | None]:
