@@ -450,12 +450,10 @@ def stats_markdown(result: dict) -> str:
 
 def run_stats(args: argparse.Namespace) -> int:
     """``qtrain stats``: writes the figure and JSON, prints the per-layer table."""
-    import dataclasses
-
     import numpy as np
 
-    from .run import CHECKPOINT, build, load_checkpoint, load_data, prepare_out, read_config
     from .files import write_text
+    from .run import check_trained, load_trained
 
     run_dir = Path(args.run_dir)
     batches, batch_size = args.batches, args.batch_size
@@ -464,32 +462,13 @@ def run_stats(args: argparse.Namespace) -> int:
     if batch_size is None or batch_size < 2:
         raise UserError(f"--batch-size {batch_size} must be at least 2 (a deviation needs more "
                         "than one value per channel)")
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a directory; give a run directory written by "
-                        "qtrain --out")
-    prepare_out(run_dir, resume=True)  # UserError: not a run directory
-    if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet); train it "
-                        f"first: qtrain --resume {run_dir}")
+    check_trained(run_dir)
     out = Path(args.out) if getattr(args, "out", None) else run_dir / "stats.png"
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must name a .png file")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    cfg = read_config(run_dir)
-    cfg = dataclasses.replace(cfg, device="cpu")
-    if getattr(args, "data_dir", None):
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    train_set, test_set = load_data(cfg, download=False)
-    model, _ = build(cfg, train_set.images.shape[1:], len(train_set.classes))
-    ckpt = load_checkpoint(run_dir / CHECKPOINT)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"{run_dir / CHECKPOINT} does not fit the run's {cfg.model} "
-                        f"({type(err).__name__}); is it from this run?") from None
-    if hasattr(model, "qstate") and "step" in ckpt:
-        model.qstate.step = ckpt["step"]
+    cfg, model, _, _, _, test_set = load_trained(run_dir, getattr(args, "data_dir", None))
 
     from .train import to_input
 

@@ -69,7 +69,7 @@ def model_arg(text: str) -> str:
     return text
 
 
-SUBCOMMANDS = ("train", "ops", "stats", "sweep", "compare")
+SUBCOMMANDS = ("train", "ops", "stats", "sweep", "compare", "export")
 
 _DESCRIPTION = """\
 Integer-only training with L1-norm batch norm.
@@ -225,7 +225,7 @@ def _without_nproc(argv: list[str]) -> tuple[list[str], int | None]:
 
 def _subcommand_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     """The parser and runner of a subcommand other than train (imported on demand)."""
-    from . import analysis, sweep
+    from . import analysis, export_cli, sweep
 
     add, run, description = {
         "ops": (analysis.add_ops_arguments, analysis.run_ops,
@@ -242,6 +242,12 @@ def _subcommand_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
         "compare": (sweep.add_compare_arguments, sweep.run_compare,
                     "int8 L1BN (int backend), float L1BN, float L2BN and Brevitas W8A8 with the "
                     "same seeds and data order."),
+        "export": (export_cli.add_export_arguments, export_cli.run_export,
+                   "Freeze a trained run's exponents (calibrated on training images) and write "
+                   "it as a qk file (numpy archive for qkernels' torch-free engine, with the "
+                   "training state) or an ONNX graph of integer operators; reports the test "
+                   "error before and after freezing and checks the file against qtrain's "
+                   "frozen inference."),
     }[command]
     parser = _Parser(prog=f"qtrain {command}", description=description)
     add(parser)

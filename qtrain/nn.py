@@ -654,6 +654,10 @@ class _L1BatchNorm(nn.Module, _Quantized):
     Quantized, every factor is a 16-bit fixed-point fraction (``round(factor * 2**16)``), so the
     cumulative average's ``1/n`` is exact for n = 1, 2, 4, ... and rounded otherwise, and
     after about 131,000 batches it rounds to 0 (the statistics then stay).
+
+    ``frozen_in_exp`` (None until :func:`qtrain.frozen.freeze` sets it to the preceding
+    quantizer's frozen exponent): quantized inference reads its input codes at this exponent,
+    so the folded multiplier, offset and shift are the same for every batch.
     """
 
     _ndims: tuple[int, ...] = ()
@@ -690,6 +694,7 @@ class _L1BatchNorm(nn.Module, _Quantized):
             for name in ("running_mean", "running_dev", "num_batches_tracked"):
                 self.register_buffer(name, None)
         self.register_buffer("last_out_exp", torch.tensor(0, dtype=torch.long))
+        self.frozen_in_exp: int | None = None
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -776,18 +781,30 @@ class _L1BatchNorm(nn.Module, _Quantized):
         return self._inference(x)
 
     def _inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Folded integer affine with the running statistics and the last training exponent."""
+        """Folded integer affine with the running statistics and the last training exponent (the
+        input read at its frozen exponent, if any, else at its peak's)."""
         q = self.qconfig
-        xq = _bn_codes(x, q.bits_a)
+        if self.frozen_in_exp is None:
+            xq = _bn_codes(x, q.bits_a)
+        else:
+            xq = f32_to_codes(x.detach().cpu().numpy(), 0, _storage(q.bits_a)[0],
+                              exp=self.frozen_in_exp)
         if xq.q.ndim == 2:
             xq = QTensor(xq.q[:, :, None, None], xq.exp)
-        out_exp = int(self.last_out_exp)
-        folded = l1bn_fold(_param_codes(self.weight), _param_codes(self.bias),
-                           self._codes_of(self.running_mean), self._codes_of(self.running_dev),
-                           x_exp=xq.exp, out_bits=q.bits_a, out_exp=out_exp,
-                           eps_log2=_eps_log2(self.eps), x_bits=q.bits_a)
-        y = l1bn_inference(xq, folded, out_bits=q.bits_a, out_exp=out_exp)
+        y = l1bn_inference(xq, self.folded(xq.exp), out_bits=q.bits_a,
+                           out_exp=int(self.last_out_exp))
         return _container(y, x)
+
+    def folded(self, x_exp: int) -> np.ndarray:
+        """The quantized inference as one (multiplier, offset, shift) per channel (int64, shape
+        (C, 3)) for input codes of ``bits_a`` bits at exponent ``x_exp``
+        (:func:`qkernels.l1bn_fold`): code ``x`` maps to ``saturate((A*x + B) >> sh)`` at
+        the last training batch's output exponent (``last_out_exp``)."""
+        q = self.qconfig
+        return l1bn_fold(_param_codes(self.weight), _param_codes(self.bias),
+                         self._codes_of(self.running_mean), self._codes_of(self.running_dev),
+                         x_exp=x_exp, out_bits=q.bits_a, out_exp=int(self.last_out_exp),
+                         eps_log2=_eps_log2(self.eps), x_bits=q.bits_a)
 
 
 class L1BatchNorm2d(_L1BatchNorm):

@@ -383,6 +383,10 @@ class Quantize(torch.nn.Module):
     backward_number)``): forward rounds to nearest with the range exponent; backward rounds the
     error to nearest, or stochastically with ``QConfig.stochastic_errors``. The rounding itself
     is passed straight through.
+
+    ``frozen_exp`` (None until :func:`qtrain.frozen.freeze` sets it): in eval mode the forward
+    rounds to this fixed exponent (saturating) instead of the batch's range, so a prediction
+    does not depend on the batch it is computed in. Training ignores it.
     """
 
     def __init__(self, qconfig: QConfig, qstate: QState, bits_fwd: int | None = None,
@@ -397,6 +401,7 @@ class Quantize(torch.nn.Module):
         self.tensor_id = qstate.new_id()
         self.stats_fwd = QuantStats()
         self.stats_bwd = QuantStats()
+        self.frozen_exp: int | None = None
 
     def forward(self, x: torch.Tensor, code_bits: int | None = None) -> torch.Tensor:
         """Round ``x`` to ``bits_fwd`` (its errors to ``bits_bwd`` coming back).
@@ -410,6 +415,8 @@ class Quantize(torch.nn.Module):
         """
         if self.bits_fwd >= FLOAT_BITS and self.bits_bwd >= FLOAT_BITS:
             return x
+        if self.frozen_exp is not None and not self.training:
+            return nearest(x, self.bits_fwd, self.engine, self.stats_fwd, self.frozen_exp)
         exact = code_bits is not None and code_bits <= self.bits_fwd < FLOAT_BITS
         return _QuantizeFn.apply(x, self, exact)
 
@@ -433,7 +440,9 @@ class Quantize(torch.nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, backend={self.engine.name}"
+        frozen = "" if self.frozen_exp is None else f", frozen_exp={self.frozen_exp}"
+        return (f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, "
+                f"backend={self.engine.name}{frozen}")
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

@@ -205,6 +205,42 @@ def load_checkpoint(path: Path) -> dict:
                         "restart the run from epoch 1") from None
 
 
+def check_trained(run_dir: Path) -> None:
+    """One-line :class:`UserError` unless ``run_dir`` is a run directory with a checkpoint."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a directory; give a run directory written by "
+                        "qtrain --out")
+    prepare_out(run_dir, resume=True)  # UserError: not a run directory
+    if not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir} has no {CHECKPOINT} (no epoch finished yet); train it "
+                        f"first: qtrain --resume {run_dir}")
+
+
+def load_trained(run_dir: Path, data_dir: str | None = None):
+    """A finished epoch of a run, for the commands that read one (stats, export): ``(cfg,
+    model, optimizer, checkpoint, train_set, test_set)``, on CPU, the model and optimizer
+    loaded from ``RUN_DIR/checkpoint.pt``. One-line :class:`UserError` for a directory that is
+    not a run, has no checkpoint, or whose checkpoint does not fit its config."""
+    import dataclasses
+
+    check_trained(run_dir)
+    cfg = dataclasses.replace(read_config(run_dir), device="cpu")
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    train_set, test_set = load_data(cfg, download=False)
+    model, optimizer = build(cfg, train_set.images.shape[1:], len(train_set.classes))
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{run_dir / CHECKPOINT} does not fit the run's {cfg.model} "
+                        f"({type(err).__name__}); is it from this run?") from None
+    if hasattr(model, "qstate") and "step" in ckpt:
+        model.qstate.step = ckpt["step"]
+    return cfg, model, optimizer, ckpt, train_set, test_set
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""A torch-free engine for exported qtrain networks (numpy and numba only).
+
+:class:`Network` runs a network read from a ``qk`` file (:mod:`qkernels.qkfile`) as frozen
+integer inference: raw uint8 pixels in, logit codes out, every exponent fixed in the file,
+so an image's answer does not depend on the batch around it. Its codes equal qtrain's frozen
+inference of the same checkpoint bit for bit (``tests/qtrain/test_export.py``).
+
+Each layer of the file is one integer operation on codes ``q`` with a per-tensor exponent
+``e`` (value ``q * 2**e``):
+
+========  ==================================================================================
+input     ``q = clip(pixel - offset, -clip, clip)`` at the input exponent
+conv      exact integer convolution with the weight codes (no padding values but 0); the
+          exponent adds the weight's
+linear    exact integer matrix product with the weight codes
+requant   round half up to ``bits`` at a fixed exponent, saturating
+l1bn      the folded batch norm: ``saturate((A*q + B) >> sh)`` per channel
+          (:func:`qkernels.l1bn_inference`)
+relu      ``max(q, 0)``
+maxpool   2x2 windows, stride 2
+flatten   (N, C, H, W) -> (N, C*H*W)
+========  ==================================================================================
+
+Products run as float32 BLAS where every sum provably stays below ``2**24`` and float64
+(below ``2**53``) otherwise, so they are exact integers whatever the summation order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .conv import im2col
+from .format import QTensor, code_dtype
+from .l1bn import l1bn_inference
+from .qkfile import QKFile, QKFormatError, read
+
+#: float32 sums of integers are exact below this.
+F32_EXACT = 1 << 24
+
+
+def _qmax(bits: int) -> int:
+    return (1 << (bits - 1)) - 1
+
+
+def _peak(q: np.ndarray) -> int:
+    return int(np.abs(q).max()) if q.size else 0
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` of integer matrices as int64, exact: float32 BLAS when every partial sum stays
+    below 2**24 (bounded by the operands' peaks), float64 below 2**53, else int64 numpy."""
+    bound = a.shape[1] * _peak(a) * _peak(b)
+    if bound < F32_EXACT:
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.int64)
+    if bound < (1 << 53):
+        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    return a.astype(np.int64) @ b.astype(np.int64)
+
+
+def round_to(q: np.ndarray, exp: int, new_exp: int, bits: int) -> np.ndarray:
+    """Codes at ``exp`` re-expressed at ``new_exp``: rounded half up (floor of ``x + 1/2``) when
+    the exponent rises, shifted left when it falls; saturated to ``bits``. int64."""
+    q = q.astype(np.int64, copy=False)
+    s = new_exp - exp
+    y = (q + (1 << (s - 1))) >> s if s > 0 else q << -s
+    return np.clip(y, -_qmax(bits), _qmax(bits))
+
+
+def _im2col_any(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
+    """:func:`qkernels.conv.im2col` for int8 codes; a strided numpy view for wider ones."""
+    if x.dtype == np.int8:
+        return im2col(x, tuple(kernel), tuple(stride), tuple(padding))
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    n, c, oh, ow = win.shape[:4]
+    return win.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
+
+
+class Network:
+    """A network from a qk file, run as frozen integer inference.
+
+    Example::
+
+        net = Network.load("model.qk")
+        codes = net.logit_codes(pixels)      # uint8 (N, C, H, W) -> int32 (N, classes)
+        labels = net.predict(pixels)
+    """
+
+    def __init__(self, qk: QKFile):
+        self.qk = qk
+        self.input = qk.manifest["input"]
+        self.layers = qk.layers
+        self.output = qk.manifest["output"]
+        self.shape = tuple(self.input["shape"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Network":
+        return cls(read(path))
+
+    @property
+    def logit_exp(self) -> int:
+        """The logits' exponent: value = code * 2**logit_exp."""
+        return int(self.output["exp"])
+
+    def _pixels(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"pixels must be uint8, got {pixels.dtype.name}")
+        if pixels.ndim == 3 and self.shape[0] == 1:
+            pixels = pixels[:, None]
+        if pixels.shape[1:] != self.shape:
+            raise ValueError(f"pixels have shape {pixels.shape}, the network takes "
+                             f"(N, {', '.join(map(str, self.shape))})")
+        return pixels
+
+    def forward(self, pixels: np.ndarray) -> QTensor:
+        """Logit codes (int64 (N, classes)) and their exponent for uint8 ``pixels``."""
+        x = self._pixels(pixels)
+        clip = int(self.input["clip"])
+        q = np.clip(x.astype(np.int16) - int(self.input["offset"]), -clip, clip)
+        q, exp = q.astype(code_dtype(int(self.input["bits"]))), int(self.input["exp"])
+        for layer in self.layers:
+            q, exp = self._apply(layer, q, exp)
+        return QTensor(q, exp)
+
+    def logit_codes(self, pixels: np.ndarray) -> np.ndarray:
+        """The logits as int32 codes at :attr:`logit_exp`."""
+        return self.forward(pixels).q.astype(np.int32)
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Class indices (the first largest logit), batch by batch."""
+        out = [self.forward(pixels[i:i + batch_size]).q.argmax(1)
+               for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _apply(self, layer: dict, q: np.ndarray, exp: int) -> tuple[np.ndarray, int]:
+        op = layer["op"]
+        if op == "conv":
+            w = self.qk.array(layer["weight"])
+            cols = _im2col_any(np.ascontiguousarray(q), layer["kernel"], layer["stride"],
+                               layer["padding"])
+            acc = exact_matmul(w.reshape(w.shape[0], -1), cols)
+            n = q.shape[0]
+            oh_ow = acc.shape[1] // n
+            k, s, p = layer["kernel"], layer["stride"], layer["padding"]
+            oh = (q.shape[2] + 2 * p[0] - k[0]) // s[0] + 1
+            acc = acc.reshape(w.shape[0], n, oh, oh_ow // oh).transpose(1, 0, 2, 3)
+            return np.ascontiguousarray(acc), exp + int(layer["w_exp"])
+        if op == "linear":
+            w = self.qk.array(layer["weight"])
+            return exact_matmul(q, np.ascontiguousarray(w.T)), exp + int(layer["w_exp"])
+        if op == "requant":
+            bits = int(layer["bits"])
+            return round_to(q, exp, int(layer["exp"]), bits).astype(code_dtype(bits)), \
+                int(layer["exp"])
+        if op == "l1bn":
+            if exp != int(layer["in_exp"]):
+                raise QKFormatError(f"{self.qk.path}: {layer['name']} was folded for input "
+                                    f"exponent {layer['in_exp']}, gets {exp}")
+            x4 = q if q.ndim == 4 else q.reshape(q.shape[0], q.shape[1], 1, 1)
+            y = l1bn_inference(QTensor(np.ascontiguousarray(x4), exp),
+                               self.qk.array(layer["folded"]), out_bits=int(layer["out_bits"]),
+                               out_exp=int(layer["out_exp"]))
+            return y.q.reshape(q.shape), y.exp
+        if op == "relu":
+            return np.maximum(q, 0), exp
+        if op == "maxpool":
+            n, c, h, w = q.shape
+            return q.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5)), exp
+        if op == "flatten":
+            return q.reshape(q.shape[0], -1), exp
+        raise QKFormatError(f"{self.qk.path}: unknown op {op!r}")  # validate() prevents this
+
+
+__all__ = ["Network", "exact_matmul", "round_to"]
