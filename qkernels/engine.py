@@ -70,8 +70,9 @@ def round_to(q: np.ndarray, exp: int, new_exp: int, bits: int) -> np.ndarray:
 
 def _im2col_any(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     """:func:`qkernels.conv.im2col` for int8 codes; a strided numpy view for wider ones."""
-    if x.dtype == np.int8:
-        return im2col(x, tuple(kernel), tuple(stride), tuple(padding))
+    if x.dtype == np.int8 or (x.size and x.dtype.itemsize > 1 and _peak(x) <= 127):
+        return im2col(x.astype(np.int8, copy=False), tuple(kernel), tuple(stride),
+                      tuple(padding))
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]

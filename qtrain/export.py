@@ -30,7 +30,8 @@ from qkernels.fixedpoint import RUN_EXP
 from .data import INPUT_EXP
 from .files import atomic_write
 from .fusion import QuantBlock
-from .nn import INPUT_BITS, QuantConv2d, QuantLinear, QuantMaxPool2d, _L1BatchNorm
+from .nn import INPUT_BITS, QuantConv2d, QuantLinear, QuantMaxPool2d, _eps_log2, _L1BatchNorm
+from .optim import WEIGHT_MAX_LOG2
 from .quant import FLOAT_BITS, Quantize, nearest, top_exponent, weight_exponent
 
 #: The pixel offset and clip of the input codes (qtrain.data.to_codes).
@@ -183,9 +184,11 @@ def training_state(model: nn.Module, optimizer, step: int) -> tuple[dict, dict[s
                           "running_dev": f"running_dev/{name}", "run_exp": RUN_EXP,
                           "num_batches_tracked": int(m.num_batches_tracked),
                           "momentum": m.momentum, "eps": m.eps,
+                          "eps_log2": _eps_log2(m.eps),
                           "last_out_exp": int(m.last_out_exp)})
         if isinstance(m, Quantize):
-            ids[name] = {"tensor_id": m.tensor_id}
+            ids[name] = {"tensor_id": m.tensor_id, "bits_fwd": m.bits_fwd,
+                         "bits_bwd": m.bits_bwd}
         elif getattr(m, "grad_ids", None) is not None and getattr(m, "quantized", False):
             ids[name] = {"grad_ids": list(m.grad_ids)}
     q = model.qconfig
@@ -193,6 +196,7 @@ def training_state(model: nn.Module, optimizer, step: int) -> tuple[dict, dict[s
     state = {"step": int(step), "seed": q.seed, "bits_w": q.bits_w, "bits_a": q.bits_a,
              "bits_g": q.bits_g, "bits_e": q.bits_e, "store_bits": q.store_bits,
              "stochastic_errors": q.stochastic_errors, "weight_exp": q.weight_exp,
+             "weight_max_log2": WEIGHT_MAX_LOG2,
              "lr": group["lr"], "momentum": group["momentum"],
              "weight_decay": group.get("weight_decay", 0.0),
              "parameters": params, "norms": norms, "stream_ids": ids}

@@ -40,9 +40,10 @@ def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
-def trained(name: str = "lenet5", bits=(8, 8, 8, 8), steps: int = 3, batch: int = 32):
+def trained(name: str = "lenet5", bits=(8, 8, 8, 8), steps: int = 3, batch: int = 32,
+            **qconfig_fields):
     """A quantized ``name`` after ``steps`` integer SGD steps (and its optimizer)."""
-    qconfig = QConfig(*bits)
+    qconfig = QConfig(*bits, **qconfig_fields)
     torch.manual_seed(0)
     kwargs = {"in_features": 784} if name == "mlp" else {}
     model = build(name, "l1", qconfig, **kwargs)
@@ -378,3 +379,81 @@ def test_export_command_bad_input_is_one_line(run_dir, args, words):
     assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], out.stderr
+
+
+# --- the torch-free trainer continues training bit for bit -------------------------------------
+
+
+def _continue_in_qtrain(model, opt, images, labels, batch, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    model.train()
+    for s in range(0, len(images), batch):
+        out = model(to_input(images[s:s + batch]))
+        loss = cross_entropy(out, torch.from_numpy(labels[s:s + batch]), model.qconfig)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(batch_size=len(images[s:s + batch]))
+        model.qstate.step += 1
+
+
+@pytest.mark.parametrize("name,bits,fields", [
+    ("lenet5", (8, 8, 8, 8), {}),
+    ("lenet5-paper", (8, 8, 8, 8), {}),
+    ("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}),
+    ("lenet5", (3, 8, 8, 8), {"weight_exp": "mean", "stochastic_errors": True}),
+    ("lenet5", (8, 8, 10, 12), {}),
+])
+def test_trainer_continues_as_the_int_backend(name, bits, fields, tmp_path):
+    """Export after 3 steps, then 3 more steps (a last batch of another size) in qtrain's int
+    backend and in qkernels' Trainer: the same stores, exponents, velocities, running
+    statistics, counters and rounding counts."""
+    from qkernels.trainer import Trainer
+    from qtrain.quant import quant_report, reset_stats
+
+    decay = fields.pop("weight_decay", 0.0)
+    model, opt = trained(name, bits, **fields)
+    for g in opt.param_groups:
+        g["weight_decay"] = decay
+    calibrate_and_freeze(model, _images(100, 2)[0])
+    path, _, _ = _export(model, opt, tmp_path)
+    trainer = Trainer.load(path)
+    reset_stats(model)
+    images, labels = _images(80, 7)
+    _continue_in_qtrain(model, opt, images, labels, 32, 0.03)
+    for s in range(0, 80, 32):
+        trainer.step(images[s:s + 32], labels[s:s + 32], lr=0.03)
+    state = trainer.network_state()
+    assert state["step"] == model.qstate.step == 6
+    for n, p in model.named_parameters():
+        mine = state["parameters"][n]
+        assert mine["exp"] == opt.state[p]["store_exp"], n
+        assert np.array_equal(np.ldexp(mine["store"].astype(np.float64), mine["exp"]),
+                              p.detach().double().numpy()), n
+        assert np.array_equal(mine["velocity"], opt.state[p]["velocity"].numpy()), n
+    modules = dict(model.named_modules())
+    for n, norm in state["norms"].items():
+        m = modules[n]
+        for buf in ("running_mean", "running_dev"):
+            assert np.array_equal(np.ldexp(norm[buf].astype(np.float64), -24),
+                                  getattr(m, buf).numpy()), (n, buf)
+        assert norm["num_batches_tracked"] == int(m.num_batches_tracked) == 6
+        assert norm["last_out_exp"] == int(m.last_out_exp)
+    report = quant_report(model)
+    assert {n: report[n] for n in state["counts"]} == state["counts"]
+    assert any(c["total"] for layer in state["counts"].values() for c in layer.values())
+
+
+def test_trainer_refuses_what_it_cannot_continue(tmp_path, frozen_lenet):
+    from qkernels.trainer import Trainer
+
+    model, opt, _ = frozen_lenet
+    manifest, arrays = network_description(model, (1, 28, 28), CLASSES)
+    write_qk(tmp_path / "inference.qk", manifest, arrays)
+    with pytest.raises(qkfile.QKFormatError, match="no training state"):
+        Trainer.load(tmp_path / "inference.qk")
+    fresh, fresh_opt = trained(steps=0)
+    calibrate_and_freeze(fresh, _images(50, 2)[0])
+    path, _, _ = _export(fresh, fresh_opt, tmp_path, "fresh.qk")
+    with pytest.raises(qkfile.QKFormatError, match="after at least one step"):
+        Trainer.load(path)

@@ -1,0 +1,461 @@
+r"""Continue training an exported network without torch: the integer training step on codes.
+
+:class:`Trainer` reads a ``qk`` file's layers and training state (weight stores, velocities,
+running statistics, counters, the random stream's keys) and runs the step of qtrain's ``int``
+backend with qkernels' own kernels, so that continuing from an exported checkpoint for N
+steps gives the same weight stores, velocities, running statistics and counters as qtrain
+continuing from that checkpoint, bit for bit (``tests/qtrain/test_export.py``).
+
+The step, per block ``layer -> requant -> L1BN -> ReLU [-> 2x2 max-pool] -> requant`` and for
+the head ``linear -> requant(16 bits)``:
+
+* forward: the weight store rounded to ``bits_w`` (nearest, range or mean exponent), an exact
+  integer product, rounding to ``bits_a`` (nearest, the batch's range exponent), the L1BN
+  training kernel (:func:`qkernels.l1bn_forward`, running statistics updated with the
+  fixed-point momentum), ReLU and max-pool on codes;
+* loss: the integer base-2 softmax cross-entropy error (:func:`qkernels.softmax_xent_error`);
+* backward: each quantizer rounds the error coming back to ``bits_e`` (nearest, or
+  stochastically from the stream keyed by its tensor id), the L1BN backward kernel, exact
+  integer products for the input error and the weight gradient, weight gradients rounded to
+  ``bits_g`` stochastically (the layer's stream);
+* update: :func:`qkernels.sgd_step` on every store (momentum, learning rate ``lr / N`` and
+  weight decay as fixed-point constants), then the step counter advances.
+
+Where qtrain's int backend holds a tensor in a particular representation that an operation
+depends on (the L1BN kernels' input and error codes fill their storage width, from the
+peak), the same representation is built here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .conv import col2im
+from .engine import _im2col_any, exact_matmul
+from .fixedpoint import MOMENTUM_BITS
+from .format import QTensor, code_dtype
+from .ieee import codes_to_f32, f32_to_codes_where
+from .l1bn import l1bn_backward, l1bn_forward, l1bn_update_running
+from .loss import softmax_xent_error
+from .optim import decay_code, lr_code, momentum_code, sgd_step
+from .pool import maxpool2x2_relu_backward_codes, maxpool2x2_relu_codes
+from .qkfile import QKFile, QKFormatError, read
+from .quant import mean_exponent, quantize_nearest, quantize_stochastic
+
+#: Width of the logits the loss reads (qtrain.loss.LOGIT_BITS).
+LOGIT_BITS = 16
+
+
+def _bit_length(q: np.ndarray) -> int:
+    return int(np.abs(q).max()).bit_length() if q.size else 0
+
+
+def at_width(q: np.ndarray, exp: int, width: int, dtype) -> QTensor:
+    """Exact codes re-expressed so their peak fills ``width`` bits (exponent ``E - width`` with
+    ``max|value| < 2**E``; exponent 0 for all zeros), as ``dtype``: the representation
+    qtrain reads from a float32 container (:func:`qkernels.ieee.f32_to_codes`)."""
+    bl = _bit_length(q)
+    if bl == 0:
+        return QTensor(np.zeros(q.shape, dtype), 0)
+    new = exp + bl - width
+    s = new - exp
+    q = q.astype(np.int64, copy=False)
+    y = q << -s if s <= 0 else (q + (1 << (s - 1))) >> s
+    return QTensor(y.astype(dtype), new)
+
+
+def _storage(bits: int) -> tuple[type, int]:
+    """The L1BN kernels' code dtype for ``bits`` and the bits it holds (7 or 15)."""
+    dtype = code_dtype(bits)
+    return dtype, 8 * np.dtype(dtype).itemsize - 1
+
+
+@dataclass
+class Counts:
+    """Saturated, rounded-to-zero and total elements of one rounding (as qtrain's
+    ``QuantStats``)."""
+
+    saturated: int = 0
+    zeroed: int = 0
+    total: int = 0
+
+    def add(self, c) -> None:
+        self.saturated += int(c[0])
+        self.zeroed += int(c[1])
+        self.total += int(c[2])
+
+    def as_dict(self) -> dict[str, int]:
+        return {"saturated": self.saturated, "zeroed": self.zeroed, "total": self.total}
+
+
+@dataclass
+class Param:
+    """A weight store: int32 codes at ``exp``, the int64 velocity, and the gradient of the
+    current step."""
+
+    name: str
+    store: np.ndarray
+    exp: int
+    velocity: np.ndarray
+    grad: QTensor | None = None
+    raised: int = 0
+    saturated: int = 0
+
+    @property
+    def values(self) -> np.ndarray:
+        """float64 values of the store (exact)."""
+        return np.ldexp(self.store.astype(np.float64), self.exp)
+
+
+@dataclass
+class _Quant:
+    name: str
+    bits_fwd: int
+    bits_bwd: int
+    tensor_id: int
+    fwd: Counts = field(default_factory=Counts)
+    bwd: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class _Layer:
+    """A conv or linear layer: its geometry and its weight's store."""
+
+    spec: dict
+    param: Param
+    grad_id: int
+    stats_w: Counts = field(default_factory=Counts)
+    stats_g: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class _Norm:
+    spec: dict
+    gamma: Param
+    beta: Param
+    grad_ids: tuple[int, int]
+    running_mean: np.ndarray
+    running_dev: np.ndarray
+    num_batches_tracked: int
+    momentum: float | None
+    eps_log2: int | None
+    last_out_exp: int
+    stats_g: Counts = field(default_factory=Counts)
+
+
+@dataclass
+class _Pooled:
+    """The error at a max-pool's output and the pool's selection (the norm's backward routes
+    it through both the pool and the ReLU)."""
+
+    sel: np.ndarray
+    error: QTensor
+
+
+class Trainer:
+    """qtrain's integer training step on an exported network, torch-free.
+
+    Example::
+
+        trainer = Trainer.load("model.qk")
+        for images, labels in batches:          # uint8 (N, C, H, W), int (N,)
+            trainer.step(images, labels)        # lr: the file's, or step(..., lr=0.01)
+        trainer.network_state()                 # stores, velocities, statistics, counters
+
+    The network is a sequence of blocks ``conv|linear, requant, l1bn, relu, [maxpool],
+    requant`` (a ``flatten`` between them) ending in ``linear, requant`` as qtrain's
+    sequential models are; the file must come from a run that trained at least one step.
+    """
+
+    def __init__(self, qk: QKFile):
+        if "training" not in qk.manifest:
+            raise QKFormatError(f"{qk.path}: no training state (export with --format qk)")
+        st = qk.manifest["training"]
+        self.qk, self.path = qk, qk.path
+        self.input = qk.manifest["input"]
+        self.step_count = int(st["step"])
+        self.seed = int(st["seed"])
+        self.bits_w, self.bits_a = int(st["bits_w"]), int(st["bits_a"])
+        self.bits_g, self.bits_e = int(st["bits_g"]), int(st["bits_e"])
+        self.store_bits = int(st["store_bits"])
+        self.stochastic_errors = bool(st["stochastic_errors"])
+        self.weight_exp = st["weight_exp"]
+        self.weight_max_log2 = int(st["weight_max_log2"])
+        self.lr, self.momentum = float(st["lr"]), float(st["momentum"])
+        self.weight_decay = float(st["weight_decay"])
+        self.params: dict[str, Param] = {}
+        for p in st["parameters"]:
+            if not p["snapped"] or "velocity" not in p:
+                raise QKFormatError(f"{qk.path}: parameter {p['name']} has no optimizer state "
+                                    "yet; export a checkpoint after at least one step")
+            self.params[p["name"]] = Param(p["name"], qk.array(p["store"]).copy(),
+                                           int(p["store_exp"]), qk.array(p["velocity"]).copy())
+        ids = st["stream_ids"]
+        norms = {n["name"]: n for n in st["norms"]}
+        self.nodes: list = []
+        for spec in qk.layers:
+            self.nodes.append(self._node(spec, ids, norms))
+        self._check_pattern()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trainer":
+        return cls(read(path))
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _param(self, name: str) -> Param:
+        if name not in self.params:
+            raise QKFormatError(f"{self.path}: no store for parameter {name!r}")
+        return self.params[name]
+
+    def _node(self, spec: dict, ids: dict, norms: dict):
+        op = spec["op"]
+        try:
+            if op in ("conv", "linear"):
+                return _Layer(spec, self._param(f"{spec['name']}.weight"),
+                              int(ids[spec["name"]]["grad_ids"][0]))
+            if op == "requant":
+                q = ids[spec["name"]]
+                return _Quant(spec["name"], int(spec["bits"]), int(q["bits_bwd"]),
+                              int(q["tensor_id"]))
+            if op == "l1bn":
+                n = norms[spec["name"]]
+                return _Norm(spec, self._param(f"{spec['name']}.weight"),
+                             self._param(f"{spec['name']}.bias"),
+                             tuple(int(i) for i in ids[spec["name"]]["grad_ids"]),
+                             self.qk.array(n["running_mean"]).copy(),
+                             self.qk.array(n["running_dev"]).copy(),
+                             int(n["num_batches_tracked"]), n["momentum"], n["eps_log2"],
+                             int(n["last_out_exp"]))
+        except KeyError as err:
+            raise QKFormatError(f"{self.path}: training state has nothing for layer "
+                                f"{spec.get('name', op)} ({err})") from None
+        return op  # relu, maxpool, flatten
+
+    def _check_pattern(self) -> None:
+        kinds = [n if isinstance(n, str) else type(n).__name__ for n in self.nodes]
+        i, ok = 0, True
+        while i < len(kinds) and ok:
+            if kinds[i] == "flatten":
+                i += 1
+            elif kinds[i:i + 2] == ["_Layer", "_Quant"] and i + 2 == len(kinds):
+                i += 2
+            elif kinds[i:i + 4] == ["_Layer", "_Quant", "_Norm", "relu"]:
+                i += 4 + (kinds[i + 4:i + 5] == ["maxpool"])
+                ok = kinds[i:i + 1] == ["_Quant"]
+                i += 1
+            else:
+                ok = False
+        if not ok or i != len(kinds):
+            raise QKFormatError(f"{self.path}: layers {kinds} are not blocks of conv|linear, "
+                                "requant, l1bn, relu, [maxpool], requant ending in linear, "
+                                "requant: the trainer runs qtrain's sequential models")
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _round_error(self, q: _Quant, err: QTensor) -> QTensor:
+        if self.stochastic_errors:
+            out, c = quantize_stochastic(err, q.bits_bwd, seed=self.seed, step=self.step_count,
+                                         tensor_id=q.tensor_id)
+        else:
+            out, c = quantize_nearest(err, q.bits_bwd)
+        q.bwd.add(c)
+        return out
+
+    def _round_grad(self, grad: QTensor, tensor_id: int, counts: Counts) -> QTensor:
+        out, c = quantize_stochastic(grad, self.bits_g, seed=self.seed, step=self.step_count,
+                                     tensor_id=tensor_id)
+        counts.add(c)
+        return out
+
+    def _weight(self, layer: _Layer) -> tuple[QTensor, np.ndarray | None]:
+        """The weight codes of this step, and (mean rule) which weights stay inside them."""
+        p = layer.param
+        store = QTensor(p.store, p.exp)
+        exp, inside = None, None
+        if self.weight_exp == "mean":
+            wide = at_width(p.store, p.exp, 24, np.int64)
+            exp = mean_exponent(int(np.abs(wide.q).sum()), p.store.size, wide.exp, self.bits_w)
+        w, c = quantize_nearest(store, self.bits_w, exp)
+        layer.stats_w.add(c)
+        if exp is not None:
+            s = exp - p.exp
+            codes = p.store.astype(np.int64)
+            codes = (codes + (1 << (s - 1))) >> s if s > 0 else codes << -s
+            inside = np.abs(codes) <= (1 << (self.bits_w - 1)) - 1
+        return w, inside
+
+    def _pixels(self, pixels: np.ndarray) -> QTensor:
+        pixels = np.asarray(pixels)
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"pixels must be uint8, got {pixels.dtype.name}")
+        shape = tuple(self.input["shape"])
+        if pixels.ndim == 3 and shape[0] == 1:
+            pixels = pixels[:, None]
+        if pixels.shape[1:] != shape:
+            raise ValueError(f"pixels have shape {pixels.shape}, the network takes "
+                             f"(N, {', '.join(map(str, shape))})")
+        clip = int(self.input["clip"])
+        q = np.clip(pixels.astype(np.int16) - int(self.input["offset"]), -clip, clip)
+        return QTensor(q.astype(np.int8), int(self.input["exp"]))
+
+    def step(self, pixels: np.ndarray, labels: np.ndarray, lr: float | None = None) -> dict:
+        """One training step on a batch: uint8 ``pixels`` (N, C, H, W) and class ``labels``
+        (N,). ``lr``: this step's learning rate (default the one in the file, which is the
+        schedule's at the export). Returns the batch's correct predictions and size."""
+        x = self._pixels(pixels)
+        labels = np.asarray(labels).astype(np.int64)
+        if labels.shape != (x.q.shape[0],):
+            raise ValueError(f"labels have shape {labels.shape}, expected ({x.q.shape[0]},)")
+        tape: list[tuple] = []
+        for node in self.nodes:
+            x = self._forward(node, x, tape)
+        logits = at_width(x.q, x.exp, LOGIT_BITS, np.int32)
+        err = softmax_xent_error(logits, labels)
+        correct = int((x.q.argmax(1) == labels).sum())
+        first = next(e for e in tape if e[0] == "layer")  # needs no input error
+        g = err
+        for entry in reversed(tape):
+            g = self._backward(entry, g, first=entry is first)
+        self._update(lr if lr is not None else self.lr, len(labels))
+        self.step_count += 1
+        return {"correct": correct, "images": len(labels)}
+
+    def _forward(self, node, x: QTensor, tape: list) -> QTensor:
+        if isinstance(node, _Layer):
+            w, inside = self._weight(node)
+            tape.append(("layer", node, x, w, inside))
+            spec = node.spec
+            if spec["op"] == "linear":
+                return QTensor(exact_matmul(x.q, np.ascontiguousarray(w.q.T)), x.exp + w.exp)
+            cols = _im2col_any(x.q, spec["kernel"], spec["stride"], spec["padding"])
+            acc = exact_matmul(w.q.reshape(w.q.shape[0], -1), cols)
+            n = x.q.shape[0]
+            oh = (x.q.shape[2] + 2 * spec["padding"][0] - spec["kernel"][0]) // spec["stride"][0] + 1
+            acc = acc.reshape(w.q.shape[0], n, oh, -1).transpose(1, 0, 2, 3)
+            return QTensor(np.ascontiguousarray(acc), x.exp + w.exp)
+        if isinstance(node, _Quant):
+            y, c = quantize_nearest(QTensor(x.q, x.exp), node.bits_fwd)
+            node.fwd.add(c)
+            tape.append(("quant", node))
+            return y
+        if isinstance(node, _Norm):
+            dtype, width = _storage(self.bits_a)
+            xin = at_width(x.q, x.exp, width, dtype)
+            y, cache = l1bn_forward(xin, self._codes24(node.gamma), self._codes24(node.beta),
+                                    out_bits=self.bits_a, eps_log2=node.eps_log2)
+            factor = (1.0 / (node.num_batches_tracked + 1) if node.momentum is None
+                      else node.momentum)
+            l1bn_update_running(node.running_mean, node.running_dev, cache,
+                                round(factor * (1 << MOMENTUM_BITS)))
+            node.num_batches_tracked += 1
+            node.last_out_exp = y.exp
+            tape.append(("norm", node, cache, y))
+            return y
+        if node == "relu":
+            tape.append(("relu",))
+            return QTensor(np.maximum(x.q, 0), x.exp)
+        if node == "maxpool":
+            pooled, sel = maxpool2x2_relu_codes(x.q)
+            tape.append(("maxpool", sel))
+            return QTensor(pooled, x.exp)
+        tape.append(("flatten", x.q.shape))
+        return QTensor(x.q.reshape(x.q.shape[0], -1), x.exp)
+
+    @staticmethod
+    def _codes24(p: Param) -> QTensor:
+        """A store as qtrain's L1BN reads its parameters: int32 codes filling 24 bits."""
+        return at_width(p.store, p.exp, 24, np.int32)
+
+    def _backward(self, entry: tuple, g: QTensor, first: bool) -> QTensor | None:
+        kind = entry[0]
+        if kind == "quant":
+            return self._round_error(entry[1], g)
+        if kind == "relu":  # joined with the norm below: keep the error as it is
+            return g
+        if kind == "maxpool":
+            return _Pooled(entry[1], g)
+        if kind == "flatten":
+            return None if g is None else QTensor(g.q.reshape(entry[1]), g.exp)
+        if kind == "norm":
+            _, node, cache, y = entry
+            dtype, width = _storage(self.bits_e)
+            if isinstance(g, _Pooled):  # through max-pool and ReLU
+                gy = maxpool2x2_relu_backward_codes(g.sel, codes_to_f32(g.error), width, dtype)
+            else:  # through ReLU
+                gy = f32_to_codes_where(codes_to_f32(g), y.q, width, dtype)
+            dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.bits_e)
+            node.gamma.grad = self._round_grad(dgamma, node.grad_ids[0], node.stats_g)
+            node.beta.grad = self._round_grad(dbeta, node.grad_ids[1], node.stats_g)
+            return dx
+        _, layer, x, w, inside = entry
+        spec = layer.spec
+        e8 = g.q
+        if spec["op"] == "linear":
+            gw = exact_matmul(np.ascontiguousarray(e8.T), x.q)
+            gx = None if first else QTensor(exact_matmul(e8, w.q), g.exp + w.exp)
+        else:
+            o = e8.shape[1]
+            rows = np.ascontiguousarray(e8.transpose(1, 0, 2, 3)).reshape(o, -1)
+            cols = _im2col_any(x.q, spec["kernel"], spec["stride"], spec["padding"])
+            gw = exact_matmul(rows, np.ascontiguousarray(cols.T)).reshape(w.q.shape)
+            gx = None
+            if not first:
+                back = exact_matmul(np.ascontiguousarray(w.q.reshape(o, -1).T), rows)
+                gx = QTensor(col2im(back.astype(np.int32), x.q.shape, tuple(spec["kernel"]),
+                                    tuple(spec["stride"]), tuple(spec["padding"])),
+                             g.exp + w.exp)
+        grad = self._round_grad(QTensor(gw, g.exp + x.exp), layer.grad_id, layer.stats_g)
+        if inside is not None:
+            grad = QTensor(np.where(inside, grad.q, 0).astype(grad.q.dtype), grad.exp)
+        layer.param.grad = grad
+        return gx
+
+    def _update(self, lr: float, batch: int) -> None:
+        lr_q = lr_code(lr / batch)
+        mom_q = momentum_code(self.momentum)
+        decay_q = decay_code(self.weight_decay * batch)
+        for p in self.params.values():
+            if p.grad is None:
+                continue
+            exp_max = max(p.exp, self.weight_max_log2 - (self.store_bits - 1))
+            res = sgd_step(QTensor(p.store, p.exp), p.velocity, p.grad, lr_q=lr_q,
+                           momentum_q=mom_q, store_bits=self.store_bits, exp_max=exp_max,
+                           decay_q=decay_q)
+            p.exp += res.rise
+            p.raised += res.rise
+            p.saturated += res.saturated
+            p.grad = None
+
+    # -- reading the state ------------------------------------------------------------------
+
+    def network_state(self) -> dict:
+        """Everything a step changes: per parameter the store (codes, exponent) and velocity,
+        per norm the running statistics, counters and last output exponent, per quantizer and
+        layer the rounding counts, and the step."""
+        out = {"step": self.step_count, "parameters": {}, "norms": {}, "counts": {}}
+        for name, p in self.params.items():
+            out["parameters"][name] = {"store": p.store.copy(), "exp": p.exp,
+                                       "velocity": p.velocity.copy()}
+        for node in self.nodes:
+            if isinstance(node, _Norm):
+                out["norms"][node.spec["name"]] = {
+                    "running_mean": node.running_mean.copy(),
+                    "running_dev": node.running_dev.copy(),
+                    "num_batches_tracked": node.num_batches_tracked,
+                    "last_out_exp": node.last_out_exp}
+                out["counts"][node.spec["name"]] = {"stats_w": Counts().as_dict(),  # as qtrain's
+                                                    "stats_g": node.stats_g.as_dict()}
+            elif isinstance(node, _Quant):
+                out["counts"][node.name] = {"stats_fwd": node.fwd.as_dict(),
+                                            "stats_bwd": node.bwd.as_dict()}
+            elif isinstance(node, _Layer):
+                out["counts"][node.spec["name"]] = {"stats_w": node.stats_w.as_dict(),
+                                                    "stats_g": node.stats_g.as_dict()}
+        return out
+
+
+__all__ = ["Trainer", "Param", "at_width"]
