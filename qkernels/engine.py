@@ -80,6 +80,16 @@ def _im2col_any(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
 
 
+def conv2d(x: QTensor, w: QTensor, kernel, stride, padding) -> QTensor:
+    """Exact integer convolution of codes (N, C, H, W) with weight codes (O, C, kh, kw): int64
+    accumulators (N, O, OH, OW) at exponent ``x.exp + w.exp``."""
+    cols = _im2col_any(np.ascontiguousarray(x.q), kernel, stride, padding)
+    acc = exact_matmul(w.q.reshape(w.q.shape[0], -1), cols)
+    oh = (x.q.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    acc = acc.reshape(w.q.shape[0], x.q.shape[0], oh, -1).transpose(1, 0, 2, 3)
+    return QTensor(np.ascontiguousarray(acc), x.exp + w.exp)
+
+
 class Network:
     """A network from a qk file, run as frozen integer inference.
 
@@ -140,16 +150,10 @@ class Network:
     def _apply(self, layer: dict, q: np.ndarray, exp: int) -> tuple[np.ndarray, int]:
         op = layer["op"]
         if op == "conv":
-            w = self.qk.array(layer["weight"])
-            cols = _im2col_any(np.ascontiguousarray(q), layer["kernel"], layer["stride"],
-                               layer["padding"])
-            acc = exact_matmul(w.reshape(w.shape[0], -1), cols)
-            n = q.shape[0]
-            oh_ow = acc.shape[1] // n
-            k, s, p = layer["kernel"], layer["stride"], layer["padding"]
-            oh = (q.shape[2] + 2 * p[0] - k[0]) // s[0] + 1
-            acc = acc.reshape(w.shape[0], n, oh, oh_ow // oh).transpose(1, 0, 2, 3)
-            return np.ascontiguousarray(acc), exp + int(layer["w_exp"])
+            acc = conv2d(QTensor(q, exp), QTensor(self.qk.array(layer["weight"]),
+                                                  int(layer["w_exp"])),
+                         layer["kernel"], layer["stride"], layer["padding"])
+            return acc.q, acc.exp
         if op == "linear":
             w = self.qk.array(layer["weight"])
             return exact_matmul(q, np.ascontiguousarray(w.T)), exp + int(layer["w_exp"])
@@ -176,4 +180,4 @@ class Network:
         raise QKFormatError(f"{self.qk.path}: unknown op {op!r}")  # validate() prevents this
 
 
-__all__ = ["Network", "exact_matmul", "round_to"]
+__all__ = ["Network", "conv2d", "exact_matmul", "round_to"]

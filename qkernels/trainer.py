@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from .conv import col2im
-from .engine import _im2col_any, exact_matmul
+from .engine import Network, _im2col_any, conv2d, exact_matmul
 from .fixedpoint import MOMENTUM_BITS
 from .format import QTensor, code_dtype
 from .ieee import codes_to_f32, f32_to_codes_where
-from .l1bn import l1bn_backward, l1bn_forward, l1bn_update_running
+from .l1bn import l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference, l1bn_update_running
 from .loss import softmax_xent_error
 from .optim import decay_code, lr_code, momentum_code, sgd_step
 from .pool import maxpool2x2_relu_backward_codes, maxpool2x2_relu_codes
@@ -331,12 +331,7 @@ class Trainer:
             spec = node.spec
             if spec["op"] == "linear":
                 return QTensor(exact_matmul(x.q, np.ascontiguousarray(w.q.T)), x.exp + w.exp)
-            cols = _im2col_any(x.q, spec["kernel"], spec["stride"], spec["padding"])
-            acc = exact_matmul(w.q.reshape(w.q.shape[0], -1), cols)
-            n = x.q.shape[0]
-            oh = (x.q.shape[2] + 2 * spec["padding"][0] - spec["kernel"][0]) // spec["stride"][0] + 1
-            acc = acc.reshape(w.q.shape[0], n, oh, -1).transpose(1, 0, 2, 3)
-            return QTensor(np.ascontiguousarray(acc), x.exp + w.exp)
+            return self._conv(spec, x, w)
         if isinstance(node, _Quant):
             y, c = quantize_nearest(QTensor(x.q, x.exp), node.bits_fwd)
             node.fwd.add(c)
@@ -364,6 +359,10 @@ class Trainer:
             return QTensor(pooled, x.exp)
         tape.append(("flatten", x.q.shape))
         return QTensor(x.q.reshape(x.q.shape[0], -1), x.exp)
+
+    @staticmethod
+    def _conv(spec: dict, x: QTensor, w: QTensor) -> QTensor:
+        return conv2d(x, w, spec["kernel"], spec["stride"], spec["padding"])
 
     @staticmethod
     def _codes24(p: Param) -> QTensor:
@@ -429,6 +428,96 @@ class Trainer:
             p.raised += res.rise
             p.saturated += res.saturated
             p.grad = None
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _eval_forward(self, x: QTensor, record: dict | None, frozen: dict | None) -> QTensor:
+        """The eval-mode forward of qtrain on codes: weights rounded from the stores, each
+        quantizer at its batch's range exponent (recording the exponents in ``record``) or at
+        ``frozen[name]``, each norm folded from its running statistics."""
+        last_q = None
+        for node in self.nodes:
+            if isinstance(node, _Layer):
+                w = self._weight_codes(node)
+                if node.spec["op"] == "linear":
+                    x = QTensor(exact_matmul(x.q, np.ascontiguousarray(w.q.T)), x.exp + w.exp)
+                else:
+                    x = self._conv(node.spec, x, w)
+            elif isinstance(node, _Quant):
+                exp = None if frozen is None else frozen.get(node.name, 0)
+                y, _ = quantize_nearest(x, node.bits_fwd, exp)
+                if record is not None and np.any(x.q):
+                    record[node.name] = max(y.exp, record.get(node.name, y.exp))
+                x, last_q = y, node
+            elif isinstance(node, _Norm):
+                if frozen is None:
+                    xin = at_width(x.q, x.exp, _storage(self.bits_a)[1], code_dtype(self.bits_a))
+                else:
+                    xin = QTensor(x.q.astype(code_dtype(self.bits_a)), x.exp)
+                x4 = xin.q if xin.q.ndim == 4 else xin.q.reshape(*xin.q.shape, 1, 1)
+                y = l1bn_inference(QTensor(np.ascontiguousarray(x4), xin.exp),
+                                   self._folded(node, xin.exp), out_bits=self.bits_a,
+                                   out_exp=node.last_out_exp)
+                x = QTensor(y.q.reshape(xin.q.shape), y.exp)
+            elif node == "relu":
+                x = QTensor(np.maximum(x.q, 0), x.exp)
+            elif node == "maxpool":
+                n, c, h, w_ = x.q.shape
+                x = QTensor(x.q.reshape(n, c, h // 2, 2, w_ // 2, 2).max(axis=(3, 5)), x.exp)
+            else:
+                x = QTensor(x.q.reshape(x.q.shape[0], -1), x.exp)
+        return x
+
+    def _weight_codes(self, layer: _Layer) -> QTensor:
+        p = layer.param
+        exp = None
+        if self.weight_exp == "mean":
+            wide = at_width(p.store, p.exp, 24, np.int64)
+            exp = mean_exponent(int(np.abs(wide.q).sum()), p.store.size, wide.exp, self.bits_w)
+        w, _ = quantize_nearest(QTensor(p.store, p.exp), self.bits_w, exp)
+        return QTensor(w.q.astype(code_dtype(self.bits_w)), w.exp)
+
+    def _folded(self, node: _Norm, x_exp: int) -> np.ndarray:
+        return l1bn_fold(self._codes24(node.gamma), self._codes24(node.beta),
+                         node.running_mean, node.running_dev, x_exp=x_exp,
+                         out_bits=self.bits_a, out_exp=node.last_out_exp,
+                         eps_log2=node.eps_log2, x_bits=self.bits_a)
+
+    def calibrate(self, pixels: np.ndarray, batch_size: int = 500) -> dict[str, int]:
+        """Each quantizer's exponent for frozen inference: the largest its range rule picks over
+        the eval-mode batches of ``pixels`` (qtrain's :func:`qtrain.frozen.calibrate`)."""
+        found: dict[str, int] = {}
+        for s in range(0, len(pixels), batch_size):
+            self._eval_forward(self._pixels(pixels[s:s + batch_size]), found, None)
+        return found
+
+    def frozen_network(self, pixels: np.ndarray, batch_size: int = 500) -> "Network":
+        """The network as it is now, frozen on calibration images ``pixels``: a
+        :class:`qkernels.engine.Network` for inference (the same file qtrain's export would
+        write after the same training)."""
+        exps = self.calibrate(pixels, batch_size)
+        manifest, arrays = self.description(exps)
+        return Network(QKFile({**manifest, "arrays": {}}, arrays, self.path))
+
+    def description(self, exps: dict[str, int]) -> tuple[dict, dict[str, np.ndarray]]:
+        """The qk file's ``input``, ``layers`` and ``output`` for the network as it is now,
+        with quantizer exponents ``exps``, and the arrays they name."""
+        layers, arrays = [], {}
+        last_exp = None
+        for spec, node in zip(self.qk.layers, self.nodes):
+            spec = dict(spec)
+            if isinstance(node, _Layer):
+                w = self._weight_codes(node)
+                arrays[spec["weight"]] = w.q
+                spec["w_exp"] = w.exp
+            elif isinstance(node, _Quant):
+                spec["exp"] = last_exp = int(exps.get(node.name, 0))
+            elif isinstance(node, _Norm):
+                arrays[spec["folded"]] = self._folded(node, last_exp)
+                spec.update(in_exp=last_exp, out_exp=node.last_out_exp)
+            layers.append(spec)
+        output = {**self.qk.manifest["output"], "exp": last_exp}
+        return {"input": self.input, "layers": layers, "output": output}, arrays
 
     # -- reading the state ------------------------------------------------------------------
 

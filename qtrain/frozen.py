@@ -49,7 +49,8 @@ def calibrate(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
     if len(images) == 0:
         raise ValueError("calibrate needs at least one image")
     was_training = model.training
-    saved = {name: q.frozen_exp for name, q in quantizers(model)}
+    saved = {name: m.frozen_exp if isinstance(m, Quantize) else m.frozen_in_exp
+             for name, m in model.named_modules() if isinstance(m, (Quantize, _L1BatchNorm))}
     found: dict[str, int] = {}
 
     def record(name):
@@ -62,8 +63,8 @@ def calibrate(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
 
     handles = []
     try:
+        unfreeze(model)  # the range rule everywhere, the norms' inputs included
         for name, q in quantizers(model):
-            q.frozen_exp = None
             handles.append(q.register_forward_pre_hook(record(name)))
         model.eval()
         with unfused(model):  # the hooks on the quantizers must fire
@@ -72,8 +73,10 @@ def calibrate(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
     finally:
         for h in handles:
             h.remove()
-        for name, q in quantizers(model):
-            q.frozen_exp = saved[name]
+        for name, m in model.named_modules():
+            if name in saved:
+                setattr(m, "frozen_exp" if isinstance(m, Quantize) else "frozen_in_exp",
+                        saved[name])
         model.train(was_training)
     return found
 

@@ -132,6 +132,21 @@ def test_calibration_on_one_batch_reproduces_todays_eval_of_that_batch(frozen_le
             freeze(model, exps)
 
 
+def test_calibrating_a_frozen_network_sees_the_range_rule(frozen_lenet):
+    """Calibration unfreezes everything while it runs (the norms' inputs too) and puts the
+    frozen exponents back afterwards."""
+    model, _, exps = frozen_lenet
+    other, _ = _images(200, 9)
+    frozen_answer = calibrate(model, other)
+    assert is_frozen(model) and {n: q.frozen_exp for n, q in model.named_modules()
+                                 if n in exps} == exps
+    unfreeze(model)
+    try:
+        assert calibrate(model, other) == frozen_answer
+    finally:
+        freeze(model, exps)
+
+
 def test_freeze_needs_known_quantizers(frozen_lenet):
     with pytest.raises(ValueError, match="name no quantizer"):
         freeze(frozen_lenet[0], {"nope": 0})
@@ -442,6 +457,18 @@ def test_trainer_continues_as_the_int_backend(name, bits, fields, tmp_path):
     report = quant_report(model)
     assert {n: report[n] for n in state["counts"]} == state["counts"]
     assert any(c["total"] for layer in state["counts"].values() for c in layer.values())
+    # frozen again on the device: the network qtrain would export after the same training
+    calib, test = _images(150, 4)[0], _images(40, 5)[0]
+    exps = calibrate_and_freeze(model, calib)
+    assert trainer.calibrate(calib) == exps
+    want, want_arrays = network_description(model, (1, 28, 28), CLASSES)
+    got, got_arrays = trainer.description(exps)
+    assert got["layers"] == want["layers"] and got["output"]["exp"] == want["output"]["exp"]
+    assert want_arrays.keys() == got_arrays.keys()
+    for k, a in want_arrays.items():
+        assert a.dtype == got_arrays[k].dtype and np.array_equal(a, got_arrays[k]), k
+    net = trainer.frozen_network(calib)
+    assert np.array_equal(net.forward(test).q, codes(model, test, want["output"]["exp"]))
 
 
 def test_trainer_refuses_what_it_cannot_continue(tmp_path, frozen_lenet):
