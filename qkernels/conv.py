@@ -156,6 +156,18 @@ def im2col(x: np.ndarray, kernel_size: tuple[int, int], stride=1, padding=0) -> 
     return out
 
 
+def im2col_as(x: np.ndarray, kernel_size: tuple[int, int], stride=1, padding=0,
+              dtype=np.float32) -> np.ndarray:
+    """:func:`im2col` of int8, int16 or int32 codes into a matrix of ``dtype`` (float32 or
+    float64 for an exact BLAS product, or an integer type wide enough), in one pass."""
+    check_array(x, "x", (np.int8, np.int16, np.int32), (4,))
+    kh, kw, sh, sw, ph, pw, oh, ow = _geometry(x.shape, kernel_size, stride, padding)
+    n_img, n_ch = x.shape[:2]
+    out = np.empty((n_ch * kh * kw, n_img * oh * ow), dtype=dtype)
+    _im2col(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, oh, ow, out)
+    return out
+
+
 def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tuple[int, int],
            stride=1, padding=0) -> np.ndarray:
     """The adjoint of :func:`im2col`: every column's entries added back at the input positions

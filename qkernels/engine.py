@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .conv import im2col
+from .conv import col2im, conv2d_weight_grad, im2col_as
 from .format import QTensor, code_dtype
 from .l1bn import l1bn_inference
 from .qkfile import QKFile, QKFormatError, read
@@ -48,15 +48,32 @@ def _peak(q: np.ndarray) -> int:
     return int(np.abs(q).max()) if q.size else 0
 
 
-def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` of integer matrices as int64, exact: float32 BLAS when every partial sum stays
-    below 2**24 (bounded by the operands' peaks), float64 below 2**53, else int64 numpy."""
-    bound = a.shape[1] * _peak(a) * _peak(b)
-    if bound < F32_EXACT:
-        return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.int64)
-    if bound < (1 << 53):
-        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
-    return a.astype(np.int64) @ b.astype(np.int64)
+def _exact_dtype(bound: int):
+    """The BLAS type whose sums of integers stay exact below ``bound`` (None: int64 numpy)."""
+    return np.float32 if bound < F32_EXACT else np.float64 if bound < (1 << 53) else None
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray, bound: int | None = None) -> np.ndarray:
+    """``a @ b`` of integer matrices (or of their exact float copies), exact: float32 BLAS
+    when every partial sum stays below 2**24, float64 below 2**53, else int64 numpy, with the
+    sums bounded by ``bound`` (default from the operands' peaks). int32 when every sum fits
+    it, else int64."""
+    if bound is None:
+        bound = a.shape[1] * _peak(a) * _peak(b)
+    out = np.int32 if bound < (1 << 31) else np.int64
+    dt = _exact_dtype(bound)
+    if dt is None:
+        return a.astype(np.int64) @ b.astype(np.int64)
+    return (a.astype(dt, copy=False) @ b.astype(dt, copy=False)).astype(out)
+
+
+#: Images per block of a convolution: the patch matrix of a block stays near this many codes.
+BLOCK_CODES = 1 << 22
+
+
+def _image_blocks(n: int, per_image: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_CODES // max(per_image, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def round_to(q: np.ndarray, exp: int, new_exp: int, bits: int) -> np.ndarray:
@@ -68,26 +85,56 @@ def round_to(q: np.ndarray, exp: int, new_exp: int, bits: int) -> np.ndarray:
     return np.clip(y, -_qmax(bits), _qmax(bits))
 
 
-def _im2col_any(x: np.ndarray, kernel, stride, padding) -> np.ndarray:
-    """:func:`qkernels.conv.im2col` for int8 codes; a strided numpy view for wider ones."""
-    if x.dtype == np.int8 or (x.size and x.dtype.itemsize > 1 and _peak(x) <= 127):
-        return im2col(x.astype(np.int8, copy=False), tuple(kernel), tuple(stride),
-                      tuple(padding))
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-    n, c, oh, ow = win.shape[:4]
-    return win.transpose(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, n * oh * ow)
-
-
 def conv2d(x: QTensor, w: QTensor, kernel, stride, padding) -> QTensor:
-    """Exact integer convolution of codes (N, C, H, W) with weight codes (O, C, kh, kw): int64
-    accumulators (N, O, OH, OW) at exponent ``x.exp + w.exp``."""
-    cols = _im2col_any(np.ascontiguousarray(x.q), kernel, stride, padding)
-    acc = exact_matmul(w.q.reshape(w.q.shape[0], -1), cols)
+    """Exact integer convolution of codes (N, C, H, W) with weight codes (O, C, kh, kw):
+    accumulators (N, O, OH, OW) (int32 where they fit, else int64) at exponent
+    ``x.exp + w.exp``. Runs in blocks of images, so the patch matrix stays small."""
+    n, o = x.q.shape[0], w.q.shape[0]
     oh = (x.q.shape[2] + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    acc = acc.reshape(w.q.shape[0], x.q.shape[0], oh, -1).transpose(1, 0, 2, 3)
-    return QTensor(np.ascontiguousarray(acc), x.exp + w.exp)
+    ow = (x.q.shape[3] + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    wm = w.q.reshape(o, -1)
+    bound = wm.shape[1] * _peak(x.q) * _peak(w.q)
+    dt = _exact_dtype(bound) or np.int64
+    wd = wm.astype(dt)
+    out = np.empty((n, o, oh, ow), np.int32 if bound < (1 << 31) else np.int64)
+    for i, j in _image_blocks(n, wm.shape[1] * oh * ow):
+        cols = im2col_as(x.q[i:j], tuple(kernel), tuple(stride), tuple(padding), dt)
+        # exact products of integers; the assignment converts them to the integer type
+        out[i:j] = (wd @ cols).reshape(o, j - i, oh, ow).transpose(1, 0, 2, 3)
+    return QTensor(out, x.exp + w.exp)
+
+
+def conv2d_input_grad(e: QTensor, w: QTensor, shape: tuple, kernel, stride, padding) -> QTensor:
+    """The exact input error of :func:`conv2d` for output errors ``e`` (N, O, OH, OW): int32
+    (N, C, H, W) at ``e.exp + w.exp``, in blocks of images."""
+    o = w.q.shape[0]
+    wt = np.ascontiguousarray(w.q.reshape(o, -1).T)
+    out = np.empty(shape, np.int32)
+    per_image = wt.shape[0] * e.q.shape[2] * e.q.shape[3]
+    for i, j in _image_blocks(shape[0], per_image):
+        rows = np.ascontiguousarray(e.q[i:j].transpose(1, 0, 2, 3)).reshape(o, -1)
+        back = exact_matmul(wt, rows)
+        out[i:j] = col2im(back.astype(np.int32, copy=False), (j - i, *shape[1:]),
+                          tuple(kernel), tuple(stride), tuple(padding))
+    return QTensor(out, e.exp + w.exp)
+
+
+def conv2d_weight_grad_any(x: QTensor, e: QTensor, kernel, stride, padding) -> QTensor:
+    """The exact weight gradient of :func:`conv2d` (int64 (O, C, kh, kw) at ``x.exp +
+    e.exp``): qkernels' int8 kernel for codes of at most 8 bits, else float64/int64 products
+    summed over blocks of images (exact)."""
+    if max(_peak(x.q), _peak(e.q)) <= 127:
+        return conv2d_weight_grad(QTensor(x.q.astype(np.int8, copy=False), x.exp),
+                                  QTensor(e.q.astype(np.int8, copy=False), e.exp),
+                                  tuple(kernel), stride=tuple(stride), padding=tuple(padding))
+    o = e.q.shape[1]
+    total = None
+    for i, j in _image_blocks(x.q.shape[0], o * e.q.shape[2] * e.q.shape[3]):
+        cols = im2col_as(x.q[i:j], tuple(kernel), tuple(stride), tuple(padding), np.int64)
+        rows = np.ascontiguousarray(e.q[i:j].transpose(1, 0, 2, 3)).reshape(o, -1)
+        part = exact_matmul(rows, np.ascontiguousarray(cols.T)).astype(np.int64)
+        total = part if total is None else total + part
+    return QTensor(total.reshape(o, x.q.shape[1], *kernel), x.exp + e.exp)
 
 
 class Network:
@@ -180,4 +227,5 @@ class Network:
         raise QKFormatError(f"{self.qk.path}: unknown op {op!r}")  # validate() prevents this
 
 
-__all__ = ["Network", "conv2d", "exact_matmul", "round_to"]
+__all__ = ["Network", "conv2d", "conv2d_input_grad", "conv2d_weight_grad_any", "exact_matmul",
+           "round_to"]

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .conv import col2im
-from .engine import Network, _im2col_any, conv2d, exact_matmul
+from .engine import (Network, conv2d, conv2d_input_grad, conv2d_weight_grad_any,
+                     exact_matmul)
 from .fixedpoint import MOMENTUM_BITS
 from .format import QTensor, code_dtype
 from .ieee import codes_to_f32, f32_to_codes_where
@@ -62,9 +62,13 @@ def at_width(q: np.ndarray, exp: int, width: int, dtype) -> QTensor:
         return QTensor(np.zeros(q.shape, dtype), 0)
     new = exp + bl - width
     s = new - exp
-    q = q.astype(np.int64, copy=False)
-    y = q << -s if s <= 0 else (q + (1 << (s - 1))) >> s
-    return QTensor(y.astype(dtype), new)
+    if s <= 0:  # exact: the result fits dtype
+        y = q.astype(dtype)
+        if s:
+            y <<= -s
+        return QTensor(y, new)
+    q = q.astype(np.int64)
+    return QTensor(((q + (1 << (s - 1))) >> s).astype(dtype), new)
 
 
 def _storage(bits: int) -> tuple[type, int]:
@@ -397,16 +401,9 @@ class Trainer:
             gw = exact_matmul(np.ascontiguousarray(e8.T), x.q)
             gx = None if first else QTensor(exact_matmul(e8, w.q), g.exp + w.exp)
         else:
-            o = e8.shape[1]
-            rows = np.ascontiguousarray(e8.transpose(1, 0, 2, 3)).reshape(o, -1)
-            cols = _im2col_any(x.q, spec["kernel"], spec["stride"], spec["padding"])
-            gw = exact_matmul(rows, np.ascontiguousarray(cols.T)).reshape(w.q.shape)
-            gx = None
-            if not first:
-                back = exact_matmul(np.ascontiguousarray(w.q.reshape(o, -1).T), rows)
-                gx = QTensor(col2im(back.astype(np.int32), x.q.shape, tuple(spec["kernel"]),
-                                    tuple(spec["stride"]), tuple(spec["padding"])),
-                             g.exp + w.exp)
+            k, st, pad = spec["kernel"], spec["stride"], spec["padding"]
+            gw = conv2d_weight_grad_any(x, g, k, st, pad).q
+            gx = None if first else conv2d_input_grad(g, w, x.q.shape, k, st, pad)
         grad = self._round_grad(QTensor(gw, g.exp + x.exp), layer.grad_id, layer.stats_g)
         if inside is not None:
             grad = QTensor(np.where(inside, grad.q, 0).astype(grad.q.dtype), grad.exp)
