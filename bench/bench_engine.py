@@ -31,7 +31,9 @@ mark during the timed steps above the resident size before them (``/proc/self/cl
 resets the mark; measured on one extra step with glibc told to return every block of 64 KiB or
 more to the system, so earlier steps' heap does not hide it), and ``process_peak_mb``, the process's whole high-water mark (torch's
 libraries included on the int side). ``ratio_engine_over_int`` divides the medians; the
-issue's aim is at most 3 for the step and a step peak no larger. ``--profile`` adds the
+issue's aim is at most 3 for the step and a step peak no larger. On the engine side also
+``step_arrays_peak_mb`` (the peak of the numpy arrays one step allocates, from tracemalloc)
+and ``state_mb`` (weight stores and velocities). ``--profile`` adds the
 engine's 15 functions with the most own time over the timed steps (cProfile).
 
 The machine is shared: ``foreign_cpu_load`` is the mean number of cores other processes kept
@@ -163,6 +165,19 @@ def _child(args) -> None:
     if prof is not None:
         prof.disable()
     step_peak = _step_peak_mb(lambda: step(n_steps - 1))
+    extra = {}
+    if args.child == "engine":  # the arrays a step allocates (numpy reports to tracemalloc)
+        import tracemalloc
+
+        tracemalloc.start()
+        step(n_steps - 1)
+        extra["step_arrays_peak_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+        state = trainer.network_state()
+        extra["state_mb"] = round(sum(
+            a.nbytes for p_ in state["parameters"].values() for a in (p_["store"],
+                                                                     p_["velocity"]))
+            / 2**20, 2)
     infer(test[:500])  # warm
     t = time.perf_counter()
     for s in range(0, len(test), 500):
@@ -170,7 +185,7 @@ def _child(args) -> None:
     infer_s = time.perf_counter() - t
     out = {"side": args.child, "step_s": times, "infer_images_per_s": len(test) / infer_s,
            "step_peak_mb": round(step_peak, 1), "process_peak_mb": round(_hwm_mb(), 1),
-           "torch_loaded": "torch" in sys.modules}
+           "torch_loaded": "torch" in sys.modules, **extra}
     if prof is not None:
         import pstats
 
@@ -304,7 +319,9 @@ def main() -> None:
                                    r["infer_images_per_s"] for r in rs),
                                "step_peak_mb": max(r["step_peak_mb"] for r in rs),
                                "process_peak_mb": max(r["process_peak_mb"] for r in rs),
-                               "torch_loaded": any(r["torch_loaded"] for r in rs)}
+                               "torch_loaded": any(r["torch_loaded"] for r in rs),
+                               **{k: rs[-1][k] for k in ("step_arrays_peak_mb", "state_mb")
+                                  if k in rs[-1]}}
                 if "profile" in rs[-1]:
                     entry[side]["profile"] = rs[-1]["profile"]
             entry["ratio_engine_over_int"] = {

@@ -6,6 +6,10 @@ import types
 
 from numba import njit
 
+#: Arrays smaller than this run on one thread: starting Numba's thread pool costs more than it
+#: saves, and its threads would compete with torch's (or another process's) for the cores.
+PARALLEL_MIN = 1 << 16
+
 
 def serial_and_parallel(fn):
     """``(serial, parallel)`` Numba builds of ``fn`` (``prange`` is ``range`` in the first),
@@ -21,3 +25,9 @@ def serial_and_parallel(fn):
     twin.__qualname__ = fn.__qualname__ + "_parallel"
     twin.__doc__ = fn.__doc__
     return njit(cache=True)(fn), njit(cache=True, parallel=True)(twin)
+
+
+def pick(serial, parallel, n: int):
+    """The build of a :func:`serial_and_parallel` pair for ``n`` elements: serial below
+    :data:`PARALLEL_MIN`, parallel from there (both give the same results)."""
+    return parallel if n >= PARALLEL_MIN else serial

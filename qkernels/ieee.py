@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._jit import serial_and_parallel
+from ._jit import pick, serial_and_parallel
 from .fixedpoint import bit_length
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
 from .quant import SR_BITS, QuantCounts, saturate_count
@@ -167,9 +167,6 @@ def _from_codes_relu(codes, out, e):
         out[i] = _encode(max(np.int64(codes[i]), np.int64(0)), e)
 
 
-#: Arrays smaller than this run on one thread: starting Numba's thread pool costs more than it
-#: saves, and its threads would compete with torch's for the cores.
-PARALLEL_MIN = 1 << 16
 
 
 _drivers = serial_and_parallel
@@ -186,10 +183,6 @@ _from_codes_s, _from_codes_p = _drivers(_from_codes)
 _from_codes_relu_s, _from_codes_relu_p = _drivers(_from_codes_relu)
 
 
-def _pick(serial, parallel, n: int):
-    return parallel if n >= PARALLEL_MIN else serial
-
-
 def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
     check_array(x, name, (np.float32,), tuple(range(0, 9)))
     return np.ascontiguousarray(x).reshape(-1).view(np.int32)
@@ -197,7 +190,7 @@ def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
 
 def _top(b: np.ndarray) -> int:
     """``E`` of the largest magnitude among the bit patterns ``b``; ``_NO_TOP`` if all zero."""
-    return int(_top_exponent(_pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
+    return int(_top_exponent(pick(_peak_bits_s, _peak_bits_p, b.size)(b)))
 
 
 def peak_exponent(x: np.ndarray) -> int | None:
@@ -230,10 +223,10 @@ def quantize_f32(x: np.ndarray, bits: int, *, stochastic: bool = False, seed: in
     q = (1 << (bits - 1)) - 1
     if stochastic:
         key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
-        kernel = _pick(_quantize_stochastic_s, _quantize_stochastic_p, b.size)
+        kernel = pick(_quantize_stochastic_s, _quantize_stochastic_p, b.size)
         sat, zero = kernel(b, out, e, q, key, np.int64(check_first(first)))
     else:
-        sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, -1)
+        sat, zero = pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, -1)
     return out.view(np.float32).reshape(x.shape), e, QuantCounts(int(sat), int(zero), b.size)
 
 
@@ -257,7 +250,7 @@ def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype, exp: int 
         return QTensor(out.reshape(x.shape), 0), QuantCounts(0, 0, b.size)
     e = top - (bits - 1) if exp is None else check_exp(exp, "exp")
     q = (1 << (bits - 1)) - 1
-    sat, zero = _pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, up)
+    sat, zero = pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, up)
     return QTensor(out.reshape(x.shape), e - up), QuantCounts(int(sat), int(zero), b.size)
 
 
@@ -269,10 +262,10 @@ def f32_to_codes_where(x: np.ndarray, mask: np.ndarray, width: int, dtype) -> QT
     flat_mask = np.ascontiguousarray(mask).reshape(-1)
     if flat_mask.size != b.size:
         raise ValueError(f"mask has {flat_mask.size} elements, x has {b.size}")
-    top = int(_top_exponent(_pick(_peak_bits_where_s, _peak_bits_where_p, b.size)(b, flat_mask)))
+    top = int(_top_exponent(pick(_peak_bits_where_s, _peak_bits_where_p, b.size)(b, flat_mask)))
     e = 0 if top == _NO_TOP else top - width
     out = np.empty(b.shape[0], dtype=dtype)
-    _pick(_to_codes_where_s, _to_codes_where_p, b.size)(b, flat_mask, out, e)
+    pick(_to_codes_where_s, _to_codes_where_p, b.size)(b, flat_mask, out, e)
     return QTensor(out.reshape(x.shape), e)
 
 
@@ -286,7 +279,7 @@ def f32_to_codes(x: np.ndarray, width: int, dtype=None, exp: int | None = None) 
     else:
         e = check_exp(exp, "exp")
     out = np.empty(b.shape[0], dtype=dtype or (np.int32 if width < 31 else np.int64))
-    _pick(_to_codes_s, _to_codes_p, b.size)(b, out, e)
+    pick(_to_codes_s, _to_codes_p, b.size)(b, out, e)
     return QTensor(out.reshape(x.shape), e)
 
 
@@ -298,7 +291,7 @@ def f32_to_codes_exact(x: np.ndarray, width: int, dtype) -> QTensor | None:
     top = _top(b)
     e = 0 if top == _NO_TOP else top - width
     out = np.empty(b.shape[0], dtype=dtype)
-    if _pick(_to_codes_exact_s, _to_codes_exact_p, b.size)(b, out, e):
+    if pick(_to_codes_exact_s, _to_codes_exact_p, b.size)(b, out, e):
         return None
     return QTensor(out.reshape(x.shape), e)
 
@@ -310,7 +303,7 @@ def codes_to_f32(q: QTensor, relu: bool = False) -> np.ndarray:
     flat = np.ascontiguousarray(q.q).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.int32)
     kernels = (_from_codes_relu_s, _from_codes_relu_p) if relu else (_from_codes_s, _from_codes_p)
-    _pick(*kernels, flat.size)(flat, out, q.exp)
+    pick(*kernels, flat.size)(flat, out, q.exp)
     return out.view(np.float32).reshape(q.q.shape)
 
 

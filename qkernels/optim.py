@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ._jit import serial_and_parallel
+from ._jit import pick, serial_and_parallel
 from .fixedpoint import MOMENTUM_BITS, qmax, round_shift
 from .format import QTensor, check_array, check_exp
 from .ieee import _bits_of, _code_at, _encode
@@ -157,10 +157,6 @@ def _rescale(w, v, w_new, s, q):
     return saturated
 
 
-#: Tensors with fewer elements are updated by one thread (a parallel launch costs more).
-PARALLEL_MIN = 1 << 16
-
-
 class SgdResult(NamedTuple):
     """What one :func:`sgd_step` did to the store: how far its exponent rose, and how many
     codes saturated (only at the exponent's ceiling)."""
@@ -203,7 +199,7 @@ def _run(store, velocity, g, g_shift, g_bits, out, lr_q, momentum_q, decay_q, st
     w, v = store.q.reshape(-1), velocity.reshape(-1)
     q = qmax(store_bits)
     w_new = np.empty(w.shape[0], np.int64)
-    kernel = _sgd_p if w.shape[0] >= PARALLEL_MIN else _sgd_s
+    kernel = pick(_sgd_s, _sgd_p, w.shape[0])
     lo, hi = kernel(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, store.exp,
                     out)
     s = min(int(store_shift(lo, hi, q)), exp_max - store.exp)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from ._jit import pick, serial_and_parallel
 from .fixedpoint import bit_length, qmax, round_shift
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
 from .rng import check_first, check_stream_args, random_u64, stream_key
@@ -71,7 +72,6 @@ def saturate_count(y, v, q):
     return y, np.int64(saturated), np.int64(y == 0 and v != 0)
 
 
-@njit(cache=True, parallel=True)
 def _nearest(c, shift, q, out):
     saturated = 0
     zeroed = 0
@@ -85,7 +85,6 @@ def _nearest(c, shift, q, out):
     return saturated, zeroed
 
 
-@njit(cache=True, parallel=True)
 def _stochastic(c, up, q, key, out, first):
     """``up = e_c - e + SR_BITS``: bits to move the code left (right if negative); element
     ``first + i`` of the stream for element ``i``."""
@@ -101,6 +100,10 @@ def _stochastic(c, up, q, key, out, first):
         zeroed += zero
         out[i] = y
     return saturated, zeroed
+
+
+_nearest_s, _nearest_p = serial_and_parallel(_nearest)
+_stochastic_s, _stochastic_p = serial_and_parallel(_stochastic)
 
 
 def code_top(c: QTensor) -> int | None:
@@ -141,7 +144,7 @@ def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
     """Requantize codes to ``bits`` with the range exponent (or ``exp``), rounding half up
     and saturating."""
     flat, bits, exp, out = _prepare(c, bits, "c", exp)
-    sat, zero = _nearest(flat, exp - c.exp, qmax(bits), out)
+    sat, zero = pick(_nearest_s, _nearest_p, flat.size)(flat, exp - c.exp, qmax(bits), out)
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
 
 
@@ -157,5 +160,6 @@ def quantize_stochastic(c: QTensor, bits: int, *, seed: int, step: int, tensor_i
     flat, bits, exp, out = _prepare(c, bits, "c", exp)
     key = np.uint64(stream_key(*check_stream_args(seed, step, tensor_id)))
     up = c.exp - exp + SR_BITS  # <= 15 + SR_BITS: |code << up| < 2**(bits - 1 + SR_BITS)
-    sat, zero = _stochastic(flat, up, qmax(bits), key, out, np.int64(check_first(first)))
+    sat, zero = pick(_stochastic_s, _stochastic_p, flat.size)(
+        flat, up, qmax(bits), key, out, np.int64(check_first(first)))
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)

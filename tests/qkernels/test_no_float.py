@@ -113,7 +113,8 @@ HELPERS = {
     "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
     "qkernels.quant.saturate_count": (
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
-        "qkernels.quant._nearest", "qkernels.quant._stochastic"),
+        "qkernels.quant._nearest_p", "qkernels.quant._nearest_s", "qkernels.quant._stochastic_p",
+        "qkernels.quant._stochastic_s"),
     "qkernels.rng._nearest_element": ("qkernels.rng._nearest_parallel",
                                       "qkernels.rng._nearest_serial"),
     "qkernels.rng._stochastic_element": ("qkernels.rng._stochastic_parallel",
