@@ -120,7 +120,8 @@ def device(qk_path: str, data_path: str, new_per_batch: int = 64, epochs: int = 
     seconds = time.perf_counter() - start
     after = accuracy(calib)
     assert "torch" not in sys.modules, "the device step imported torch"
-    return {"before": before, "after": after, "device_steps": steps, "batch": 2 * half,
+    return {"before": before, "after": after, "device_steps": steps,
+            "batch": half + (half if n_replay else 0),
             "device_seconds": round(seconds, 1), "lr": lr, "epochs_over_new_data": epochs,
             "replay_images": int(n_replay), "torch_imported": "torch" in sys.modules}
 
