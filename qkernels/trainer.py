@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import (Network, conv2d, conv2d_input_grad, conv2d_weight_grad_any,
-                     exact_matmul)
+                     exact_matmul, one_blas_thread)
 from .fixedpoint import MOMENTUM_BITS
 from .format import QTensor, code_dtype
 from .ieee import codes_to_f32, f32_to_codes_where
@@ -310,6 +310,10 @@ class Trainer:
         """One training step on a batch: uint8 ``pixels`` (N, C, H, W) and class ``labels``
         (N,). ``lr``: this step's learning rate (default the one in the file, which is the
         schedule's at the export). Returns the batch's correct predictions and size."""
+        with one_blas_thread():
+            return self._step(pixels, labels, lr)
+
+    def _step(self, pixels: np.ndarray, labels: np.ndarray, lr: float | None) -> dict:
         x = self._pixels(pixels)
         labels = np.asarray(labels).astype(np.int64)
         if labels.shape != (x.q.shape[0],):
@@ -484,8 +488,9 @@ class Trainer:
         """Each quantizer's exponent for frozen inference: the largest its range rule picks over
         the eval-mode batches of ``pixels`` (qtrain's :func:`qtrain.frozen.calibrate`)."""
         found: dict[str, int] = {}
-        for s in range(0, len(pixels), batch_size):
-            self._eval_forward(self._pixels(pixels[s:s + batch_size]), found, None)
+        with one_blas_thread():
+            for s in range(0, len(pixels), batch_size):
+                self._eval_forward(self._pixels(pixels[s:s + batch_size]), found, None)
         return found
 
     def frozen_network(self, pixels: np.ndarray, batch_size: int = 500) -> "Network":
