@@ -106,6 +106,23 @@ _nearest_s, _nearest_p = serial_and_parallel(_nearest)
 _stochastic_s, _stochastic_p = serial_and_parallel(_stochastic)
 
 
+#: How frozen inference turns the calibration batches' range exponents into one.
+CALIBRATION_RULES = ("median", "max")
+
+
+def calibrated_exponent(per_batch: list[int], rule: str = "median") -> int:
+    """One exponent from the range exponents a quantizer picked on calibration batches:
+    ``"median"`` (the upper median: the exponent of a typical batch; a rare batch with a
+    larger peak saturates its largest values) or ``"max"`` (nothing on the calibration
+    batches saturates, but one outlier batch coarsens every answer by a bit)."""
+    if rule not in CALIBRATION_RULES:
+        raise ValueError(f"rule {rule!r} is not one of {', '.join(CALIBRATION_RULES)}")
+    if not per_batch:
+        raise ValueError("no calibration batch gave an exponent")
+    ordered = sorted(int(e) for e in per_batch)
+    return ordered[-1] if rule == "max" else ordered[len(ordered) // 2]
+
+
 def code_top(c: QTensor) -> int | None:
     """``E`` with ``max|c.q| * 2**c.exp < 2**E`` (the peak's binary exponent), or None when
     every code is zero."""

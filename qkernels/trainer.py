@@ -43,7 +43,8 @@ from .loss import softmax_xent_error
 from .optim import decay_code, lr_code, momentum_code, sgd_step
 from .pool import maxpool2x2_relu_backward_codes, maxpool2x2_relu_codes
 from .qkfile import QKFile, QKFormatError, read
-from .quant import mean_exponent, quantize_nearest, quantize_stochastic
+from .quant import (calibrated_exponent, mean_exponent, quantize_nearest,
+                    quantize_stochastic)
 
 #: Width of the logits the loss reads (qtrain.loss.LOGIT_BITS).
 LOGIT_BITS = 16
@@ -448,7 +449,7 @@ class Trainer:
                 exp = None if frozen is None else frozen.get(node.name, 0)
                 y, _ = quantize_nearest(x, node.bits_fwd, exp)
                 if record is not None and np.any(x.q):
-                    record[node.name] = max(y.exp, record.get(node.name, y.exp))
+                    record.setdefault(node.name, []).append(y.exp)
                 x, last_q = y, node
             elif isinstance(node, _Norm):
                 if frozen is None:
@@ -484,14 +485,17 @@ class Trainer:
                          out_bits=self.bits_a, out_exp=node.last_out_exp,
                          eps_log2=node.eps_log2, x_bits=self.bits_a)
 
-    def calibrate(self, pixels: np.ndarray, batch_size: int = 500) -> dict[str, int]:
-        """Each quantizer's exponent for frozen inference: the largest its range rule picks over
-        the eval-mode batches of ``pixels`` (qtrain's :func:`qtrain.frozen.calibrate`)."""
-        found: dict[str, int] = {}
+    def calibrate(self, pixels: np.ndarray, batch_size: int = 500,
+                  rule: str = "median") -> dict[str, int]:
+        """Each quantizer's exponent for frozen inference: its range rule's exponents on the
+        eval-mode batches of ``pixels``, reduced by ``rule``
+        (:func:`qkernels.quant.calibrated_exponent`), as :func:`qtrain.frozen.calibrate`
+        does."""
+        found: dict[str, list[int]] = {}
         with one_blas_thread():
             for s in range(0, len(pixels), batch_size):
                 self._eval_forward(self._pixels(pixels[s:s + batch_size]), found, None)
-        return found
+        return {name: calibrated_exponent(exps, rule) for name, exps in found.items()}
 
     def frozen_network(self, pixels: np.ndarray, batch_size: int = 500) -> "Network":
         """The network as it is now, frozen on calibration images ``pixels``: a

@@ -27,6 +27,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--calibration", type=int, default=CALIBRATION_IMAGES, metavar="N",
                         help="training images that fix the activation exponents (default "
                              f"{CALIBRATION_IMAGES})")
+    parser.add_argument("--rule", choices=("median", "max"), default="median",
+                        help="an activation's exponent from its calibration batches' (of 500): "
+                             "the median (default) or the largest (nothing saturates on them)")
     parser.add_argument("--check", type=int, default=None, metavar="N",
                         help="test images on which the exported file must give qtrain's "
                              "frozen logit codes bit for bit (default: all; 0: skip)")
@@ -112,7 +115,8 @@ def run_export(args: argparse.Namespace) -> int:
                         "quantized one")
     start = time.perf_counter()
     today = evaluate(model, test_set.images, test_set.labels)
-    exps = calibrate_and_freeze(model, train_set.images, count=args.calibration)
+    exps = calibrate_and_freeze(model, train_set.images, count=args.calibration,
+                                rule=args.rule)
     frozen_error = evaluate(model, test_set.images, test_set.labels)
     shape = train_set.images.shape[1:]
     in_shape = (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
@@ -122,8 +126,9 @@ def run_export(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir}: {err}") from None
     manifest["source"] = {"run_dir": str(run_dir), "epoch": int(ckpt.get("epoch", 0)),
                           "model": cfg.model, "norm": cfg.norm, "bits": cfg.bits,
-                          "qtrain_commit": source_commit(), "calibration_images":
-                              min(args.calibration, len(train_set)),
+                          "qtrain_commit": source_commit(),
+                          "calibration_images": min(args.calibration, len(train_set)),
+                          "calibration_rule": args.rule,
                           "test_error": today, "frozen_test_error": frozen_error}
     if fmt == "qk":
         state, state_arrays = training_state(model, optimizer, int(ckpt.get("step", 0)))

@@ -4,8 +4,10 @@ Today's eval rounds each activation with the range exponent of the batch it is i
 same image can get a different answer in another batch. Freezing fixes every exponent once:
 
 1. :func:`calibrate` runs the network in eval mode on calibration images (training images, in a
-   fixed order) and records, per activation quantizer, the largest exponent its range rule
-   picked over the batches (so the calibration batches' values do not saturate);
+   fixed order, in batches of 500 as the test set is evaluated) and takes, per activation
+   quantizer, the upper median of the exponents its range rule picked on the batches (the
+   exponent of a typical batch; ``rule="max"``: the largest, which saturates nothing on
+   the calibration batches but lets one outlier batch coarsen every answer);
 2. :func:`freeze` gives each :class:`~qtrain.quant.Quantize` that exponent
    (``frozen_exp``) and each quantized L1 batch norm its input's (``frozen_in_exp``), so the
    norm's folded multiplier, offset and shift are one per channel for good. Weights are
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from qkernels.quant import calibrated_exponent
+
 from .export_cli import CALIBRATION_IMAGES
 from .fusion import unfused
 from .nn import _L1BatchNorm
@@ -42,23 +46,23 @@ def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantize]]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
-              device="cpu") -> dict[str, int]:
-    """The exponent each forward quantizer's range rule picks, maximised over the batches of
-    ``images`` (uint8, as the data loaders give them) run in eval mode with the exponents
-    unfrozen. A quantizer that only ever saw zeros is left out."""
+              device="cpu", rule: str = "median") -> dict[str, int]:
+    """The exponent of each forward quantizer: its range rule's exponents on the batches of
+    ``images`` (uint8, as the data loaders give them), run in eval mode with the exponents
+    unfrozen, reduced by ``rule`` (:func:`qkernels.quant.calibrated_exponent`). A quantizer
+    that only ever saw zeros is left out."""
     if len(images) == 0:
         raise ValueError("calibrate needs at least one image")
     was_training = model.training
     saved = {name: m.frozen_exp if isinstance(m, Quantize) else m.frozen_in_exp
              for name, m in model.named_modules() if isinstance(m, (Quantize, _L1BatchNorm))}
-    found: dict[str, int] = {}
+    found: dict[str, list[int]] = {}
 
     def record(name):
         def hook(module, args):
             top = top_exponent(args[0])
             if top is not None:
-                exp = top - (module.bits_fwd - 1)
-                found[name] = max(exp, found.get(name, exp))
+                found.setdefault(name, []).append(top - (module.bits_fwd - 1))
         return hook
 
     handles = []
@@ -78,7 +82,7 @@ def calibrate(model: nn.Module, images: np.ndarray, *, batch_size: int = 500,
                 setattr(m, "frozen_exp" if isinstance(m, Quantize) else "frozen_in_exp",
                         saved[name])
         model.train(was_training)
-    return found
+    return {name: calibrated_exponent(exps, rule) for name, exps in found.items()}
 
 
 def freeze(model: nn.Module, exponents: dict[str, int]) -> nn.Module:
@@ -119,9 +123,9 @@ def is_frozen(model: nn.Module) -> bool:
 
 def calibrate_and_freeze(model: nn.Module, images: np.ndarray, *,
                          count: int = CALIBRATION_IMAGES, batch_size: int = 500,
-                         device="cpu") -> dict[str, int]:
+                         device="cpu", rule: str = "median") -> dict[str, int]:
     """:func:`calibrate` on the first ``count`` of ``images``, then :func:`freeze`; returns
     the exponents."""
-    exps = calibrate(model, images[:count], batch_size=batch_size, device=device)
+    exps = calibrate(model, images[:count], batch_size=batch_size, device=device, rule=rule)
     freeze(model, exps)
     return exps

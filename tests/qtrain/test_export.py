@@ -147,6 +147,18 @@ def test_calibrating_a_frozen_network_sees_the_range_rule(frozen_lenet):
         freeze(model, exps)
 
 
+def test_calibration_rules():
+    from qkernels.quant import calibrated_exponent
+
+    batches = [4] * 18 + [5, 5]
+    assert calibrated_exponent(batches) == 4 and calibrated_exponent(batches, "max") == 5
+    assert calibrated_exponent([3, 6, 5, 4]) == 5  # the upper median: an exponent seen
+    with pytest.raises(ValueError, match="no calibration batch"):
+        calibrated_exponent([])
+    with pytest.raises(ValueError, match="not one of"):
+        calibrated_exponent([1], "mean")
+
+
 def test_freeze_needs_known_quantizers(frozen_lenet):
     with pytest.raises(ValueError, match="name no quantizer"):
         freeze(frozen_lenet[0], {"nope": 0})
