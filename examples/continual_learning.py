@@ -17,7 +17,8 @@ Usage (from the repository root)::
 
     python examples/continual_learning.py --out runs/continual          # both steps
     python examples/continual_learning.py --out runs/continual --replay 0
-    python examples/continual_learning.py device runs/continual/model.qk runs/continual/device.npz
+    python examples/continual_learning.py device runs/continual/model.qk runs/continual/device.npz \
+        [--new-per-batch 64] [--epochs 2] [--lr 0.01]
 
 Writes ``OUT/model.qk``, ``OUT/device.npz`` (the device's data) and ``OUT/results.json``.
 """
@@ -128,7 +129,14 @@ def device(qk_path: str, data_path: str, new_per_batch: int = 64, epochs: int = 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "device":
-        print(json.dumps(device(sys.argv[2], sys.argv[3])))
+        d = argparse.ArgumentParser(prog="continual_learning.py device")
+        d.add_argument("qk")
+        d.add_argument("data")
+        d.add_argument("--new-per-batch", type=int, default=64)
+        d.add_argument("--epochs", type=int, default=2)
+        d.add_argument("--lr", type=float, default=0.01)
+        a = d.parse_args(sys.argv[2:])
+        print(json.dumps(device(a.qk, a.data, a.new_per_batch, a.epochs, a.lr)))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/continual")

@@ -173,8 +173,11 @@ def _export(model, opt, tmp_path, name="m.qk"):
     return path, manifest, arrays
 
 
-@pytest.mark.parametrize("name,bits", [("lenet5", (8, 8, 8, 8)), ("mlp", (6, 8, 8, 8)),
-                                       ("mlp", (8, 12, 8, 8)), ("lenet5", (5, 10, 8, 8))])
+@pytest.mark.parametrize("name,bits", [
+    ("lenet5", (8, 8, 8, 8)), ("mlp", (8, 12, 8, 8)),
+    pytest.param("mlp", (6, 8, 8, 8), marks=pytest.mark.slow),
+    pytest.param("lenet5", (5, 10, 8, 8), marks=pytest.mark.slow),
+])
 def test_qk_engine_gives_qtrains_frozen_codes(name, bits, tmp_path, test_images):
     model, opt = trained(name, bits)
     calibrate_and_freeze(model, _images(300, 2)[0])
@@ -426,10 +429,10 @@ def _continue_in_qtrain(model, opt, images, labels, batch, lr):
 
 @pytest.mark.parametrize("name,bits,fields", [
     ("lenet5", (8, 8, 8, 8), {}),
-    ("lenet5-paper", (8, 8, 8, 8), {}),
-    ("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}),
     ("lenet5", (3, 8, 8, 8), {"weight_exp": "mean", "stochastic_errors": True}),
-    ("lenet5", (8, 8, 10, 12), {}),
+    pytest.param("lenet5-paper", (8, 8, 8, 8), {}, marks=pytest.mark.slow),
+    pytest.param("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}, marks=pytest.mark.slow),
+    pytest.param("lenet5", (8, 8, 10, 12), {}, marks=pytest.mark.slow),
 ])
 def test_trainer_continues_as_the_int_backend(name, bits, fields, tmp_path):
     """Export after 3 steps, then 3 more steps (a last batch of another size) in qtrain's int
@@ -496,3 +499,33 @@ def test_trainer_refuses_what_it_cannot_continue(tmp_path, frozen_lenet):
     path, _, _ = _export(fresh, fresh_opt, tmp_path, "fresh.qk")
     with pytest.raises(qkfile.QKFormatError, match="after at least one step"):
         Trainer.load(path)
+
+
+def test_continual_learning_example_device_step(tmp_path):
+    """examples/continual_learning.py's device step, on a network pre-trained on 8 of the 10
+    synthetic classes: it learns the 2 new ones without importing torch."""
+    from pathlib import Path
+
+    images, labels = _images(640, 11)
+    old = labels < 8
+    qconfig = QConfig()
+    torch.manual_seed(0)
+    model = build("lenet5", "l1", qconfig)
+    opt = QSGD(model.parameters(), lr=0.05, momentum=0.9, qconfig=qconfig)
+    n = old.sum() // 32 * 32
+    _continue_in_qtrain(model, opt, images[old][:n], labels[old][:n], 32, 0.05)
+    calibrate_and_freeze(model, images[old][:200])
+    path, _, _ = _export(model, opt, tmp_path)
+    test_x, test_y = _images(300, 12)
+    data = tmp_path / "device.npz"
+    np.savez(data, new_x=images[~old], new_y=labels[~old], replay_x=images[old][:80],
+             replay_y=labels[old][:80], test_x=test_x, test_y=test_y)
+    example = Path(__file__).resolve().parents[2] / "examples" / "continual_learning.py"
+    out = subprocess.run([sys.executable, str(example), "device", str(path), str(data),
+                          "--new-per-batch", "16", "--epochs", "4", "--lr", "0.05"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch_imported"] is False and result["device_steps"] > 0
+    assert result["before"]["new_classes"] == 0.0
+    assert result["after"]["new_classes"] > 0.5, result
