@@ -336,7 +336,7 @@ def test_qk_is_a_plain_zip_of_npy_files(good_file):
 # --- the engine never needs torch --------------------------------------------------------------
 
 
-def test_engine_runs_where_torch_cannot_be_imported(good_file, frozen_lenet, test_images,
+def test_engine_and_trainer_run_where_torch_cannot_be_imported(good_file, frozen_lenet, test_images,
                                                     tmp_path):
     np.save(tmp_path / "x.npy", test_images[:20])
     script = f"""
@@ -348,8 +348,13 @@ class NoTorch:
 sys.meta_path.insert(0, NoTorch())
 import numpy as np
 from qkernels.engine import Network
+from qkernels.trainer import Trainer
+x = np.load({str(tmp_path / 'x.npy')!r})
 net = Network.load({str(good_file)!r})
-np.save({str(tmp_path / 'out.npy')!r}, net.forward(np.load({str(tmp_path / 'x.npy')!r})).q)
+np.save({str(tmp_path / 'out.npy')!r}, net.forward(x).q)
+trainer = Trainer.load({str(good_file)!r})
+trainer.step(x, np.arange(len(x)) % 10, lr=0.01)
+np.save({str(tmp_path / 'store.npy')!r}, trainer.params["0.layer.weight"].store)
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -357,6 +362,9 @@ assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
     exp = qkfile.read(good_file).manifest["output"]["exp"]
     assert np.array_equal(np.load(tmp_path / "out.npy"),
                           codes(frozen_lenet[0], test_images[:20], exp))
+    before = qkfile.read(good_file).array("store/0.layer.weight")
+    assert np.load(tmp_path / "store.npy").shape == before.shape
+    assert not np.array_equal(np.load(tmp_path / "store.npy"), before)  # it trained
 
 
 # --- qtrain export ---------------------------------------------------------------------------------
