@@ -22,7 +22,9 @@ flatten   (N, C, H, W) -> (N, C*H*W)
 ========  ==================================================================================
 
 Products run as float32 BLAS where every sum provably stays below ``2**24`` and float64
-(below ``2**53``) otherwise, so they are exact integers whatever the summation order.
+(below ``2**53``) otherwise, so they are exact integers whatever the summation order; a sum
+of ``2**24`` or more is then rounded to float32's 24 significant bits, as qtrain's float32
+containers hold it (only wide codes or very long sums reach it).
 """
 
 from __future__ import annotations
@@ -87,6 +89,15 @@ def exact_matmul(a: np.ndarray, b: np.ndarray, bound: int | None = None) -> np.n
     return (a.astype(dt, copy=False) @ b.astype(dt, copy=False)).astype(out)
 
 
+def as_float32(acc: np.ndarray, bound: int) -> np.ndarray:
+    """Exact integer sums as qtrain holds them between layers: in float32 containers, so a sum
+    of 2**24 or more is rounded to 24 significant bits (to nearest, ties to even) before the
+    next rounding reads it. Below ``bound < 2**24`` nothing changes."""
+    if bound < F32_EXACT:
+        return acc
+    return acc.astype(np.float32).astype(np.int64)
+
+
 #: Images per block of a convolution: the patch matrix of a block stays near this many codes.
 BLOCK_CODES = 1 << 22
 
@@ -121,14 +132,36 @@ def conv2d(x: QTensor, w: QTensor, kernel, stride, padding) -> QTensor:
         cols = im2col_as(x.q[i:j], tuple(kernel), tuple(stride), tuple(padding), dt)
         # exact products of integers; the assignment converts them to the integer type
         out[i:j] = (wd @ cols).reshape(o, j - i, oh, ow).transpose(1, 0, 2, 3)
-    return QTensor(out, x.exp + w.exp)
+    return QTensor(as_float32(out, bound), x.exp + w.exp)
+
+
+def linear(x: QTensor, w: QTensor) -> QTensor:
+    """``x @ w.T`` of codes, exact, then as qtrain's float32 container holds it."""
+    bound = w.q.shape[1] * _peak(x.q) * _peak(w.q)
+    return QTensor(as_float32(exact_matmul(x.q, np.ascontiguousarray(w.q.T), bound), bound),
+                   x.exp + w.exp)
 
 
 def conv2d_input_grad(e: QTensor, w: QTensor, shape: tuple, kernel, stride, padding) -> QTensor:
-    """The exact input error of :func:`conv2d` for output errors ``e`` (N, O, OH, OW): int32
-    (N, C, H, W) at ``e.exp + w.exp``, in blocks of images."""
+    """The input error of :func:`conv2d` for output errors ``e`` (N, O, OH, OW): (N, C, H, W)
+    at ``e.exp + w.exp``, exact, then as qtrain's float32 container holds it
+    (:func:`as_float32`); int32 through im2col's adjoint in blocks of images, or int64 sums
+    where int32 could overflow."""
     o = w.q.shape[0]
     wt = np.ascontiguousarray(w.q.reshape(o, -1).T)
+    # each input element sums at most O * ceil(kh/sh) * ceil(kw/sw) products
+    overlap = -(-kernel[0] // stride[0]) * -(-kernel[1] // stride[1])
+    bound = o * overlap * _peak(e.q) * _peak(w.q)
+    if bound >= (1 << 31):  # col2im adds in int32: take the exact int64 route
+        cols = None
+        out64 = np.zeros(shape, np.int64)
+        g = e.q.astype(np.int64)
+        for u in range(kernel[0]):
+            for v in range(kernel[1]):
+                # out[n, c, i*s + u - p, j*s + v - p] += sum_o e[n, o, i, j] * w[o, c, u, v]
+                contrib = np.einsum("noij,oc->ncij", g, w.q[:, :, u, v].astype(np.int64))
+                _scatter_add(out64, contrib, u, v, stride, padding)
+        return QTensor(as_float32(out64, bound), e.exp + w.exp)
     out = np.empty(shape, np.int32)
     per_image = wt.shape[0] * e.q.shape[2] * e.q.shape[3]
     for i, j in _image_blocks(shape[0], per_image):
@@ -136,7 +169,21 @@ def conv2d_input_grad(e: QTensor, w: QTensor, shape: tuple, kernel, stride, padd
         back = exact_matmul(wt, rows)
         out[i:j] = col2im(back.astype(np.int32, copy=False), (j - i, *shape[1:]),
                           tuple(kernel), tuple(stride), tuple(padding))
-    return QTensor(out, e.exp + w.exp)
+    return QTensor(as_float32(out, bound), e.exp + w.exp)
+
+
+def _scatter_add(out: np.ndarray, contrib: np.ndarray, u: int, v: int, stride, padding) -> None:
+    """``out[:, :, i*s0 + u - p0, j*s1 + v - p1] += contrib[:, :, i, j]`` where inside."""
+    h, w = out.shape[2:]
+    oh, ow = contrib.shape[2:]
+    for i in range(oh):
+        y = i * stride[0] + u - padding[0]
+        if not 0 <= y < h:
+            continue
+        for j in range(ow):
+            x = j * stride[1] + v - padding[1]
+            if 0 <= x < w:
+                out[:, :, y, x] += contrib[:, :, i, j]
 
 
 def conv2d_weight_grad_any(x: QTensor, e: QTensor, kernel, stride, padding) -> QTensor:
@@ -155,6 +202,23 @@ def conv2d_weight_grad_any(x: QTensor, e: QTensor, kernel, stride, padding) -> Q
         part = exact_matmul(rows, np.ascontiguousarray(cols.T)).astype(np.int64)
         total = part if total is None else total + part
     return QTensor(total.reshape(o, x.q.shape[1], *kernel), x.exp + e.exp)
+
+
+def input_codes(spec: dict, pixels: np.ndarray) -> QTensor:
+    """uint8 pixels (N, C, H, W), or (N, H, W) for one channel, as the input codes of a qk
+    file's ``input`` spec: ``clip(pixel - offset, -clip, clip)`` at its exponent."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"pixels must be uint8, got {pixels.dtype.name}")
+    shape = tuple(spec["shape"])
+    if pixels.ndim == 3 and shape[0] == 1:
+        pixels = pixels[:, None]
+    if pixels.shape[1:] != shape:
+        raise ValueError(f"pixels have shape {pixels.shape}, the network takes "
+                         f"(N, {', '.join(map(str, shape))})")
+    clip = int(spec["clip"])
+    q = np.clip(pixels.astype(np.int16) - int(spec["offset"]), -clip, clip)
+    return QTensor(q.astype(code_dtype(int(spec["bits"]))), int(spec["exp"]))
 
 
 class Network:
@@ -183,27 +247,13 @@ class Network:
         """The logits' exponent: value = code * 2**logit_exp."""
         return int(self.output["exp"])
 
-    def _pixels(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.asarray(pixels)
-        if pixels.dtype != np.uint8:
-            raise TypeError(f"pixels must be uint8, got {pixels.dtype.name}")
-        if pixels.ndim == 3 and self.shape[0] == 1:
-            pixels = pixels[:, None]
-        if pixels.shape[1:] != self.shape:
-            raise ValueError(f"pixels have shape {pixels.shape}, the network takes "
-                             f"(N, {', '.join(map(str, self.shape))})")
-        return pixels
-
     def forward(self, pixels: np.ndarray) -> QTensor:
         """Logit codes (int64 (N, classes)) and their exponent for uint8 ``pixels``."""
         with one_blas_thread():
             return self._forward(pixels)
 
     def _forward(self, pixels: np.ndarray) -> QTensor:
-        x = self._pixels(pixels)
-        clip = int(self.input["clip"])
-        q = np.clip(x.astype(np.int16) - int(self.input["offset"]), -clip, clip)
-        q, exp = q.astype(code_dtype(int(self.input["bits"]))), int(self.input["exp"])
+        q, exp = input_codes(self.input, pixels)
         for layer in self.layers:
             q, exp = self._apply(layer, q, exp)
         return QTensor(q, exp)
@@ -226,8 +276,9 @@ class Network:
                          layer["kernel"], layer["stride"], layer["padding"])
             return acc.q, acc.exp
         if op == "linear":
-            w = self.qk.array(layer["weight"])
-            return exact_matmul(q, np.ascontiguousarray(w.T)), exp + int(layer["w_exp"])
+            acc = linear(QTensor(q, exp), QTensor(self.qk.array(layer["weight"]),
+                                                  int(layer["w_exp"])))
+            return acc.q, acc.exp
         if op == "requant":
             bits = int(layer["bits"])
             return round_to(q, exp, int(layer["exp"]), bits).astype(code_dtype(bits)), \
@@ -251,5 +302,5 @@ class Network:
         raise QKFormatError(f"{self.qk.path}: unknown op {op!r}")  # validate() prevents this
 
 
-__all__ = ["Network", "conv2d", "conv2d_input_grad", "conv2d_weight_grad_any", "exact_matmul",
-           "round_to"]
+__all__ = ["Network", "as_float32", "conv2d", "conv2d_input_grad", "conv2d_weight_grad_any",
+           "exact_matmul", "input_codes", "linear", "round_to"]

@@ -115,24 +115,68 @@ def _need(cond: bool, where: str, what: str) -> None:
 
 
 def validate(qk: QKFile) -> None:
-    """Check a qk file's manifest, arrays and layer shapes (:class:`QKFormatError`)."""
+    """Check a qk file's manifest, arrays and layer shapes (:class:`QKFormatError`, one line,
+    for anything malformed)."""
+    try:
+        _validate(qk)
+    except QKFormatError:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError,
+            ZeroDivisionError) as err:
+        raise QKFormatError(f"{qk.path}: malformed manifest ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}); export it "
+                            "again") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(layer: dict, at: str, *names: str, low: int | None = None) -> None:
+    for f in names:
+        v = layer.get(f)
+        _need(_is_int(v) and (low is None or v >= low), at,
+              f"{f} must be an integer{'' if low is None else f' >= {low}'}, got {v!r}")
+
+
+def _pairs(layer: dict, at: str, *names: str, low: int = 0) -> None:
+    for f in names:
+        v = layer.get(f)
+        _need(isinstance(v, list) and len(v) == 2 and all(_is_int(i) and i >= low for i in v),
+              at, f"{f} must be two integers >= {low}, got {v!r}")
+
+
+def _bits(layer: dict, at: str, *names: str) -> None:
+    for f in names:
+        v = layer.get(f)
+        _need(_is_int(v) and 2 <= v <= 16, at, f"{f} must be 2..16, got {v!r}")
+
+
+def _validate(qk: QKFile) -> None:
     m, where = qk.manifest, qk.path
     _need(isinstance(m, dict) and m.get("format") == FORMAT, where,
           f"not a qk file (format {m.get('format') if isinstance(m, dict) else None!r}, "
           f"expected {FORMAT!r})")
     version = m.get("version")
-    _need(isinstance(version, int) and version >= 1, where, f"bad version {version!r}")
+    _need(_is_int(version) and version >= 1, where, f"bad version {version!r}")
     _need(version <= VERSION, where, f"qk version {version} is newer than this qkernels reads "
           f"({VERSION}); upgrade qtrain/qkernels")
-    for key in ("input", "layers", "output", "arrays"):
-        _need(key in m, where, f"manifest has no {key!r}")
+    for key, kind in (("input", dict), ("layers", list), ("output", dict), ("arrays", dict)):
+        _need(isinstance(m.get(key), kind), where,
+              f"manifest's {key!r} is missing or not a {kind.__name__}")
     declared = m["arrays"]
     for name, desc in declared.items():
+        _need(isinstance(desc, dict), where, f"array {name!r} has no dtype and shape")
         _need(name in qk.arrays, where, f"array {name!r} named in the manifest is missing")
         a = qk.arrays[name]
         _need(a.dtype.name == desc.get("dtype") and list(a.shape) == desc.get("shape"), where,
               f"array {name!r} is {a.dtype.name} {list(a.shape)}, the manifest says "
               f"{desc.get('dtype')} {desc.get('shape')}")
+    inp, out = m["input"], m["output"]
+    _ints(inp, f"{where}: input", "exp", "offset", "clip", low=None)
+    _bits(inp, f"{where}: input", "bits")
+    _ints(out, f"{where}: output", "exp")
+    _bits(out, f"{where}: output", "bits")
     _check_chain(qk, where)
 
 
@@ -140,22 +184,62 @@ def _check_chain(qk: QKFile, where: str) -> None:
     """Every layer's fields present, its arrays declared with the shapes its fields imply, and
     each layer's input shape the previous one's output."""
     inp = qk.manifest["input"]
-    shape = tuple(inp.get("shape", ()))
-    _need(len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape), where,
-          f"input shape {list(shape)} is not (C, H, W)")
+    raw = inp.get("shape")
+    _need(isinstance(raw, list) and len(raw) == 3 and all(_is_int(s) and s > 0 for s in raw),
+          where, f"input shape {raw!r} is not (C, H, W)")
+    shape = tuple(raw)
     declared = qk.manifest["arrays"]
     for i, layer in enumerate(qk.layers):
+        _need(isinstance(layer, dict), where, f"layer {i} is not an object")
         kind = layer.get("op")
-        at = f"{where}: layer {i} ({kind}{', ' + layer['name'] if 'name' in layer else ''})"
-        _need(kind in LAYER_FIELDS, where, f"layer {i} has unknown op {kind!r}")
+        _need(isinstance(kind, str) and kind in LAYER_FIELDS, where,
+              f"layer {i} has unknown op {kind!r}")
+        at = f"{where}: layer {i} ({kind}{', ' + str(layer['name']) if 'name' in layer else ''})"
         fields, arrays = LAYER_FIELDS[kind]
         for f in fields:
             _need(f in layer, at, f"no field {f!r}")
         for f, dtypes in arrays.items():
-            _need(layer.get(f) in declared, at, f"array {layer.get(f)!r} is not in the file")
+            _need(isinstance(layer.get(f), str) and layer[f] in declared, at,
+                  f"array {layer.get(f)!r} is not in the file")
             _need(declared[layer[f]]["dtype"] in dtypes, at,
                   f"{f} is {declared[layer[f]]['dtype']}, expected {' or '.join(dtypes)}")
+        _check_values(qk, layer, kind, at)
         shape = _out_shape(layer, shape, declared, at)
+
+
+def _check_values(qk: QKFile, layer: dict, kind: str, at: str) -> None:
+    """Field types and ranges, weight codes within their width, folded shifts the kernels
+    take."""
+    if kind in ("conv", "linear"):
+        _bits(layer, at, "w_bits")
+        _ints(layer, at, "w_exp")
+        if kind == "conv":
+            _ints(layer, at, "out_channels", "in_channels", low=1)
+            _pairs(layer, at, "kernel", "stride", low=1)
+            _pairs(layer, at, "padding", low=0)
+        else:
+            _ints(layer, at, "out_features", "in_features", low=1)
+        w = qk.arrays.get(layer["weight"])
+        if w is not None and w.size:
+            q = (1 << (layer["w_bits"] - 1)) - 1
+            _need(int(w.min()) >= -q and int(w.max()) <= q, at,
+                  f"weight codes exceed {layer['w_bits']} bits")
+    elif kind == "requant":
+        _bits(layer, at, "bits")
+        _ints(layer, at, "exp")
+    elif kind == "l1bn":
+        _bits(layer, at, "out_bits")
+        _ints(layer, at, "in_exp", "out_exp")
+        _ints(layer, at, "channels", low=1)
+        f = qk.arrays.get(layer["folded"])
+        if f is not None and f.ndim == 2 and f.shape[1] == 3 and f.size:
+            _need(int(f[:, 2].min()) >= 0 and int(f[:, 2].max()) <= 62, at,
+                  "folded shifts must lie in 0..62")
+            _need(all(abs(int(a)) * (1 << 15) + abs(int(b)) < (1 << 63)
+                      for a, b in f[:, :2].tolist()), at,
+                  "folded multiplier and offset overflow int64")
+    elif kind == "maxpool":
+        _pairs(layer, at, "kernel", "stride", low=1)
 
 
 def _out_shape(layer: dict, shape: tuple, declared: dict, at: str) -> tuple:

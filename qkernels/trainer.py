@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine import (Network, conv2d, conv2d_input_grad, conv2d_weight_grad_any,
-                     exact_matmul, one_blas_thread)
-from .fixedpoint import MOMENTUM_BITS
+                     exact_matmul, input_codes, linear, one_blas_thread)
+from .fixedpoint import MOMENTUM_BITS, RUN_EXP
 from .format import QTensor, code_dtype
 from .ieee import codes_to_f32, f32_to_codes_where
 from .l1bn import l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference, l1bn_update_running
@@ -176,18 +176,34 @@ class Trainer:
     """
 
     def __init__(self, qk: QKFile):
-        if "training" not in qk.manifest:
+        if not isinstance(qk.manifest.get("training"), dict):
             raise QKFormatError(f"{qk.path}: no training state (export with --format qk)")
-        st = qk.manifest["training"]
         self.qk, self.path = qk, qk.path
+        try:
+            self._load_state(qk.manifest["training"])
+        except QKFormatError:
+            raise
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:
+            raise QKFormatError(f"{qk.path}: malformed training state ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}); export it "
+                                "again") from None
+
+    def _load_state(self, st: dict) -> None:
+        qk = self.qk
         self.input = qk.manifest["input"]
         self.step_count = int(st["step"])
         self.seed = int(st["seed"])
         self.bits_w, self.bits_a = int(st["bits_w"]), int(st["bits_a"])
         self.bits_g, self.bits_e = int(st["bits_g"]), int(st["bits_e"])
+        for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
+            if not 2 <= getattr(self, name) <= 16:
+                raise QKFormatError(f"{qk.path}: training {name}={getattr(self, name)}: the "
+                                    "trainer continues quantized runs (2..16 bits) only")
         self.store_bits = int(st["store_bits"])
         self.stochastic_errors = bool(st["stochastic_errors"])
         self.weight_exp = st["weight_exp"]
+        if self.weight_exp not in ("max", "mean"):
+            raise QKFormatError(f"{qk.path}: unknown weight_exp {self.weight_exp!r} (max or mean)")
         self.weight_max_log2 = int(st["weight_max_log2"])
         self.lr, self.momentum = float(st["lr"]), float(st["momentum"])
         self.weight_decay = float(st["weight_decay"])
@@ -196,14 +212,48 @@ class Trainer:
             if not p["snapped"] or "velocity" not in p:
                 raise QKFormatError(f"{qk.path}: parameter {p['name']} has no optimizer state "
                                     "yet; export a checkpoint after at least one step")
-            self.params[p["name"]] = Param(p["name"], qk.array(p["store"]).copy(),
-                                           int(p["store_exp"]), qk.array(p["velocity"]).copy())
+            store, velocity = self._array(p["store"], np.int32), self._array(p["velocity"],
+                                                                             np.int64)
+            if store.shape != velocity.shape:
+                raise QKFormatError(f"{qk.path}: {p['name']}'s store and velocity shapes differ")
+            self.params[p["name"]] = Param(p["name"], store.copy(), int(p["store_exp"]),
+                                           velocity.copy())
         ids = st["stream_ids"]
         norms = {n["name"]: n for n in st["norms"]}
         self.nodes: list = []
         for spec in qk.layers:
             self.nodes.append(self._node(spec, ids, norms))
         self._check_pattern()
+        self._check_shapes()
+
+    def _array(self, name: str, dtype) -> np.ndarray:
+        if name not in self.qk.arrays:
+            raise QKFormatError(f"{self.path}: array {name!r} of the training state is missing")
+        a = self.qk.arrays[name]
+        if a.dtype != dtype:
+            raise QKFormatError(f"{self.path}: array {name!r} is {a.dtype.name}, expected "
+                                f"{np.dtype(dtype).name}")
+        return a
+
+    def _check_shapes(self) -> None:
+        """Each store fits its layer: weights their layer's shape, norms' parameters and
+        running statistics one per channel."""
+        for node in self.nodes:
+            if isinstance(node, _Layer):
+                spec = node.spec
+                want = ((spec["out_channels"], spec["in_channels"], *spec["kernel"])
+                        if spec["op"] == "conv" else (spec["out_features"], spec["in_features"]))
+                got = node.param.store.shape
+            elif isinstance(node, _Norm):
+                want = (node.spec["channels"],)
+                got = {node.gamma.store.shape, node.beta.store.shape,
+                       node.running_mean.shape, node.running_dev.shape}
+                got = got.pop() if len(got) == 1 else got
+            else:
+                continue
+            if isinstance(got, set) or tuple(got) != tuple(want):
+                raise QKFormatError(f"{self.path}: the training state of {node.spec['name']} "
+                                    f"has shape {got}, the layer needs {want}")
 
     @classmethod
     def load(cls, path: str | Path) -> "Trainer":
@@ -228,11 +278,14 @@ class Trainer:
                               int(q["tensor_id"]))
             if op == "l1bn":
                 n = norms[spec["name"]]
+                if n.get("run_exp") != RUN_EXP:
+                    raise QKFormatError(f"{self.path}: {spec['name']}'s running statistics are "
+                                        f"at exponent {n.get('run_exp')}, expected {RUN_EXP}")
                 return _Norm(spec, self._param(f"{spec['name']}.weight"),
                              self._param(f"{spec['name']}.bias"),
                              tuple(int(i) for i in ids[spec["name"]]["grad_ids"]),
-                             self.qk.array(n["running_mean"]).copy(),
-                             self.qk.array(n["running_dev"]).copy(),
+                             self._array(n["running_mean"], np.int64).copy(),
+                             self._array(n["running_dev"], np.int64).copy(),
                              int(n["num_batches_tracked"]), n["momentum"], n["eps_log2"],
                              int(n["last_out_exp"]))
         except KeyError as err:
@@ -255,7 +308,8 @@ class Trainer:
             else:
                 ok = False
         if not ok or i != len(kinds):
-            raise QKFormatError(f"{self.path}: layers {kinds} are not blocks of conv|linear, "
+            ops = [spec["op"] for spec in self.qk.layers]
+            raise QKFormatError(f"{self.path}: layers {ops} are not blocks of conv|linear, "
                                 "requant, l1bn, relu, [maxpool], requant ending in linear, "
                                 "requant: the trainer runs qtrain's sequential models")
 
@@ -277,35 +331,30 @@ class Trainer:
         return out
 
     def _weight(self, layer: _Layer) -> tuple[QTensor, np.ndarray | None]:
-        """The weight codes of this step, and (mean rule) which weights stay inside them."""
+        """The weight codes of this step (counted), and with the mean rule which weights stay
+        inside them (the gradient stops at the others, as qtrain's clipped estimator)."""
         p = layer.param
-        store = QTensor(p.store, p.exp)
-        exp, inside = None, None
-        if self.weight_exp == "mean":
-            wide = at_width(p.store, p.exp, 24, np.int64)
-            exp = mean_exponent(int(np.abs(wide.q).sum()), p.store.size, wide.exp, self.bits_w)
-        w, c = quantize_nearest(store, self.bits_w, exp)
+        exp = self._weight_rule_exp(p)
+        w, c = quantize_nearest(QTensor(p.store, p.exp), self.bits_w, exp)
         layer.stats_w.add(c)
+        inside = None
         if exp is not None:
             s = exp - p.exp
             codes = p.store.astype(np.int64)
             codes = (codes + (1 << (s - 1))) >> s if s > 0 else codes << -s
             inside = np.abs(codes) <= (1 << (self.bits_w - 1)) - 1
-        return w, inside
+        return QTensor(w.q.astype(code_dtype(self.bits_w)), w.exp), inside
+
+    def _weight_rule_exp(self, p: Param) -> int | None:
+        """The exponent the weights round to: None for the range rule, else the mean rule's
+        (from the store's codes filling 24 bits, as qtrain reads them)."""
+        if self.weight_exp != "mean":
+            return None
+        wide = at_width(p.store, p.exp, 24, np.int64)
+        return mean_exponent(int(np.abs(wide.q).sum()), p.store.size, wide.exp, self.bits_w)
 
     def _pixels(self, pixels: np.ndarray) -> QTensor:
-        pixels = np.asarray(pixels)
-        if pixels.dtype != np.uint8:
-            raise TypeError(f"pixels must be uint8, got {pixels.dtype.name}")
-        shape = tuple(self.input["shape"])
-        if pixels.ndim == 3 and shape[0] == 1:
-            pixels = pixels[:, None]
-        if pixels.shape[1:] != shape:
-            raise ValueError(f"pixels have shape {pixels.shape}, the network takes "
-                             f"(N, {', '.join(map(str, shape))})")
-        clip = int(self.input["clip"])
-        q = np.clip(pixels.astype(np.int16) - int(self.input["offset"]), -clip, clip)
-        return QTensor(q.astype(np.int8), int(self.input["exp"]))
+        return input_codes(self.input, pixels)
 
     def step(self, pixels: np.ndarray, labels: np.ndarray, lr: float | None = None) -> dict:
         """One training step on a batch: uint8 ``pixels`` (N, C, H, W) and class ``labels``
@@ -339,7 +388,7 @@ class Trainer:
             tape.append(("layer", node, x, w, inside))
             spec = node.spec
             if spec["op"] == "linear":
-                return QTensor(exact_matmul(x.q, np.ascontiguousarray(w.q.T)), x.exp + w.exp)
+                return linear(x, w)
             return self._conv(spec, x, w)
         if isinstance(node, _Quant):
             y, c = quantize_nearest(QTensor(x.q, x.exp), node.bits_fwd)
@@ -404,7 +453,7 @@ class Trainer:
         e8 = g.q
         if spec["op"] == "linear":
             gw = exact_matmul(np.ascontiguousarray(e8.T), x.q)
-            gx = None if first else QTensor(exact_matmul(e8, w.q), g.exp + w.exp)
+            gx = None if first else linear(g, QTensor(np.ascontiguousarray(w.q.T), w.exp))
         else:
             k, st, pad = spec["kernel"], spec["stride"], spec["padding"]
             gw = conv2d_weight_grad_any(x, g, k, st, pad).q
@@ -433,29 +482,21 @@ class Trainer:
 
     # -- inference --------------------------------------------------------------------------
 
-    def _eval_forward(self, x: QTensor, record: dict | None, frozen: dict | None) -> QTensor:
-        """The eval-mode forward of qtrain on codes: weights rounded from the stores, each
-        quantizer at its batch's range exponent (recording the exponents in ``record``) or at
-        ``frozen[name]``, each norm folded from its running statistics."""
-        last_q = None
+    def _eval_forward(self, x: QTensor, record: dict[str, list[int]]) -> QTensor:
+        """qtrain's eval-mode forward (unfrozen) on codes: weights rounded from the stores,
+        each quantizer at its batch's range exponent (appended to ``record``), each norm
+        folded from its running statistics at its input's exponent."""
         for node in self.nodes:
             if isinstance(node, _Layer):
                 w = self._weight_codes(node)
-                if node.spec["op"] == "linear":
-                    x = QTensor(exact_matmul(x.q, np.ascontiguousarray(w.q.T)), x.exp + w.exp)
-                else:
-                    x = self._conv(node.spec, x, w)
+                x = linear(x, w) if node.spec["op"] == "linear" else self._conv(node.spec, x, w)
             elif isinstance(node, _Quant):
-                exp = None if frozen is None else frozen.get(node.name, 0)
-                y, _ = quantize_nearest(x, node.bits_fwd, exp)
-                if record is not None and np.any(x.q):
+                y, _ = quantize_nearest(x, node.bits_fwd)
+                if np.any(x.q):
                     record.setdefault(node.name, []).append(y.exp)
-                x, last_q = y, node
+                x = y
             elif isinstance(node, _Norm):
-                if frozen is None:
-                    xin = at_width(x.q, x.exp, _storage(self.bits_a)[1], code_dtype(self.bits_a))
-                else:
-                    xin = QTensor(x.q.astype(code_dtype(self.bits_a)), x.exp)
+                xin = at_width(x.q, x.exp, _storage(self.bits_a)[1], code_dtype(self.bits_a))
                 x4 = xin.q if xin.q.ndim == 4 else xin.q.reshape(*xin.q.shape, 1, 1)
                 y = l1bn_inference(QTensor(np.ascontiguousarray(x4), xin.exp),
                                    self._folded(node, xin.exp), out_bits=self.bits_a,
@@ -472,11 +513,7 @@ class Trainer:
 
     def _weight_codes(self, layer: _Layer) -> QTensor:
         p = layer.param
-        exp = None
-        if self.weight_exp == "mean":
-            wide = at_width(p.store, p.exp, 24, np.int64)
-            exp = mean_exponent(int(np.abs(wide.q).sum()), p.store.size, wide.exp, self.bits_w)
-        w, _ = quantize_nearest(QTensor(p.store, p.exp), self.bits_w, exp)
+        w, _ = quantize_nearest(QTensor(p.store, p.exp), self.bits_w, self._weight_rule_exp(p))
         return QTensor(w.q.astype(code_dtype(self.bits_w)), w.exp)
 
     def _folded(self, node: _Norm, x_exp: int) -> np.ndarray:
@@ -494,7 +531,7 @@ class Trainer:
         found: dict[str, list[int]] = {}
         with one_blas_thread():
             for s in range(0, len(pixels), batch_size):
-                self._eval_forward(self._pixels(pixels[s:s + batch_size]), found, None)
+                self._eval_forward(self._pixels(pixels[s:s + batch_size]), found)
         return {name: calibrated_exponent(exps, rule) for name, exps in found.items()}
 
     def frozen_network(self, pixels: np.ndarray, batch_size: int = 500) -> "Network":

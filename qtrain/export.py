@@ -129,7 +129,8 @@ def network_description(model: nn.Module, in_shape: tuple[int, int, int],
         elif isinstance(m, (QuantMaxPool2d, nn.MaxPool2d)):
             if not (m._fast(torch.zeros(1, 1, 2, 2)) if isinstance(m, QuantMaxPool2d) else
                     (_pair(m.kernel_size) == [2, 2] and _pair(m.stride or m.kernel_size)
-                     == [2, 2] and _pair(m.padding) == [0, 0] and not m.ceil_mode)):
+                     == [2, 2] and _pair(m.padding) == [0, 0] and _pair(m.dilation) == [1, 1]
+                     and not m.ceil_mode and not m.return_indices)):
                 raise ExportError(f"{where}: only 2x2 max-pools with stride 2 export")
             layers.append({"op": "maxpool", "kernel": [2, 2], "stride": [2, 2]})
         elif isinstance(m, nn.Flatten):

@@ -161,7 +161,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"exported {run_dir} ({cfg.model}, {cfg.norm}, {cfg.bits}) to {out} "
               f"({fmt}, {summary['bytes']:,} bytes)")
         print(f"test error: {100 * today:.2f}% in today's eval (batch exponents), "
-              f"{100 * frozen_error:.2f}% frozen ({summary['exponents'] and len(exps)} "
+              f"{100 * frozen_error:.2f}% frozen ({len(exps)} "
               f"exponents from {manifest['source']['calibration_images']} training images)")
         if "check" in summary:
             c = summary["check"]

@@ -7,8 +7,9 @@ exponent is also in the model's metadata). Per layer of the description:
 
 =========  =========================================================================
 input      ``Cast`` to int32, ``Sub`` 128, ``Clip`` to [-127, 127], ``Cast`` to int8
-conv       ``ConvInteger`` (int8 x int8 -> int32, exact)
-linear     ``MatMulInteger`` (int8 x int8 -> int32, exact)
+conv       ``ConvInteger`` (int8 x int8 -> int32, exact), then ``Cast`` to float32 where a sum
+           can reach 2**24 (qtrain's containers round such sums to 24 bits)
+linear     ``MatMulInteger`` (int8 x int8 -> int32, exact), the same ``Cast`` where needed
 requant    ``Cast`` to int64, then for a rising exponent ``Add`` half and a floor division
            by ``2**s``; for a falling one ``Mul`` by ``2**-s``; ``Clip`` to the width
 l1bn       ``Cast`` to int64, ``Mul`` A, ``Add`` B, floor division by ``2**sh`` (all per
@@ -112,6 +113,10 @@ def to_onnx(manifest: dict, arrays: dict[str, np.ndarray], *, doc: str = "") -> 
             else:
                 x = g.op("MatMulInteger", [x, g.const(np.ascontiguousarray(wq.T), np.int8,
                                                       "weight_t")], "matmul")
+            terms = wq[0].size
+            if terms * ((1 << (bits - 1)) - 1) * int(np.abs(wq).max(initial=0)) >= 1 << 24:
+                # qtrain holds the sums in float32 containers: past 2**24 they round there
+                x = g.cast(x, TensorProto.FLOAT)
             exp, bits = exp + layer["w_exp"], 32
         elif op == "requant":
             v = g.cast(x, TensorProto.INT64)

@@ -175,6 +175,7 @@ def _export(model, opt, tmp_path, name="m.qk"):
 
 @pytest.mark.parametrize("name,bits", [
     ("lenet5", (8, 8, 8, 8)), ("mlp", (8, 12, 8, 8)),
+    ("mlp", (16, 16, 8, 8)),  # sums past 2**24: rounded as qtrain's float32 containers are
     pytest.param("mlp", (6, 8, 8, 8), marks=pytest.mark.slow),
     pytest.param("lenet5", (5, 10, 8, 8), marks=pytest.mark.slow),
 ])
@@ -327,6 +328,47 @@ def test_missing_array(good_file, tmp_path):
     _one_line_error(_rewrite(good_file, tmp_path / "m.qk", drop=(key,)), key, "missing")
 
 
+def _layer_of(op):
+    def edit(field, value):
+        def change(m):
+            next(layer for layer in m["layers"] if layer["op"] == op)[field] = value
+        return change
+    return edit
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda m: m.update(layers={"a": 1}), "'layers' is missing or not a list"),
+    (lambda m: m["layers"].insert(0, "conv"), "layer 0 is not an object"),
+    (lambda m: m["input"].update(shape=5), "input shape 5"),
+    (lambda m: m["output"].pop("exp"), "output: exp must be an integer"),
+    (_layer_of("conv")("stride", [0, 0]), "stride must be two integers >= 1"),
+    (_layer_of("conv")("kernel", 5), "kernel must be two integers"),
+    (_layer_of("requant")("bits", 40), "bits must be 2..16"),
+    (_layer_of("linear")("w_exp", "big"), "w_exp must be an integer"),
+    (_layer_of("conv")("w_bits", 3), "weight codes exceed 3 bits"),
+    (lambda m: m["training"].pop("lr"), "malformed training state (KeyError: 'lr')"),
+    (lambda m: m["training"].update(weight_exp="median"), "unknown weight_exp"),
+    (lambda m: m["training"].update(bits_g=32), "2..16 bits"),
+])
+def test_malformed_manifest_is_one_line(good_file, tmp_path, change, words):
+    from qkernels.trainer import Trainer
+
+    bad = _rewrite(good_file, tmp_path / "bad.qk", manifest=change)
+    with pytest.raises(qkfile.QKFormatError) as err:
+        Trainer.load(bad)
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    assert words in str(err.value), str(err.value)
+
+
+def test_folded_shift_out_of_range(good_file, tmp_path):
+    with np.load(good_file) as z:
+        key = next(k for k in z.files if k.endswith(".folded"))
+        folded = z[key].copy()
+    folded[0, 2] = 100
+    _one_line_error(_rewrite(good_file, tmp_path / "f.qk", arrays={key: folded}),
+                    "shifts must lie in 0..62")
+
+
 def test_qk_is_a_plain_zip_of_npy_files(good_file):
     with zipfile.ZipFile(good_file) as z:
         names = z.namelist()
@@ -438,6 +480,7 @@ def _continue_in_qtrain(model, opt, images, labels, batch, lr):
 @pytest.mark.parametrize("name,bits,fields", [
     ("lenet5", (8, 8, 8, 8), {}),
     ("lenet5", (3, 8, 8, 8), {"weight_exp": "mean", "stochastic_errors": True}),
+    ("mlp", (16, 16, 16, 16), {}),  # products and errors past 2**24
     pytest.param("lenet5-paper", (8, 8, 8, 8), {}, marks=pytest.mark.slow),
     pytest.param("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}, marks=pytest.mark.slow),
     pytest.param("lenet5", (8, 8, 10, 12), {}, marks=pytest.mark.slow),
