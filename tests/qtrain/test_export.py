@@ -580,3 +580,38 @@ def test_continual_learning_example_device_step(tmp_path):
     assert result["torch_imported"] is False and result["device_steps"] > 0
     assert result["before"]["new_classes"] == 0.0
     assert result["after"]["new_classes"] > 0.5, result
+
+
+def test_export_of_color_images(tmp_path):
+    """(N, H, W, 3) images: qtrain feeds them channels first; the exported files take
+    (N, 3, H, W) pixels and give the same codes."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 4, n)
+        x = rng.integers(0, 60, (n, 28, 28, 3))
+        for c in range(4):
+            x[y == c, 4 * c:4 * c + 6, :, c % 3] += 180
+        return x.astype(np.uint8), y.astype(np.uint8)
+
+    (xt, yt), (xs, ys) = make(200), make(40)
+    data = tmp_path / "rgb.npz"
+    np.savez(data, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    run = tmp_path / "run"
+    out = qtrain("--data", str(data), "--model", "mlp", "--epochs", "1", "--bits", "8",
+                 "--norm", "l1", "--no-download", "--out", str(run))
+    assert out.returncode == 0, out.stderr
+    formats = ["qk"] + (["onnx"] if _has("onnxruntime") else [])
+    for fmt in formats:
+        out = qtrain("export", str(run), "--out", str(tmp_path / f"m.{fmt}"), "--calibration",
+                     "100", "--json")
+        assert out.returncode == 0, out.stderr
+        check = json.loads(out.stdout)["check"]
+        assert check["images"] == 40 == check["identical"], check
+    assert qkfile.read(tmp_path / "m.qk").manifest["input"]["shape"] == [3, 28, 28]
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
