@@ -38,6 +38,7 @@ from .conv import col2im, conv2d_weight_grad, im2col_as
 from .format import QTensor, code_dtype
 from .l1bn import l1bn_inference
 from .qkfile import QKFile, QKFormatError, read
+from .quant import quantize_nearest
 
 #: float32 sums of integers are exact below this.
 F32_EXACT = 1 << 24
@@ -107,15 +108,6 @@ def _image_blocks(n: int, per_image: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def round_to(q: np.ndarray, exp: int, new_exp: int, bits: int) -> np.ndarray:
-    """Codes at ``exp`` re-expressed at ``new_exp``: rounded half up (floor of ``x + 1/2``) when
-    the exponent rises, shifted left when it falls; saturated to ``bits``. int64."""
-    q = q.astype(np.int64, copy=False)
-    s = new_exp - exp
-    y = (q + (1 << (s - 1))) >> s if s > 0 else q << -s
-    return np.clip(y, -_qmax(bits), _qmax(bits))
-
-
 def conv2d(x: QTensor, w: QTensor, kernel, stride, padding) -> QTensor:
     """Exact integer convolution of codes (N, C, H, W) with weight codes (O, C, kh, kw):
     accumulators (N, O, OH, OW) (int32 where they fit, else int64) at exponent
@@ -148,12 +140,10 @@ def conv2d_input_grad(e: QTensor, w: QTensor, shape: tuple, kernel, stride, padd
     (:func:`as_float32`); int32 through im2col's adjoint in blocks of images, or int64 sums
     where int32 could overflow."""
     o = w.q.shape[0]
-    wt = np.ascontiguousarray(w.q.reshape(o, -1).T)
     # each input element sums at most O * ceil(kh/sh) * ceil(kw/sw) products
     overlap = -(-kernel[0] // stride[0]) * -(-kernel[1] // stride[1])
     bound = o * overlap * _peak(e.q) * _peak(w.q)
     if bound >= (1 << 31):  # col2im adds in int32: take the exact int64 route
-        cols = None
         out64 = np.zeros(shape, np.int64)
         g = e.q.astype(np.int64)
         for u in range(kernel[0]):
@@ -162,6 +152,7 @@ def conv2d_input_grad(e: QTensor, w: QTensor, shape: tuple, kernel, stride, padd
                 contrib = np.einsum("noij,oc->ncij", g, w.q[:, :, u, v].astype(np.int64))
                 _scatter_add(out64, contrib, u, v, stride, padding)
         return QTensor(as_float32(out64, bound), e.exp + w.exp)
+    wt = np.ascontiguousarray(w.q.reshape(o, -1).T)
     out = np.empty(shape, np.int32)
     per_image = wt.shape[0] * e.q.shape[2] * e.q.shape[3]
     for i, j in _image_blocks(shape[0], per_image):
@@ -281,8 +272,8 @@ class Network:
             return acc.q, acc.exp
         if op == "requant":
             bits = int(layer["bits"])
-            return round_to(q, exp, int(layer["exp"]), bits).astype(code_dtype(bits)), \
-                int(layer["exp"])
+            y, _ = quantize_nearest(QTensor(q, exp), bits, int(layer["exp"]))
+            return y.q, y.exp
         if op == "l1bn":
             if exp != int(layer["in_exp"]):
                 raise QKFormatError(f"{self.qk.path}: {layer['name']} was folded for input "
@@ -303,4 +294,4 @@ class Network:
 
 
 __all__ = ["Network", "as_float32", "conv2d", "conv2d_input_grad", "conv2d_weight_grad_any",
-           "exact_matmul", "input_codes", "linear", "round_to"]
+           "exact_matmul", "input_codes", "linear"]

@@ -109,11 +109,6 @@ class Param:
     raised: int = 0
     saturated: int = 0
 
-    @property
-    def values(self) -> np.ndarray:
-        """float64 values of the store (exact)."""
-        return np.ldexp(self.store.astype(np.float64), self.exp)
-
 
 @dataclass
 class _Quant:
