@@ -38,7 +38,7 @@ from qtrain.quant import QConfig
 from qtrain.train import to_input
 
 
-def make_step(model: str, backend: str, batch: int, seed: int):
+def make_step(model: str, backend: str, batch: int, seed: int, bits: int = 8):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch * 8, 28, 28), dtype=np.uint8)
@@ -47,7 +47,7 @@ def make_step(model: str, backend: str, batch: int, seed: int):
         net, qconfig = build(model, "l2", None), None
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     else:
-        qconfig = QConfig(backend=backend)
+        qconfig = QConfig(backend=backend, bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits)
         net = build(model, "l1", qconfig)
         opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=qconfig)
     state = {"i": 0}
@@ -72,7 +72,7 @@ def make_step(model: str, backend: str, batch: int, seed: int):
 
 
 def profile(args) -> dict:
-    step = make_step(args.model, args.backend, args.batch_size, args.seed)
+    step = make_step(args.model, args.backend, args.batch_size, args.seed, args.bits)
     for _ in range(args.warmup):
         step()
     times = []
@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bits", type=int, default=8, help="W, A, G and E width (int/emulate)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if min(args.batch_size, args.steps, args.top) < 1 or args.warmup < 0:

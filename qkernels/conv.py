@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._jit import pick, serial_and_parallel
 from .format import QTensor, check_array, check_qtensor
 
 #: int8*int8 products (|p| <= 2**14) summed into one int32 partial: 2**16 * 2**14 <= 2**30.
@@ -174,14 +175,15 @@ def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tupl
     they were read from (``w.reshape(O, -1).T @ errors`` becomes the input gradient).
 
     Args:
-        cols: int32 (C*kh*kw, N*OH*OW).
+        cols: int32 or int64 (C*kh*kw, N*OH*OW).
         shape: the input's (N, C, H, W).
 
     Returns:
-        int32 (N, C, H, W). Each element is a sum of at most ``ceil(kh/sh)*ceil(kw/sw)``
-        entries of ``cols``; the caller keeps that sum inside int32.
+        (N, C, H, W) of ``cols``' dtype. Each element is a sum of at most
+        ``ceil(kh/sh)*ceil(kw/sw)`` entries of ``cols``; the caller keeps that sum inside the
+        dtype.
     """
-    check_array(cols, "cols", (np.int32,), (2,))
+    check_array(cols, "cols", (np.int32, np.int64), (2,))
     kh, kw, sh, sw, ph, pw, oh, ow = _geometry(shape, kernel_size, stride, padding)
     n_img, n_ch = shape[:2]
     if cols.shape != (n_ch * kh * kw, n_img * oh * ow):
@@ -189,9 +191,78 @@ def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tupl
                          f"{(n_ch * kh * kw, n_img * oh * ow)} for an input of shape "
                          f"{tuple(shape)}, kernel {kernel_size}, stride {stride}, padding "
                          f"{padding}")
-    out = np.zeros(tuple(shape), dtype=np.int32)
+    out = np.zeros(tuple(shape), dtype=cols.dtype)
     _col2im(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, oh, ow, out)
     return out
+
+
+def _split_limbs(a, off, hi, lo):
+    for i in prange(a.shape[0]):
+        v = np.int32(a[i]) - off
+        h = (v + 128) >> 8
+        hi[i] = h
+        lo[i] = v - (h << 8)
+
+
+_split_limbs_s, _split_limbs_p = serial_and_parallel(_split_limbs)
+
+
+#: The largest int16 code whose high limb fits int8 without an offset (``127*256 + 127``).
+LIMB_PEAK = 127 * 256 + 127
+
+
+def split_limbs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Codes of up to 16 bits as two int8 limbs, for products on an int8 x int8 -> int32 GEMM.
+
+    Returns ``(hi, lo, off)`` with ``a == 256 * hi + lo + off`` exactly, ``lo`` in -128..127,
+    ``hi`` in -128..127, both int8 of ``a``'s shape (contiguous). ``off`` is 0, or 128 when a
+    code exceeds :data:`LIMB_PEAK` (two int8 limbs span -32896..32639, not the symmetric
+    16-bit range up to 32767; moving every code down by 128 brings it inside). A product
+    ``A @ B`` is then the sum of four limb products, shifted, plus ``off`` times the other
+    operand's sums (``qtrain.intgemm``).
+    """
+    check_array(a, "a", (np.int8, np.int16), tuple(range(1, 9)))
+    flat = np.ascontiguousarray(a).reshape(-1)
+    off = 128 if flat.size and int(flat.max()) > LIMB_PEAK else 0
+    hi = np.empty(flat.shape, dtype=np.int8)
+    lo = np.empty(flat.shape, dtype=np.int8)
+    pick(_split_limbs_s, _split_limbs_p, flat.size)(flat, off, hi, lo)
+    return hi.reshape(a.shape), lo.reshape(a.shape), off
+
+
+def _join4(hh, hl, lh, ll, out):
+    for i in prange(out.shape[0]):
+        out[i] = (np.int64(hh[i]) << 16) + ((np.int64(hl[i]) + np.int64(lh[i])) << 8) \
+            + np.int64(ll[i])
+
+
+def _join2(h, l, out):
+    for i in prange(out.shape[0]):
+        out[i] = (np.int64(h[i]) << 8) + np.int64(l[i])
+
+
+_join4_s, _join4_p = serial_and_parallel(_join4)
+_join2_s, _join2_p = serial_and_parallel(_join2)
+
+
+def join_limbs(*products: np.ndarray) -> np.ndarray:
+    """The int64 product of two matrices split by :func:`split_limbs` (offsets aside), from
+    their limb products ``(hi@hi, hi@lo, lo@hi, lo@lo)``: ``hh*2**16 + (hl + lh)*2**8 + ll``;
+    or, where one operand is int8 codes, from ``(hi@b, lo@b)``: ``h*2**8 + l``. One pass; the
+    products are int32 or int64 arrays of one shape."""
+    if len(products) not in (2, 4):
+        raise ValueError(f"join_limbs takes 2 or 4 limb products, not {len(products)}")
+    shape = products[0].shape
+    flat = []
+    for i, p in enumerate(products):
+        check_array(p, f"products[{i}]", (np.int32, np.int64), (p.ndim,))
+        if p.shape != shape:
+            raise ValueError(f"limb products have shapes {shape} and {p.shape}")
+        flat.append(np.ascontiguousarray(p).reshape(-1))
+    out = np.empty(flat[0].shape, dtype=np.int64)
+    kernels = (_join4_s, _join4_p) if len(flat) == 4 else (_join2_s, _join2_p)
+    pick(*kernels, out.size)(*flat, out)
+    return out.reshape(shape)
 
 
 def channels_first(a: np.ndarray) -> np.ndarray:

@@ -18,8 +18,14 @@ nearest even: the same float32 the float64 sum of the float path rounds to), or,
 gradients, stay integer codes for the stochastic rounding. So the results are those of the
 float path bit for bit (``tests/qtrain/test_intgemm.py``).
 
-Wider codes (9..16 bits, or a container that is not int8 codes) keep the float path of
-:mod:`qtrain.nn`: float32 BLAS where a sum provably stays below ``2**24``, float64 otherwise.
+Codes of 9..16 bits (``|code| <= 32767``) run on the same kernel as two int8 limbs each
+(:func:`qkernels.conv.split_limbs`: ``q = 256*hi + lo + off``): a product is the sum of the
+four limb products (two where one operand is 8-bit codes), shifted and added in int64, plus
+the offset's rank-one terms; every limb product is an exact int32 sum (``|limb| <= 128``, at
+most :data:`LIMB_TERMS` terms per piece), so the int64 result is the exact product, and
+``col2im`` adds it up in int64. Codes wider than 16 bits, or a container that is not codes,
+keep the float path of :mod:`qtrain.nn`: float32 BLAS where a sum provably stays below
+``2**24``, float64 otherwise.
 Before its first use the GEMM is checked on this machine against int64 arithmetic with the
 largest codes (a CPU whose int8 kernel saturates int16 pairs fails it); if the check fails
 the float path is used throughout. ``QTRAIN_INT_GEMM=0`` or :func:`float_gemm` selects the
@@ -36,7 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from qkernels.conv import channels_first, channels_last, col2im, im2col
+from qkernels.conv import (channels_first, channels_last, col2im, im2col, im2col_as, join_limbs,
+                           split_limbs)
 from qkernels.format import QTensor
 from qkernels.ieee import f32_to_codes_exact
 from qkernels.quant import QuantCounts, quantize_nearest
@@ -45,6 +52,10 @@ from qkernels.quant import QuantCounts, quantize_nearest
 CODE_MAX = 127
 #: Longest dot product of int8 codes whose sum provably fits int32.
 MAX_TERMS = ((1 << 31) - 1) // (CODE_MAX * CODE_MAX)
+#: Widest codes the integer GEMM takes (as two int8 limbs); wider ones take the float path.
+WIDE_BITS = 16
+#: Longest dot product of int8 limbs (``|limb| <= 128``) whose sum provably fits int32.
+LIMB_TERMS = ((1 << 31) - 1) // (128 * 128)
 
 #: ``QTRAIN_INT_GEMM=0`` in the environment switches the integer GEMM off (the float path runs;
 #: results are the same bit for bit), e.g. to time it against the float path.
@@ -52,10 +63,43 @@ _enabled = os.environ.get("QTRAIN_INT_GEMM", "1") != "0"
 
 
 class Codes(NamedTuple):
-    """int8 codes as a torch tensor with their exponent: values ``q * 2**exp``."""
+    """int8 (or, for codes of 9..16 bits, int16) codes as a torch tensor with their exponent:
+    values ``q * 2**exp``."""
 
     q: torch.Tensor
     exp: int
+
+
+class Limbs(NamedTuple):
+    """An int16 code matrix as int8 limbs, ready for :func:`matmul`: ``hi * 256 + lo + off``
+    (:func:`qkernels.conv.split_limbs`). Split once, a matrix used by two products (a conv's
+    columns: forward and weight gradient) is not split twice."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    off: int
+
+    @classmethod
+    def of(cls, q: torch.Tensor) -> Limbs:
+        hi, lo, off = split_limbs(q.numpy())
+        return cls(torch.from_numpy(hi), torch.from_numpy(lo), off)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hi.shape
+
+    def t(self) -> Limbs:
+        return Limbs(self.hi.t(), self.lo.t(), self.off)
+
+    def sum(self, dim: int) -> torch.Tensor:
+        """int64 sums of ``hi * 256 + lo`` (without the offset) along ``dim``, kept."""
+        total = self.hi.sum(dim, keepdim=True, dtype=torch.int64).mul_(256)
+        return total.add_(self.lo.sum(dim, keepdim=True, dtype=torch.int64))
+
+
+def operand(q: torch.Tensor) -> torch.Tensor | Limbs:
+    """int8 codes as they are, wider codes as :class:`Limbs`."""
+    return q if q.dtype == torch.int8 else Limbs.of(q.contiguous())
 
 
 @contextmanager
@@ -101,16 +145,75 @@ def codes8(t: torch.Tensor) -> Codes | None:
     return None if c is None else Codes(torch.from_numpy(c.q), c.exp)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` of int8 matrices: int32, or int64 when the dot products are longer than
-    :data:`MAX_TERMS`."""
+def codes(t: torch.Tensor, wide: bool) -> Codes | None:
+    """:func:`codes8`, or with ``wide`` (a layer whose declared widths pass 8 bits) int16
+    codes of at most 16 bits where the container is not 8-bit codes; None when it is neither
+    (the float path)."""
+    c = codes8(t)
+    if c is not None or not wide or t.dtype != torch.float32:
+        return c
+    c = f32_to_codes_exact(t.detach().numpy(), WIDE_BITS - 1, np.int16)
+    return None if c is None else Codes(torch.from_numpy(c.q), c.exp)
+
+
+def _mm8(a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
+    """``a @ b`` of int8 matrices: int32, or int64 sums of int32 pieces of ``terms`` terms."""
     k = a.shape[1]
-    if k <= MAX_TERMS:
+    if k <= terms:
         return torch._int_mm(a, b)
     out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
-    for start in range(0, k, MAX_TERMS):
-        out += torch._int_mm(a[:, start:start + MAX_TERMS], b[start:start + MAX_TERMS])
+    for start in range(0, k, terms):
+        out += torch._int_mm(a[:, start:start + terms], b[start:start + terms])
     return out
+
+
+def _parts(m: torch.Tensor | Limbs) -> list[tuple[torch.Tensor, int]]:
+    return [(m.hi, 8), (m.lo, 0)] if isinstance(m, Limbs) else [(m, 0)]
+
+
+def limb_products(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> list[torch.Tensor]:
+    """The limb products of ``a @ b`` (int32, or int64 for very long dot products), for
+    :func:`qkernels.conv.join_limbs`: ``hi@hi, hi@lo, lo@hi, lo@lo`` for two wide operands,
+    ``hi@b`` and ``lo@b`` (or ``a@hi``, ``a@lo``) for one. Offsets are not included."""
+    return [_mm8(pa, pb, LIMB_TERMS) for pa in _parts(a) for pb in _parts(b)]
+
+
+def _parts(m: torch.Tensor | Limbs) -> tuple[torch.Tensor, ...]:
+    return (m.hi, m.lo) if isinstance(m, Limbs) else (m,)
+
+
+def offset_terms(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> torch.Tensor | None:
+    """What :class:`Limbs` offsets add to ``a @ b`` beyond the limb products, as an int64
+    matrix (None without offsets): with ``a = a' + oa``, ``b = b' + ob`` elementwise,
+    ``a @ b = a' @ b' + oa * (column sums of b') + ob * (row sums of a') + oa * ob * K``."""
+    oa = a.off if isinstance(a, Limbs) else 0
+    ob = b.off if isinstance(b, Limbs) else 0
+    if not (oa or ob):
+        return None
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64)
+    if oa:
+        out.add_(b.sum(0) if isinstance(b, Limbs) else b.sum(0, keepdim=True, dtype=torch.int64),
+                 alpha=oa)
+    if ob:
+        out.add_(a.sum(1) if isinstance(a, Limbs) else a.sum(1, keepdim=True, dtype=torch.int64),
+                 alpha=ob)
+    return out.add_(oa * ob * a.shape[1])
+
+
+def _wide(m: torch.Tensor | Limbs) -> torch.Tensor | Limbs:
+    return m if isinstance(m, Limbs) or m.dtype == torch.int8 else operand(m)
+
+
+def matmul(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> torch.Tensor:
+    """Exact ``a @ b`` of integer code matrices (int8 tensors, other integer tensors of codes
+    up to 16 bits, or :class:`Limbs`): int32 for two int8 matrices whose dot products have at
+    most :data:`MAX_TERMS` terms, int64 otherwise."""
+    a, b = _wide(a), _wide(b)
+    if not isinstance(a, Limbs) and not isinstance(b, Limbs):
+        return _mm8(a, b, MAX_TERMS)
+    out = torch.from_numpy(join_limbs(*(p.numpy() for p in limb_products(a, b))))
+    extra = offset_terms(a, b)
+    return out if extra is None else out.add_(extra)
 
 
 def container(acc: torch.Tensor, exp: int) -> torch.Tensor:
@@ -135,12 +238,17 @@ def conv_applies(layer) -> bool:
             and not isinstance(layer.padding, str) and layer.padding_mode == "zeros")
 
 
-def _columns(x: Codes, w: Codes, stride, padding) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The int8 columns of ``x`` for ``w``'s kernel, and the output's (N, O, OH, OW)."""
+def _columns(x: Codes, w: Codes, stride, padding
+             ) -> tuple[torch.Tensor | Limbs, tuple[int, ...]]:
+    """The columns of ``x`` for ``w``'s kernel (int8, or :class:`Limbs` of int16 codes), and
+    the output's (N, O, OH, OW)."""
     (n, _, h, wd), (o, _, kh, kw) = x.q.shape, w.q.shape
     oh = (h + 2 * padding[0] - kh) // stride[0] + 1
     ow = (wd + 2 * padding[1] - kw) // stride[1] + 1
-    return torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding)), (n, o, oh, ow)
+    if x.q.dtype == torch.int8:
+        return torch.from_numpy(im2col(x.q.numpy(), (kh, kw), stride, padding)), (n, o, oh, ow)
+    cols = im2col_as(x.q.numpy(), (kh, kw), stride, padding, np.int16)
+    return Limbs.of(torch.from_numpy(cols)), (n, o, oh, ow)
 
 
 def with_bias(acc: torch.Tensor, exp: int, bias: Codes | None, channel_dim: int
@@ -160,9 +268,9 @@ def with_bias(acc: torch.Tensor, exp: int, bias: Codes | None, channel_dim: int
 
 
 def conv2d(x: Codes, w: Codes, stride, padding, bias: Codes | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv2d(x, w) [+ bias]`` as a float32 container, and the int8 columns of ``x`` (for
-    the weight gradient). ``bias``: codes per output channel (see :func:`with_bias`)."""
+           ) -> tuple[torch.Tensor, torch.Tensor | Limbs]:
+    """``conv2d(x, w) [+ bias]`` as a float32 container, and the columns of ``x`` (for the
+    weight gradient). ``bias``: codes per output channel (see :func:`with_bias`)."""
     cols, (n, o, oh, ow) = _columns(x, w, stride, padding)
     w2 = w.q.reshape(o, -1)
     if w2.shape[1] < o:  # short dot products (a first layer): (N*OH*OW, O) measured faster
@@ -202,39 +310,61 @@ def requantize(acc: torch.Tensor, exp: int, bits: int, dtype, width: int,
     return QTensor(codes, q.exp - up if codes.any() else 0), counts  # all zero: exponent 0
 
 
-def conv2d_error_codes(gy: torch.Tensor, columns: bool) -> Codes | None:
-    """The output error (N, O, OH, OW) as an int8 matrix, or None (not 8-bit codes):
-    (N*OH*OW, O) with ``columns`` (both gradients then run from it), (O, N*OH*OW) otherwise
-    (measured faster for the weight gradient alone of the first layer)."""
-    g = codes8(gy)
+def conv2d_error_codes(gy: torch.Tensor, columns: bool, wide: bool = False) -> Codes | None:
+    """The output error (N, O, OH, OW) as a code matrix (int8; int16 with ``wide``, see
+    :func:`codes`), or None (not such codes): (N*OH*OW, O) with ``columns`` (both gradients
+    then run from it), (O, N*OH*OW) otherwise (measured faster for the weight gradient alone
+    of the first layer)."""
+    g = codes(gy, wide)
     return None if g is None else error_matrix(g.q.numpy(), g.exp, columns)
 
 
-def error_matrix(codes: np.ndarray, exp: int, columns: bool) -> Codes:
-    """int8 error codes (N, O, OH, OW) in the layout :func:`conv2d_error_codes` describes."""
-    o = codes.shape[1]
+def error_matrix(q: np.ndarray, exp: int, columns: bool) -> Codes:
+    """Error codes (N, O, OH, OW) in the layout :func:`conv2d_error_codes` describes."""
+    o = q.shape[1]
     if columns:
-        return Codes(torch.from_numpy(channels_last(codes)).reshape(-1, o), exp)
-    return Codes(torch.from_numpy(channels_first(codes)).reshape(o, -1), exp)
+        return Codes(torch.from_numpy(channels_last(q)).reshape(-1, o), exp)
+    return Codes(torch.from_numpy(channels_first(q)).reshape(o, -1), exp)
 
 
-def conv2d_input_applies(w_shape, stride) -> bool:
-    """col2im's int32 sums of ``W.T @ E`` hold at most ``MAX_TERMS`` products."""
+def conv2d_input_applies(g: Codes, w: Codes, stride) -> bool:
+    """col2im's sums of ``W.T @ E`` stay exact: int64 where an operand is wide, else int32
+    sums of at most ``MAX_TERMS`` products."""
+    if g.q.dtype != torch.int8 or w.q.dtype != torch.int8:
+        return True
+    return _int8_input_sums(w.q.shape, stride, MAX_TERMS)
+
+
+def _int8_input_sums(w_shape, stride, terms: int = LIMB_TERMS) -> bool:
+    """col2im's sums of products of int8 codes (``terms``: :data:`MAX_TERMS`) or limbs fit
+    int32."""
     o, _, kh, kw = w_shape
     sh, sw = stride
-    return o * -(-kh // sh) * -(-kw // sw) <= MAX_TERMS
+    return o * -(-kh // sh) * -(-kw // sw) <= terms
 
 
 def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Tensor:
-    """The input gradient (N, C, H, W) as a float32 container, from errors as (N*OH*OW, O)."""
+    """The input gradient (N, C, H, W) as a float32 container, from errors as (N*OH*OW, O).
+
+    With wide operands and no offsets, each limb product is added back into an image on its
+    own (int32 sums: ``conv2d_input_applies`` bounds them as for int8 codes) and the small
+    images are joined, instead of joining the large (C*kh*kw, N*OH*OW) products first."""
     o = w.q.shape[0]
-    acc = matmul(w.q.reshape(o, -1).t(), g.q.t())  # (C*kh*kw, N*OH*OW)
-    image = col2im(acc.numpy(), tuple(x_shape), tuple(w.q.shape[2:]), stride, padding)
+    a, b = _wide(w.q.reshape(o, -1).t()), _wide(g.q.t())  # (C*kh*kw, N*OH*OW) products
+    kernel = tuple(w.q.shape[2:])
+    if isinstance(a, Limbs) or isinstance(b, Limbs):
+        extra = offset_terms(a, b)
+        if extra is None and _int8_input_sums(w.q.shape, stride):
+            images = [col2im(p.numpy(), tuple(x_shape), kernel, stride, padding)
+                      for p in limb_products(a, b)]
+            return container(torch.from_numpy(join_limbs(*images)), g.exp + w.exp)
+    acc = matmul(a, b)
+    image = col2im(acc.numpy(), tuple(x_shape), kernel, stride, padding)
     return container(torch.from_numpy(image), g.exp + w.exp)
 
 
-def conv2d_weight_grad(g: Codes, columns: bool, cols: torch.Tensor, x_exp: int, w_shape
-                       ) -> QTensor:
+def conv2d_weight_grad(g: Codes, columns: bool, cols: torch.Tensor | Limbs, x_exp: int,
+                       w_shape) -> QTensor:
     """The exact weight gradient as integer codes (O, C, kh, kw), from errors in the layout
     :func:`conv2d_error_codes` made with ``columns``."""
     if columns:  # g: (N*OH*OW, O)

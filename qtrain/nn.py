@@ -6,8 +6,9 @@ quantized :class:`~qtrain.quant.QConfig`:
 
 * :class:`QuantConv2d` / :class:`QuantLinear` round the weight store to ``bits_w`` (nearest,
   range exponent; straight-through backward), multiply codes exactly (int8 x int8 -> int32
-  GEMMs for codes of up to 8 bits on CPU, :mod:`qtrain.intgemm`; otherwise a float32 BLAS call
-  where the sum provably stays below 2**24, float64 beyond), and round their weight gradient
+  GEMMs on CPU for codes of up to 8 bits, and on int8 limbs for codes of up to 16 bits,
+  :mod:`qtrain.intgemm`; otherwise a float32 BLAS call where the sum provably stays below
+  2**24, float64 beyond), and round their weight gradient
   to ``bits_g`` stochastically before it reaches ``.grad``.
 * :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the integer L1BN kernels of
   :mod:`qkernels` (int8 codes up to 8 bits, int16 above; outputs ``bits_a``, errors
@@ -174,8 +175,8 @@ def _exact_matmul_dtype(terms: int, bits_x: int, bits_y: int) -> torch.dtype:
 
 def _gemm(x: torch.Tensor, q: QConfig, *bits: int) -> bool:
     """Whether a product of codes of these widths runs as an integer GEMM
-    (:mod:`qtrain.intgemm`): CPU tensors the kernels handle, operands of at most 8 bits."""
-    return (max(bits) <= 8 and x.device.type == "cpu" and q.engine.kernels(x)
+    (:mod:`qtrain.intgemm`): CPU tensors the kernels handle, operands of at most 16 bits."""
+    return (max(bits) <= intgemm.WIDE_BITS and x.device.type == "cpu" and q.engine.kernels(x)
             and intgemm.enabled())
 
 
@@ -187,8 +188,9 @@ class _ConvFn(torch.autograd.Function):
         ctx.layer = layer
         ctx.cols = None
         bias = _bias_at_accumulators(b, x, w, q)
+        wide = max(q.bits_a, INPUT_BITS, q.bits_w) > 8
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
-            x8, w8 = intgemm.codes8(x), intgemm.codes8(w)
+            x8, w8 = intgemm.codes(x, wide), intgemm.codes(w, wide)
             if x8 is not None and w8 is not None:
                 y, ctx.cols = intgemm.conv2d(x8, w8, layer.stride, layer.padding, bias)
                 ctx.x_exp, ctx.w8 = x8.exp, w8
@@ -209,7 +211,7 @@ class _ConvFn(torch.autograd.Function):
         g8 = None
         columns = ctx.needs_input_grad[0]  # the error's layout: see conv2d_error_codes
         if ctx.cols is not None and _gemm(gy, q, q.bits_e):
-            g8 = intgemm.conv2d_error_codes(gy.float(), columns)
+            g8 = intgemm.conv2d_error_codes(gy.float(), columns, q.bits_e > 8)
         gx = _conv_gx(x, w, g8, ctx.w8 if g8 is not None else None, lambda: gy, layer) \
             if ctx.needs_input_grad[0] else None
         gb = _bias_grad(layer, gy, 1) if ctx.needs_input_grad[2] else None
@@ -224,10 +226,10 @@ def _conv_args(layer) -> tuple:
 
 
 def _conv_gx(x, w, g8, w8, gy, layer) -> torch.Tensor:
-    """The conv's input gradient: col2im of the int8 GEMM of the error matrix ``g8`` (columns
-    layout) and the weight codes ``w8`` where that applies, else the float path on the error
-    container ``gy()``."""
-    if g8 is not None and intgemm.conv2d_input_applies(w.shape, layer.stride):
+    """The conv's input gradient: col2im of the integer GEMM of the error matrix ``g8``
+    (columns layout) and the weight codes ``w8`` where that applies, else the float path on
+    the error container ``gy()``."""
+    if g8 is not None and intgemm.conv2d_input_applies(g8, w8, layer.stride):
         return intgemm.conv2d_input_grad(g8, w8, x.shape, layer.stride, layer.padding)
     return _conv_input_grad(x, w, gy(), layer)
 
@@ -274,7 +276,9 @@ class _LinearFn(torch.autograd.Function):
         ctx.x8 = None
         bias = _bias_at_accumulators(b, x, w, q)
         if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w):
-            x8, w8 = intgemm.codes8(x.reshape(-1, x.shape[-1])), intgemm.codes8(w)
+            wide = max(q.bits_a, INPUT_BITS, q.bits_w) > 8
+            x8 = intgemm.codes(x.reshape(-1, x.shape[-1]), wide)
+            w8 = intgemm.codes(w, wide)
             if x8 is not None and w8 is not None:
                 ctx.x8, ctx.w8 = x8, w8
                 return intgemm.linear(x8, w8, bias).reshape(*x.shape[:-1], w.shape[0])
@@ -292,7 +296,7 @@ class _LinearFn(torch.autograd.Function):
         q = layer.qconfig
         g8 = None
         if ctx.x8 is not None and _gemm(gy, q, q.bits_e):
-            g8 = intgemm.codes8(gy.float().reshape(-1, gy.shape[-1]))
+            g8 = intgemm.codes(gy.float().reshape(-1, gy.shape[-1]), q.bits_e > 8)
         gb = _bias_grad(layer, gy, -1) if ctx.needs_input_grad[2] else None
         if g8 is not None:
             gx = None
@@ -625,7 +629,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
             and isinstance(quant, Quantize)):
         return None
     q = conv.qconfig
-    if not (_gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
+    if not (max(q.bits_a, INPUT_BITS, q.bits_w, q.bits_e) <= 8
+            and _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
             and intgemm.conv_applies(conv)
             and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
             and _fusable(quant, bn, relu, x)):

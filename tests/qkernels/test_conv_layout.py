@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qkernels.conv import channels_first, channels_last, col2im, im2col
+from qkernels.conv import (LIMB_PEAK, channels_first, channels_last, col2im, im2col, join_limbs,
+                           split_limbs)
 from qkernels.ieee import f32_to_codes, f32_to_codes_exact
 
 GEOMETRIES = [((2, 3, 7, 6), (3, 2), (2, 1), (1, 0)), ((4, 1, 12, 12), (5, 5), 1, 0),
@@ -54,6 +55,9 @@ def test_im2col_and_col2im_equal_their_definitions(shape, k, stride, pad):
     ids = im2col_oracle(flat, k, stride, pad)
     np.add.at(want.reshape(-1), ids[ids > 0] - 1, d[ids > 0].astype(np.int64))
     assert image.dtype == np.int32 and np.array_equal(image, want)
+    wide = d.astype(np.int64) << 20  # int64 columns (limb products of 16-bit codes)
+    image = col2im(wide, shape, k, stride, pad)
+    assert image.dtype == np.int64 and np.array_equal(image, want << 20)
 
 
 def test_layouts_reject_bad_geometry():
@@ -96,3 +100,28 @@ def test_f32_to_codes_exact_accepts_codes_and_refuses_the_rest():
     assert np.array_equal(got.q * 2.0 ** got.exp, big)
     big[-1] = 2.0 ** -30
     assert f32_to_codes_exact(big, 7, np.int8) is None
+
+
+@pytest.mark.parametrize("size", [1000, 100_000])  # the serial and the parallel build
+def test_split_limbs_rebuilds_every_16bit_code(size):
+    rng = np.random.default_rng(size)
+    for peak in (32767, LIMB_PEAK):
+        a = rng.integers(-32767, peak + 1, size).astype(np.int16)
+        a[:2] = peak, -32767
+        hi, lo, off = split_limbs(a.reshape(10, -1))
+        assert off == (128 if peak > LIMB_PEAK else 0)
+        assert hi.dtype == lo.dtype == np.int8 and hi.shape == (10, size // 10)
+        rebuilt = hi.astype(np.int64) * 256 + lo + off
+        assert np.array_equal(rebuilt.reshape(-1), a)
+
+
+def test_join_limbs_equals_the_definition():
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(-(1 << 30), 1 << 30, (7, 9)).astype(np.int32) for _ in range(4)]
+    hh, hl, lh, ll = (p.astype(np.int64) for p in parts)
+    assert np.array_equal(join_limbs(*parts), hh * 65536 + (hl + lh) * 256 + ll)
+    assert np.array_equal(join_limbs(parts[0], parts[3]), hh * 256 + ll)
+    with pytest.raises(ValueError, match="2 or 4"):
+        join_limbs(*parts[:3])
+    with pytest.raises(ValueError, match="shapes"):
+        join_limbs(parts[0], parts[1][:3])

@@ -23,17 +23,28 @@ def codes(shape, exp, gen, extreme=False):
 
 
 class Spy:
-    """Counts the integer GEMM calls."""
+    """Counts the integer GEMM calls: products through ``matmul``, or through ``limb_products``
+    outside of ``matmul`` (a wide conv's input gradient)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = intgemm.matmul
+        self.inside = False
+        matmul, limb_products = intgemm.matmul, intgemm.limb_products
 
         def counting(a, b):
             self.calls += 1
-            return real(a, b)
+            self.inside = True
+            try:
+                return matmul(a, b)
+            finally:
+                self.inside = False
+
+        def counting_limbs(a, b):
+            self.calls += not self.inside
+            return limb_products(a, b)
 
         monkeypatch.setattr(intgemm, "matmul", counting)
+        monkeypatch.setattr(intgemm, "limb_products", counting_limbs)
 
 
 def run_layer(make, x, gy, weight, first: bool):
@@ -151,3 +162,87 @@ def test_an_inexact_int_mm_turns_the_gemm_off(monkeypatch):
     layer = QuantLinear(8, 4, bias=False, qconfig=QConfig(), qstate=QState())
     layer(torch.ones(3, 8) * 2.0 ** -7).sum().backward()
     assert spy.calls == 0
+
+
+# --- codes of 9..16 bits: int8 limbs ------------------------------------------------------------
+
+
+def wide_codes(shape, exp, gen, peak=32767):
+    """A float32 container of 16-bit codes (|code| <= 32767) at ``exp``, the extremes included
+    (the largest, above ``split_limbs``' LIMB_PEAK, needs the offset)."""
+    q = torch.randint(-32767, 32768, shape, generator=gen).clamp_(max=peak)
+    q.view(-1)[0] = peak
+    q.view(-1)[-1] = -32767
+    return (q * 2.0 ** exp).float()
+
+
+@pytest.mark.parametrize("peak", [32767, 32000])  # with and without the limbs' offset
+@pytest.mark.parametrize("wide_a, wide_b", [(True, True), (True, False), (False, True)])
+def test_limb_products_are_exact(peak, wide_a, wide_b):
+    gen = torch.Generator().manual_seed(peak + 2 * wide_a + wide_b)
+    a = torch.randint(-32767, 32768, (37, 300), generator=gen).clamp_(max=peak)
+    b = torch.randint(-32767, 32768, (300, 23), generator=gen).clamp_(max=peak)
+    a[0, :], b[:, 0] = peak, peak  # the largest sums of extreme codes
+    a[1, :], b[:, 1] = -32767, -32767
+    if not wide_a:
+        a = torch.randint(-127, 128, a.shape, generator=gen)
+    if not wide_b:
+        b = torch.randint(-127, 128, b.shape, generator=gen)
+    want = a.long() @ b.long()
+    to = (lambda t, wide: t.to(torch.int16) if wide else t.to(torch.int8))
+    got = intgemm.matmul(to(a, wide_a), to(b, wide_b).t().contiguous().t())
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    la, lb = intgemm.operand(to(a, wide_a)), intgemm.operand(to(b, wide_b))
+    for m, wide in ((la, wide_a), (lb, wide_b)):
+        assert isinstance(m, intgemm.Limbs) == wide
+        assert not wide or m.off == (128 if peak > 32639 else 0)
+    assert torch.equal(intgemm.matmul(la, lb), want)
+
+
+def test_long_limb_products_are_split_and_summed_in_int64(monkeypatch):
+    a = torch.full((3, 200), 32767, dtype=torch.int16)
+    b = torch.full((200, 4), -32767, dtype=torch.int16)
+    monkeypatch.setattr(intgemm, "LIMB_TERMS", 64)
+    assert torch.equal(intgemm.matmul(a, b), a.long() @ b.long())
+
+
+WIDE = QConfig(bits_w=16, bits_a=16, bits_g=16, bits_e=16, seed=7)
+
+
+@pytest.mark.parametrize("peak", [32767, 30000])
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize("shape, o, k, stride, pad", CONVS[:4])
+def test_wide_conv_gemm_equals_the_float_path(shape, o, k, stride, pad, first, peak,
+                                              monkeypatch):
+    """16-bit codes: the limb GEMMs give the float path's (float64 BLAS) containers and
+    rounded weight gradients bit for bit, with the limbs' offset and without."""
+    gen = torch.Generator().manual_seed(sum(shape) + o + peak)
+    make = (lambda: QuantConv2d(shape[1], o, k, stride, pad, bias=False, qconfig=WIDE,
+                                qstate=QState()))
+    weight = torch.randn(make().weight.shape, generator=gen)
+    x = wide_codes(shape, -20, gen, peak)
+    gy = wide_codes(make()(x).shape, -25, gen, peak)
+    got, want = both_paths(make, x, gy, weight, first, monkeypatch)
+    assert_same(got, want)
+
+
+def test_wide_conv_with_8bit_input_equals_the_float_path(monkeypatch):
+    """A first layer: 8-bit pixel codes against 16-bit weights and errors (two limb products)."""
+    gen = torch.Generator().manual_seed(11)
+    make = lambda: QuantConv2d(1, 6, 5, bias=False, qconfig=WIDE, qstate=QState())  # noqa: E731
+    weight = torch.randn(make().weight.shape, generator=gen)
+    x = codes((4, 1, 12, 12), -7, gen, extreme=True)
+    gy = wide_codes((4, 6, 8, 8), -22, gen)
+    got, want = both_paths(make, x, gy, weight, True, monkeypatch)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("peak", [32767, 30000])
+def test_wide_linear_gemm_equals_the_float_path(peak, monkeypatch):
+    gen = torch.Generator().manual_seed(peak)
+    make = lambda: QuantLinear(1024, 48, bias=False, qconfig=WIDE, qstate=QState())  # noqa: E731
+    weight = torch.randn(48, 1024, generator=gen) * 0.05
+    x = wide_codes((16, 1024), -15, gen, peak)
+    gy = wide_codes((16, 48), -30, gen, peak)
+    got, want = both_paths(make, x, gy, weight, monkeypatch=monkeypatch)
+    assert_same(got, want)
