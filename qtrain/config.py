@@ -34,8 +34,8 @@ class UserError(ValueError):
 
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
 from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
-                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, input_problem,
-                   model_problem, width_problem)
+                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem,
+                   input_problem, model_problem, scheme_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
 DEFAULTED = {
@@ -44,6 +44,7 @@ DEFAULTED = {
     "device": "'cpu'",
     "weight_exp": "'max': weights take the range exponent, as every quantizer",
     "weight_decay": "0.0: no weight decay",
+    "scheme": "'qtrain': qtrain's quantization rules (not WAGE's)",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -80,6 +81,7 @@ class RunConfig:
     device: str = "cpu"  # torch device: cpu, cuda, cuda:1, ...
     weight_exp: str = "max"  # weight exponent from the largest (max) or mean magnitude (mean)
     weight_decay: float = 0.0  # L2 penalty of SGD, as torch's weight_decay; in [0, 1)
+    scheme: str = "qtrain"  # quantization rules: qtrain's, or WAGE's (wage: fixed grids, no BN)
 
     def __post_init__(self):
         _check_types(self)
@@ -97,6 +99,8 @@ class RunConfig:
             if problem := width_problem(bits, name):
                 raise UserError(problem)
         if problem := backend_problem(widths, self.backend, self.norm):
+            raise UserError(problem)
+        if problem := scheme_problem(self.scheme, widths, self.norm, self.stochastic_errors):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "
@@ -127,6 +131,8 @@ class RunConfig:
                             f"{len(ms)} lr_milestones gives lr {last} in the last epochs, not a "
                             "positive finite number; choose an lr_gamma nearer 1 or fewer "
                             "milestones")
+        if self.scheme == "wage":
+            _check_wage_schedule(self)
         if self.per_class is not None and self.per_class < 1:
             raise UserError(f"per_class={self.per_class} must be at least 1 (or none for all)")
         if self.data in DATASETS and (problem := input_problem(self.model, self.data,
@@ -231,6 +237,19 @@ def _check_types(cfg: RunConfig) -> None:
 def finite_problem(name: str, value: float) -> str:
     """The one-line error for a non-finite (nan, inf, -inf) value of float field ``name``."""
     return f"{name}={value} is not a finite number; give a value like {name}=0.1"
+
+
+def _check_wage_schedule(cfg: RunConfig) -> None:
+    """WAGE's update: plain SGD whose learning rate, in every epoch, is a power of two."""
+    if cfg.momentum or cfg.weight_decay:
+        raise UserError(f"scheme wage updates by plain SGD (WAGE's rule): set momentum=0 and "
+                        f"weight_decay=0, not {cfg.momentum} and {cfg.weight_decay}")
+    for k in range(len(cfg.lr_milestones) + 1):
+        lr = cfg.lr * cfg.lr_gamma ** k
+        if math.frexp(lr)[0] != 0.5:
+            raise UserError(f"scheme wage needs learning rates that are powers of two (WAGE's "
+                            f"8, 1, 1/8), but lr={cfg.lr} with lr_gamma={cfg.lr_gamma} gives "
+                            f"{lr}; e.g. lr=8 and lr_gamma=0.125")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

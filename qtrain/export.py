@@ -92,6 +92,9 @@ def network_description(model: nn.Module, in_shape: tuple[int, int, int],
             if m.bias is not None:
                 raise ExportError(f"{where} has a bias: export supports bias-free quantized "
                                   "layers (the built-in models)")
+            if m.qconfig.wage:
+                raise ExportError(f"{where} was trained under scheme wage, whose fixed grids "
+                                  "have no export yet (qtrain's scheme exports)")
             codes, exp = weight_codes(m)
             key = f"{name}.weight"
             arrays[key] = codes

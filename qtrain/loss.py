@@ -48,6 +48,10 @@ def sample_losses(logits: torch.Tensor, labels: torch.Tensor,
     and computed on the CPU, so they do not depend on the device either (a GPU's float64
     ``log_softmax`` may round the last bit differently)."""
     z, labels = logits.detach().cpu().double(), labels.cpu()
+    if qconfig is not None and qconfig.quantized and qconfig.wage:
+        from .wage import sample_losses as sse_losses
+
+        return sse_losses(z, labels).numpy()
     if qconfig is None or not qconfig.quantized:
         return F.cross_entropy(z, labels, reduction="none").numpy()
     return (F.cross_entropy(z * LN2, labels, reduction="none") / LN2).numpy()
@@ -60,8 +64,13 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     Float networks: ``F.cross_entropy`` (natural log, mean reduction). Quantized networks: the
     integer base-2 softmax cross-entropy (loss in bits; ``backward`` produces the per-sample
     error ``p - onehot``, the optimizer divides by the batch size, and the loss's own scale is
-    not applied to the error).
+    not applied to the error). Under ``scheme = "wage"``: WAGE's sum of squared errors
+    (:func:`qtrain.wage.sse`).
     """
     if qconfig is None or not qconfig.quantized:
         return F.cross_entropy(logits, labels)
+    if qconfig.wage:
+        from .wage import sse
+
+        return sse(logits, labels)
     return _IntXentFn.apply(logits, labels)

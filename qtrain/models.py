@@ -31,7 +31,7 @@ from .loss import LOGIT_BITS
 from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d
 from .quant import QConfig, QState, Quantize
 from .spec import MODELS as MODEL_NAMES
-from .spec import NORMS, backend_problem
+from .spec import FLOAT_BITS, NORMS, backend_problem, scheme_problem
 
 
 class _Parts:
@@ -43,6 +43,10 @@ class _Parts:
         if qconfig is not None and (problem := backend_problem(
                 (qconfig.bits_w, qconfig.bits_a, qconfig.bits_g, qconfig.bits_e),
                 qconfig.backend, norm)):
+            raise ValueError(problem)
+        if qconfig is not None and (problem := scheme_problem(
+                qconfig.scheme, (qconfig.bits_w, qconfig.bits_a, qconfig.bits_g, qconfig.bits_e),
+                norm, qconfig.stochastic_errors)):
             raise ValueError(problem)
         self.norm = norm
         self.qconfig = qconfig if qconfig is not None and qconfig.quantized else None
@@ -64,14 +68,20 @@ class _Parts:
         cls = L1BatchNorm2d if dims == 2 else L1BatchNorm1d
         return cls(c, qconfig=self.qconfig, qstate=self.qstate)
 
-    def quant(self, bits_fwd=None):
+    def quant(self, bits_fwd=None, first=False):
+        """An activation quantizer (``bits_fwd`` None; WAGE's fixed grid under scheme wage) or
+        the logits' (``bits_fwd`` given). ``first``: a block's quantizer before the norm;
+        without a norm under scheme wage it rounds no error, as WAGE quantizes errors once per
+        activation (the block's last quantizer does)."""
         if self.qconfig is None:
             return nn.Identity()
-        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd)
+        bits_bwd = FLOAT_BITS if first and self.qconfig.wage and self.norm == "none" else None
+        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd, bits_bwd=bits_bwd,
+                        grid=bits_fwd is None)
 
     def block(self, layer, c, dims=2, pool=False):
         """layer -> Quantize -> norm -> ReLU [-> max-pool 2] -> Quantize."""
-        parts = [layer, self.quant(), self.bn(c, dims), nn.ReLU()]
+        parts = [layer, self.quant(first=True), self.bn(c, dims), nn.ReLU()]
         if pool:
             parts.append(QuantMaxPool2d(2) if self.qconfig is not None else nn.MaxPool2d(2))
         return parts + [self.quant()]

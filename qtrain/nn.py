@@ -61,13 +61,29 @@ def _code_max(bits: int) -> int:
 class _Quantized:
     """Mixin: the qconfig, shared state and counters of a quantized layer."""
 
-    def _setup_quant(self, qconfig: QConfig | None, qstate: QState | None) -> None:
+    def _setup_quant(self, qconfig: QConfig | None, qstate: QState | None,
+                     fan_in: int | None = None) -> None:
+        """``fan_in``: a weight layer's inputs per output (WAGE's scale and initialisation);
+        None for a batch norm."""
         self.qconfig = qconfig
         self.qstate = qstate if qstate is not None else QState()
+        self.fan_in = fan_in
+        self.wage_shift = 0  # log2 of WAGE's fixed scale alpha (qtrain.wage)
         if self.quantized:
             self.grad_ids = (self.qstate.new_id(), self.qstate.new_id())  # weight, bias
             self.stats_w = QuantStats()
             self.stats_g = QuantStats()
+            if qconfig.wage:
+                from . import wage
+
+                if fan_in is None:
+                    raise ValueError("scheme wage trains networks without batch norm so far: "
+                                     "use norm none")
+                if self.bias is not None:
+                    raise ValueError("scheme wage trains layers without a bias (as WAGE's "
+                                     "networks); build the layer with bias=False")
+                self.wage_shift = wage.weight_limits(fan_in, qconfig.bits_w)[1]
+                wage.init_store(self.weight, fan_in, qconfig.bits_w, qconfig.bits_g)
 
     @property
     def quantized(self) -> bool:
@@ -82,6 +98,10 @@ class _Quantized:
         q = self.qconfig
         if reduce and dist.active():
             grad = dist.sum_float(grad)
+        if q.wage:  # 16 bits to nearest; the optimizer's update rounds it (qtrain.wage)
+            from .wage import GRAD_BITS
+
+            return nearest(grad, GRAD_BITS, q.engine, self.stats_g, replicated=True).float()
         return stochastic(grad, q.bits_g, q.engine, q.seed, self.qstate.step,
                           self.grad_ids[which], self.stats_g)
 
@@ -93,7 +113,7 @@ class _Quantized:
         q = self.qconfig
         if reduce and dist.active():
             grad = dist.sum_codes(grad)
-        if not q.engine.kernels(like) or q.bits_g >= FLOAT_BITS:
+        if not q.engine.kernels(like) or q.bits_g >= FLOAT_BITS or q.wage:
             return self._quantize_grad(from_codes(grad, like, torch.float64), which, False)
         out, counts = quantize_stochastic(grad, q.bits_g, seed=q.seed, step=self.qstate.step,
                                           tensor_id=self.grad_ids[which])
@@ -116,8 +136,12 @@ class _WeightFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, layer):
         q = layer.qconfig
-        exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
         ctx.inside = None
+        if q.wage:  # WAGE's fixed grid and scale, straight through
+            from .wage import weight_codes
+
+            return weight_codes(weight, q.bits_w, layer.wage_shift, q.engine, layer.stats_w)
+        exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
         if exp is not None:  # the mean exponent: which weights stay inside the codes
             codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
             ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
@@ -344,7 +368,7 @@ class QuantConv2d(nn.Conv2d, _Quantized):
                          groups, bias, padding_mode, device, dtype)
         if padding_mode != "zeros" and qconfig is not None and qconfig.quantized:
             raise ValueError("a quantized QuantConv2d supports padding_mode='zeros' only")
-        self._setup_quant(qconfig, qstate)
+        self._setup_quant(qconfig, qstate, self.weight[0].numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
@@ -361,7 +385,7 @@ class QuantLinear(nn.Linear, _Quantized):
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  qconfig: QConfig | None = None, qstate: QState | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._setup_quant(qconfig, qstate)
+        self._setup_quant(qconfig, qstate, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:

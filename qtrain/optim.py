@@ -83,6 +83,16 @@ class QSGD(torch.optim.Optimizer):
                                   "weight_decay": weight_decay})
         self.qconfig = qconfig
         self.stats: dict[int, StoreStats] = {}
+        if self.integer and qconfig.wage:
+            if momentum or weight_decay:
+                raise ValueError(f"scheme wage updates by plain SGD (WAGE's rule): set momentum "
+                                 f"0 and weight_decay 0, not {momentum} and {weight_decay}")
+            from .wage import STREAM_BASE, lr_exponent
+
+            lr_exponent(lr)  # a power of two, or a one-line error now
+            #: each parameter's random stream for WAGE's stochastic update
+            self._streams = {id(p): STREAM_BASE + i for i, p in enumerate(
+                p for group in self.param_groups for p in group["params"])}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, keeping the integer state exact.
@@ -122,7 +132,9 @@ class QSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if self.integer:
+                if self.integer and self.qconfig.wage:
+                    self._wage_step(p, group)
+                elif self.integer:
                     self._integer_step(p, group, batch_size)
                 else:
                     self._float_step(p, group)
@@ -188,6 +200,19 @@ class QSGD(torch.optim.Optimizer):
         st = self.stats[id(p)]
         st.exp, st.raised, st.steps = exp + rise, st.raised + rise, st.steps + 1
         st.saturated += sat
+
+
+    def _wage_step(self, p, group):
+        """WAGE's update (:func:`qtrain.wage.update`): integer steps of the ``bits_g`` grid,
+        the store clipped; its random stream keyed by the parameter's update count."""
+        from .wage import update
+
+        q = self.qconfig
+        state = self.state[p]
+        count = state.get("wage_steps", 0)
+        update(p, p.grad, group["lr"], q.bits_w, q.bits_g, q.engine, q.seed, count,
+               self._streams[id(p)])
+        state["wage_steps"] = count + 1
 
 
 def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:

@@ -37,7 +37,8 @@ from qkernels.quant import (SR_BITS, code_top, mean_exponent, quantize_nearest,
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
-from .spec import BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, width_problem
+from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, scheme_problem,
+                   width_problem)
 
 def check_width(bits: int, name: str) -> int:
     """A code width: 2..16, or 32 for float (no quantization)."""
@@ -62,6 +63,8 @@ class QConfig:
             quantizer) or ``"mean"`` (from the mean magnitude: for 2-3 bit weights, where the
             range exponent rounds most weights to zero).
         seed: key of the counter-based random stream.
+        scheme: ``"qtrain"`` (the rules above) or ``"wage"``: WAGE's fixed grids,
+            shift-normalized errors and integer-step updates (:mod:`qtrain.wage`).
     """
 
     bits_w: int = 8
@@ -73,6 +76,7 @@ class QConfig:
     stochastic_errors: bool = False
     weight_exp: str = "max"
     seed: int = 0
+    scheme: str = "qtrain"
 
     def __post_init__(self):
         for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
@@ -88,6 +92,14 @@ class QConfig:
         if problem := backend_problem((self.bits_w, self.bits_a, self.bits_g, self.bits_e),
                                       self.backend):
             raise ValueError(problem)
+        if problem := scheme_problem(self.scheme, (self.bits_w, self.bits_a, self.bits_g,
+                                                   self.bits_e), None, self.stochastic_errors):
+            raise ValueError(problem)
+
+    @property
+    def wage(self) -> bool:
+        """WAGE's rules (:mod:`qtrain.wage`) instead of qtrain's."""
+        return self.scheme == "wage"
 
     @property
     def engine(self) -> "Backend":
@@ -318,17 +330,19 @@ def weight_exponent(t: torch.Tensor, bits: int, backend: Backend, rule: str) -> 
 
 
 def stochastic(t: torch.Tensor, bits: int, backend: Backend, seed: int, step: int, tensor_id: int,
-               stats: QuantStats | None = None, shared: bool = False) -> torch.Tensor:
-    """Round to ``bits`` with the range exponent, stochastically (24 random bits per element
-    from the counter-based stream keyed by ``(seed, step, tensor_id)``).
+               stats: QuantStats | None = None, shared: bool = False, exp: int | None = None
+               ) -> torch.Tensor:
+    """Round to ``bits`` with the range exponent (or ``exp``, saturating), stochastically (24
+    random bits per element from the counter-based stream keyed by ``(seed, step,
+    tensor_id)``).
 
     ``shared``: ``t`` is this process's share of a batch (an error) in a synchronized step
     (:mod:`qtrain.distributed`): the exponent is the whole batch's, and element ``i`` takes
     the stream's element at its place in the whole batch's tensor."""
     if bits >= FLOAT_BITS:
         return t
-    exp, first = None, 0
-    if shared and dist.active():
+    first = 0
+    if exp is None and shared and dist.active():
         exp, first = dist.range_exponent(top_exponent(t), bits), dist.first_element(t)
         if exp is None:
             return _zeros(t, stats)
@@ -358,16 +372,28 @@ class _QuantizeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, quant, exact=False):
         ctx.quant = quant
+        ctx.inside = None
         if exact:  # x holds codes of at most bits_fwd bits: the rounding is the identity
             quant.stats_fwd.add(0, 0, x.numel())
             return x.clone()
+        if quant.grid:  # WAGE's fixed grid; its clip stops the error outside
+            from .wage import activation
+
+            y, ctx.inside = activation(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
+            return y
         return nearest(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
 
     @staticmethod
     def backward(ctx, grad):
         q = ctx.quant
+        if ctx.inside is not None:
+            grad = grad * ctx.inside
         if q.bits_bwd >= FLOAT_BITS:
             return grad, None, None
+        if q.wage:
+            from .wage import error
+
+            return error(grad, q.bits_bwd, q.engine, q.stats_bwd), None, None
         if q.stochastic_bwd:
             out = stochastic(grad, q.bits_bwd, q.engine, q.seed, q.state.step, q.tensor_id,
                              q.stats_bwd, shared=True)
@@ -387,13 +413,19 @@ class Quantize(torch.nn.Module):
     ``frozen_exp`` (None until :func:`qtrain.frozen.freeze` sets it): in eval mode the forward
     rounds to this fixed exponent (saturating) instead of the batch's range, so a prediction
     does not depend on the batch it is computed in. Training ignores it.
+
+    Under ``scheme = "wage"`` errors take WAGE's rule (:func:`qtrain.wage.error`), and with
+    ``grid`` (activations; not the logits) the forward rounds to WAGE's fixed ``bits_fwd``
+    grid, whose clip stops the error outside it (:func:`qtrain.wage.activation`).
     """
 
     def __init__(self, qconfig: QConfig, qstate: QState, bits_fwd: int | None = None,
-                 bits_bwd: int | None = None):
+                 bits_bwd: int | None = None, grid: bool = False):
         super().__init__()
         self.bits_fwd = qconfig.bits_a if bits_fwd is None else check_width(bits_fwd, "bits_fwd")
         self.bits_bwd = qconfig.bits_e if bits_bwd is None else check_width(bits_bwd, "bits_bwd")
+        self.wage = qconfig.wage
+        self.grid = grid and qconfig.wage and self.bits_fwd < FLOAT_BITS
         self.engine = qconfig.engine
         self.seed = qconfig.seed
         self.stochastic_bwd = qconfig.stochastic_errors
@@ -441,8 +473,9 @@ class Quantize(torch.nn.Module):
 
     def extra_repr(self) -> str:
         frozen = "" if self.frozen_exp is None else f", frozen_exp={self.frozen_exp}"
+        wage = ", scheme=wage" + (", grid" if self.grid else "") if self.wage else ""
         return (f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, "
-                f"backend={self.engine.name}{frozen}")
+                f"backend={self.engine.name}{wage}{frozen}")
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

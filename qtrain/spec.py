@@ -18,6 +18,30 @@ BACKENDS = ("int", "emulate")
 NORMS = ("l1", "l2", "none")
 #: How weights pick their exponent: from the largest magnitude or from the mean magnitude.
 WEIGHT_EXPS = ("max", "mean")
+#: Quantization rules: qtrain's (range exponents, wide store, momentum SGD) or WAGE's (fixed
+#: grids, shift-normalized errors and updates, integer steps: :mod:`qtrain.wage`).
+SCHEMES = ("qtrain", "wage")
+
+
+def scheme_problem(scheme: str, widths: tuple[int, int, int, int], norm: str,
+                   stochastic_errors: bool) -> str | None:
+    """What the ``wage`` scheme needs: quantized W, A, G, E with ``bits_w <= bits_g`` (the
+    store's grid holds the weights'), no batch norm yet, nearest errors."""
+    if scheme not in SCHEMES:
+        return f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}"
+    if scheme != "wage":
+        return None
+    bits_w, _, bits_g, _ = widths
+    if max(widths) >= FLOAT_BITS:
+        return "scheme wage quantizes every class: give bits_w, bits_a, bits_g, bits_e below 32"
+    if bits_w > bits_g:
+        return (f"scheme wage keeps the weight store on the bits_g grid, which must hold the "
+                f"weights' bits_w grid: bits_w={bits_w} > bits_g={bits_g}")
+    if norm not in ("none", None):
+        return f"scheme wage trains networks without batch norm so far: use norm none, not {norm}"
+    if stochastic_errors:
+        return "scheme wage rounds errors to nearest (WAGE's rule): set stochastic_errors false"
+    return None
 #: Dataset name -> image shape (H, W, C).
 DATASETS = {"fashion-mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 #: Model name -> the image shapes (H, W, C) it accepts (None: any); the builders are

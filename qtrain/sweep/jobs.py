@@ -114,6 +114,15 @@ def _run_job(job: Job, download: bool, label: str | None) -> dict:
     return result
 
 
+def _defaults() -> dict:
+    """The defaults of the config fields a recipe may leave out (``config.DEFAULTED``), as
+    ``to_dict`` writes them."""
+    from ..config import DEFAULTED, RunConfig
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    return {k: fields[k].default for k in DEFAULTED}
+
+
 def finished_summary(job: Job) -> dict | None:
     """The summary of a finished run in ``job.run_dir``, or None (then it is (re)trained).
 
@@ -130,6 +139,7 @@ def finished_summary(job: Job) -> dict | None:
         saved = None
     wanted = job.config.to_dict()
     if isinstance(saved, dict):
+        saved = {**_defaults(), **saved}  # a field added since the run was made: its default
         diff = [k for k in wanted if k not in _IGNORED_FIELDS and saved.get(k) != wanted[k]]
         if diff:
             k = diff[0]

@@ -91,6 +91,25 @@ def test_sweep_started_again_skips_finished_runs(first_sweep, capsys):
     assert all(r["final_test_error"] is not None for r in recs)
 
 
+def test_runs_made_before_a_defaulted_field_existed_are_still_the_sweeps(first_sweep, tmp_path,
+                                                                        capsys):
+    """A run whose config.json lacks a field added later with a default (``scheme``,
+    ``weight_decay``) had that default: started again, the sweep skips it (or would resume
+    it) instead of calling it another run."""
+    import shutil
+
+    _, out = first_sweep
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    for cfg in (old / "runs").glob("*/config.json"):
+        saved = json.loads(cfg.read_text())
+        del saved["scheme"], saved["weight_decay"]
+        cfg.write_text(json.dumps(saved))
+    rc, text = sweep(capsys, "--bits", "4,8", "--norm", "l1", "--backend", "int", "--seeds", "2",
+                     "--jobs", "2", "--out", str(old))
+    assert rc == 0 and "0 to train" in text
+
+
 def test_impossible_combinations_are_skipped_not_crashed(tmp_path, capsys):
     rc, text = sweep(capsys, "--bits", "8,12", "--norm", "l2", "--backend", "int",
                      "--out", str(tmp_path))
