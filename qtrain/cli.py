@@ -280,7 +280,7 @@ def _train(args: argparse.Namespace, command: str | None = None) -> int:
 
         prepare_out(run_dir, resume=True)
         saved = read_config(run_dir)
-        wanted = dataclasses.replace(apply_sets(saved, args.set), **flags)
+        wanted = apply_sets(saved, args.set, flags)
         given = tuple(k for k in field_names() if k in flags
                       or any(s.partition("=")[0].strip().replace("-", "_") == k
                              for s in args.set))
@@ -290,7 +290,7 @@ def _train(args: argparse.Namespace, command: str | None = None) -> int:
     else:
         recipe = args.recipe or DEFAULT_RECIPE
         cfg = load_recipe(recipe)
-        cfg = dataclasses.replace(apply_sets(cfg, args.set), **flags)
+        cfg = apply_sets(cfg, args.set, flags)
         label = recipe_label(recipe)
         out = Path(args.out) if args.out else Path("runs") / (
             f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")

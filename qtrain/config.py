@@ -330,8 +330,10 @@ def _parse(text: str, tp):
     return text
 
 
-def apply_sets(config: RunConfig, sets: list[str]) -> RunConfig:
-    """``config`` with ``["key=value", ...]`` applied, each value parsed as its field's type.
+def apply_sets(config: RunConfig, sets: list[str], then: dict | None = None) -> RunConfig:
+    """``config`` with ``["key=value", ...]`` applied, each value parsed as its field's type,
+    and then the fields in ``then`` (the command line's flags), checked once together (so
+    ``--set scheme=wage --norm none`` is the one config it names).
 
     Lists are written ``30,60`` (or ``[30,60]``, or empty for none); optional fields take
     ``none``; booleans ``true``/``false``.
@@ -349,4 +351,4 @@ def apply_sets(config: RunConfig, sets: list[str]) -> RunConfig:
         except ValueError:
             raise UserError(f"--set {key}={text!r}: expected {_type_name(types[key])}; the "
                             f"recipe's fields are: {', '.join(types)}") from None
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **changes, **(then or {}))

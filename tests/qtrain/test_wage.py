@@ -4,6 +4,7 @@ bit-identical over a few steps, and the config's checks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -196,3 +197,39 @@ def test_config_refuses_what_wage_cannot_run(changes, message):
     with pytest.raises(UserError, match=message):
         _cfg(**changes)
     _cfg()  # the base is fine
+
+
+WAGE_FLAGS = ["--recipe", "lenet5-fmnist-paper", "--set", "scheme=wage", "--norm", "none",
+              "--set", "momentum=0", "--lr", "8", "--set", "lr_gamma=0.125",
+              "--set", "lr_milestones=1", "--bits-w", "2", "--set", "per_class=20",
+              "--set", "batch_size=64", "--no-download"]
+
+
+def _qtrain(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qtrain.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_wage_run_from_the_command_line_resumes_exactly(tmp_path, fake_mnist, monkeypatch):
+    """``--set scheme=wage --norm none`` is one config (sets and flags are checked together);
+    a run of 2 epochs equals 1 epoch resumed to 2, the updates' random streams included."""
+    data = fake_mnist(tmp_path / "data", 30, 5)
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    common = [*WAGE_FLAGS, "--data-dir", str(data)]
+    out = _qtrain(*common, "--epochs", "2", "--out", str(tmp_path / "two"))
+    assert out.returncode == 0, out.stderr
+    out = _qtrain(*common, "--epochs", "1", "--out", str(tmp_path / "one"))
+    assert out.returncode == 0, out.stderr
+    out = _qtrain("--resume", str(tmp_path / "one"), "--epochs", "2")
+    assert out.returncode == 0, out.stderr
+    a = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    steps = [s["wage_steps"] for s in a["optimizer"]["state"].values()]
+    assert steps == [2 * 4] * 4  # 4 batches of 200 images (the last of 8) per epoch, 2 epochs
+    assert a["optimizer"]["state"] == b["optimizer"]["state"]
+    cfg = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert (cfg["scheme"], cfg["norm"], cfg["lr"]) == ("wage", "none", 8.0)
