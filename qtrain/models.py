@@ -69,15 +69,17 @@ class _Parts:
         return cls(c, qconfig=self.qconfig, qstate=self.qstate)
 
     def quant(self, bits_fwd=None, first=False):
-        """An activation quantizer (``bits_fwd`` None; WAGE's fixed grid under scheme wage) or
-        the logits' (``bits_fwd`` given). ``first``: a block's quantizer before the norm;
-        without a norm under scheme wage it rounds no error, as WAGE quantizes errors once per
-        activation (the block's last quantizer does)."""
+        """An activation quantizer (``bits_fwd`` None) or the logits' (``bits_fwd`` given).
+        ``first``: a block's quantizer before the norm. Under scheme wage an activation
+        quantizer rounds to WAGE's fixed grid, except before a norm (the norm's input keeps
+        its range: WAGE has no quantizer there); without a norm the first one rounds no
+        error, as WAGE quantizes errors once per activation (the block's last does)."""
         if self.qconfig is None:
             return nn.Identity()
-        bits_bwd = FLOAT_BITS if first and self.qconfig.wage and self.norm == "none" else None
+        normed = first and self.norm != "none"
+        bits_bwd = FLOAT_BITS if first and self.qconfig.wage and not normed else None
         return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd, bits_bwd=bits_bwd,
-                        grid=bits_fwd is None)
+                        grid=bits_fwd is None and not normed)
 
     def block(self, layer, c, dims=2, pool=False):
         """layer -> Quantize -> norm -> ReLU [-> max-pool 2] -> Quantize."""

@@ -73,12 +73,9 @@ class _Quantized:
             self.grad_ids = (self.qstate.new_id(), self.qstate.new_id())  # weight, bias
             self.stats_w = QuantStats()
             self.stats_g = QuantStats()
-            if qconfig.wage:
+            if qconfig.wage and fan_in is not None:  # (a batch norm keeps its init)
                 from . import wage
 
-                if fan_in is None:
-                    raise ValueError("scheme wage trains networks without batch norm so far: "
-                                     "use norm none")
                 if self.bias is not None:
                     raise ValueError("scheme wage trains layers without a bias (as WAGE's "
                                      "networks); build the layer with bias=False")

@@ -211,7 +211,7 @@ class QSGD(torch.optim.Optimizer):
         state = self.state[p]
         count = state.get("wage_steps", 0)
         update(p, p.grad, group["lr"], q.bits_w, q.bits_g, q.engine, q.seed, count,
-               self._streams[id(p)])
+               self._streams[id(p)], clip=p.dim() > 1)  # a weight; not a norm's scale, shift
         state["wage_steps"] = count + 1
 
 

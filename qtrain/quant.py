@@ -449,7 +449,8 @@ class Quantize(torch.nn.Module):
             return x
         if self.frozen_exp is not None and not self.training:
             return nearest(x, self.bits_fwd, self.engine, self.stats_fwd, self.frozen_exp)
-        exact = code_bits is not None and code_bits <= self.bits_fwd < FLOAT_BITS
+        exact = (code_bits is not None and code_bits <= self.bits_fwd < FLOAT_BITS
+                 and not self.grid)  # codes of a range: on WAGE's grid they round again
         return _QuantizeFn.apply(x, self, exact)
 
     def round_error_codes(self, err: QTensor) -> QTensor:
@@ -458,6 +459,13 @@ class Quantize(torch.nn.Module):
         container (both depend only on the values)."""
         if self.bits_bwd >= FLOAT_BITS:
             return err
+        if self.wage:  # WAGE's rule: the exponent of round(log2 max|e|), nearest
+            from .wage import error_exponent
+
+            out, counts = quantize_nearest(err, self.bits_bwd, error_exponent(
+                code_top_value(err), self.bits_bwd))
+            self.stats_bwd.add(*counts)
+            return out
         exp, first = None, 0
         if dist.active():  # the whole batch's exponent, and this share's place in the batch
             exp = dist.range_exponent(code_top(err), self.bits_bwd)
@@ -476,6 +484,13 @@ class Quantize(torch.nn.Module):
         wage = ", scheme=wage" + (", grid" if self.grid else "") if self.wage else ""
         return (f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, "
                 f"backend={self.engine.name}{wage}{frozen}")
+
+
+def code_top_value(q: QTensor) -> float:
+    """max|codes| * 2**exp as a Python float (exact for codes below 2**53)."""
+    if q.q.size == 0:
+        return 0.0
+    return math.ldexp(int(np.abs(q.q.astype(np.int64)).max()), q.exp)
 
 
 def quant_report(model: torch.nn.Module) -> dict[str, dict[str, dict[str, int]]]:

@@ -26,7 +26,7 @@ SCHEMES = ("qtrain", "wage")
 def scheme_problem(scheme: str, widths: tuple[int, int, int, int], norm: str,
                    stochastic_errors: bool) -> str | None:
     """What the ``wage`` scheme needs: quantized W, A, G, E with ``bits_w <= bits_g`` (the
-    store's grid holds the weights'), no batch norm yet, nearest errors."""
+    store's grid holds the weights'), no batch norm or integer L1BN, nearest errors."""
     if scheme not in SCHEMES:
         return f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}"
     if scheme != "wage":
@@ -37,8 +37,9 @@ def scheme_problem(scheme: str, widths: tuple[int, int, int, int], norm: str,
     if bits_w > bits_g:
         return (f"scheme wage keeps the weight store on the bits_g grid, which must hold the "
                 f"weights' bits_w grid: bits_w={bits_w} > bits_g={bits_g}")
-    if norm not in ("none", None):
-        return f"scheme wage trains networks without batch norm so far: use norm none, not {norm}"
+    if norm not in ("none", "l1", None):
+        return (f"scheme wage trains networks without batch norm (WAGE's) or with integer L1BN: "
+                f"use norm none or l1, not {norm}")
     if stochastic_errors:
         return "scheme wage rounds errors to nearest (WAGE's rule): set stochastic_errors false"
     return None

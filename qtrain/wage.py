@@ -20,6 +20,10 @@ WAGE puts every tensor class on a fixed grid instead of a range exponent. With
   an integer ``n``: the store moves by ``n`` steps of the ``k_G`` grid and is clipped. The
   learning rate (8, 1, 1/8 in WAGE's schedules) must be a power of two here, so the whole
   update is a shift and a stochastic rounding of integer codes. No momentum, no weight decay.
+* **Batch norm** (WAGE's networks have none; ``norm = "l1"`` puts qtrain's integer L1BN in):
+  the norm's input keeps its range exponent (WAGE has no quantizer there), its output after
+  ReLU is an activation on the fixed grid, and its scale and shift take the same integer-step
+  update on the ``k_G`` grid, without the clip (they start at 1 and 0 off the grid's range).
 * **Loss.** WAGE's sum of squared errors, ``0.5 * sum (logits - onehot)**2``, whose error
   ``logits - onehot`` is exact on the logits' grid (:func:`sse`).
 
@@ -110,14 +114,22 @@ def error(e: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | None
     if bits >= FLOAT_BITS:
         return e
     lo, hi = torch.aminmax(e.detach()) if e.numel() else (e.new_zeros(()), e.new_zeros(()))
-    r = shift_exponent(max(-float(lo), float(hi)))
-    if dist.active():  # the whole batch's peak: round(log2 .) is monotone, so the largest R
-        r = dist.max_int(r)
-    if r is None:
+    exp = error_exponent(max(-float(lo), float(hi)), bits)
+    if exp is None:
         if stats is not None:
             stats.add(0, 0, e.numel())
         return torch.zeros_like(e)
-    return nearest(e, bits, backend, stats, r + grid_exp(bits))
+    return nearest(e, bits, backend, stats, exp)
+
+
+def error_exponent(peak: float, bits: int) -> int | None:
+    """The exponent WAGE's error rule rounds to: ``round(log2 peak) - (bits - 1)`` (None for an
+    all-zero error). Under torchrun the peak is the whole batch's: ``round(log2 .)`` is
+    monotone, so it is the largest of the processes' exponents."""
+    r = shift_exponent(peak)
+    if dist.active():
+        r = dist.max_int(r)
+    return None if r is None else r + grid_exp(bits)
 
 
 def lr_exponent(lr: float) -> int:
@@ -143,18 +155,22 @@ def init_store(weight: torch.Tensor, fan_in: int, bits_w: int, bits_g: int,
 
 
 def update(p: torch.Tensor, grad: torch.Tensor, lr: float, bits_w: int, bits_g: int,
-           backend: Backend, seed: int, step: int, stream: int) -> None:
+           backend: Backend, seed: int, step: int, stream: int, clip: bool = True) -> None:
     """One WAGE update of the store ``p`` (on the ``k_G`` grid) from its gradient, in place:
-    ``n = SR(lr * grad / Shift(max|grad|))`` integer steps, ``p -= n / S(k_G)``, clipped."""
+    ``n = SR(lr * grad / Shift(max|grad|))`` integer steps, ``p -= n / S(k_G)``, clipped to
+    ``C(., k_W)`` (with ``clip``: a weight; a batch norm's scale and shift are not, as WAGE
+    leaves its batch norm's parameters alone)."""
     lo, hi = torch.aminmax(grad.detach())
     r = shift_exponent(max(-float(lo), float(hi)))
     if r is None:
         return
     exp = r - lr_exponent(lr)  # n * 2**exp is the rounded gradient: n = SR(grad * 2**-exp)
     steps = stochastic(grad, GRAD_BITS, backend, seed, step, stream, exp=exp) * pow2(-exp)
-    top = store_max(bits_w, bits_g)
     e = grid_exp(bits_g)
-    codes = (p.detach().double() * pow2(-e) - steps.double()).clamp_(-top, top)
+    codes = p.detach().double() * pow2(-e) - steps.double()
+    if clip:
+        top = store_max(bits_w, bits_g)
+        codes.clamp_(-top, top)
     p.copy_((codes * pow2(e)).to(p.dtype))
 
 

@@ -84,6 +84,9 @@ def test_recipes_named_in_the_issue_exist():
     wage = load_recipe("wage-2888")
     assert (wage.bits_w, wage.bits_a, wage.bits_g, wage.bits_e) == (2, 8, 8, 8)
     assert paper.model == wage.model == "lenet5-paper"  # the paper's and WAGE's own network
+    assert (wage.scheme, wage.norm, wage.momentum) == ("wage", "none", 0.0)  # WAGE's rules
+    assert [wage.lr_at(e) for e in (0, 59, 60, 74, 75, 89)] == [8, 8, 1, 1, 0.125, 0.125]
+    assert load_recipe("wage-2888-l1bn") == dataclasses.replace(wage, norm="l1")
     assert paper.weight_decay == 0.0
 
 

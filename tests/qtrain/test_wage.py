@@ -134,10 +134,10 @@ def test_lr_must_be_a_power_of_two():
         wage.lr_exponent(0.1)
 
 
-def _steps(backend: str, steps: int = 3):
+def _steps(backend: str, norm: str = "none", steps: int = 3):
     torch.manual_seed(0)
     q = QConfig(2, 8, 8, 8, backend=backend, scheme="wage", seed=3)
-    net = build("lenet5-paper", "none", q)
+    net = build("lenet5-paper", norm, q)
     opt = QSGD(net.parameters(), lr=8.0, momentum=0.0, qconfig=q)
     rng = np.random.default_rng(0)
     losses = []
@@ -154,14 +154,18 @@ def _steps(backend: str, steps: int = 3):
     return [p.detach().clone() for p in net.parameters()], out.detach(), losses, opt
 
 
-def test_int_and_emulate_are_bit_identical_under_wage():
-    params, out, losses, opt = _steps("int")
+@pytest.mark.parametrize("norm", ["none", "l1"])
+def test_int_and_emulate_are_bit_identical_under_wage(norm):
+    """The int backend (fused L1 blocks included) and emulate's torch operations."""
+    params, out, losses, opt = _steps("int", norm)
     with torch_emulation():
-        params_e, out_e, losses_e, _ = _steps("emulate")
+        params_e, out_e, losses_e, _ = _steps("emulate", norm)
     assert losses == losses_e and torch.equal(out, out_e)
     assert all(torch.equal(a, b) for a, b in zip(params, params_e))
     first = params[0].double() * 128  # the store stayed on the 8-bit grid inside C(., 2)
     assert torch.equal(first, first.round()) and first.abs().max() <= 64
+    for p in params:  # every parameter, a norm's scale and shift too, on the store's grid
+        assert torch.equal(p.double() * 128, (p.double() * 128).round())
     assert any(not torch.equal(a, a.sign() * 0.5) for a in params)  # the updates moved it
     assert all(s["wage_steps"] == 3 for s in opt.state_dict()["state"].values())
 
@@ -184,7 +188,7 @@ def _cfg(**changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"norm": "l1"}, "without batch norm"),
+    ({"norm": "l2", "backend": "emulate"}, "norm none or l1"),
     ({"momentum": 0.9}, "plain SGD"),
     ({"lr": 0.1}, "powers of two"),
     ({"lr_gamma": 0.1}, "powers of two"),

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# WAGE 2-8-8-8 on the paper's LeNet-5 and Fashion-MNIST (issue 11): long runs, meant for the
+# background. Each run resumes exactly from its checkpoint when the script runs again.
+#
+#   scripts/wage.sh nobn      # wage-2888 (WAGE's rules, no BN), seeds 0 and 1, side by side
+#   scripts/wage.sh l1bn      # wage-2888-l1bn (the same with integer L1BN), seeds 0 and 1
+#   scripts/wage.sh float     # the same network in float without BN, same epochs and milestones
+#                             # (lr 0.1 / 10, momentum 0.9: float SGD's usual), seeds 0 and 1
+#   scripts/wage.sh keep      # copy finished runs' config, summary, metrics to docs/runs/wage
+#
+# OUT (default runs/wage) holds the run directories; results and their commands go to
+# docs/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/wage}
+phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | keep}
+
+finished() {  # finished DIR: the run in DIR did all its epochs
+  [ -f "$1/summary.json" ] && python - "$1/summary.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+sys.exit(0 if s["epochs_done"] >= s["epochs"] else 1)
+PY
+}
+
+run() {  # run DIR ARGS...: start, or resume an unfinished run, or skip a finished one
+  local dir=$1; shift
+  if finished "$dir"; then echo "finished: $dir"; return; fi
+  if [ -f "$dir/checkpoint.pt" ]; then qtrain --resume "$dir"; else qtrain "$@" --out "$dir"; fi
+}
+
+case "$phase" in
+  nobn|l1bn)
+    recipe=wage-2888; [ "$phase" = l1bn ] && recipe=wage-2888-l1bn
+    for seed in 0 1; do
+      run "$OUT/$recipe-s$seed" --recipe "$recipe" --seed "$seed" > "$OUT-$recipe-s$seed.log" 2>&1 &
+    done
+    wait
+    ;;
+  float)
+    for seed in 0 1; do
+      run "$OUT/float-nobn-s$seed" --recipe lenet5-fmnist-paper --norm none --bits 32 \
+        --backend emulate --set lr_milestones=60,75 --seed "$seed" > "$OUT-float-s$seed.log" 2>&1 &
+    done
+    wait
+    ;;
+  keep)
+    for dir in "$OUT"/*/; do
+      dir=${dir%/}
+      finished "$dir" || continue
+      mkdir -p "docs/runs/wage/$(basename "$dir")"
+      cp "$dir/config.json" "$dir/summary.json" "$dir/metrics.jsonl" "docs/runs/wage/$(basename "$dir")/"
+      echo "kept docs/runs/wage/$(basename "$dir")"
+    done
+    ;;
+  *)
+    echo "wage.sh: unknown phase '$phase' (nobn, l1bn, float or keep)" >&2
+    exit 2
+    ;;
+esac
