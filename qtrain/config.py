@@ -351,4 +351,4 @@ def apply_sets(config: RunConfig, sets: list[str], then: dict | None = None) -> 
         except ValueError:
             raise UserError(f"--set {key}={text!r}: expected {_type_name(types[key])}; the "
                             f"recipe's fields are: {', '.join(types)}") from None
-    return dataclasses.replace(config, **changes, **(then or {}))
+    return dataclasses.replace(config, **{**changes, **(then or {})})  # a flag wins

@@ -167,10 +167,6 @@ def _mm8(a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
     return out
 
 
-def _parts(m: torch.Tensor | Limbs) -> list[tuple[torch.Tensor, int]]:
-    return [(m.hi, 8), (m.lo, 0)] if isinstance(m, Limbs) else [(m, 0)]
-
-
 def limb_products(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> list[torch.Tensor]:
     """The limb products of ``a @ b`` (int32, or int64 for very long dot products), for
     :func:`qkernels.conv.join_limbs`: ``hi@hi, hi@lo, lo@hi, lo@lo`` for two wide operands,
@@ -205,9 +201,9 @@ def _wide(m: torch.Tensor | Limbs) -> torch.Tensor | Limbs:
 
 
 def matmul(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> torch.Tensor:
-    """Exact ``a @ b`` of integer code matrices (int8 tensors, other integer tensors of codes
-    up to 16 bits, or :class:`Limbs`): int32 for two int8 matrices whose dot products have at
-    most :data:`MAX_TERMS` terms, int64 otherwise."""
+    """Exact ``a @ b`` of code matrices (int8 or int16 tensors, or :class:`Limbs`): int32
+    for two int8 matrices whose dot products have at most :data:`MAX_TERMS` terms, int64
+    otherwise."""
     a, b = _wide(a), _wide(b)
     if not isinstance(a, Limbs) and not isinstance(b, Limbs):
         return _mm8(a, b, MAX_TERMS)
@@ -353,8 +349,8 @@ def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Ten
     a, b = _wide(w.q.reshape(o, -1).t()), _wide(g.q.t())  # (C*kh*kw, N*OH*OW) products
     kernel = tuple(w.q.shape[2:])
     if isinstance(a, Limbs) or isinstance(b, Limbs):
-        extra = offset_terms(a, b)
-        if extra is None and _int8_input_sums(w.q.shape, stride):
+        offsets = any(isinstance(m, Limbs) and m.off for m in (a, b))
+        if not offsets and _int8_input_sums(w.q.shape, stride):
             images = [col2im(p.numpy(), tuple(x_shape), kernel, stride, padding)
                       for p in limb_products(a, b)]
             return container(torch.from_numpy(join_limbs(*images)), g.exp + w.exp)

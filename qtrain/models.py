@@ -31,7 +31,7 @@ from .loss import LOGIT_BITS
 from .nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear, QuantMaxPool2d
 from .quant import QConfig, QState, Quantize
 from .spec import MODELS as MODEL_NAMES
-from .spec import FLOAT_BITS, NORMS, backend_problem, scheme_problem
+from .spec import NORMS, backend_problem, scheme_problem
 
 
 class _Parts:
@@ -72,13 +72,13 @@ class _Parts:
         """An activation quantizer (``bits_fwd`` None) or the logits' (``bits_fwd`` given).
         ``first``: a block's quantizer before the norm. Under scheme wage an activation
         quantizer rounds to WAGE's fixed grid, except before a norm (the norm's input keeps
-        its range: WAGE has no quantizer there); without a norm the first one rounds no
-        error, as WAGE quantizes errors once per activation (the block's last does)."""
-        if self.qconfig is None:
-            return nn.Identity()
+        its range: WAGE has no quantizer there); without a norm there is none before the
+        ReLU and pool (the exact accumulators go through them, as in WAGE, so the pool picks
+        the same maxima), and the block's last quantizer rounds once, errors included."""
+        if self.qconfig is None or (first and self.qconfig.wage and self.norm == "none"):
+            return nn.Identity()  # WAGE: conv -> pool -> ReLU -> one quantizer, on the grid
         normed = first and self.norm != "none"
-        bits_bwd = FLOAT_BITS if first and self.qconfig.wage and not normed else None
-        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd, bits_bwd=bits_bwd,
+        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd,
                         grid=bits_fwd is None and not normed)
 
     def block(self, layer, c, dims=2, pool=False):
@@ -178,7 +178,7 @@ class _BasicBlock(nn.Module):
     def __init__(self, p: _Parts, cin: int, cout: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(*p.block(p.conv(cin, cout, 3, stride, 1), cout),
-                                  p.conv(cout, cout, 3, 1, 1), p.quant(), p.bn(cout))
+                                  p.conv(cout, cout, 3, 1, 1), p.quant(first=True), p.bn(cout))
         self.stride = stride
         self.pad = cout - cin
         self.out = nn.Sequential(nn.ReLU(), p.quant())

@@ -137,7 +137,7 @@ class _WeightFn(torch.autograd.Function):
         if q.wage:  # WAGE's fixed grid and scale, straight through
             from .wage import weight_codes
 
-            return weight_codes(weight, q.bits_w, layer.wage_shift, q.engine, layer.stats_w)
+            return weight_codes(weight, q.bits_w, layer.wage_shift, layer.stats_w)
         exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
         if exp is not None:  # the mean exponent: which weights stay inside the codes
             codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
@@ -614,6 +614,8 @@ def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
     """Whether the int kernels would run ``relu(bn(quant(x)))``: a quantized L1 batch norm in
     training mode on a float32 CPU tensor."""
     if not (isinstance(bn, _L1BatchNorm) and bn.quantized and isinstance(relu, nn.ReLU)):
+        return False
+    if getattr(quant, "grid", False):  # WAGE's fixed grid before a norm: the modules run it
         return False
     q = bn.qconfig
     return ((bn.training or not bn.track_running_stats)

@@ -29,7 +29,10 @@ WAGE puts every tensor class on a fixed grid instead of a range exponent. With
 
 Where qtrain differs from WAGE's TensorFlow code, and why:
 
-* rounding to nearest is half up (qtrain's one rounding) where TensorFlow rounds half to even;
+* activations and errors round to nearest half up (qtrain's rounding) where TensorFlow rounds
+  half to even (weights, whose store sits on ties often, round half to even as WAGE's);
+* the logits are the exact accumulators rounded to 16 bits at their range exponent (the
+  project's integer loss input; exact at 2-8-8-8, whose sums stay below 2**16), not float;
 * the stochastic rounding of the update draws 24 random bits from qtrain's counter-based stream
   (``qkernels.rng``: reproducible, the same on every backend and process count) and rounds
   ``floor(x + r)``; WAGE first rounds ``lr * g / Shift`` to 16 bits and rounds the magnitude
@@ -94,11 +97,19 @@ def store_max(bits_w: int, bits_g: int) -> int:
     return (1 << (bits_g - 1)) - (1 << (bits_g - bits_w))
 
 
-def weight_codes(store: torch.Tensor, bits_w: int, shift: int, backend: Backend,
-                 stats: QuantStats | None) -> torch.Tensor:
-    """The forward weights ``Q(C(w, k_W), k_W) / alpha`` (``alpha = 2**shift``)."""
-    return nearest(store, bits_w, backend, stats, grid_exp(bits_w), replicated=True) \
-        * pow2(-shift)
+def weight_codes(store: torch.Tensor, bits_w: int, shift: int, stats: QuantStats | None
+                 ) -> torch.Tensor:
+    """The forward weights ``Q(C(w, k_W), k_W) / alpha`` (``alpha = 2**shift``), rounded half
+    to even as WAGE's TensorFlow does: the store sits on the finer ``k_G`` grid, so ties are
+    common, and half up would round +1/4 to 1/2 but -1/4 to 0 at 2 bits (a sign bias). Exact
+    float64 arithmetic on the store's codes, the same on every backend and device."""
+    top = (1 << (bits_w - 1)) - 1
+    codes = torch.round(store.detach().double() * pow2(bits_w - 1))  # half to even
+    if stats is not None:
+        stats.add(int((codes.abs() > top).sum()),
+                  int(store.detach().bool().sum()) - int(codes.clamp(-top, top).bool().sum()),
+                  store.numel())
+    return (codes.clamp_(-top, top) * pow2(grid_exp(bits_w) - shift)).to(store.dtype)
 
 
 def activation(x: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | None
@@ -148,7 +159,7 @@ def init_store(weight: torch.Tensor, fan_in: int, bits_w: int, bits_g: int,
     bound, _ = weight_limits(fan_in, bits_w)
     with torch.no_grad():
         u = torch.rand(weight.shape, generator=generator, dtype=torch.float64) * 2 - 1
-        codes = torch.floor(u * bound * 2 ** (bits_w - 1) + 0.5)  # the k_W grid, half up
+        codes = torch.round(u * bound * 2 ** (bits_w - 1))  # the k_W grid
         codes = codes * 2 ** (bits_g - bits_w)  # on the store's k_G grid
         top = store_max(bits_w, bits_g)
         weight.copy_((codes.clamp_(-top, top) * pow2(grid_exp(bits_g))).to(weight.dtype))

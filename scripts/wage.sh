@@ -14,6 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/wage}
 phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | keep}
+mkdir -p "$OUT"
+
+both() {  # both: wait for the two background runs, failing if either failed
+  local rc=0
+  for pid in "$@"; do wait "$pid" || rc=1; done
+  return $rc
+}
 
 finished() {  # finished DIR: the run in DIR did all its epochs
   [ -f "$1/summary.json" ] && python - "$1/summary.json" <<'PY'
@@ -32,20 +39,24 @@ run() {  # run DIR ARGS...: start, or resume an unfinished run, or skip a finish
 case "$phase" in
   nobn|l1bn)
     recipe=wage-2888; [ "$phase" = l1bn ] && recipe=wage-2888-l1bn
+    pids=()
     for seed in 0 1; do
-      run "$OUT/$recipe-s$seed" --recipe "$recipe" --seed "$seed" > "$OUT-$recipe-s$seed.log" 2>&1 &
+      run "$OUT/$recipe-s$seed" --recipe "$recipe" --seed "$seed" > "$OUT/$recipe-s$seed.log" 2>&1 &
+      pids+=($!)
     done
-    wait
+    both "${pids[@]}"
     ;;
   float)
+    pids=()
     for seed in 0 1; do
       run "$OUT/float-nobn-s$seed" --recipe lenet5-fmnist-paper --norm none --bits 32 \
-        --backend emulate --set lr_milestones=60,75 --seed "$seed" > "$OUT-float-s$seed.log" 2>&1 &
+        --backend emulate --set lr_milestones=60,75 --seed "$seed" > "$OUT/float-nobn-s$seed.log" 2>&1 &
+      pids+=($!)
     done
-    wait
+    both "${pids[@]}"
     ;;
   keep)
-    for dir in "$OUT"/*/; do
+    for dir in "$OUT"/*/; do  # (the logs beside them stay)
       dir=${dir%/}
       finished "$dir" || continue
       mkdir -p "docs/runs/wage/$(basename "$dir")"

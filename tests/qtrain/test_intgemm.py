@@ -199,10 +199,14 @@ def test_limb_products_are_exact(peak, wide_a, wide_b):
     assert torch.equal(intgemm.matmul(la, lb), want)
 
 
-def test_long_limb_products_are_split_and_summed_in_int64(monkeypatch):
-    a = torch.full((3, 200), 32767, dtype=torch.int16)
-    b = torch.full((200, 4), -32767, dtype=torch.int16)
-    monkeypatch.setattr(intgemm, "LIMB_TERMS", 64)
+@pytest.mark.parametrize("peak", [32767, 32000])
+def test_long_limb_products_are_split_and_summed_in_int64(peak):
+    """140,000 terms of limb products near 127 * 127 pass 2**31: unsplit, int32 would wrap."""
+    k = intgemm.LIMB_TERMS + 8929
+    a = torch.full((17, k), peak, dtype=torch.int16)
+    b = torch.full((k, 3), -peak, dtype=torch.int16)
+    b[:, 1] = peak - 255  # a low limb of 1
+    assert 127 * 127 * k > 1 << 31
     assert torch.equal(intgemm.matmul(a, b), a.long() @ b.long())
 
 

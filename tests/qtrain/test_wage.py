@@ -27,7 +27,7 @@ def S(k):  # noqa: N802 -- WAGE's name
     return 2.0 ** (k - 1)
 
 
-def Q(x, k):  # noqa: N802 -- round half up, qtrain's rounding (WAGE's TensorFlow: half even)
+def Q(x, k):  # noqa: N802 -- round half up, qtrain's rounding of activations and errors
     return np.floor(x * S(k) + 0.5) / S(k)
 
 
@@ -75,8 +75,9 @@ def test_weight_codes_are_q_of_c_over_alpha(bits_w, shift_w):
     rng = np.random.default_rng(bits_w)
     store = rng.integers(-128, 129, (6, 7)) / 128.0  # a k_G = 8 store, out of range included
     store[0, :3] = [0.25, -0.25, 0.75]  # ties and a clip
-    got = wage.weight_codes(torch.tensor(store, dtype=torch.float32), bits_w, shift_w, INT, None)
-    want = Q(C(store, bits_w), bits_w) / 2 ** shift_w
+    got = wage.weight_codes(torch.tensor(store, dtype=torch.float32), bits_w, shift_w, None)
+    want = np.round(C(store, bits_w) * S(bits_w)) / S(bits_w) / 2 ** shift_w  # half to even
+    assert (bits_w != 2) or (want[0, 0] == want[0, 1] == 0)  # +-1/4: both to 0, no sign bias
     assert np.array_equal(got.numpy(), want.astype(np.float32))
 
 
@@ -166,7 +167,8 @@ def test_int_and_emulate_are_bit_identical_under_wage(norm):
     assert torch.equal(first, first.round()) and first.abs().max() <= 64
     for p in params:  # every parameter, a norm's scale and shift too, on the store's grid
         assert torch.equal(p.double() * 128, (p.double() * 128).round())
-    assert any(not torch.equal(a, a.sign() * 0.5) for a in params)  # the updates moved it
+    weights = [a for a in params if a.dim() > 1]
+    assert any(not torch.equal(a, a.sign() * 0.5) for a in weights)  # the updates moved them
     assert all(s["wage_steps"] == 3 for s in opt.state_dict()["state"].values())
 
 
@@ -237,3 +239,29 @@ def test_wage_run_from_the_command_line_resumes_exactly(tmp_path, fake_mnist, mo
     assert a["optimizer"]["state"] == b["optimizer"]["state"]
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert (cfg["scheme"], cfg["norm"], cfg["lr"]) == ("wage", "none", 8.0)
+
+
+def test_no_grid_quantizer_feeds_a_norm():
+    """Under scheme wage a norm's input keeps its range (WAGE has no quantizer there), in
+    every built-in network; and a grid quantizer a user puts there is never fused (the fused
+    node would round at the range)."""
+    from qtrain.nn import L1BatchNorm2d, _fusable, _L1BatchNorm
+    from qtrain.quant import QState, Quantize
+
+    q = QConfig(2, 8, 8, 8, scheme="wage")
+    for name, kwargs in (("lenet5-paper", {}), ("resnet20", {}), ("mlp", {})):
+        mods = list(build(name, "l1", q, **kwargs).modules())
+        for before, norm in zip(mods, mods[1:]):
+            if isinstance(norm, _L1BatchNorm):
+                assert not getattr(before, "grid", False), name
+    state = QState()
+    grid = Quantize(q, state, grid=True)
+    assert grid.grid and not _fusable(grid, L1BatchNorm2d(4, qconfig=q, qstate=state),
+                                      torch.nn.ReLU(), torch.zeros(2, 4, 3, 3))
+
+
+def test_flags_win_over_sets_of_the_same_field():
+    from qtrain.config import apply_sets
+
+    cfg = apply_sets(load_recipe("lenet5-fmnist"), ["epochs=3", "bits_g=8"], {"epochs": 5})
+    assert (cfg.epochs, cfg.bits_g) == (5, 8)
