@@ -338,6 +338,12 @@ def _container_calls(g, full):
                 rng.stochastic_round_shift(w.astype(dt), 4, 12, seed=1, step=2, tensor_id=3,
                                            parallel=parallel)
         rng.random_top_bits(1, 2, 3, n, 24)
+        # the limbs of 16-bit codes for the integer GEMM, and the join of their products
+        conv.split_limbs(g.integers(-32767, 32768, n).astype(np.int16))
+        for dt in (np.int32, np.int64) if full else (np.int32,):
+            parts = [g.integers(-10**6, 10**6, n).astype(dt) for _ in range(4)]
+            conv.join_limbs(*parts)
+            conv.join_limbs(parts[0], parts[1])
         # SGD: integer and float32-container gradients, and steps that raise the exponent
         for scale in (1, 1 << 14):
             store = QTensor(g.integers(-100, 100, n).astype(np.int32), -10)
