@@ -97,9 +97,9 @@ class Limbs(NamedTuple):
         return total.add_(self.lo.sum(dim, keepdim=True, dtype=torch.int64))
 
 
-def operand(q: torch.Tensor) -> torch.Tensor | Limbs:
-    """int8 codes as they are, wider codes as :class:`Limbs`."""
-    return q if q.dtype == torch.int8 else Limbs.of(q.contiguous())
+def operand(q: torch.Tensor | Limbs) -> torch.Tensor | Limbs:
+    """int8 codes (and :class:`Limbs`) as they are, wider codes as :class:`Limbs`."""
+    return q if isinstance(q, Limbs) or q.dtype == torch.int8 else Limbs.of(q.contiguous())
 
 
 @contextmanager
@@ -196,15 +196,11 @@ def offset_terms(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> torch.Tens
     return out.add_(oa * ob * a.shape[1])
 
 
-def _wide(m: torch.Tensor | Limbs) -> torch.Tensor | Limbs:
-    return m if isinstance(m, Limbs) or m.dtype == torch.int8 else operand(m)
-
-
 def matmul(a: torch.Tensor | Limbs, b: torch.Tensor | Limbs) -> torch.Tensor:
     """Exact ``a @ b`` of code matrices (int8 or int16 tensors, or :class:`Limbs`): int32
     for two int8 matrices whose dot products have at most :data:`MAX_TERMS` terms, int64
     otherwise."""
-    a, b = _wide(a), _wide(b)
+    a, b = operand(a), operand(b)
     if not isinstance(a, Limbs) and not isinstance(b, Limbs):
         return _mm8(a, b, MAX_TERMS)
     out = torch.from_numpy(join_limbs(*(p.numpy() for p in limb_products(a, b))))
@@ -346,7 +342,7 @@ def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Ten
     own (int32 sums: ``conv2d_input_applies`` bounds them as for int8 codes) and the small
     images are joined, instead of joining the large (C*kh*kw, N*OH*OW) products first."""
     o = w.q.shape[0]
-    a, b = _wide(w.q.reshape(o, -1).t()), _wide(g.q.t())  # (C*kh*kw, N*OH*OW) products
+    a, b = operand(w.q.reshape(o, -1).t()), operand(g.q.t())  # (C*kh*kw, N*OH*OW) products
     kernel = tuple(w.q.shape[2:])
     if isinstance(a, Limbs) or isinstance(b, Limbs):
         offsets = any(isinstance(m, Limbs) and m.off for m in (a, b))

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .quant import FLOAT_BITS, Backend, QuantStats, nearest, pow2, stochastic
+from .quant import FLOAT_BITS, Backend, QuantStats, _peak, nearest, pow2, stochastic
 
 #: WAGE's beta: the smallest initialisation range is 1.5 steps of the weight grid.
 BETA = 1.5
@@ -124,8 +124,7 @@ def error(e: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | None
     """``Q(C(e / Shift(max|e|), k_E), k_E) * Shift(max|e|)``: codes at ``R - (k_E - 1)``."""
     if bits >= FLOAT_BITS:
         return e
-    lo, hi = torch.aminmax(e.detach()) if e.numel() else (e.new_zeros(()), e.new_zeros(()))
-    exp = error_exponent(max(-float(lo), float(hi)), bits)
+    exp = error_exponent(_peak(e), bits)
     if exp is None:
         if stats is not None:
             stats.add(0, 0, e.numel())
@@ -171,8 +170,7 @@ def update(p: torch.Tensor, grad: torch.Tensor, lr: float, bits_w: int, bits_g: 
     ``n = SR(lr * grad / Shift(max|grad|))`` integer steps, ``p -= n / S(k_G)``, clipped to
     ``C(., k_W)`` (with ``clip``: a weight; a batch norm's scale and shift are not, as WAGE
     leaves its batch norm's parameters alone)."""
-    lo, hi = torch.aminmax(grad.detach())
-    r = shift_exponent(max(-float(lo), float(hi)))
+    r = shift_exponent(_peak(grad))
     if r is None:
         return
     exp = r - lr_exponent(lr)  # n * 2**exp is the rounded gradient: n = SR(grad * 2**-exp)
