@@ -31,7 +31,7 @@ from numba import njit, prange
 from ._jit import pick, serial_and_parallel
 from .fixedpoint import bit_length
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
-from .quant import SR_BITS, QuantCounts, saturate_count
+from .quant import ROW_WIDTH, SR_BITS, QuantCounts, saturate_count
 from .rng import check_first, check_stream_args, random_u64, stream_key
 
 _ABS = np.int32(0x7FFFFFFF)
@@ -169,6 +169,27 @@ def _from_codes_relu(codes, out, e):
 
 
 
+def _rows_nearest(bits, out, floor, km1, q):
+    """Each row of float32 bit patterns (N, L) rounded half up at its own range exponent
+    (never below ``floor``), the codes written shifted left onto exponent ``floor``
+    (:func:`qkernels.quant.quantize_rows`)."""
+    saturated = 0
+    zeroed = 0
+    for n in prange(bits.shape[0]):
+        peak = np.int32(0)
+        for i in range(bits.shape[1]):
+            peak = max(peak, bits[n, i] & _ABS)
+        e = max(_top_exponent(peak) - km1, floor)
+        up = e - floor
+        for i in range(bits.shape[1]):
+            code = _code_at(bits[n, i], e)
+            y = min(max(code, -q), q)
+            saturated += np.int64(y != code)
+            zeroed += np.int64((y == 0) & ((bits[n, i] & _ABS) != 0))
+            out[n, i] = y << up
+    return saturated, zeroed
+
+
 _drivers = serial_and_parallel
 
 
@@ -181,6 +202,7 @@ _peak_bits_where_s, _peak_bits_where_p = _drivers(_peak_bits_where)
 _to_codes_where_s, _to_codes_where_p = _drivers(_to_codes_where)
 _from_codes_s, _from_codes_p = _drivers(_from_codes)
 _from_codes_relu_s, _from_codes_relu_p = _drivers(_from_codes_relu)
+_rows_nearest_s, _rows_nearest_p = _drivers(_rows_nearest)
 
 
 def _bits_of(x: np.ndarray, name: str) -> np.ndarray:
@@ -252,6 +274,27 @@ def quantize_f32_to_codes(x: np.ndarray, bits: int, width: int, dtype, exp: int 
     q = (1 << (bits - 1)) - 1
     sat, zero = pick(_quantize_nearest_s, _quantize_nearest_p, b.size)(b, out, e, q, up)
     return QTensor(out.reshape(x.shape), e - up), QuantCounts(int(sat), int(zero), b.size)
+
+
+def quantize_f32_rows(x: np.ndarray, bits: int, floor: int | None = None
+                      ) -> tuple[QTensor, QuantCounts]:
+    """:func:`qkernels.quant.quantize_rows` of a float32 container (N, ...): each row (sample)
+    rounded to nearest at its own range exponent, never below ``floor`` (default: the whole
+    array's 16-bit range exponent); int16 codes at exponent ``floor``. The same codes and
+    counts as ``quantize_rows`` on the container's exact codes."""
+    check_array(x, "x", (np.float32,), tuple(range(1, 9)))
+    bits = check_bits(bits, "bits")
+    b = np.ascontiguousarray(x).reshape(x.shape[0], -1).view(np.int32)
+    top = _top(b.reshape(-1))
+    if floor is None:
+        floor = 0 if top == _NO_TOP else top - ROW_WIDTH
+    elif top != _NO_TOP and top - check_exp(floor, "floor") > ROW_WIDTH:
+        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent "
+                         f"{top - ROW_WIDTH}: the codes would not fit int16")
+    out = np.empty(b.shape, dtype=np.int16)
+    sat, zero = pick(_rows_nearest_s, _rows_nearest_p, b.size)(
+        b, out, np.int64(floor), np.int64(bits - 1), np.int64((1 << (bits - 1)) - 1))
+    return QTensor(out.reshape(x.shape), floor), QuantCounts(int(sat), int(zero), b.size)
 
 
 def f32_to_codes_where(x: np.ndarray, mask: np.ndarray, width: int, dtype) -> QTensor:

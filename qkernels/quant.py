@@ -102,7 +102,30 @@ def _stochastic(c, up, q, key, out, first):
     return saturated, zeroed
 
 
+def _rows_nearest(c, shift_floor, km1, q, out):
+    """Each row of ``c`` (N, L) rounded half up at its own range exponent, ``bit_length(max
+    |row|) - km1`` codes' LSBs up, but never below ``shift_floor``; the codes written shifted
+    left onto the common exponent ``c.exp + shift_floor``."""
+    saturated = 0
+    zeroed = 0
+    for n in prange(c.shape[0]):
+        peak = np.int64(0)
+        for i in range(c.shape[1]):
+            peak = max(peak, abs(np.int64(c[n, i])))
+        shift = max(bit_length(peak) - km1, shift_floor)
+        up = shift - shift_floor
+        for i in range(c.shape[1]):
+            v = np.int64(c[n, i])
+            y = round_shift(v, shift) if shift > 0 else v << -shift
+            y, sat, zero = saturate_count(y, v, q)
+            saturated += sat
+            zeroed += zero
+            out[n, i] = y << up
+    return saturated, zeroed
+
+
 _nearest_s, _nearest_p = serial_and_parallel(_nearest)
+_rows_nearest_s, _rows_nearest_p = serial_and_parallel(_rows_nearest)
 _stochastic_s, _stochastic_p = serial_and_parallel(_stochastic)
 
 
@@ -163,6 +186,45 @@ def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
     flat, bits, exp, out = _prepare(c, bits, "c", exp)
     sat, zero = pick(_nearest_s, _nearest_p, flat.size)(flat, exp - c.exp, qmax(bits), out)
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
+
+
+#: Significant bits (and a sign) of the int16 containers of per-row codes: a row's exponent
+#: lies at most ``ROW_WIDTH - (bits - 1)`` bits below the batch's.
+ROW_WIDTH = 15
+
+
+def rows_floor(top: int | None, exp: int) -> int:
+    """The common exponent of per-row codes of a batch whose range exponent is ``top`` (the
+    16-bit range exponent ``top - ROW_WIDTH``; ``exp`` when every value is zero)."""
+    return exp if top is None else top - ROW_WIDTH
+
+
+def quantize_rows(c: QTensor, bits: int, floor: int | None = None
+                  ) -> tuple[QTensor, QuantCounts]:
+    """Requantize codes to ``bits`` with one power-of-two exponent per row (the first axis:
+    a sample of a batch), rounding half up and saturating.
+
+    Row ``n`` rounds at ``e_n = max(E_n - (bits - 1), floor)``, ``E_n`` the binary exponent of
+    its largest magnitude: each sample keeps ``bits`` significant bits of its own range, where
+    one exponent for the batch rounds a sample whose values are small beside the batch's largest
+    to zero. The result is int16 codes at the common exponent ``floor`` (default: the batch's
+    16-bit range exponent, :func:`rows_floor`), row ``n``'s codes shifted left by
+    ``e_n - floor``: at most ``ROW_WIDTH`` bits, so the layers downstream take them as 16-bit
+    codes. ``floor`` must be at least the batch's (under torch.distributed, the whole global
+    batch's: every process then holds codes at one exponent)."""
+    check_array(c.q, "c.q", (np.int8, np.int16, np.int32, np.int64), tuple(range(1, 9)))
+    bits = check_bits(bits, "bits")
+    exp = check_exp(c.exp, "c.exp")
+    rows = np.ascontiguousarray(c.q).reshape(c.q.shape[0], -1)
+    top = code_top(c)
+    floor = rows_floor(top, exp) if floor is None else check_exp(floor, "floor")
+    if top is not None and top - floor > ROW_WIDTH:
+        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent "
+                         f"{top - ROW_WIDTH}: the codes would not fit int16")
+    out = np.empty(rows.shape, dtype=np.int16)
+    sat, zero = pick(_rows_nearest_s, _rows_nearest_p, rows.size)(
+        rows, np.int64(floor - exp), np.int64(bits - 1), qmax(bits), out)
+    return QTensor(out.reshape(c.q.shape), floor), QuantCounts(int(sat), int(zero), rows.size)
 
 
 def quantize_stochastic(c: QTensor, bits: int, *, seed: int, step: int, tensor_id: int,

@@ -34,7 +34,7 @@ class UserError(ValueError):
 
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
 from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
-                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem,
+                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, error_exp_problem,
                    input_problem, model_problem, scheme_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
@@ -45,6 +45,7 @@ DEFAULTED = {
     "weight_exp": "'max': weights take the range exponent, as every quantizer",
     "weight_decay": "0.0: no weight decay",
     "scheme": "'qtrain': qtrain's quantization rules (not WAGE's)",
+    "error_exp": "'batch': errors take one exponent per tensor (the batch's range)",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -82,6 +83,7 @@ class RunConfig:
     weight_exp: str = "max"  # weight exponent from the largest (max) or mean magnitude (mean)
     weight_decay: float = 0.0  # L2 penalty of SGD, as torch's weight_decay; in [0, 1)
     scheme: str = "qtrain"  # quantization rules: qtrain's, or WAGE's (wage: fixed grids, no BN)
+    error_exp: str = "batch"  # error exponent per tensor (batch) or per sample (sample)
 
     def __post_init__(self):
         _check_types(self)
@@ -101,6 +103,8 @@ class RunConfig:
         if problem := backend_problem(widths, self.backend, self.norm):
             raise UserError(problem)
         if problem := scheme_problem(self.scheme, widths, self.norm, self.stochastic_errors):
+            raise UserError(problem)
+        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "

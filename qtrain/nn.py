@@ -231,8 +231,8 @@ class _ConvFn(torch.autograd.Function):
         q = layer.qconfig
         g8 = None
         columns = ctx.needs_input_grad[0]  # the error's layout: see conv2d_error_codes
-        if ctx.cols is not None and _gemm(gy, q, q.bits_e):
-            g8 = intgemm.conv2d_error_codes(gy.float(), columns, q.bits_e > 8)
+        if ctx.cols is not None and _gemm(gy, q, q.error_code_bits):
+            g8 = intgemm.conv2d_error_codes(gy.float(), columns, q.error_code_bits > 8)
         gx = _conv_gx(x, w, g8, ctx.w8 if g8 is not None else None, lambda: gy, layer) \
             if ctx.needs_input_grad[0] else None
         gb = _bias_grad(layer, gy, 1) if ctx.needs_input_grad[2] else None
@@ -259,7 +259,7 @@ def _conv_input_grad(x, w, gy, layer) -> torch.Tensor:
     """The float path's exact input gradient (float32 where provably exact, else float64)."""
     q = layer.qconfig
     terms = w.shape[0] // layer.groups * w.shape[2] * w.shape[3]
-    dt = _exact_matmul_dtype(terms, q.bits_e, q.bits_w)
+    dt = _exact_matmul_dtype(terms, q.error_code_bits, q.bits_w)
     return torch.nn.grad.conv2d_input(x.shape, w.to(dt), gy.to(dt), *_conv_args(layer)).float()
 
 
@@ -268,7 +268,7 @@ def _conv_weight_grad(x, w, gy, layer) -> torch.Tensor:
     float32 would not be exact, float32 or float64 BLAS otherwise."""
     q = layer.qconfig
     terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
-    dt = _exact_matmul_dtype(terms, q.bits_a, q.bits_e)
+    dt = _exact_matmul_dtype(terms, q.bits_a, q.error_code_bits)
     if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
         return layer._quantize_grad_codes(_int8_weight_grad(x, gy, layer), w)
     gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *_conv_args(layer))
@@ -277,7 +277,7 @@ def _conv_weight_grad(x, w, gy, layer) -> torch.Tensor:
 
 def _int8_weight_grad_ok(layer, q: QConfig, x: torch.Tensor) -> bool:
     """The integer kernel applies: int8 codes, CPU, no dilation/groups, numeric padding."""
-    return (max(q.bits_a, INPUT_BITS) <= 8 and q.bits_e <= 8 and x.device.type == "cpu"
+    return (max(q.bits_a, INPUT_BITS) <= 8 and q.error_code_bits <= 8 and x.device.type == "cpu"
             and intgemm.conv_applies(layer))
 
 
@@ -316,8 +316,8 @@ class _LinearFn(torch.autograd.Function):
         layer = ctx.layer
         q = layer.qconfig
         g8 = None
-        if ctx.x8 is not None and _gemm(gy, q, q.bits_e):
-            g8 = intgemm.codes(gy.float().reshape(-1, gy.shape[-1]), q.bits_e > 8)
+        if ctx.x8 is not None and _gemm(gy, q, q.error_code_bits):
+            g8 = intgemm.codes(gy.float().reshape(-1, gy.shape[-1]), q.error_code_bits > 8)
         gb = _bias_grad(layer, gy, -1) if ctx.needs_input_grad[2] else None
         if g8 is not None:
             gx = None
@@ -327,10 +327,10 @@ class _LinearFn(torch.autograd.Function):
             return gx, layer._quantize_grad_codes(gw, w), gb, None
         gx = None
         if ctx.needs_input_grad[0]:
-            dt = _exact_matmul_dtype(w.shape[0], q.bits_e, q.bits_w)
+            dt = _exact_matmul_dtype(w.shape[0], q.error_code_bits, q.bits_w)
             gx = (gy.to(dt) @ w.to(dt)).float()
         g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])  # any batch dims
-        dt = _exact_matmul_dtype(g2.shape[0], q.bits_a, q.bits_e)
+        dt = _exact_matmul_dtype(g2.shape[0], q.bits_a, q.error_code_bits)
         gw = g2.to(dt).t() @ x2.to(dt)
         return gx, layer._quantize_grad(gw), gb, None
 
@@ -506,7 +506,7 @@ class _L1BNFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        dx, grad_w, grad_b = ctx.bn._backward_codes(_bn_codes(gy, ctx.bn.qconfig.bits_e),
+        dx, grad_w, grad_b = ctx.bn._backward_codes(_bn_codes(gy, ctx.bn.qconfig.error_code_bits),
                                                     ctx.cache, gy)
         return _container(dx, gy), grad_w, grad_b, None
 
@@ -529,7 +529,7 @@ def _block_backward(ctx, gy: torch.Tensor) -> tuple[QTensor, torch.Tensor, torch
     to ``bits_e`` by the quantizer's backward, laid out as the forward's input), and the norm's
     parameter gradients."""
     bn, quant = ctx.bn, ctx.quant
-    dtype, width = _storage(bn.qconfig.bits_e)
+    dtype, width = _storage(bn.qconfig.error_code_bits)
     gy_f32 = gy.detach().float().contiguous().numpy()
     if ctx.pool:
         g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
@@ -652,8 +652,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
             and isinstance(quant, Quantize)):
         return None
     q = conv.qconfig
-    if not (max(q.bits_a, INPUT_BITS, q.bits_w, q.bits_e) <= 8
-            and _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.bits_e)
+    if not (max(q.bits_a, INPUT_BITS, q.bits_w, q.error_code_bits) <= 8
+            and _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.error_code_bits)
             and intgemm.conv_applies(conv)
             and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
             and _fusable(quant, bn, relu, x)):
@@ -771,8 +771,8 @@ class _L1BatchNorm(nn.Module, _Quantized):
         """Backward on the kernels' codes: the input error codes (``bits_e``) and the
         ``bits_g`` gradients of gamma and beta (containers on ``like``'s device)."""
         if cache.collective is not None:
-            gy = dist.align(gy, _storage(self.qconfig.bits_e)[1])
-        dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.qconfig.bits_e)
+            gy = dist.align(gy, _storage(self.qconfig.error_code_bits)[1])
+        dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.qconfig.error_code_bits)
         # a synchronized norm's dgamma and dbeta are already the whole batch's
         return (dx, self._quantize_grad_codes(dgamma, like, 0, reduce=False),
                 self._quantize_grad_codes(dbeta, like, 1, reduce=False))

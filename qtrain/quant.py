@@ -31,13 +31,14 @@ import numpy as np
 import torch
 
 from qkernels import QTensor
-from qkernels.ieee import f32_to_codes, quantize_f32
-from qkernels.quant import (SR_BITS, code_top, mean_exponent, quantize_nearest,
-                            quantize_stochastic)
+from qkernels.ieee import f32_to_codes, quantize_f32, quantize_f32_rows
+from qkernels.quant import (ROW_WIDTH, SR_BITS, code_top, mean_exponent, quantize_nearest,
+                            quantize_rows, quantize_stochastic)
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
-from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, scheme_problem,
+from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, error_exp_problem,
+                   scheme_problem,
                    width_problem)
 
 def check_width(bits: int, name: str) -> int:
@@ -65,6 +66,9 @@ class QConfig:
         seed: key of the counter-based random stream.
         scheme: ``"qtrain"`` (the rules above) or ``"wage"``: WAGE's fixed grids,
             shift-normalized errors and integer-step updates (:mod:`qtrain.wage`).
+        error_exp: how errors pick their exponent: ``"batch"`` (the range of the whole
+            tensor) or ``"sample"`` (each sample its own range, never more than 16 bits
+            below the batch's: :func:`qkernels.quant.quantize_rows`).
     """
 
     bits_w: int = 8
@@ -77,6 +81,7 @@ class QConfig:
     weight_exp: str = "max"
     seed: int = 0
     scheme: str = "qtrain"
+    error_exp: str = "batch"
 
     def __post_init__(self):
         for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
@@ -95,11 +100,25 @@ class QConfig:
         if problem := scheme_problem(self.scheme, (self.bits_w, self.bits_a, self.bits_g,
                                                    self.bits_e), None, self.stochastic_errors):
             raise ValueError(problem)
+        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme):
+            raise ValueError(problem)
 
     @property
     def wage(self) -> bool:
         """WAGE's rules (:mod:`qtrain.wage`) instead of qtrain's."""
         return self.scheme == "wage"
+
+    @property
+    def sample_errors(self) -> bool:
+        """Errors take one exponent per sample (``error_exp = "sample"``, ``bits_e < 16``)."""
+        return self.error_exp == "sample" and self.bits_e < 16
+
+    @property
+    def error_code_bits(self) -> int:
+        """Width of the error codes the layers and kernels receive: ``bits_e``, or 16 with
+        per-sample exponents (``bits_e`` significant bits per sample, at the batch's
+        exponent)."""
+        return 16 if self.sample_errors else self.bits_e
 
     @property
     def engine(self) -> "Backend":
@@ -313,6 +332,49 @@ def nearest(t: torch.Tensor, bits: int, backend: Backend, stats: QuantStats | No
     return y.mul_(pow2(e)).float()
 
 
+def rows_floor(top: int | None) -> int | None:
+    """The common exponent of per-sample codes (:func:`nearest_rows`) of a batch whose peak
+    exponent is ``top``: the 16-bit range exponent, in a synchronized step the whole global
+    batch's; None when every value is zero."""
+    if dist.active():
+        return dist.range_exponent(top, ROW_WIDTH + 1)
+    return None if top is None else top - ROW_WIDTH
+
+
+def nearest_rows(t: torch.Tensor, bits: int, backend: Backend,
+                 stats: QuantStats | None = None) -> torch.Tensor:
+    """Round each sample (row of the first axis) of ``t`` to ``bits`` at its own range
+    exponent, half up, saturating, never below the batch's 16-bit range exponent
+    (:func:`qkernels.quant.quantize_rows`); identity for 32 bits. The result holds 16-bit
+    codes at that exponent."""
+    if bits >= FLOAT_BITS:
+        return t
+    floor = rows_floor(top_exponent(t))
+    if floor is None:
+        return _zeros(t, stats)
+    if backend.kernels(t):
+        if t.dtype == torch.float32:
+            q, counts = quantize_f32_rows(t.detach().cpu().numpy(), bits, floor)
+        else:
+            q, counts = quantize_rows(to_codes(t, 53), bits, floor)
+        if stats is not None:
+            stats.add(*counts)
+        return from_codes(q, t)
+    src = t.detach().double()  # a float32 or exact float64 value times a power of two: exact
+    rows = src.reshape(src.shape[0], -1)
+    peak = rows.abs().amax(dim=1)
+    top = torch.frexp(peak)[1].to(torch.float64)  # max|row| < 2**top; 0 for an all-zero row
+    e = torch.where(peak > 0, top - (bits - 1), torch.full_like(top, float(floor)))
+    e = torch.clamp(e, min=float(floor)).unsqueeze(1)
+    y = torch.floor(rows * torch.exp2(-e) + 0.5)  # exact: at most 53 significant bits
+    qmax = (1 << (bits - 1)) - 1
+    saturated = _nonzero(y.abs() > qmax)
+    y.clamp_(-qmax, qmax)
+    if stats is not None:
+        stats.add(saturated, _nonzero(rows) - _nonzero(y), t.numel())
+    return (y * torch.exp2(e)).float().reshape(t.shape)
+
+
 def weight_exponent(t: torch.Tensor, bits: int, backend: Backend, rule: str) -> int | None:
     """The exponent a weight quantizer rounds ``t`` to under ``rule``; None for the range
     exponent (``"max"``, or an all-zero tensor)."""
@@ -394,7 +456,9 @@ class _QuantizeFn(torch.autograd.Function):
             from .wage import error
 
             return error(grad, q.bits_bwd, q.engine, q.stats_bwd), None, None
-        if q.stochastic_bwd:
+        if q.sample_exp:
+            out = nearest_rows(grad, q.bits_bwd, q.engine, q.stats_bwd)
+        elif q.stochastic_bwd:
             out = stochastic(grad, q.bits_bwd, q.engine, q.seed, q.state.step, q.tensor_id,
                              q.stats_bwd, shared=True)
         else:
@@ -429,6 +493,7 @@ class Quantize(torch.nn.Module):
         self.engine = qconfig.engine
         self.seed = qconfig.seed
         self.stochastic_bwd = qconfig.stochastic_errors
+        self.sample_exp = qconfig.sample_errors and self.bits_bwd < 16
         self.state = qstate
         self.tensor_id = qstate.new_id()
         self.stats_fwd = QuantStats()
@@ -464,6 +529,14 @@ class Quantize(torch.nn.Module):
 
             out, counts = quantize_nearest(err, self.bits_bwd, error_exponent(
                 code_top_value(err), self.bits_bwd))
+            self.stats_bwd.add(*counts)
+            return out
+        if self.sample_exp:
+            floor = rows_floor(code_top(err))
+            if floor is None:
+                self.stats_bwd.add(0, 0, err.q.size)
+                return QTensor(np.zeros(err.q.shape, np.int16), err.exp)
+            out, counts = quantize_rows(err, self.bits_bwd, floor)
             self.stats_bwd.add(*counts)
             return out
         exp, first = None, 0

@@ -18,9 +18,24 @@ BACKENDS = ("int", "emulate")
 NORMS = ("l1", "l2", "none")
 #: How weights pick their exponent: from the largest magnitude or from the mean magnitude.
 WEIGHT_EXPS = ("max", "mean")
+#: How errors pick their exponent: one for the batch (its range), or one per sample (its own
+#: range; the codes reach the layers as 16-bit codes at the batch's exponent).
+ERROR_EXPS = ("batch", "sample")
 #: Quantization rules: qtrain's (range exponents, wide store, momentum SGD) or WAGE's (fixed
 #: grids, shift-normalized errors and updates, integer steps: :mod:`qtrain.wage`).
 SCHEMES = ("qtrain", "wage")
+
+
+def error_exp_problem(error_exp: str, stochastic_errors: bool, scheme: str) -> str | None:
+    """Per-sample error exponents round to nearest, under qtrain's scheme."""
+    if error_exp not in ERROR_EXPS:
+        return f"error_exp {error_exp!r} is not one of {', '.join(ERROR_EXPS)}"
+    if error_exp == "sample" and stochastic_errors:
+        return ("error_exp sample rounds errors to nearest: set stochastic_errors false or "
+                "error_exp batch")
+    if error_exp == "sample" and scheme == "wage":
+        return "scheme wage takes its own error exponent (WAGE's shift): set error_exp batch"
+    return None
 
 
 def scheme_problem(scheme: str, widths: tuple[int, int, int, int], norm: str,
