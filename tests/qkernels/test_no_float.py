@@ -70,6 +70,7 @@ ALLOWED_FLOAT_IR = {
 HELPERS = {
     "qkernels.ieee._code_at": (
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._rows_nearest_p", "qkernels.ieee._rows_nearest_s",
         "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
         "qkernels.ieee._to_codes_p", "qkernels.ieee._to_codes_s",
         "qkernels.ieee._to_codes_where_p", "qkernels.ieee._to_codes_where_s",
@@ -113,8 +114,9 @@ HELPERS = {
     "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
     "qkernels.quant.saturate_count": (
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
-        "qkernels.quant._nearest_p", "qkernels.quant._nearest_s", "qkernels.quant._stochastic_p",
-        "qkernels.quant._stochastic_s"),
+        "qkernels.quant._nearest_p", "qkernels.quant._nearest_s",
+        "qkernels.quant._rows_nearest_p", "qkernels.quant._rows_nearest_s",
+        "qkernels.quant._stochastic_p", "qkernels.quant._stochastic_s"),
     "qkernels.rng._nearest_element": ("qkernels.rng._nearest_parallel",
                                       "qkernels.rng._nearest_serial"),
     "qkernels.rng._stochastic_element": ("qkernels.rng._stochastic_parallel",
@@ -319,6 +321,7 @@ def _container_calls(g, full):
         ieee.quantize_f32(xf, 8)
         ieee.quantize_f32(xf, 8, exp=-3)
         ieee.quantize_f32(xf, 8, stochastic=True, seed=1, step=2, tensor_id=3)
+        ieee.quantize_f32_rows(xf.reshape(4, -1), 8)
         for dt in codes:
             width = 8 * np.dtype(dt).itemsize - 1
             ieee.quantize_f32_to_codes(xf, min(width + 1, 16), width, dt)
@@ -331,6 +334,7 @@ def _container_calls(g, full):
             for bits in (8, 12):
                 quant.quantize_nearest(c, bits)
                 quant.quantize_stochastic(c, bits, seed=1, step=2, tensor_id=3)
+                quant.quantize_rows(QTensor(c.q.reshape(4, -1), c.exp), bits)
         w = g.integers(-10**6, 10**6, n)
         for parallel in (False, True):
             for dt in (np.int32, np.int64) if full else (np.int64,):

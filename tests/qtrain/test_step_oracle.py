@@ -12,6 +12,7 @@ momentum and the running averages are exercised.
 """
 
 import numpy as np
+import pytest
 import torch
 
 from qkernels import oracle as bn_oracle
@@ -54,10 +55,37 @@ def stochastic(c, exp, bits, step, tensor_id):
     return np.clip((w + r.reshape(c.shape)) >> 24, -q, q), e
 
 
+def view(c, exp, bits):
+    """The kernels' representation of codes of up to 8 bits (int8, exponent E - 7) or 16
+    bits (int16, exponent E - 15)."""
+    e = range_exp(c, exp, bits)
+    return (c << (exp - e)).astype(np.int8 if bits <= 8 else np.int16), e
+
+
 def int8_view(c, exp):
-    """The kernels' representation of <= 8-bit codes: exponent E - 7."""
-    e = range_exp(c, exp, 8)
-    return (c << (exp - e)).astype(np.int8), e
+    return view(c, exp, 8)
+
+
+def per_sample(c, exp, bits):
+    """Each row rounded half up at its own range exponent, never below the batch's 16-bit
+    range exponent, and written as codes at that exponent."""
+    floor = range_exp(c, exp, 16)
+    out = np.zeros_like(c)
+    q = (1 << (bits - 1)) - 1
+    for n, row in enumerate(c):
+        e = max(range_exp(row, exp, bits), floor)
+        s = e - exp
+        y = (row + (1 << (s - 1))) >> s if s > 0 else row << -s
+        out[n] = np.clip(y, -q, q) << (e - floor)
+    return out, floor
+
+
+def error_round(c, exp, error_exp):
+    """The error quantizers' rounding to ``bits_e``: one exponent for the batch, or one per
+    sample."""
+    if error_exp == "sample":
+        return per_sample(c, exp, BITS["bits_e"])
+    return nearest(c, exp, BITS["bits_e"])
 
 
 def softmax_error(z, z_exp, labels):
@@ -132,7 +160,7 @@ def store_exp(t):
 LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 
 
-def oracle_step(images, labels, stores, ids, step):
+def oracle_step(images, labels, stores, ids, step, error_exp="batch"):
     """The forward and backward of one step from the store codes: (logit codes, their exponent,
     {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)])."""
     n = len(labels)
@@ -161,29 +189,31 @@ def oracle_step(images, labels, stores, ids, step):
     z, z_exp = nearest(h8.astype(np.int64) @ w8.T.astype(np.int64) + bias, acc_exp, 16)
 
     err, err_exp = softmax_error(z, z_exp, labels)
-    e, e_exp = nearest(err, err_exp, BITS["bits_e"])
+    e, e_exp = error_round(err, err_exp, error_exp)
+    e_bits = 16 if error_exp == "sample" else BITS["bits_e"]  # the codes the layers receive
     want = {"lin2.w": stochastic(e.T @ h, e_exp + h_exp, BITS["bits_g"], step, ids["lin2.w"]),
             "lin2.b": stochastic(e.sum(axis=0), e_exp, BITS["bits_g"], step, ids["lin2.b"])}
     d, d_exp = e @ w3, e_exp + w3_exp
     for i in (1, 0):
         s = saved[i]
-        d, d_exp = nearest(d, d_exp, BITS["bits_e"])          # block-output quantizer
+        d, d_exp = error_round(d, d_exp, error_exp)           # block-output quantizer
         d = d * (s["yb"] > 0)                                  # ReLU
-        g8, g8_exp = int8_view(d, d_exp)
+        g8, g8_exp = view(d, d_exp, e_bits)
         dx, dx_exp, dgam, dbet = bn_oracle.l1bn_backward_oracle(
-            s["a8"], g8, s["stats"], s["gq"], s["gexp"], s["a8_exp"], g8_exp, BITS["bits_e"],
+            s["a8"], g8, s["stats"], s["gq"], s["gexp"], s["a8_exp"], g8_exp, e_bits,
             None, g8_exp - 16)
         want[f"bn{i}.g"] = stochastic(dgam, g8_exp - 16, BITS["bits_g"], step, ids[f"bn{i}.g"])
         want[f"bn{i}.b"] = stochastic(dbet, g8_exp, BITS["bits_g"], step, ids[f"bn{i}.b"])
-        d, d_exp = nearest(dx, dx_exp, BITS["bits_e"])        # quantizer after the linear
+        d, d_exp = error_round(dx, dx_exp, error_exp)         # quantizer after the linear
         want[f"lin{i}.w"] = stochastic(d.T @ s["h"], d_exp + s["h_exp"], BITS["bits_g"],
                                        step, ids[f"lin{i}.w"])
         d, d_exp = d @ s["w"], d_exp + s["w_exp"]
     return z, z_exp, want, [(s["stats"], s["a8_exp"]) for s in saved]
 
 
-def test_two_mlp_steps_equal_int64_oracle():
-    """Two int-backend steps: forward (weights, activations, BN, logits), output error, every
+@pytest.mark.parametrize("error_exp", ["batch", "sample"])
+def test_two_mlp_steps_equal_int64_oracle(error_exp):
+    """Two int-backend steps (errors with one exponent per batch, or per sample): forward (weights, activations, BN, logits), output error, every
     error and weight gradient, the SGD update with momentum (the second step's velocity is not
     zero), every optimizer state (store codes, store exponent, velocity) and the BN running
     mean and L1 deviation equal the numpy int64 oracle bit for bit after each step."""
@@ -191,7 +221,7 @@ def test_two_mlp_steps_equal_int64_oracle():
     batches = [(rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8),
                 rng.integers(0, 10, 24)) for _ in range(2)]
     torch.manual_seed(0)
-    cfg = QConfig(**BITS, seed=SEED)
+    cfg = QConfig(**BITS, seed=SEED, error_exp=error_exp)
     net = mlp("l1", cfg, hidden=32)
     lin = [m for m in net.modules() if isinstance(m, QuantLinear)]
     lin[2].bias = torch.nn.Parameter(torch.empty(10).uniform_(-0.2, 0.2))  # a biased classifier
@@ -236,7 +266,11 @@ def test_two_mlp_steps_equal_int64_oracle():
         net.qstate.step += 1
 
         # ---- the oracle
-        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step)
+        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step, error_exp)
+        if error_exp == "sample":  # the rule is in force: some gradient differs from batch's
+            batch = oracle_step(images, labels, stores, ids, step)[2]
+            assert any(batch[k][1] != want[k][1] or not np.array_equal(batch[k][0], want[k][0])
+                       for k in want)
         assert np.array_equal(codes_of(logits_t, z_exp), z), f"logits, step {step}"
         for name, (g, g_exp) in want.items():
             assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"

@@ -14,8 +14,8 @@ from qtrain.loss import cross_entropy
 from qtrain.models import build, lenet5
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
 from qtrain.optim import QSGD
-from qtrain.quant import (BACKEND, QConfig, Quantize, QuantStats, nearest, quant_report, stochastic,
-                          torch_emulation, weight_exponent)
+from qtrain.quant import (BACKEND, QConfig, Quantize, QuantStats, nearest, nearest_rows,
+                          quant_report, stochastic, torch_emulation, weight_exponent)
 from qtrain.reference import l1_batch_norm
 from qtrain.train import evaluate, to_input, train_epoch
 
@@ -389,3 +389,62 @@ def test_int8_lenet5_learns_fashion_mnist_subset(fmnist):
     print(f"test accuracy {where}: int8 {accs['int8']:.4f}, float {accs['float']:.4f}")
     assert accs["int8"] >= limits["least"], (where, accs)
     assert accs["int8"] >= accs["float"] - limits["gap"], (where, accs)
+
+
+@pytest.mark.parametrize("name,norm,bits", [("lenet5", "l1", 8), ("mlp", "l1", 6),
+                                            ("lenet5", "none", 8), ("lenet5-paper", "l1", 8)])
+def test_per_sample_error_exponents_agree_between_backends(name, norm, bits):
+    """With ``error_exp="sample"`` the int and emulate backends (its own torch rounding) give
+    identical logits, parameters, statistics and counts over three steps, and the rule is in
+    force: the errors' counts differ from one exponent per batch."""
+    images, labels = random_batch(16 if name == "lenet5-paper" else 48)
+    results = {}
+    for backend, error_exp in (("int", "sample"), ("emulate", "sample"), ("int", "batch")):
+        torch.manual_seed(1)
+        cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend,
+                      seed=3, error_exp=error_exp)
+        net = build(name, norm, cfg)
+        with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
+            out = steps(net, cfg, images, labels, 3)
+        results[backend, error_exp] = (out, copy.deepcopy(net.state_dict()), quant_report(net))
+    (o1, s1, r1), (o2, s2, r2) = results["int", "sample"], results["emulate", "sample"]
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert r1 == r2
+    batch = results["int", "batch"][2]
+    assert any(r1[k].get("stats_bwd") != batch[k].get("stats_bwd") for k in r1)
+
+
+@pytest.mark.parametrize("bits", [2, 8, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearest_rows_torch_equals_the_kernels(bits, dtype):
+    """qtrain.quant.nearest_rows: emulate's torch operations give the int backend's values
+    and counts, on samples of very different ranges (an all-zero one included)."""
+    g = torch.Generator().manual_seed(bits)
+    t = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+    t = (t * torch.exp2(torch.randint(-6, 6, (6, 1, 1, 1), generator=g))).to(dtype)
+    t[2] = 0
+    got = {}
+    for backend in ("int", "emulate"):
+        stats = QuantStats()
+        with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
+            got[backend] = (nearest_rows(t, bits, BACKEND[backend], stats), stats)
+    assert torch.equal(got["int"][0], got["emulate"][0])
+    assert got["int"][1] == got["emulate"][1] and got["int"][1].zeroed > 0
+    # a sample within 16 - bits binary orders of the batch's largest rounds at its own range
+    # (its largest value keeps at least half its size); one further down rounds at the floor
+    y, top = got["int"][0].double(), torch.frexp(t.double().abs().max())[1]
+    own = [n for n in range(6) if torch.frexp(t[n].double().abs().max())[1] - (bits - 1)
+           >= top - 15 and t[n].any()]
+    assert len(own) >= 2
+    for n in own:
+        assert y[n].abs().max() >= t[n].double().abs().max() / 2
+
+
+def test_error_exp_refusals():
+    with pytest.raises(ValueError, match="error_exp 'row'"):
+        QConfig(error_exp="row")
+    with pytest.raises(ValueError, match="stochastic_errors"):
+        QConfig(error_exp="sample", stochastic_errors=True)
+    with pytest.raises(ValueError, match="wage"):
+        QConfig(error_exp="sample", scheme="wage", bits_w=2)
