@@ -46,6 +46,7 @@ DEFAULTED = {
     "weight_decay": "0.0: no weight decay",
     "scheme": "'qtrain': qtrain's quantization rules (not WAGE's)",
     "error_exp": "'batch': errors take one exponent per tensor (the batch's range)",
+    "norm_errors": "'nearest': a batch norm rounds its input's error to nearest",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -84,6 +85,7 @@ class RunConfig:
     weight_decay: float = 0.0  # L2 penalty of SGD, as torch's weight_decay; in [0, 1)
     scheme: str = "qtrain"  # quantization rules: qtrain's, or WAGE's (wage: fixed grids, no BN)
     error_exp: str = "batch"  # error exponent per tensor (batch) or per sample (sample)
+    norm_errors: str = "nearest"  # rounding of the error a batch norm hands back: or stochastic
 
     def __post_init__(self):
         _check_types(self)
@@ -104,7 +106,8 @@ class RunConfig:
             raise UserError(problem)
         if problem := scheme_problem(self.scheme, widths, self.norm, self.stochastic_errors):
             raise UserError(problem)
-        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme):
+        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme,
+                                        self.norm_errors):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "

@@ -40,7 +40,7 @@ from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_back
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
-from qkernels.quant import quantize_stochastic
+from qkernels.quant import code_top, quantize_stochastic
 
 from . import distributed as dist
 from . import intgemm
@@ -704,6 +704,9 @@ class _L1BatchNorm(nn.Module, _Quantized):
         if self.quantized:
             if not affine:
                 raise ValueError("a quantized L1 batch norm needs affine=True")
+            if qconfig.stochastic_norm_errors:  # the stream and counts of its input's error
+                self.error_id = self.qstate.new_id()
+                self.stats_e = QuantStats()
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -770,12 +773,35 @@ class _L1BatchNorm(nn.Module, _Quantized):
                         ) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
         """Backward on the kernels' codes: the input error codes (``bits_e``) and the
         ``bits_g`` gradients of gamma and beta (containers on ``like``'s device)."""
+        q = self.qconfig
         if cache.collective is not None:
-            gy = dist.align(gy, _storage(self.qconfig.error_code_bits)[1])
-        dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.qconfig.error_code_bits)
+            gy = dist.align(gy, _storage(q.error_code_bits)[1])
+        if q.stochastic_norm_errors:  # 16 bits from the kernel, then bits_e stochastically
+            dx = l1bn_backward(gy, cache, dx_bits=16)
+            dgamma, dbeta = dx[1:]
+            dx = self._round_error(dx[0])
+        else:
+            dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=q.error_code_bits)
         # a synchronized norm's dgamma and dbeta are already the whole batch's
         return (dx, self._quantize_grad_codes(dgamma, like, 0, reduce=False),
                 self._quantize_grad_codes(dbeta, like, 1, reduce=False))
+
+    def _round_error(self, dx: QTensor) -> QTensor:
+        """The input's error codes rounded stochastically to ``bits_e`` at their range exponent
+        (in a synchronized step the whole batch's, each element taking the stream's element
+        at its place in the whole batch)."""
+        q = self.qconfig
+        exp, first = None, 0
+        if dist.active():
+            exp = dist.range_exponent(code_top(dx), q.bits_e)
+            first = dist.first_element(dx.q)
+            if exp is None:
+                self.stats_e.add(0, 0, dx.q.size)
+                return QTensor(np.zeros(dx.q.shape, np.int8), dx.exp)
+        out, counts = quantize_stochastic(dx, q.bits_e, seed=q.seed, step=self.qstate.step,
+                                          tensor_id=self.error_id, exp=exp, first=first)
+        self.stats_e.add(*counts)
+        return out
 
     def _factor(self) -> float:
         """This training batch's weight in the running statistics: ``momentum``, or with

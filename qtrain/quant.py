@@ -69,6 +69,11 @@ class QConfig:
         error_exp: how errors pick their exponent: ``"batch"`` (the range of the whole
             tensor) or ``"sample"`` (each sample its own range, never more than 16 bits
             below the batch's: :func:`qkernels.quant.quantize_rows`).
+        norm_errors: how an L1 batch norm rounds the error it hands back to the layer before
+            it: ``"nearest"`` (in the kernel) or ``"stochastic"`` (the kernel's 16-bit error
+            rounded to ``bits_e`` with the counter-based stream: nearest rounding makes the
+            same error in every sample's share of the norm's batch terms, and those errors
+            add up in the weight gradient).
     """
 
     bits_w: int = 8
@@ -82,6 +87,7 @@ class QConfig:
     seed: int = 0
     scheme: str = "qtrain"
     error_exp: str = "batch"
+    norm_errors: str = "nearest"
 
     def __post_init__(self):
         for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
@@ -100,7 +106,8 @@ class QConfig:
         if problem := scheme_problem(self.scheme, (self.bits_w, self.bits_a, self.bits_g,
                                                    self.bits_e), None, self.stochastic_errors):
             raise ValueError(problem)
-        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme):
+        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme,
+                                        self.norm_errors):
             raise ValueError(problem)
 
     @property
@@ -112,6 +119,12 @@ class QConfig:
     def sample_errors(self) -> bool:
         """Errors take one exponent per sample (``error_exp = "sample"``, ``bits_e < 16``)."""
         return self.error_exp == "sample" and self.bits_e < 16
+
+    @property
+    def stochastic_norm_errors(self) -> bool:
+        """An L1 batch norm rounds its input's error stochastically (``norm_errors``, errors
+        below 16 bits)."""
+        return self.norm_errors == "stochastic" and self.bits_e < 16
 
     @property
     def error_code_bits(self) -> int:

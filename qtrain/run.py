@@ -158,7 +158,7 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...], classes: int = 10):
         qconfig = QConfig(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e, backend=cfg.backend,
                           store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
                           weight_exp=cfg.weight_exp, seed=cfg.seed, scheme=cfg.scheme,
-                          error_exp=cfg.error_exp)
+                          error_exp=cfg.error_exp, norm_errors=cfg.norm_errors)
         torch.manual_seed(cfg.seed)
         if model_is_user(cfg.model):  # --model package.module:function
             from . import usermodel

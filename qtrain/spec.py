@@ -21,13 +21,24 @@ WEIGHT_EXPS = ("max", "mean")
 #: How errors pick their exponent: one for the batch (its range), or one per sample (its own
 #: range; the codes reach the layers as 16-bit codes at the batch's exponent).
 ERROR_EXPS = ("batch", "sample")
+#: How a batch norm rounds the error it hands back to the layer before it (its input's error).
+NORM_ERRORS = ("nearest", "stochastic")
 #: Quantization rules: qtrain's (range exponents, wide store, momentum SGD) or WAGE's (fixed
 #: grids, shift-normalized errors and updates, integer steps: :mod:`qtrain.wage`).
 SCHEMES = ("qtrain", "wage")
 
 
-def error_exp_problem(error_exp: str, stochastic_errors: bool, scheme: str) -> str | None:
-    """Per-sample error exponents round to nearest, under qtrain's scheme."""
+def error_exp_problem(error_exp: str, stochastic_errors: bool, scheme: str,
+                      norm_errors: str = "nearest") -> str | None:
+    """Per-sample error exponents round to nearest, under qtrain's scheme; so does WAGE
+    every error."""
+    if norm_errors not in NORM_ERRORS:
+        return f"norm_errors {norm_errors!r} is not one of {', '.join(NORM_ERRORS)}"
+    if norm_errors == "stochastic" and scheme == "wage":
+        return "scheme wage rounds errors to nearest (WAGE's rule): set norm_errors nearest"
+    if norm_errors == "stochastic" and error_exp == "sample":
+        return ("error_exp sample rounds errors to nearest: set norm_errors nearest or "
+                "error_exp batch")
     if error_exp not in ERROR_EXPS:
         return f"error_exp {error_exp!r} is not one of {', '.join(ERROR_EXPS)}"
     if error_exp == "sample" and stochastic_errors:
