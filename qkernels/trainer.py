@@ -144,6 +144,9 @@ class _Norm:
     eps_log2: int | None
     last_out_exp: int
     stats_g: Counts = field(default_factory=Counts)
+    #: the stream of its input's error when the norm rounds it stochastically (norm_errors)
+    error_id: int | None = None
+    stats_e: Counts = field(default_factory=Counts)
 
 
 @dataclass
@@ -196,6 +199,10 @@ class Trainer:
                                     "trainer continues quantized runs (2..16 bits) only")
         self.store_bits = int(st["store_bits"])
         self.stochastic_errors = bool(st["stochastic_errors"])
+        self.norm_errors = st.get("norm_errors", "nearest")  # files before the field: nearest
+        if self.norm_errors not in ("nearest", "stochastic"):
+            raise QKFormatError(f"{qk.path}: unknown norm_errors {self.norm_errors!r} "
+                                "(nearest or stochastic)")
         self.weight_exp = st["weight_exp"]
         if self.weight_exp not in ("max", "mean"):
             raise QKFormatError(f"{qk.path}: unknown weight_exp {self.weight_exp!r} (max or mean)")
@@ -261,6 +268,15 @@ class Trainer:
             raise QKFormatError(f"{self.path}: no store for parameter {name!r}")
         return self.params[name]
 
+    def _norm_error_id(self, ids: dict, name: str) -> int | None:
+        """The stream of a norm's input error under ``norm_errors = "stochastic"``."""
+        if self.norm_errors != "stochastic" or self.bits_e >= 16:
+            return None
+        if "error_id" not in ids:
+            raise QKFormatError(f"{self.path}: norm {name} has no error_id, which "
+                                "norm_errors stochastic needs")
+        return int(ids["error_id"])
+
     def _node(self, spec: dict, ids: dict, norms: dict):
         op = spec["op"]
         try:
@@ -282,7 +298,8 @@ class Trainer:
                              self._array(n["running_mean"], np.int64).copy(),
                              self._array(n["running_dev"], np.int64).copy(),
                              int(n["num_batches_tracked"]), n["momentum"], n["eps_log2"],
-                             int(n["last_out_exp"]))
+                             int(n["last_out_exp"]),
+                             error_id=self._norm_error_id(ids[spec["name"]], spec["name"]))
         except KeyError as err:
             raise QKFormatError(f"{self.path}: training state has nothing for layer "
                                 f"{spec.get('name', op)} ({err})") from None
@@ -439,7 +456,13 @@ class Trainer:
                 gy = maxpool2x2_relu_backward_codes(g.sel, codes_to_f32(g.error), width, dtype)
             else:  # through ReLU
                 gy = f32_to_codes_where(codes_to_f32(g), y.q, width, dtype)
-            dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.bits_e)
+            if node.error_id is None:
+                dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=self.bits_e)
+            else:  # 16 bits from the kernel, then bits_e stochastically with the norm's stream
+                dx, dgamma, dbeta = l1bn_backward(gy, cache, dx_bits=16)
+                dx, c = quantize_stochastic(dx, self.bits_e, seed=self.seed,
+                                            step=self.step_count, tensor_id=node.error_id)
+                node.stats_e.add(c)
             node.gamma.grad = self._round_grad(dgamma, node.grad_ids[0], node.stats_g)
             node.beta.grad = self._round_grad(dbeta, node.grad_ids[1], node.stats_g)
             return dx
@@ -574,8 +597,11 @@ class Trainer:
                     "running_dev": node.running_dev.copy(),
                     "num_batches_tracked": node.num_batches_tracked,
                     "last_out_exp": node.last_out_exp}
-                out["counts"][node.spec["name"]] = {"stats_w": Counts().as_dict(),  # as qtrain's
-                                                    "stats_g": node.stats_g.as_dict()}
+                counts = {"stats_w": Counts().as_dict(),  # as qtrain's
+                          "stats_g": node.stats_g.as_dict()}
+                if node.error_id is not None:
+                    counts["stats_e"] = node.stats_e.as_dict()
+                out["counts"][node.spec["name"]] = counts
             elif isinstance(node, _Quant):
                 out["counts"][node.name] = {"stats_fwd": node.fwd.as_dict(),
                                             "stats_bwd": node.bwd.as_dict()}

@@ -34,7 +34,7 @@ class UserError(ValueError):
 
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
 from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
-                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, error_exp_problem,
+                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, error_rules_problem,
                    input_problem, model_problem, scheme_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
@@ -106,7 +106,7 @@ class RunConfig:
             raise UserError(problem)
         if problem := scheme_problem(self.scheme, widths, self.norm, self.stochastic_errors):
             raise UserError(problem)
-        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme,
+        if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
                                         self.norm_errors):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:

@@ -92,6 +92,9 @@ def network_description(model: nn.Module, in_shape: tuple[int, int, int],
             if m.bias is not None:
                 raise ExportError(f"{where} has a bias: export supports bias-free quantized "
                                   "layers (the built-in models)")
+            if m.qconfig.sample_errors:
+                raise ExportError(f"{where} was trained with error_exp sample, which the "
+                                  "torch-free trainer does not run: export needs error_exp batch")
             if m.qconfig.wage:
                 raise ExportError(f"{where} was trained under scheme wage, whose fixed grids "
                                   "have no export yet (qtrain's scheme exports)")
@@ -195,11 +198,14 @@ def training_state(model: nn.Module, optimizer, step: int) -> tuple[dict, dict[s
                          "bits_bwd": m.bits_bwd}
         elif getattr(m, "grad_ids", None) is not None and getattr(m, "quantized", False):
             ids[name] = {"grad_ids": list(m.grad_ids)}
+            if getattr(m, "error_id", None) is not None:  # norm_errors stochastic
+                ids[name]["error_id"] = m.error_id
     q = model.qconfig
     group = optimizer.param_groups[0]
     state = {"step": int(step), "seed": q.seed, "bits_w": q.bits_w, "bits_a": q.bits_a,
              "bits_g": q.bits_g, "bits_e": q.bits_e, "store_bits": q.store_bits,
-             "stochastic_errors": q.stochastic_errors, "weight_exp": q.weight_exp,
+             "stochastic_errors": q.stochastic_errors, "norm_errors": q.norm_errors,
+             "weight_exp": q.weight_exp,
              "weight_max_log2": WEIGHT_MAX_LOG2,
              "lr": group["lr"], "momentum": group["momentum"],
              "weight_decay": group.get("weight_decay", 0.0),

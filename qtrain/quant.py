@@ -37,9 +37,8 @@ from qkernels.quant import (ROW_WIDTH, SR_BITS, code_top, mean_exponent, quantiz
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
-from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, error_exp_problem,
-                   scheme_problem,
-                   width_problem)
+from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, error_rules_problem,
+                   scheme_problem, width_problem)
 
 def check_width(bits: int, name: str) -> int:
     """A code width: 2..16, or 32 for float (no quantization)."""
@@ -106,7 +105,7 @@ class QConfig:
         if problem := scheme_problem(self.scheme, (self.bits_w, self.bits_a, self.bits_g,
                                                    self.bits_e), None, self.stochastic_errors):
             raise ValueError(problem)
-        if problem := error_exp_problem(self.error_exp, self.stochastic_errors, self.scheme,
+        if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
                                         self.norm_errors):
             raise ValueError(problem)
 

@@ -28,10 +28,10 @@ NORM_ERRORS = ("nearest", "stochastic")
 SCHEMES = ("qtrain", "wage")
 
 
-def error_exp_problem(error_exp: str, stochastic_errors: bool, scheme: str,
+def error_rules_problem(error_exp: str, stochastic_errors: bool, scheme: str,
                       norm_errors: str = "nearest") -> str | None:
-    """Per-sample error exponents round to nearest, under qtrain's scheme; so does WAGE
-    every error."""
+    """The error rules' fields (``error_exp``, ``norm_errors``) and what they exclude:
+    per-sample exponents round to nearest, and WAGE rounds every error its own way."""
     if norm_errors not in NORM_ERRORS:
         return f"norm_errors {norm_errors!r} is not one of {', '.join(NORM_ERRORS)}"
     if norm_errors == "stochastic" and scheme == "wage":

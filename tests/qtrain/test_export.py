@@ -481,6 +481,7 @@ def _continue_in_qtrain(model, opt, images, labels, batch, lr):
     ("lenet5", (8, 8, 8, 8), {}),
     ("lenet5", (3, 8, 8, 8), {"weight_exp": "mean", "stochastic_errors": True}),
     ("mlp", (16, 16, 16, 16), {}),  # products and errors past 2**24
+    ("lenet5", (8, 8, 8, 8), {"norm_errors": "stochastic"}),
     pytest.param("lenet5-paper", (8, 8, 8, 8), {}, marks=pytest.mark.slow),
     pytest.param("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}, marks=pytest.mark.slow),
     pytest.param("lenet5", (8, 8, 10, 12), {}, marks=pytest.mark.slow),
@@ -615,3 +616,12 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_export_refuses_per_sample_error_exponents(tmp_path):
+    """The torch-free trainer runs one error exponent per tensor: a network trained with
+    error_exp sample is refused in one line."""
+    model, opt = trained(error_exp="sample")
+    calibrate_and_freeze(model, _images(50, 2)[0])
+    with pytest.raises(ExportError, match="error_exp sample"):
+        _export(model, opt, tmp_path)

@@ -160,7 +160,7 @@ def store_exp(t):
 LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 
 
-def oracle_step(images, labels, stores, ids, step, error_exp="batch"):
+def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=False):
     """The forward and backward of one step from the store codes: (logit codes, their exponent,
     {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)])."""
     n = len(labels)
@@ -200,8 +200,10 @@ def oracle_step(images, labels, stores, ids, step, error_exp="batch"):
         d = d * (s["yb"] > 0)                                  # ReLU
         g8, g8_exp = view(d, d_exp, e_bits)
         dx, dx_exp, dgam, dbet = bn_oracle.l1bn_backward_oracle(
-            s["a8"], g8, s["stats"], s["gq"], s["gexp"], s["a8_exp"], g8_exp, e_bits,
-            None, g8_exp - 16)
+            s["a8"], g8, s["stats"], s["gq"], s["gexp"], s["a8_exp"], g8_exp,
+            16 if norm_sr else e_bits, None, g8_exp - 16)
+        if norm_sr:  # the norm rounds its input's error stochastically, with its own stream
+            dx, dx_exp = stochastic(dx, dx_exp, BITS["bits_e"], step, ids[f"bn{i}.e"])
         want[f"bn{i}.g"] = stochastic(dgam, g8_exp - 16, BITS["bits_g"], step, ids[f"bn{i}.g"])
         want[f"bn{i}.b"] = stochastic(dbet, g8_exp, BITS["bits_g"], step, ids[f"bn{i}.b"])
         d, d_exp = error_round(dx, dx_exp, error_exp)         # quantizer after the linear
@@ -211,17 +213,20 @@ def oracle_step(images, labels, stores, ids, step, error_exp="batch"):
     return z, z_exp, want, [(s["stats"], s["a8_exp"]) for s in saved]
 
 
-@pytest.mark.parametrize("error_exp", ["batch", "sample"])
-def test_two_mlp_steps_equal_int64_oracle(error_exp):
-    """Two int-backend steps (errors with one exponent per batch, or per sample): forward (weights, activations, BN, logits), output error, every
-    error and weight gradient, the SGD update with momentum (the second step's velocity is not
-    zero), every optimizer state (store codes, store exponent, velocity) and the BN running
+@pytest.mark.parametrize("error_exp,norm_errors", [("batch", "nearest"), ("sample", "nearest"),
+                                                   ("batch", "stochastic")])
+def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors):
+    """Two int-backend steps (errors with one exponent per batch, or per sample; the norms'
+    input errors rounded to nearest or stochastically): forward (weights, activations, BN,
+    logits), output error, every error and weight gradient, the SGD update with momentum (the
+    second step's velocity is not zero), every optimizer state (store codes, store exponent, velocity) and the BN running
     mean and L1 deviation equal the numpy int64 oracle bit for bit after each step."""
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8),
                 rng.integers(0, 10, 24)) for _ in range(2)]
     torch.manual_seed(0)
-    cfg = QConfig(**BITS, seed=SEED, error_exp=error_exp)
+    cfg = QConfig(**BITS, seed=SEED, error_exp=error_exp, norm_errors=norm_errors)
+    norm_sr = norm_errors == "stochastic"
     net = mlp("l1", cfg, hidden=32)
     lin = [m for m in net.modules() if isinstance(m, QuantLinear)]
     lin[2].bias = torch.nn.Parameter(torch.empty(10).uniform_(-0.2, 0.2))  # a biased classifier
@@ -236,6 +241,8 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp):
            "lin2.w": lin[2].grad_ids[0], "lin2.b": lin[2].grad_ids[1]}
     for i in range(2):
         ids[f"bn{i}.g"], ids[f"bn{i}.b"] = bns[i].grad_ids
+        if norm_sr:
+            ids[f"bn{i}.e"] = bns[i].error_id
     opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)
 
     # the optimizer's store (initial exponent: 4x headroom) as the oracle sees it
@@ -266,8 +273,9 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp):
         net.qstate.step += 1
 
         # ---- the oracle
-        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step, error_exp)
-        if error_exp == "sample":  # the rule is in force: some gradient differs from batch's
+        z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step, error_exp,
+                                               norm_sr)
+        if error_exp == "sample" or norm_sr:  # the rule is in force: a gradient differs
             batch = oracle_step(images, labels, stores, ids, step)[2]
             assert any(batch[k][1] != want[k][1] or not np.array_equal(batch[k][0], want[k][0])
                        for k in want)

@@ -391,18 +391,23 @@ def test_int8_lenet5_learns_fashion_mnist_subset(fmnist):
     assert accs["int8"] >= accs["float"] - limits["gap"], (where, accs)
 
 
+@pytest.mark.parametrize("rule", [{"error_exp": "sample"}, {"norm_errors": "stochastic"}])
 @pytest.mark.parametrize("name,norm,bits", [("lenet5", "l1", 8), ("mlp", "l1", 6),
                                             ("lenet5", "none", 8), ("lenet5-paper", "l1", 8)])
-def test_per_sample_error_exponents_agree_between_backends(name, norm, bits):
-    """With ``error_exp="sample"`` the int and emulate backends (its own torch rounding) give
-    identical logits, parameters, statistics and counts over three steps, and the rule is in
-    force: the errors' counts differ from one exponent per batch."""
+def test_error_rules_agree_between_backends(name, norm, bits, rule):
+    """With errors of one exponent per sample (``error_exp="sample"``), or norms that round
+    their input's error stochastically (``norm_errors="stochastic"``), the int and emulate
+    backends (its own torch rounding) give identical logits, parameters, statistics and
+    counts over three steps, and the rule is in force: the error counts differ from the
+    default rules' (with a norm, for norm_errors)."""
+    if norm == "none" and "norm_errors" in rule:
+        pytest.skip("norm_errors acts in the norms")
     images, labels = random_batch(16 if name == "lenet5-paper" else 48)
     results = {}
     for backend, error_exp in (("int", "sample"), ("emulate", "sample"), ("int", "batch")):
         torch.manual_seed(1)
         cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend,
-                      seed=3, error_exp=error_exp)
+                      seed=3, **(rule if error_exp == "sample" else {}))
         net = build(name, norm, cfg)
         with torch_emulation() if backend == "emulate" else contextlib.nullcontext():
             out = steps(net, cfg, images, labels, 3)
@@ -412,7 +417,9 @@ def test_per_sample_error_exponents_agree_between_backends(name, norm, bits):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert r1 == r2
     batch = results["int", "batch"][2]
-    assert any(r1[k].get("stats_bwd") != batch[k].get("stats_bwd") for k in r1)
+    assert any(r1[k].get("stats_bwd") != batch[k].get("stats_bwd") for k in batch)
+    if "norm_errors" in rule:
+        assert all(r1[k]["stats_e"]["total"] for k in r1 if k.endswith("bn"))
 
 
 @pytest.mark.parametrize("bits", [2, 8, 12])
@@ -448,3 +455,9 @@ def test_error_exp_refusals():
         QConfig(error_exp="sample", stochastic_errors=True)
     with pytest.raises(ValueError, match="wage"):
         QConfig(error_exp="sample", scheme="wage", bits_w=2)
+    with pytest.raises(ValueError, match="norm_errors 'up'"):
+        QConfig(norm_errors="up")
+    with pytest.raises(ValueError, match="set norm_errors nearest"):
+        QConfig(norm_errors="stochastic", scheme="wage", bits_w=2)
+    with pytest.raises(ValueError, match="set norm_errors nearest or error_exp batch"):
+        QConfig(norm_errors="stochastic", error_exp="sample")
