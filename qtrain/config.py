@@ -107,7 +107,7 @@ class RunConfig:
         if problem := scheme_problem(self.scheme, widths, self.norm, self.stochastic_errors):
             raise UserError(problem)
         if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
-                                        self.norm_errors):
+                                          self.norm_errors, self.norm):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "

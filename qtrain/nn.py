@@ -704,6 +704,9 @@ class _L1BatchNorm(nn.Module, _Quantized):
         if self.quantized:
             if not affine:
                 raise ValueError("a quantized L1 batch norm needs affine=True")
+            if qconfig.stochastic_norm_errors and qconfig.wage:
+                raise ValueError("scheme wage rounds errors to nearest (WAGE's rule): set "
+                                 "norm_errors nearest")
             if qconfig.stochastic_norm_errors:  # the stream and counts of its input's error
                 self.error_id = self.qstate.new_id()
                 self.stats_e = QuantStats()

@@ -106,7 +106,7 @@ class QConfig:
                                                    self.bits_e), None, self.stochastic_errors):
             raise ValueError(problem)
         if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
-                                        self.norm_errors):
+                                          self.norm_errors):
             raise ValueError(problem)
 
     @property

@@ -29,12 +29,13 @@ SCHEMES = ("qtrain", "wage")
 
 
 def error_rules_problem(error_exp: str, stochastic_errors: bool, scheme: str,
-                      norm_errors: str = "nearest") -> str | None:
+                        norm_errors: str = "nearest", norm: str | None = None) -> str | None:
     """The error rules' fields (``error_exp``, ``norm_errors``) and what they exclude:
-    per-sample exponents round to nearest, and WAGE rounds every error its own way."""
+    per-sample exponents round to nearest, and WAGE rounds every error its own way (a norm's
+    too: ``norm`` None, not known here, leaves that to the norm's constructor)."""
     if norm_errors not in NORM_ERRORS:
         return f"norm_errors {norm_errors!r} is not one of {', '.join(NORM_ERRORS)}"
-    if norm_errors == "stochastic" and scheme == "wage":
+    if norm_errors == "stochastic" and scheme == "wage" and norm not in ("none", None):
         return "scheme wage rounds errors to nearest (WAGE's rule): set norm_errors nearest"
     if norm_errors == "stochastic" and error_exp == "sample":
         return ("error_exp sample rounds errors to nearest: set norm_errors nearest or "

@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 
 METHODS = (  # label, folder under --runs, run-name prefix
-    ("int8 L1BN, W8A8G8E8", "int8-nsr-wd-0", "int8-L1BN"),
-    ("int8 L1BN, nearest norm errors", "row-wd-0", "int8-L1BN"),
+    ("int8 L1BN, W8A8G8E8, stochastic norm errors", "int8-nsr-wd-0", "int8-L1BN"),
+    ("int8 L1BN, W8A8G8E8, nearest norm errors", "row-wd-0", "int8-L1BN"),
     ("int16 L1BN, W16A16G16E16", "int16-wd-0", "int16-L1BN"),
     ("float L1BN", "row-wd-0-cuda", "float-L1BN"),
     ("float L2BN", "row-wd-0-cuda", "float-L2BN"),

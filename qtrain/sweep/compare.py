@@ -25,17 +25,20 @@ def _compare_methods(base: RunConfig, bits: int) -> list[tuple[str, str, dict, s
     """(key, description, RunConfig changes, kind) of the compared methods, in
     :data:`COMPARE_METHODS`' order."""
     f = FLOAT_BITS
+    # a float network rounds no error: its runs keep the error rules' defaults, whatever the
+    # recipe sets for the integer run
+    flt = dict(bits_w=f, bits_a=f, bits_g=f, bits_e=f, norm_errors="nearest", error_exp="batch")
     return [
         (f"int{bits}-L1BN", f"integer L1BN W{bits}A{bits}G{bits}E{bits}, int backend",
          dict(norm="l1", backend="int", bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits),
          "qtrain"),
         ("float-L1BN", "float32 network with L1 batch norm",
-         dict(norm="l1", bits_w=f, bits_a=f, bits_g=f, bits_e=f), "qtrain"),
+         dict(norm="l1", **flt), "qtrain"),
         ("float-L2BN", "float32 network with standard (L2) batch norm",
-         dict(norm="l2", bits_w=f, bits_a=f, bits_g=f, bits_e=f), "qtrain"),
+         dict(norm="l2", **flt), "qtrain"),
         (f"brevitas-W{bits}A{bits}", f"Brevitas W{bits}A{bits} QAT (fixed-point per-tensor "
          "quantizers, float BN, float gradients), torch SGD",
-         dict(norm="l2", bits_w=f, bits_a=f, bits_g=f, bits_e=f), "brevitas"),
+         dict(norm="l2", **flt), "brevitas"),
     ]
 
 

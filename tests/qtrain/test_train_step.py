@@ -457,7 +457,9 @@ def test_error_exp_refusals():
         QConfig(error_exp="sample", scheme="wage", bits_w=2)
     with pytest.raises(ValueError, match="norm_errors 'up'"):
         QConfig(norm_errors="up")
+    wage = QConfig(norm_errors="stochastic", scheme="wage", bits_w=2)  # no norm: no effect
+    build("lenet5", "none", wage)
     with pytest.raises(ValueError, match="set norm_errors nearest"):
-        QConfig(norm_errors="stochastic", scheme="wage", bits_w=2)
+        build("lenet5", "l1", wage)
     with pytest.raises(ValueError, match="set norm_errors nearest or error_exp batch"):
         QConfig(norm_errors="stochastic", error_exp="sample")

@@ -265,3 +265,15 @@ def test_flags_win_over_sets_of_the_same_field():
 
     cfg = apply_sets(load_recipe("lenet5-fmnist"), ["epochs=3", "bits_g=8"], {"epochs": 5})
     assert (cfg.epochs, cfg.bits_g) == (5, 8)
+
+
+def test_the_paper_recipe_runs_under_wage_without_a_norm():
+    """lenet5-fmnist-paper rounds its norms' errors stochastically; under scheme wage without
+    a norm that has nothing to act on and is accepted, with integer L1BN it is refused."""
+    base = dict(vars(load_recipe("lenet5-fmnist-paper")))
+    assert base["norm_errors"] == "stochastic"
+    RunConfig(**{**base, "scheme": "wage", "norm": "none", "bits_w": 2, "lr": 8.0,
+                 "momentum": 0.0, "lr_milestones": (60, 75), "lr_gamma": 0.125})
+    with pytest.raises(UserError, match="set norm_errors nearest"):
+        RunConfig(**{**base, "scheme": "wage", "bits_w": 2, "lr": 8.0, "momentum": 0.0,
+                     "lr_milestones": (60, 75), "lr_gamma": 0.125})
