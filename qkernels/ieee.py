@@ -175,11 +175,14 @@ def _rows_nearest(bits, out, floor, km1, q):
     (:func:`qkernels.quant.quantize_rows`)."""
     saturated = 0
     zeroed = 0
+    too_wide = 0
     for n in prange(bits.shape[0]):
         peak = np.int32(0)
         for i in range(bits.shape[1]):
             peak = max(peak, bits[n, i] & _ABS)
-        e = max(_top_exponent(peak) - km1, floor)
+        top = _top_exponent(peak)
+        too_wide += np.int64(top - floor > ROW_WIDTH)
+        e = max(top - km1, floor)
         up = e - floor
         for i in range(bits.shape[1]):
             code = _code_at(bits[n, i], e)
@@ -187,7 +190,7 @@ def _rows_nearest(bits, out, floor, km1, q):
             saturated += np.int64(y != code)
             zeroed += np.int64((y == 0) & ((bits[n, i] & _ABS) != 0))
             out[n, i] = y << up
-    return saturated, zeroed
+    return saturated, zeroed, too_wide
 
 
 _drivers = serial_and_parallel
@@ -285,15 +288,16 @@ def quantize_f32_rows(x: np.ndarray, bits: int, floor: int | None = None
     check_array(x, "x", (np.float32,), tuple(range(1, 9)))
     bits = check_bits(bits, "bits")
     b = np.ascontiguousarray(x).reshape(x.shape[0], -1).view(np.int32)
-    top = _top(b.reshape(-1))
     if floor is None:
+        top = _top(b.reshape(-1))
         floor = 0 if top == _NO_TOP else top - ROW_WIDTH
-    elif top != _NO_TOP and top - check_exp(floor, "floor") > ROW_WIDTH:
-        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent "
-                         f"{top - ROW_WIDTH}: the codes would not fit int16")
+    floor = check_exp(floor, "floor")
     out = np.empty(b.shape, dtype=np.int16)
-    sat, zero = pick(_rows_nearest_s, _rows_nearest_p, b.size)(
+    sat, zero, too_wide = pick(_rows_nearest_s, _rows_nearest_p, b.size)(
         b, out, np.int64(floor), np.int64(bits - 1), np.int64((1 << (bits - 1)) - 1))
+    if too_wide:
+        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent: the codes "
+                         f"of {too_wide} row(s) would not fit int16")
     return QTensor(out.reshape(x.shape), floor), QuantCounts(int(sat), int(zero), b.size)
 
 

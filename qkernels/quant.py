@@ -35,6 +35,9 @@ from .rng import check_first, check_stream_args, random_u64, stream_key
 
 #: Random bits of a stochastic rounding: the fraction added below the new LSB.
 SR_BITS = 24
+#: Significant bits (and a sign) of the int16 containers of per-row codes: a row's exponent
+#: lies at most ``ROW_WIDTH - (bits - 1)`` bits below the batch's.
+ROW_WIDTH = 15
 
 
 class QuantCounts(NamedTuple):
@@ -105,13 +108,16 @@ def _stochastic(c, up, q, key, out, first):
 def _rows_nearest(c, shift_floor, km1, q, out):
     """Each row of ``c`` (N, L) rounded half up at its own range exponent, ``bit_length(max
     |row|) - km1`` codes' LSBs up, but never below ``shift_floor``; the codes written shifted
-    left onto the common exponent ``c.exp + shift_floor``."""
+    left onto the common exponent ``c.exp + shift_floor``. Also counts the rows whose codes
+    would not fit ``ROW_WIDTH`` bits there (a floor below the batch's 16-bit range)."""
     saturated = 0
     zeroed = 0
+    too_wide = 0
     for n in prange(c.shape[0]):
         peak = np.int64(0)
         for i in range(c.shape[1]):
             peak = max(peak, abs(np.int64(c[n, i])))
+        too_wide += np.int64(bit_length(peak) - shift_floor > ROW_WIDTH)
         shift = max(bit_length(peak) - km1, shift_floor)
         up = shift - shift_floor
         for i in range(c.shape[1]):
@@ -121,7 +127,7 @@ def _rows_nearest(c, shift_floor, km1, q, out):
             saturated += sat
             zeroed += zero
             out[n, i] = y << up
-    return saturated, zeroed
+    return saturated, zeroed, too_wide
 
 
 _nearest_s, _nearest_p = serial_and_parallel(_nearest)
@@ -188,11 +194,6 @@ def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
 
 
-#: Significant bits (and a sign) of the int16 containers of per-row codes: a row's exponent
-#: lies at most ``ROW_WIDTH - (bits - 1)`` bits below the batch's.
-ROW_WIDTH = 15
-
-
 def rows_floor(top: int | None, exp: int) -> int:
     """The common exponent of per-row codes of a batch whose range exponent is ``top`` (the
     16-bit range exponent ``top - ROW_WIDTH``; ``exp`` when every value is zero)."""
@@ -216,14 +217,13 @@ def quantize_rows(c: QTensor, bits: int, floor: int | None = None
     bits = check_bits(bits, "bits")
     exp = check_exp(c.exp, "c.exp")
     rows = np.ascontiguousarray(c.q).reshape(c.q.shape[0], -1)
-    top = code_top(c)
-    floor = rows_floor(top, exp) if floor is None else check_exp(floor, "floor")
-    if top is not None and top - floor > ROW_WIDTH:
-        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent "
-                         f"{top - ROW_WIDTH}: the codes would not fit int16")
+    floor = rows_floor(code_top(c), exp) if floor is None else check_exp(floor, "floor")
     out = np.empty(rows.shape, dtype=np.int16)
-    sat, zero = pick(_rows_nearest_s, _rows_nearest_p, rows.size)(
+    sat, zero, too_wide = pick(_rows_nearest_s, _rows_nearest_p, rows.size)(
         rows, np.int64(floor - exp), np.int64(bits - 1), qmax(bits), out)
+    if too_wide:
+        raise ValueError(f"floor {floor} is below the batch's 16-bit range exponent: the codes "
+                         f"of {too_wide} row(s) would not fit int16")
     return QTensor(out.reshape(c.q.shape), floor), QuantCounts(int(sat), int(zero), rows.size)
 
 

@@ -795,12 +795,9 @@ class _L1BatchNorm(nn.Module, _Quantized):
         at its place in the whole batch)."""
         q = self.qconfig
         exp, first = None, 0
-        if dist.active():
+        if dist.active():  # None: every process's error is zero, and so is the rounding's
             exp = dist.range_exponent(code_top(dx), q.bits_e)
             first = dist.first_element(dx.q)
-            if exp is None:
-                self.stats_e.add(0, 0, dx.q.size)
-                return QTensor(np.zeros(dx.q.shape, np.int8), dx.exp)
         out, counts = quantize_stochastic(dx, q.bits_e, seed=q.seed, step=self.qstate.step,
                                           tensor_id=self.error_id, exp=exp, first=first)
         self.stats_e.add(*counts)
