@@ -411,7 +411,7 @@ class Trainer:
             dtype, width = _storage(self.bits_a)
             xin = at_width(x.q, x.exp, width, dtype)
             y, cache = l1bn_forward(xin, self._codes24(node.gamma), self._codes24(node.beta),
-                                    out_bits=self.bits_a, eps_log2=node.eps_log2)
+                                    out_bits=node.spec["out_bits"], eps_log2=node.eps_log2)
             factor = (1.0 / (node.num_batches_tracked + 1) if node.momentum is None
                       else node.momentum)
             l1bn_update_running(node.running_mean, node.running_dev, cache,
@@ -517,7 +517,7 @@ class Trainer:
                 xin = at_width(x.q, x.exp, _storage(self.bits_a)[1], code_dtype(self.bits_a))
                 x4 = xin.q if xin.q.ndim == 4 else xin.q.reshape(*xin.q.shape, 1, 1)
                 y = l1bn_inference(QTensor(np.ascontiguousarray(x4), xin.exp),
-                                   self._folded(node, xin.exp), out_bits=self.bits_a,
+                                   self._folded(node, xin.exp), out_bits=node.spec["out_bits"],
                                    out_exp=node.last_out_exp)
                 x = QTensor(y.q.reshape(xin.q.shape), y.exp)
             elif node == "relu":
@@ -537,7 +537,7 @@ class Trainer:
     def _folded(self, node: _Norm, x_exp: int) -> np.ndarray:
         return l1bn_fold(self._codes24(node.gamma), self._codes24(node.beta),
                          node.running_mean, node.running_dev, x_exp=x_exp,
-                         out_bits=self.bits_a, out_exp=node.last_out_exp,
+                         out_bits=node.spec["out_bits"], out_exp=node.last_out_exp,
                          eps_log2=node.eps_log2, x_bits=self.bits_a)
 
     def calibrate(self, pixels: np.ndarray, batch_size: int = 500,

@@ -34,8 +34,9 @@ class UserError(ValueError):
 
 # The shared names and rules live in qtrain.spec (torch-free); re-exported here for the CLI.
 from .spec import (BACKENDS, DATA_PATHS, DATASETS, FLOAT_BITS, MODELS, NORMS,  # noqa: E402
-                   WEIGHT_EXPS, backend_problem, data_is_path, data_problem, error_rules_problem,
-                   input_problem, model_problem, scheme_problem, width_problem)
+                   WEIGHT_EXPS, act_codes_problem, backend_problem, data_is_path,
+                   data_problem, error_rules_problem, input_problem, model_problem,
+                   norm_input_exp_problem, scheme_problem, width_problem)
 
 #: Fields a recipe may leave out, with their defaults' meaning.
 DEFAULTED = {
@@ -47,6 +48,8 @@ DEFAULTED = {
     "scheme": "'qtrain': qtrain's quantization rules (not WAGE's)",
     "error_exp": "'batch': errors take one exponent per tensor (the batch's range)",
     "norm_errors": "'nearest': a batch norm rounds its input's error to nearest",
+    "act_codes": "'signed': activations after a ReLU are signed bits_a codes",
+    "norm_input_exp": "'tensor': a norm's input takes one exponent per tensor",
 }
 
 DEFAULT_RECIPE = "lenet5-fmnist"
@@ -86,6 +89,8 @@ class RunConfig:
     scheme: str = "qtrain"  # quantization rules: qtrain's, or WAGE's (wage: fixed grids, no BN)
     error_exp: str = "batch"  # error exponent per tensor (batch) or per sample (sample)
     norm_errors: str = "nearest"  # rounding of the error a batch norm hands back: or stochastic
+    act_codes: str = "signed"  # activations after a ReLU: signed or unsigned bits_a codes
+    norm_input_exp: str = "tensor"  # a norm's input exponent per tensor, or per channel
 
     def __post_init__(self):
         _check_types(self)
@@ -108,6 +113,10 @@ class RunConfig:
             raise UserError(problem)
         if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
                                           self.norm_errors, self.norm):
+            raise UserError(problem)
+        if problem := act_codes_problem(self.act_codes, self.bits_a, self.scheme):
+            raise UserError(problem)
+        if problem := norm_input_exp_problem(self.norm_input_exp, self.scheme):
             raise UserError(problem)
         if not 8 <= self.store_bits <= 24:
             raise UserError(f"store_bits={self.store_bits} is outside 8..24 (a float32 holds "

@@ -33,8 +33,9 @@ Where quantizers go (as :meth:`qtrain.models._Parts.block` puts them), in an ``n
 (nested ones included): a :class:`~qtrain.quant.Quantize` after every conv/linear (the exact
 accumulator to ``bits_a``), and one after every batch norm, placed after the ``ReLU`` and then
 the max-pool that directly follow it (``conv -> Q -> BN -> ReLU [-> pool] -> Q``, the fused
-block). The quantizer after the model's last layer, when nothing but pass-through modules
-follow it, rounds the logits to 16 bits (:data:`qtrain.loss.LOGIT_BITS`). There is no input
+block; after a ReLU it rounds to the activations' code width, ``act_codes``; before a norm it
+takes per-channel exponents under ``norm_input_exp = "channel"``). The quantizer after the
+model's last layer, when nothing but pass-through modules follow it, rounds the logits to 16 bits (:data:`qtrain.loss.LOGIT_BITS`). There is no input
 quantizer: inputs enter as 8-bit codes (:func:`qtrain.train.to_input`), as in the built-ins.
 
 Your own ``nn.Module`` subclass (a ``forward`` qtrain cannot see): its children are converted
@@ -146,8 +147,24 @@ class _Converter:
                              f"padding) is supported")
         return QuantMaxPool2d(2) if self.q is not None else m
 
-    def quant(self, bits_fwd: int | None = None) -> list[nn.Module]:
-        return [] if self.q is None else [Quantize(self.q, self.p.qstate, bits_fwd=bits_fwd)]
+    def quant(self, bits_fwd: int | None = None, relu: bool = False,
+              channels: bool = False) -> list[nn.Module]:
+        """The quantizer to insert (none in a float network); ``relu``: a ReLU came just before
+        it or comes just after, so it rounds to the activations' code width
+        (:attr:`QConfig.act_code_bits`); ``channels``: a norm comes next, so under
+        ``norm_input_exp = "channel"`` it rounds each channel at its own exponent."""
+        if self.q is None:
+            return []
+        if relu and bits_fwd is None:
+            bits_fwd = self.q.act_code_bits
+        return [Quantize(self.q, self.p.qstate, bits_fwd=bits_fwd,
+                         channels=channels and self.q.norm_input_exp == "channel")]
+
+    def relu_follows(self, bn: nn.Module) -> None:
+        """A ReLU follows the converted norm ``bn``: a quantized L1 norm then rounds its output
+        to the activations' code width (the ReLU drops the negative half)."""
+        if isinstance(bn, _L1BatchNorm) and bn.quantized:
+            bn.out_bits = self.q.act_code_bits
 
     def unsupported(self, m: nn.Module, path: str) -> ValueError:
         return ValueError(f"{path or 'the model'} ({type(m).__module__}.{type(m).__name__}): "
@@ -174,26 +191,28 @@ class _Converter:
             nxt = items[k + 1][1] if k + 1 < len(items) else None
             if pending and not (isinstance(m, nn.ReLU) and pending == "bn"
                                 or isinstance(m, nn.MaxPool2d) and pending == "relu"):
-                out += self.quant()
+                out += self.quant(relu=pending == "relu")
                 pending = None
             if isinstance(m, nn.Sequential):
                 out.append(nn.Sequential(*self.sequence(m, path + ".")))
             elif isinstance(m, _LAYER):
                 folds = self.q is not None and m.bias is not None and isinstance(nxt, _BN)
                 out.append(self.layer(m, path, folds))
-                out += self.quant()
+                out += self.quant(relu=isinstance(nxt, nn.ReLU),  # (no norm between)
+                                  channels=isinstance(nxt, _BN))
                 fold = m.bias if folds else None
                 continue
             elif isinstance(m, _BN):
                 out.append(self.bn(m, path, fold))
                 pending = "bn"
             elif isinstance(m, nn.ReLU) and pending == "bn":
+                self.relu_follows(out[-1])
                 out.append(m)
                 pending = "relu"
             elif isinstance(m, nn.MaxPool2d):
                 out.append(self.pool(m, path))
                 if pending == "relu":
-                    out += self.quant()
+                    out += self.quant(relu=True)
                     pending = None
             elif _own_class(m):
                 self.children(m, path)
@@ -202,7 +221,7 @@ class _Converter:
                 out.append(self.passthrough(m, path))
             fold = None
         if pending:
-            out += self.quant()
+            out += self.quant(relu=pending == "relu")
         return out
 
     def children(self, module: nn.Module, prefix: str) -> None:

@@ -129,7 +129,7 @@ def network_description(model: nn.Module, in_shape: tuple[int, int, int],
             arrays[key] = m.folded(m.frozen_in_exp)
             layers.append({"op": "l1bn", "name": name, "channels": m.num_features,
                            "folded": key, "in_exp": m.frozen_in_exp,
-                           "out_bits": m.qconfig.bits_a, "out_exp": int(m.last_out_exp)})
+                           "out_bits": m.out_bits, "out_exp": int(m.last_out_exp)})
         elif isinstance(m, nn.ReLU):
             layers.append({"op": "relu"})
         elif isinstance(m, (QuantMaxPool2d, nn.MaxPool2d)):

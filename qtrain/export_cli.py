@@ -113,6 +113,9 @@ def run_export(args: argparse.Namespace) -> int:
     if getattr(model, "qconfig", None) is None:
         raise UserError(f"{run_dir} trained a float network ({cfg.bits}); export takes a "
                         "quantized one")
+    if cfg.norm_input_exp == "channel" and cfg.norm != "none":
+        raise UserError(f"{run_dir} was trained with norm_input_exp channel, which export does "
+                        "not support yet (frozen inference rounds a tensor at one exponent)")
     start = time.perf_counter()
     today = evaluate(model, test_set.images, test_set.labels)
     exps = calibrate_and_freeze(model, train_set.images, count=args.calibration,

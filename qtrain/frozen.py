@@ -95,6 +95,10 @@ def freeze(model: nn.Module, exponents: dict[str, int]) -> nn.Module:
     last: Quantize | None = None
     for name, m in model.named_modules():
         if isinstance(m, Quantize) and m.bits_fwd < FLOAT_BITS:
+            if m.channels:
+                raise ValueError(f"cannot freeze {name}: it rounds each channel at its own "
+                                 "exponent (norm_input_exp channel), which frozen inference "
+                                 "does not support yet; train with norm_input_exp tensor")
             m.frozen_exp = int(exponents.get(name, 0))
             last = m
         elif isinstance(m, _L1BatchNorm) and m.quantized:

@@ -32,8 +32,9 @@ class QuantBlock(nn.Module):
     norm, fused where the int kernels run (see the module docstring).
 
     ``fused`` (public, default True) turns the fused path off for this block. When the fused
-    node ran, ``out`` is told that its input holds ``bits_a`` codes (after ReLU and max-pool),
-    so it skips a rounding that would change nothing (``Quantize.forward(x, code_bits=...)``).
+    node ran, ``out`` is told that its input holds the norm's ``out_bits`` codes (after ReLU and
+    max-pool), so it skips a rounding that would change nothing
+    (``Quantize.forward(x, code_bits=...)``).
     """
 
     def __init__(self, layer: nn.Module, quant: Quantize, bn: _L1BatchNorm, relu: nn.ReLU,
@@ -62,8 +63,8 @@ class QuantBlock(nn.Module):
             return x
         y, pooled = node
         if self.pool is not None and not pooled:
-            y = self.pool(y)  # max-pool selects codes: still bits_a codes
-        return self.out(y, code_bits=self.bn.qconfig.bits_a)
+            y = self.pool(y)  # max-pool selects codes: still the norm's output codes
+        return self.out(y, code_bits=self.bn.out_bits)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

@@ -46,7 +46,7 @@ from qkernels.conv import (channels_first, channels_last, col2im, im2col, im2col
                            split_limbs)
 from qkernels.format import QTensor
 from qkernels.ieee import f32_to_codes_exact
-from qkernels.quant import QuantCounts, quantize_nearest
+from qkernels.quant import QuantCounts, quantize_nearest, quantize_rows
 
 #: Largest code magnitude of an int8 operand (the quantizers' codes are symmetric).
 CODE_MAX = 127
@@ -300,6 +300,16 @@ def requantize(acc: torch.Tensor, exp: int, bits: int, dtype, width: int,
     if up:
         codes <<= up
     return QTensor(codes, q.exp - up if codes.any() else 0), counts  # all zero: exponent 0
+
+
+def requantize_channels(acc: torch.Tensor, exp: int, bits: int) -> tuple[QTensor, QuantCounts]:
+    """Accumulators (O, N, ...) at exponent ``exp`` rounded to ``bits`` with one exponent per
+    output channel (nearest, each channel's range exponent, never below the tensor's 16-bit
+    one: :func:`qkernels.quant.quantize_rows` on the channels as rows), laid out (N, O, ...)
+    as int16 codes at that 16-bit exponent: what :func:`qtrain.quant.nearest_channels` and
+    the norm's 16-bit codes give on their float32 container when that container is exact."""
+    q, counts = quantize_rows(QTensor(acc.numpy(), exp), bits)
+    return QTensor(channels_first(q.q), q.exp if q.q.any() else 0), counts
 
 
 def conv2d_error_codes(gy: torch.Tensor, columns: bool, wide: bool = False) -> Codes | None:

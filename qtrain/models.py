@@ -3,9 +3,10 @@
 Every model takes ``norm`` in {"l1", "l2", "none"} and an optional :class:`QConfig`. A
 quantized block is ``conv -> Quantize -> norm -> ReLU [-> pool] -> Quantize``: the first
 quantizer rounds the exact accumulator to ``bits_a`` (and the error coming back to ``bits_e``),
-the second hands the next layer ``bits_a`` codes and rounds the (wide) error from it to
-``bits_e``. The last layer's logits are rounded to 16 bits for the loss. In a float network the
-quantizers are absent.
+the second hands the next layer ``bits_a`` codes (unsigned ones, one bit more than signed,
+with ``act_codes = "unsigned"``) and rounds the (wide) error from it to ``bits_e``. The last
+layer's logits are rounded to 16 bits for the loss. In a float network the quantizers are
+absent.
 
 * ``lenet5``: the paper's LeNet-5 for 28x28 inputs: conv5x5 6, pool, conv5x5 16, pool, fc 120,
   fc 84, fc 10, with BN after every conv and hidden fc.
@@ -60,33 +61,41 @@ class _Parts:
         return QuantLinear(fin, fout, bias=bias and self.qconfig is None, qconfig=self.qconfig,
                            qstate=self.qstate)
 
-    def bn(self, c, dims=2):
+    def bn(self, c, dims=2, relu_after=False):
         if self.norm == "none":
             return nn.Identity()
         if self.norm == "l2":
             return nn.BatchNorm2d(c) if dims == 2 else nn.BatchNorm1d(c)
         cls = L1BatchNorm2d if dims == 2 else L1BatchNorm1d
-        return cls(c, qconfig=self.qconfig, qstate=self.qstate)
+        return cls(c, qconfig=self.qconfig, qstate=self.qstate, relu_after=relu_after)
 
-    def quant(self, bits_fwd=None, first=False):
+    def quant(self, bits_fwd=None, first=False, relu=False):
         """An activation quantizer (``bits_fwd`` None) or the logits' (``bits_fwd`` given).
-        ``first``: a block's quantizer before the norm. Under scheme wage an activation
+        ``first``: a block's quantizer before the norm. ``relu``: a ReLU comes right before
+        (pools between) or right after, so it rounds to the activations' code width
+        (:attr:`~qtrain.quant.QConfig.act_code_bits`: one bit more for unsigned codes, whose
+        negative half the ReLU drops). Under scheme wage an activation
         quantizer rounds to WAGE's fixed grid, except before a norm (the norm's input keeps
         its range: WAGE has no quantizer there); without a norm there is none before the
         ReLU and pool (the exact accumulators go through them, as in WAGE, so the pool picks
         the same maxima), and the block's last quantizer rounds once, errors included."""
-        if self.qconfig is None or (first and self.qconfig.wage and self.norm == "none"):
+        q = self.qconfig
+        if q is None or (first and q.wage and self.norm == "none"):
             return nn.Identity()  # WAGE: conv -> pool -> ReLU -> one quantizer, on the grid
         normed = first and self.norm != "none"
-        return Quantize(self.qconfig, self.qstate, bits_fwd=bits_fwd,
-                        grid=bits_fwd is None and not normed)
+        activation = bits_fwd is None
+        if activation and relu:
+            bits_fwd = q.act_code_bits
+        return Quantize(q, self.qstate, bits_fwd=bits_fwd, grid=activation and not normed,
+                        channels=normed and q.norm_input_exp == "channel")
 
     def block(self, layer, c, dims=2, pool=False):
         """layer -> Quantize -> norm -> ReLU [-> max-pool 2] -> Quantize."""
-        parts = [layer, self.quant(first=True), self.bn(c, dims), nn.ReLU()]
+        parts = [layer, self.quant(first=True, relu=self.norm == "none"),
+                 self.bn(c, dims, relu_after=True), nn.ReLU()]
         if pool:
             parts.append(QuantMaxPool2d(2) if self.qconfig is not None else nn.MaxPool2d(2))
-        return parts + [self.quant()]
+        return parts + [self.quant(relu=True)]
 
     def head(self, fin, classes):
         return [self.linear(fin, classes, bias=True), self.quant(bits_fwd=LOGIT_BITS)]
@@ -181,7 +190,7 @@ class _BasicBlock(nn.Module):
                                   p.conv(cout, cout, 3, 1, 1), p.quant(first=True), p.bn(cout))
         self.stride = stride
         self.pad = cout - cin
-        self.out = nn.Sequential(nn.ReLU(), p.quant())
+        self.out = nn.Sequential(nn.ReLU(), p.quant(relu=True))
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1 and self.pad == 0:
@@ -203,7 +212,7 @@ def resnet20(norm: str = "l1", qconfig: QConfig | None = None, in_channels: int 
         for i in range(3):
             layers.append(_BasicBlock(p, cin, cout, stride if i == 0 else 1))
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), p.quant(), *p.head(64, classes)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), p.quant(relu=True), *p.head(64, classes)]
     return QNet(p, layers)
 
 

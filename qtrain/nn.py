@@ -11,8 +11,9 @@ quantized :class:`~qtrain.quant.QConfig`:
   2**24, float64 beyond), and round their weight gradient
   to ``bits_g`` stochastically before it reaches ``.grad``.
 * :class:`L1BatchNorm2d` / :class:`L1BatchNorm1d` run the integer L1BN kernels of
-  :mod:`qkernels` (int8 codes up to 8 bits, int16 above; outputs ``bits_a``, errors
-  ``bits_e``, exponents chosen from the range), keep
+  :mod:`qkernels` (int8 codes up to 8 bits, int16 above; outputs ``bits_a``, one bit more
+  before a ReLU with unsigned activations; errors ``bits_e``; exponents chosen from the
+  range), keep
   running statistics as exact fixed-point codes, and in eval mode apply the folded integer
   affine (Algorithm 1, step 9) with the output exponent of the last training batch.
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
-                           quantize_f32_to_codes)
+                           quantize_f32_rows, quantize_f32_to_codes)
 from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
                            maxpool2x2_relu_codes)
 from qkernels import l1bn_update_running
@@ -177,7 +178,7 @@ def _bias_at_accumulators(b: torch.Tensor | None, x: torch.Tensor, w: torch.Tens
     """A layer's bias as float64 codes at its accumulators' exponent (None without one)."""
     if b is None:
         return None
-    exp = _acc_exponent(x, w, max(q.bits_a, INPUT_BITS), q.bits_w)
+    exp = _acc_exponent(x, w, max(q.act_code_bits, INPUT_BITS), q.bits_w)
     return intgemm.Codes(_bias_codes(b, exp), exp)
 
 
@@ -209,15 +210,16 @@ class _ConvFn(torch.autograd.Function):
         ctx.layer = layer
         ctx.cols = None
         bias = _bias_at_accumulators(b, x, w, q)
-        wide = max(q.bits_a, INPUT_BITS, q.bits_w) > 8
-        if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
+        wide = max(q.act_code_bits, INPUT_BITS, q.bits_w) > 8
+        if _gemm(x, q, max(q.act_code_bits, INPUT_BITS), q.bits_w) and intgemm.conv_applies(layer):
             x8, w8 = intgemm.codes(x, wide), intgemm.codes(w, wide)
             if x8 is not None and w8 is not None:
                 y, ctx.cols = intgemm.conv2d(x8, w8, layer.stride, layer.padding, bias)
                 ctx.x_exp, ctx.w8 = x8.exp, w8
                 return y
         k = w.shape[1] * w.shape[2] * w.shape[3]
-        dt = torch.float64 if bias is not None else _exact_matmul_dtype(k, q.bits_a, q.bits_w)
+        dt = (torch.float64 if bias is not None
+              else _exact_matmul_dtype(k, q.act_code_bits, q.bits_w))
         y = F.conv2d(x.to(dt), w.to(dt), None, layer.stride, layer.padding, layer.dilation,
                      layer.groups)
         if bias is not None:  # exact in float64; then rounded once, as the int64 sums are
@@ -268,7 +270,7 @@ def _conv_weight_grad(x, w, gy, layer) -> torch.Tensor:
     float32 would not be exact, float32 or float64 BLAS otherwise."""
     q = layer.qconfig
     terms = gy.shape[0] * gy.shape[2] * gy.shape[3]
-    dt = _exact_matmul_dtype(terms, q.bits_a, q.error_code_bits)
+    dt = _exact_matmul_dtype(terms, q.act_code_bits, q.error_code_bits)
     if dt == torch.float64 and _int8_weight_grad_ok(layer, q, x):
         return layer._quantize_grad_codes(_int8_weight_grad(x, gy, layer), w)
     gw = torch.nn.grad.conv2d_weight(x.to(dt), w.shape, gy.to(dt), *_conv_args(layer))
@@ -277,7 +279,8 @@ def _conv_weight_grad(x, w, gy, layer) -> torch.Tensor:
 
 def _int8_weight_grad_ok(layer, q: QConfig, x: torch.Tensor) -> bool:
     """The integer kernel applies: int8 codes, CPU, no dilation/groups, numeric padding."""
-    return (max(q.bits_a, INPUT_BITS) <= 8 and q.error_code_bits <= 8 and x.device.type == "cpu"
+    return (max(q.act_code_bits, INPUT_BITS) <= 8 and q.error_code_bits <= 8
+            and x.device.type == "cpu"
             and intgemm.conv_applies(layer))
 
 
@@ -296,14 +299,14 @@ class _LinearFn(torch.autograd.Function):
         ctx.layer = layer
         ctx.x8 = None
         bias = _bias_at_accumulators(b, x, w, q)
-        if _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w):
-            wide = max(q.bits_a, INPUT_BITS, q.bits_w) > 8
+        if _gemm(x, q, max(q.act_code_bits, INPUT_BITS), q.bits_w):
+            wide = max(q.act_code_bits, INPUT_BITS, q.bits_w) > 8
             x8 = intgemm.codes(x.reshape(-1, x.shape[-1]), wide)
             w8 = intgemm.codes(w, wide)
             if x8 is not None and w8 is not None:
                 ctx.x8, ctx.w8 = x8, w8
                 return intgemm.linear(x8, w8, bias).reshape(*x.shape[:-1], w.shape[0])
-        dt = torch.float64 if bias is not None else _exact_matmul_dtype(w.shape[1], q.bits_a,
+        dt = torch.float64 if bias is not None else _exact_matmul_dtype(w.shape[1], q.act_code_bits,
                                                                          q.bits_w)
         y = x.to(dt) @ w.to(dt).t()
         if bias is not None:  # exact in float64; then rounded once, as the int64 sums are
@@ -330,7 +333,7 @@ class _LinearFn(torch.autograd.Function):
             dt = _exact_matmul_dtype(w.shape[0], q.error_code_bits, q.bits_w)
             gx = (gy.to(dt) @ w.to(dt)).float()
         g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])  # any batch dims
-        dt = _exact_matmul_dtype(g2.shape[0], q.bits_a, q.error_code_bits)
+        dt = _exact_matmul_dtype(g2.shape[0], q.act_code_bits, q.error_code_bits)
         gw = g2.to(dt).t() @ x2.to(dt)
         return gx, layer._quantize_grad(gw), gb, None
 
@@ -500,7 +503,7 @@ def _container(q: QTensor, like: torch.Tensor) -> torch.Tensor:
 class _L1BNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn):
-        y, ctx.cache = bn._forward_codes(_bn_codes(x, bn.qconfig.bits_a))
+        y, ctx.cache = bn._forward_codes(_bn_codes(x, bn.qconfig.norm_in_bits))
         ctx.bn = bn
         return _container(y, x)
 
@@ -555,8 +558,15 @@ class _QuantBNReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, quant, bn, pool):
-        dtype, width = _storage(bn.qconfig.bits_a)
+        dtype, width = _storage(bn.qconfig.norm_in_bits)
         x32 = x.detach().numpy()
+        if quant.channels:  # each channel at its own exponent: 16-bit codes (nearest_channels)
+            xq, counts = quantize_f32_rows(np.ascontiguousarray(np.moveaxis(x32, 1, 0)),
+                                           quant.bits_fwd)
+            xq = QTensor(np.ascontiguousarray(np.moveaxis(xq.q, 0, 1)),
+                         xq.exp if xq.q.any() else 0)
+            quant.stats_fwd.add(*counts)
+            return _block_forward(ctx, xq, bn, quant, pool)
         exp = None
         if dist.active():
             exp = dist.range_exponent(peak_exponent(x32), quant.bits_fwd)
@@ -586,11 +596,14 @@ class _ConvBlockFn(torch.autograd.Function):
         assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (conv_block)"
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
         exp = None
-        if dist.active():
-            exp = dist.range_exponent(intgemm.top_exponent(acc, x8.exp + w8.exp),
-                                      quant.bits_fwd)
-        xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
-                                        *_storage(bn.qconfig.bits_a), round_exp=exp)
+        if quant.channels:  # each channel at its own exponent (nearest_channels)
+            xq, counts = intgemm.requantize_channels(acc, x8.exp + w8.exp, quant.bits_fwd)
+        else:
+            if dist.active():
+                exp = dist.range_exponent(intgemm.top_exponent(acc, x8.exp + w8.exp),
+                                          quant.bits_fwd)
+            xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
+                                            *_storage(bn.qconfig.norm_in_bits), round_exp=exp)
         quant.stats_fwd.add(*counts)
         ctx.save_for_backward(x, w)
         ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
@@ -621,7 +634,8 @@ def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
     return ((bn.training or not bn.track_running_stats)
             and x.dtype == torch.float32 and x.device.type == "cpu"
             and q.engine.kernels(x) and quant.bits_fwd < FLOAT_BITS
-            and quant.bits_fwd - 1 <= _storage(q.bits_a)[1]
+            and quant.bits_fwd - 1 <= _storage(q.norm_in_bits)[1]
+            and not (quant.channels and dist.active())
             and x.dim() in bn._ndims)
 
 
@@ -652,8 +666,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
             and isinstance(quant, Quantize)):
         return None
     q = conv.qconfig
-    if not (max(q.bits_a, INPUT_BITS, q.bits_w, q.error_code_bits) <= 8
-            and _gemm(x, q, max(q.bits_a, INPUT_BITS), q.bits_w, q.error_code_bits)
+    if not (max(q.act_code_bits, INPUT_BITS, q.bits_w, q.error_code_bits) <= 8
+            and _gemm(x, q, max(q.act_code_bits, INPUT_BITS), q.bits_w, q.error_code_bits)
             and intgemm.conv_applies(conv)
             and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
             and _fusable(quant, bn, relu, x)):
@@ -686,13 +700,17 @@ class _L1BatchNorm(nn.Module, _Quantized):
     ``frozen_in_exp`` (None until :func:`qtrain.frozen.freeze` sets it to the preceding
     quantizer's frozen exponent): quantized inference reads its input codes at this exponent,
     so the folded multiplier, offset and shift are the same for every batch.
+
+    ``relu_after``: a ReLU follows the norm, so under ``act_codes = "unsigned"`` its output
+    codes are one bit wider (``out_bits``: the negative half they add is dropped by the ReLU).
     """
 
     _ndims: tuple[int, ...] = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, qconfig: QConfig | None = None, qstate: QState | None = None):
+                 dtype=None, *, qconfig: QConfig | None = None, qstate: QState | None = None,
+                 relu_after: bool = False):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -701,7 +719,11 @@ class _L1BatchNorm(nn.Module, _Quantized):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self._setup_quant(qconfig, qstate)
+        #: width of the output codes: ``bits_a``, or with ``relu_after`` (a ReLU follows, which
+        #: drops the negative half) the activations' :attr:`~QConfig.act_code_bits`
+        self.out_bits = None
         if self.quantized:
+            self.out_bits = qconfig.act_code_bits if relu_after else qconfig.bits_a
             if not affine:
                 raise ValueError("a quantized L1 batch norm needs affine=True")
             if qconfig.stochastic_norm_errors and qconfig.wage:
@@ -760,12 +782,12 @@ class _L1BatchNorm(nn.Module, _Quantized):
         return np.ldexp(buf.detach().cpu().numpy().astype(np.float64), -RUN_EXP).astype(np.int64)
 
     def _forward_codes(self, x: QTensor) -> tuple[QTensor, object]:
-        """Training-mode forward on the kernels' codes: output codes (``bits_a``) and the
+        """Training-mode forward on the kernels' codes: output codes (``out_bits``) and the
         kernels' cache; updates the running statistics and the last output exponent."""
         if dist.active():  # a synchronized batch norm (qtrain.distributed)
-            x = dist.align(x, _storage(self.qconfig.bits_a)[1])
+            x = dist.align(x, _storage(self.qconfig.norm_in_bits)[1])
         y, cache = l1bn_forward(x, _param_codes(self.weight), _param_codes(self.bias),
-                                out_bits=self.qconfig.bits_a, eps_log2=_eps_log2(self.eps),
+                                out_bits=self.out_bits, eps_log2=_eps_log2(self.eps),
                                 collective=dist.collective())
         if self.track_running_stats:
             self._update_running(cache)
@@ -839,26 +861,26 @@ class _L1BatchNorm(nn.Module, _Quantized):
         input read at its frozen exponent, if any, else at its peak's)."""
         q = self.qconfig
         if self.frozen_in_exp is None:
-            xq = _bn_codes(x, q.bits_a)
+            xq = _bn_codes(x, q.norm_in_bits)
         else:
-            xq = f32_to_codes(x.detach().cpu().numpy(), 0, _storage(q.bits_a)[0],
+            xq = f32_to_codes(x.detach().cpu().numpy(), 0, _storage(q.norm_in_bits)[0],
                               exp=self.frozen_in_exp)
         if xq.q.ndim == 2:
             xq = QTensor(xq.q[:, :, None, None], xq.exp)
-        y = l1bn_inference(xq, self.folded(xq.exp), out_bits=q.bits_a,
+        y = l1bn_inference(xq, self.folded(xq.exp), out_bits=self.out_bits,
                            out_exp=int(self.last_out_exp))
         return _container(y, x)
 
     def folded(self, x_exp: int) -> np.ndarray:
         """The quantized inference as one (multiplier, offset, shift) per channel (int64, shape
-        (C, 3)) for input codes of ``bits_a`` bits at exponent ``x_exp``
+        (C, 3)) for input codes of ``norm_in_bits`` bits at exponent ``x_exp``
         (:func:`qkernels.l1bn_fold`): code ``x`` maps to ``saturate((A*x + B) >> sh)`` at
         the last training batch's output exponent (``last_out_exp``)."""
         q = self.qconfig
         return l1bn_fold(_param_codes(self.weight), _param_codes(self.bias),
                          self._codes_of(self.running_mean), self._codes_of(self.running_dev),
-                         x_exp=x_exp, out_bits=q.bits_a, out_exp=int(self.last_out_exp),
-                         eps_log2=_eps_log2(self.eps), x_bits=q.bits_a)
+                         x_exp=x_exp, out_bits=self.out_bits, out_exp=int(self.last_out_exp),
+                         eps_log2=_eps_log2(self.eps), x_bits=q.norm_in_bits)
 
 
 class L1BatchNorm2d(_L1BatchNorm):

@@ -37,8 +37,8 @@ from qkernels.quant import (ROW_WIDTH, SR_BITS, code_top, mean_exponent, quantiz
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
-from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, backend_problem, error_rules_problem,
-                   scheme_problem, width_problem)
+from .spec import (BACKENDS, FLOAT_BITS, WEIGHT_EXPS, act_codes_problem, backend_problem,
+                   error_rules_problem, norm_input_exp_problem, scheme_problem, width_problem)
 
 def check_width(bits: int, name: str) -> int:
     """A code width: 2..16, or 32 for float (no quantization)."""
@@ -73,6 +73,17 @@ class QConfig:
             rounded to ``bits_e`` with the counter-based stream: nearest rounding makes the
             same error in every sample's share of the norm's batch terms, and those errors
             add up in the weight gradient).
+        act_codes: the codes of an activation after a ReLU: ``"signed"`` (``bits_a`` codes,
+            whose sign bit a non-negative value never uses) or ``"unsigned"`` (``0 ..
+            2**bits_a - 1``: twice the resolution, held as signed codes of
+            :attr:`act_code_bits`). A block's norm then rounds its output one bit wider too
+            (the ReLU drops the negative half).
+        norm_input_exp: how the quantizer before a batch norm picks its exponent: ``"tensor"``
+            (the range of the whole tensor) or ``"channel"`` (each channel its own range,
+            never more than 16 bits below the tensor's: the norm's input is then 16-bit codes,
+            :attr:`norm_in_bits`). The norm divides each channel by its own deviation, so a
+            channel whose values are small beside the largest channel's keeps ``bits_a``
+            significant bits instead of rounding to a few levels.
     """
 
     bits_w: int = 8
@@ -87,6 +98,8 @@ class QConfig:
     scheme: str = "qtrain"
     error_exp: str = "batch"
     norm_errors: str = "nearest"
+    act_codes: str = "signed"
+    norm_input_exp: str = "tensor"
 
     def __post_init__(self):
         for name in ("bits_w", "bits_a", "bits_g", "bits_e"):
@@ -107,6 +120,10 @@ class QConfig:
             raise ValueError(problem)
         if problem := error_rules_problem(self.error_exp, self.stochastic_errors, self.scheme,
                                           self.norm_errors):
+            raise ValueError(problem)
+        if problem := act_codes_problem(self.act_codes, self.bits_a, self.scheme):
+            raise ValueError(problem)
+        if problem := norm_input_exp_problem(self.norm_input_exp, self.scheme):
             raise ValueError(problem)
 
     @property
@@ -131,6 +148,20 @@ class QConfig:
         per-sample exponents (``bits_e`` significant bits per sample, at the batch's
         exponent)."""
         return 16 if self.sample_errors else self.bits_e
+
+    @property
+    def act_code_bits(self) -> int:
+        """Width of the signed codes that carry an activation after a ReLU, and so the widest
+        input a layer receives: ``bits_a``, or ``bits_a + 1`` for unsigned ones."""
+        unsigned = self.act_codes == "unsigned" and self.bits_a < FLOAT_BITS
+        return self.bits_a + 1 if unsigned else self.bits_a
+
+    @property
+    def norm_in_bits(self) -> int:
+        """Width of the codes a batch norm receives: ``bits_a``, or 16 with per-channel
+        exponents (``norm_input_exp = "channel"``: codes at the tensor's 16-bit exponent)."""
+        return 16 if self.norm_input_exp == "channel" and self.bits_a < FLOAT_BITS \
+            else self.bits_a
 
     @property
     def engine(self) -> "Backend":
@@ -387,6 +418,21 @@ def nearest_rows(t: torch.Tensor, bits: int, backend: Backend,
     return (y * torch.exp2(e)).float().reshape(t.shape)
 
 
+def nearest_channels(t: torch.Tensor, bits: int, backend: Backend,
+                     stats: QuantStats | None = None) -> torch.Tensor:
+    """Round each channel (the second axis) of ``t`` to ``bits`` at its own range exponent,
+    half up, saturating, never below the tensor's 16-bit range exponent: :func:`nearest_rows`
+    along the channels. The result holds 16-bit codes at that exponent. Not in a synchronized
+    step (a channel's range would be the whole batch's)."""
+    if bits >= FLOAT_BITS:
+        return t
+    if dist.active():
+        raise RuntimeError("per-channel exponents (norm_input_exp channel) are not supported "
+                           "across processes yet")
+    return nearest_rows(t.movedim(1, 0).contiguous(), bits, backend, stats).movedim(0, 1) \
+        .contiguous()
+
+
 def weight_exponent(t: torch.Tensor, bits: int, backend: Backend, rule: str) -> int | None:
     """The exponent a weight quantizer rounds ``t`` to under ``rule``; None for the range
     exponent (``"max"``, or an all-zero tensor)."""
@@ -455,6 +501,8 @@ class _QuantizeFn(torch.autograd.Function):
 
             y, ctx.inside = activation(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
             return y
+        if quant.channels:
+            return nearest_channels(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
         return nearest(x, quant.bits_fwd, quant.engine, quant.stats_fwd)
 
     @staticmethod
@@ -493,15 +541,22 @@ class Quantize(torch.nn.Module):
     Under ``scheme = "wage"`` errors take WAGE's rule (:func:`qtrain.wage.error`), and with
     ``grid`` (activations; not the logits) the forward rounds to WAGE's fixed ``bits_fwd``
     grid, whose clip stops the error outside it (:func:`qtrain.wage.activation`).
+
+    With ``channels`` the forward rounds each channel at its own range exponent
+    (:func:`nearest_channels`: the quantizer before a norm under ``norm_input_exp =
+    "channel"``); such a quantizer cannot be frozen.
     """
 
     def __init__(self, qconfig: QConfig, qstate: QState, bits_fwd: int | None = None,
-                 bits_bwd: int | None = None, grid: bool = False):
+                 bits_bwd: int | None = None, grid: bool = False, channels: bool = False):
         super().__init__()
         self.bits_fwd = qconfig.bits_a if bits_fwd is None else check_width(bits_fwd, "bits_fwd")
         self.bits_bwd = qconfig.bits_e if bits_bwd is None else check_width(bits_bwd, "bits_bwd")
         self.wage = qconfig.wage
         self.grid = grid and qconfig.wage and self.bits_fwd < FLOAT_BITS
+        #: one exponent per channel (:func:`nearest_channels`): the quantizer before a norm
+        #: under ``norm_input_exp = "channel"``
+        self.channels = channels and self.bits_fwd < FLOAT_BITS and not self.grid
         self.engine = qconfig.engine
         self.seed = qconfig.seed
         self.stochastic_bwd = qconfig.stochastic_errors
@@ -567,6 +622,7 @@ class Quantize(torch.nn.Module):
     def extra_repr(self) -> str:
         frozen = "" if self.frozen_exp is None else f", frozen_exp={self.frozen_exp}"
         wage = ", scheme=wage" + (", grid" if self.grid else "") if self.wage else ""
+        wage += ", channels" if self.channels else ""
         return (f"bits_fwd={self.bits_fwd}, bits_bwd={self.bits_bwd}, "
                 f"backend={self.engine.name}{wage}{frozen}")
 

@@ -158,7 +158,8 @@ def build(cfg: RunConfig, in_shape: tuple[int, ...], classes: int = 10):
         qconfig = QConfig(cfg.bits_w, cfg.bits_a, cfg.bits_g, cfg.bits_e, backend=cfg.backend,
                           store_bits=cfg.store_bits, stochastic_errors=cfg.stochastic_errors,
                           weight_exp=cfg.weight_exp, seed=cfg.seed, scheme=cfg.scheme,
-                          error_exp=cfg.error_exp, norm_errors=cfg.norm_errors)
+                          error_exp=cfg.error_exp, norm_errors=cfg.norm_errors,
+                          act_codes=cfg.act_codes, norm_input_exp=cfg.norm_input_exp)
         torch.manual_seed(cfg.seed)
         if model_is_user(cfg.model):  # --model package.module:function
             from . import usermodel
@@ -415,6 +416,10 @@ def _check_world(cfg: RunConfig, world: dist.World, n_train: int) -> None:
     if world.size == 1:
         return
     n = world.size
+    if cfg.norm_input_exp == "channel" and cfg.norm != "none" and cfg.bits_a < 32:
+        raise UserError("norm_input_exp channel is not supported across processes yet (each "
+                        "channel's range would need the whole batch's): set norm_input_exp "
+                        "tensor, or train in one process")
     if cfg.batch_size < n:
         raise UserError(f"batch_size={cfg.batch_size} is smaller than the {n} processes; give "
                         f"each process at least one image (--batch-size {n} or more)")

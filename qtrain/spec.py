@@ -23,6 +23,15 @@ WEIGHT_EXPS = ("max", "mean")
 ERROR_EXPS = ("batch", "sample")
 #: How a batch norm rounds the error it hands back to the layer before it (its input's error).
 NORM_ERRORS = ("nearest", "stochastic")
+#: How the quantizer before a batch norm picks its exponent: one for the tensor (its range),
+#: or one per channel (each channel's range; the norm divides each channel by its own
+#: deviation, so a power of two per channel costs it nothing). Per-channel codes reach the
+#: norm as 16-bit codes at the tensor's exponent.
+NORM_INPUT_EXPS = ("tensor", "channel")
+#: The codes of an activation after a ReLU: signed ``bits_a`` codes (whose sign bit a
+#: non-negative value never uses), or unsigned ``bits_a`` codes (0 .. 2**bits_a - 1: twice the
+#: resolution; held as signed codes one bit wider).
+ACT_CODES = ("signed", "unsigned")
 #: Quantization rules: qtrain's (range exponents, wide store, momentum SGD) or WAGE's (fixed
 #: grids, shift-normalized errors and updates, integer steps: :mod:`qtrain.wage`).
 SCHEMES = ("qtrain", "wage")
@@ -47,6 +56,31 @@ def error_rules_problem(error_exp: str, stochastic_errors: bool, scheme: str,
                 "error_exp batch")
     if error_exp == "sample" and scheme == "wage":
         return "scheme wage takes its own error exponent (WAGE's shift): set error_exp batch"
+    return None
+
+
+def act_codes_problem(act_codes: str, bits_a: int, scheme: str) -> str | None:
+    """``act_codes`` must be a name of :data:`ACT_CODES`; unsigned codes are held one bit
+    wider, so they need ``bits_a`` of at most 15 (or 32: float, where they change nothing), and
+    WAGE's activations have their own fixed grid."""
+    if act_codes not in ACT_CODES:
+        return f"act_codes {act_codes!r} is not one of {', '.join(ACT_CODES)}"
+    if act_codes == "unsigned" and 15 < bits_a < FLOAT_BITS:
+        return (f"act_codes unsigned holds bits_a={bits_a} codes as {bits_a + 1}-bit signed "
+                "ones, past the kernels' 16: use bits_a <= 15 or act_codes signed")
+    if act_codes == "unsigned" and scheme == "wage":
+        return "scheme wage rounds activations to its own fixed grid: set act_codes signed"
+    return None
+
+
+def norm_input_exp_problem(norm_input_exp: str, scheme: str) -> str | None:
+    """``norm_input_exp`` must be a name of :data:`NORM_INPUT_EXPS`; WAGE has no quantizer
+    before a norm to give per-channel exponents."""
+    if norm_input_exp not in NORM_INPUT_EXPS:
+        return (f"norm_input_exp {norm_input_exp!r} is not one of "
+                f"{', '.join(NORM_INPUT_EXPS)}")
+    if norm_input_exp == "channel" and scheme == "wage":
+        return "scheme wage feeds a norm its own range (WAGE's rule): set norm_input_exp tensor"
     return None
 
 

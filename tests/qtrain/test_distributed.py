@@ -241,6 +241,8 @@ def test_world_size_limits_are_one_line_errors():
         _check_world(dataclasses.replace(cfg, batch_size=3), world, 60000)
     _check_world(dataclasses.replace(cfg, backend="emulate", device="cuda"), world, 60000)
     _check_world(dataclasses.replace(cfg, batch_size=3), dist.World(), 60000)  # one process
+    with pytest.raises(UserError, match="norm_input_exp channel is not supported across"):
+        _check_world(dataclasses.replace(cfg, norm_input_exp="channel"), world, 60000)
 
 
 @pytest.mark.parametrize("n,cut", [(10, 3), (7, 0), (12, 12)])

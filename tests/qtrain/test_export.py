@@ -173,14 +173,15 @@ def _export(model, opt, tmp_path, name="m.qk"):
     return path, manifest, arrays
 
 
-@pytest.mark.parametrize("name,bits", [
-    ("lenet5", (8, 8, 8, 8)), ("mlp", (8, 12, 8, 8)),
-    ("mlp", (16, 16, 8, 8)),  # sums past 2**24: rounded as qtrain's float32 containers are
-    pytest.param("mlp", (6, 8, 8, 8), marks=pytest.mark.slow),
-    pytest.param("lenet5", (5, 10, 8, 8), marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,bits,fields", [
+    ("lenet5", (8, 8, 8, 8), {}), ("mlp", (8, 12, 8, 8), {}),
+    ("mlp", (16, 16, 8, 8), {}),  # sums past 2**24: rounded as qtrain's float32 containers are
+    ("lenet5", (4, 4, 8, 8), {"act_codes": "unsigned"}),  # the norms' outputs one bit wider
+    pytest.param("mlp", (6, 8, 8, 8), {}, marks=pytest.mark.slow),
+    pytest.param("lenet5", (5, 10, 8, 8), {}, marks=pytest.mark.slow),
 ])
-def test_qk_engine_gives_qtrains_frozen_codes(name, bits, tmp_path, test_images):
-    model, opt = trained(name, bits)
+def test_qk_engine_gives_qtrains_frozen_codes(name, bits, fields, tmp_path, test_images):
+    model, opt = trained(name, bits, **fields)
     calibrate_and_freeze(model, _images(300, 2)[0])
     path, manifest, _ = _export(model, opt, tmp_path)
     net = Network.load(path)
@@ -482,6 +483,7 @@ def _continue_in_qtrain(model, opt, images, labels, batch, lr):
     ("lenet5", (3, 8, 8, 8), {"weight_exp": "mean", "stochastic_errors": True}),
     ("mlp", (16, 16, 16, 16), {}),  # products and errors past 2**24
     ("lenet5", (8, 8, 8, 8), {"norm_errors": "stochastic"}),
+    ("lenet5", (4, 4, 8, 8), {"act_codes": "unsigned", "stochastic_errors": True}),
     pytest.param("lenet5-paper", (8, 8, 8, 8), {}, marks=pytest.mark.slow),
     pytest.param("mlp", (6, 8, 8, 8), {"weight_decay": 5e-4}, marks=pytest.mark.slow),
     pytest.param("lenet5", (8, 8, 10, 12), {}, marks=pytest.mark.slow),

@@ -45,12 +45,17 @@ def disable_fusion(net):
             m.fused = False
 
 
-@pytest.mark.parametrize("name, bits, sr_errors", [("lenet5", 8, False), ("mlp", 8, False),
-                                                   ("lenet5", 5, True), ("mlp", 12, False)])
+@pytest.mark.parametrize("name, bits, sr_errors, rules", [
+    ("lenet5", 8, False, {}), ("mlp", 8, False, {}), ("lenet5", 5, True, {}),
+    ("mlp", 12, False, {}),
+    ("lenet5", 4, True, {"act_codes": "unsigned"}), ("mlp", 8, False, {"act_codes": "unsigned"}),
+    ("lenet5", 4, True, {"act_codes": "unsigned", "norm_input_exp": "channel"}),
+    ("mlp", 6, False, {"norm_input_exp": "channel"})])
 @pytest.mark.parametrize("backend", ["int", "emulate"])
-def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, backend, monkeypatch):
+def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, rules, backend,
+                                                  monkeypatch):
     cfg = QConfig(bits_w=bits, bits_a=bits, bits_g=bits, bits_e=bits, backend=backend, seed=5,
-                  stochastic_errors=sr_errors)
+                  stochastic_errors=sr_errors, **rules)
     torch.manual_seed(0)
     fused = build(name, "l1", cfg)
     plain = copy.deepcopy(fused)

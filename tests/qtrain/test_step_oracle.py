@@ -160,28 +160,36 @@ def store_exp(t):
 LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 
 
-def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=False):
+def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=False,
+                out_bits=BITS["bits_a"], channels=False):
     """The forward and backward of one step from the store codes: (logit codes, their exponent,
-    {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)])."""
+    {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)]).
+    ``out_bits``: the width of the norms' output codes and of the activations after the ReLU
+    (``bits_a``, or one more for unsigned activations); ``channels``: the norms' inputs round
+    each channel at its own exponent (16-bit codes at the tensor's 16-bit exponent)."""
     n = len(labels)
     h, h_exp = (images.astype(np.int64) - 128).clip(-127, 127).reshape(n, -1), -7
     saved = []
     for i in range(2):
         w, w_exp = nearest(*stores[f"lin{i}.w"], BITS["bits_w"])
-        a, a_exp = nearest(h @ w.T, h_exp + w_exp, BITS["bits_a"])
-        a8, a8_exp = int8_view(a, a_exp)
+        if channels:  # the channels as rows: per_sample's rule
+            a, a_exp = per_sample((h @ w.T).T, h_exp + w_exp, BITS["bits_a"])
+            a8, a8_exp = view(np.ascontiguousarray(a.T), a_exp, 16)
+        else:
+            a, a_exp = nearest(h @ w.T, h_exp + w_exp, BITS["bits_a"])
+            a8, a8_exp = int8_view(a, a_exp)
         gq, gexp = stores[f"bn{i}.g"]
         bq, bexp = stores[f"bn{i}.b"]
         yb, yb_exp, stats = bn_oracle.l1bn_forward_oracle(a8, a8_exp, gq, gexp, bq, bexp,
-                                                          BITS["bits_a"], None, -17)
-        out, out_exp = nearest(np.maximum(yb, 0), yb_exp, BITS["bits_a"])
+                                                          out_bits, None, -17)
+        out, out_exp = nearest(np.maximum(yb, 0), yb_exp, out_bits)
         saved.append(dict(h=h, h_exp=h_exp, w=w, w_exp=w_exp, a8=a8, a8_exp=a8_exp,
                           stats=stats, yb=yb, gq=gq, gexp=gexp))
         h, h_exp = out, out_exp
     w3, w3_exp = nearest(*stores["lin2.w"], BITS["bits_w"])
-    h8, h8_exp = int8_view(h, h_exp)
+    h8, h8_exp = view(h, h_exp, 8 if out_bits <= 8 else 16)  # 9-bit codes: an int16 view
     w8, w8_exp = int8_view(w3, w3_exp)
-    acc_exp = h8_exp + w8_exp                  # the accumulators' exponent: int8 views
+    acc_exp = h8_exp + w8_exp                  # the accumulators' exponent: the views'
     b, b_exp = stores["lin2.b"]
     s = acc_exp - b_exp                        # the bias on that grid, half up, int32
     bias = (b + (1 << (s - 1))) >> s if s > 0 else b << -s
@@ -213,20 +221,25 @@ def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=Fa
     return z, z_exp, want, [(s["stats"], s["a8_exp"]) for s in saved]
 
 
-@pytest.mark.parametrize("error_exp,norm_errors", [("batch", "nearest"), ("sample", "nearest"),
-                                                   ("batch", "stochastic")])
-def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors):
+@pytest.mark.parametrize("error_exp,norm_errors,act_codes,norm_input_exp", [
+    ("batch", "nearest", "signed", "tensor"), ("sample", "nearest", "signed", "tensor"),
+    ("batch", "stochastic", "signed", "tensor"), ("batch", "nearest", "unsigned", "tensor"),
+    ("batch", "nearest", "signed", "channel")])
+def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, norm_input_exp):
     """Two int-backend steps (errors with one exponent per batch, or per sample; the norms'
-    input errors rounded to nearest or stochastically): forward (weights, activations, BN,
-    logits), output error, every error and weight gradient, the SGD update with momentum (the
+    input errors rounded to nearest or stochastically; activations after the ReLU as signed
+    or unsigned codes; the norms' inputs with one exponent per tensor or per channel): forward (weights, activations, BN, logits), output error, every error and weight gradient, the SGD update with momentum (the
     second step's velocity is not zero), every optimizer state (store codes, store exponent, velocity) and the BN running
     mean and L1 deviation equal the numpy int64 oracle bit for bit after each step."""
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8),
                 rng.integers(0, 10, 24)) for _ in range(2)]
     torch.manual_seed(0)
-    cfg = QConfig(**BITS, seed=SEED, error_exp=error_exp, norm_errors=norm_errors)
+    cfg = QConfig(**BITS, seed=SEED, error_exp=error_exp, norm_errors=norm_errors,
+                  act_codes=act_codes, norm_input_exp=norm_input_exp)
+    channels = norm_input_exp == "channel"
     norm_sr = norm_errors == "stochastic"
+    out_bits = BITS["bits_a"] + (act_codes == "unsigned")
     net = mlp("l1", cfg, hidden=32)
     lin = [m for m in net.modules() if isinstance(m, QuantLinear)]
     lin[2].bias = torch.nn.Parameter(torch.empty(10).uniform_(-0.2, 0.2))  # a biased classifier
@@ -274,8 +287,9 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors):
 
         # ---- the oracle
         z, z_exp, want, bn_stats = oracle_step(images, labels, stores, ids, step, error_exp,
-                                               norm_sr)
-        if error_exp == "sample" or norm_sr:  # the rule is in force: a gradient differs
+                                               norm_sr, out_bits, channels)
+        if error_exp == "sample" or norm_sr or out_bits > BITS["bits_a"] or channels:
+            # the rule is in force: a gradient differs
             batch = oracle_step(images, labels, stores, ids, step)[2]
             assert any(batch[k][1] != want[k][1] or not np.array_equal(batch[k][0], want[k][0])
                        for k in want)

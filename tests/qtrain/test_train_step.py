@@ -396,10 +396,14 @@ _NETS = [("lenet5", "l1", 8), ("mlp", "l1", 6), ("lenet5", "none", 8), ("lenet5-
 
 @pytest.mark.parametrize("name,norm,bits,rule", [
     *[(*net, {"error_exp": "sample"}) for net in _NETS],
-    *[(*net, {"norm_errors": "stochastic"}) for net in _NETS if net[1] == "l1"]])
+    *[(*net, {"norm_errors": "stochastic"}) for net in _NETS if net[1] == "l1"],
+    *[(*net, {"act_codes": "unsigned"}) for net in _NETS],
+    *[(*net, {"norm_input_exp": "channel"}) for net in _NETS if net[1] == "l1"]])
 def test_error_rules_agree_between_backends(name, norm, bits, rule):
-    """With errors of one exponent per sample (``error_exp="sample"``), or norms that round
-    their input's error stochastically (``norm_errors="stochastic"``), the int and emulate
+    """With errors of one exponent per sample (``error_exp="sample"``), norms that round
+    their input's error stochastically (``norm_errors="stochastic"``), unsigned activation
+    codes (``act_codes="unsigned"``: 7- and 9-bit codes), or norm inputs with one exponent
+    per channel (``norm_input_exp="channel"``), the int and emulate
     backends (its own torch rounding) give identical logits, parameters, statistics and
     counts over three steps, and the rule is in force: the error counts differ from the
     default rules' (with a norm, for norm_errors)."""
