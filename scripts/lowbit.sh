@@ -4,6 +4,11 @@
 #
 #   scripts/lowbit.sh all [VARIANT...]     # every class at 4 and 6 bits (and 8), 2 seeds
 #   scripts/lowbit.sh class [VARIANT...]   # one class at a time at 4 and 6 bits, the rest at 8
+#   scripts/lowbit.sh widths               # the bit-width sweep (2..32, 3 seeds) with the
+#                                          # lenet5-fmnist-lowbit recipe's rules (= variant all)
+#   scripts/lowbit.sh widths-old           # the same sweep with the default recipe's rules
+#   scripts/lowbit.sh plot                 # both curves -> docs/img/sweep-lowbit.png, and the
+#                                          # sweeps' JSON -> docs/runs/lowbit
 #   scripts/lowbit.sh table                # the final errors of every finished variant
 #
 # A variant is a set of recipe fields (VARIANTS below); without names, every variant runs.
@@ -45,7 +50,7 @@ sets() {  # sets VARIANT: the --set arguments of a variant
   for kv in ${VARIANTS[$1]}; do printf -- '--set\n%s\n' "$kv"; done
 }
 
-mode=${1:?usage: scripts/lowbit.sh all|class [VARIANT...] | table}
+mode=${1:?usage: scripts/lowbit.sh all|class [VARIANT...] | widths | widths-old | plot | table}
 shift
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
@@ -72,11 +77,27 @@ case "$mode" in
         --out "$OUT/class-$v"
     done
     ;;
+  widths)  # 16 bits cannot hold unsigned activations (17-bit codes): the curve skips it
+    qtrain sweep --recipe lenet5-fmnist-lowbit --bits 2,3,4,6,8,12,32 --norm l1 --seeds 3 \
+      --jobs "$JOBS" "${SCHEDULE[@]}" --out "$OUT/widths"
+    ;;
+  widths-old)
+    qtrain sweep --bits 2,3,4,6,8,12,16,32 --norm l1 --seeds 3 --jobs "$JOBS" "${SCHEDULE[@]}" \
+      --out "$OUT/widths-old"
+    ;;
+  plot)
+    mkdir -p docs/runs/lowbit
+    for sweep in widths widths-old; do
+      cp "$OUT/$sweep/sweep.json" "docs/runs/lowbit/$sweep.json"
+    done
+    python scripts/lowbit_table.py --plot docs/img/sweep-lowbit.png \
+      docs/runs/lowbit/widths-old.json docs/runs/lowbit/widths.json
+    ;;
   table)
     python scripts/lowbit_table.py "$OUT"
     ;;
   *)
-    echo "lowbit.sh: unknown mode '$mode' (all, class or table)" >&2
+    echo "lowbit.sh: unknown mode '$mode' (all, class, widths, widths-old, plot or table)" >&2
     exit 2
     ;;
 esac

@@ -6,6 +6,10 @@ seeds with the seeds' values in brackets. Unfinished runs are left out; a config
 no finished run is blank.
 
     python scripts/lowbit_table.py runs/lowbit
+
+With ``--plot OUT OLD.json NEW.json``: test error against bit width of two sweeps (``qtrain
+sweep``'s sweep.json; all classes at one width), mean and standard deviation over seeds, the
+old rules beside the new, written to OUT.
 """
 
 from __future__ import annotations
@@ -49,7 +53,43 @@ def cell(errors: dict[int, float] | None) -> str:
     return f"{mean:.2f} ({seeds})"
 
 
+def plot(path: Path, sweeps: list[Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qtrain.files import save_figure
+
+    labels = ["the default recipe's rules", "lenet5-fmnist-lowbit's rules"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    widths: set[int] = set()
+    for i, sweep in enumerate(sweeps):
+        per_width: dict[int, list[float]] = {}
+        for r in json.loads(sweep.read_text()):
+            if r["final_test_error"] is not None:
+                per_width.setdefault(r["bits_w"], []).append(100 * r["final_test_error"])
+        xs = sorted(per_width)
+        widths |= set(xs)
+        ax.errorbar([str(x) if x < 32 else "32\nfloat" for x in xs],
+                    [np.mean(per_width[x]) for x in xs],
+                    yerr=[np.std(per_width[x], ddof=1) if len(per_width[x]) > 1 else 0
+                          for x in xs],
+                    marker="o", capsize=3, label=f"{labels[i % 2]} ({sweep.stem})")
+    ax.set_yscale("log")
+    ax.set(xlabel="bit width (W = A = G = E)", ylabel="final test error (%, log scale)",
+           title="small LeNet-5, L1BN, int backend: mean ± std over seeds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=110)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--plot"]:
+        plot(Path(argv[1]), [Path(a) for a in argv[2:]])
+        return 0
     out = Path(argv[0] if argv else "runs/lowbit")
     if not out.is_dir():
         print(f"lowbit_table: no directory {out}: run scripts/lowbit.sh first", file=sys.stderr)

@@ -462,6 +462,18 @@ def test_export_command_bad_input_is_one_line(run_dir, args, words):
     assert len(lines) == 1 and words in lines[0], out.stderr
 
 
+def test_export_command_refuses_channel_exponents(tmp_path, fake_mnist):
+    data = fake_mnist(tmp_path / "data", 30, 5)
+    out = qtrain("--data-dir", str(data), "--set", "per_class=10", "--epochs", "1", "--bits",
+                 "6", "--set", "norm_input_exp=channel", "--no-download", "--out",
+                 str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    out = qtrain("export", str(tmp_path / "run"))
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "norm_input_exp channel" in lines[0], out.stderr
+
+
 # --- the torch-free trainer continues training bit for bit -------------------------------------
 
 
