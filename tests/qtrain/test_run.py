@@ -130,7 +130,7 @@ def test_bad_sets_are_one_line_user_errors(sets, words):
 
 def test_unknown_recipe_lists_the_recipes(tmp_path):
     """An unknown name names every packaged recipe; a partial file names the missing fields."""
-    with pytest.raises(UserError, match="lenet5-fmnist, lenet5-fmnist-paper"):
+    with pytest.raises(UserError, match="lenet5-fmnist, lenet5-fmnist-lowbit, lenet5-fmnist-paper"):
         load_recipe("nope")
     partial = tmp_path / "mine.toml"
     partial.write_text('model = "mlp"\n')
