@@ -3,7 +3,7 @@
 # (small LeNet-5, L1BN, int backend, 2,000 images per class, 6 epochs, lr /10 after epoch 4).
 #
 #   scripts/lowbit.sh all [VARIANT...]     # every class at 4 and 6 bits (and 8), 2 seeds
-#   scripts/lowbit.sh class [VARIANT...]   # one class at a time at 4 and 6 bits, the rest at 8
+#   scripts/lowbit.sh class [VARIANT...]   # one class at a time at 2, 4, 6 bits, the rest at 8
 #   scripts/lowbit.sh widths               # the bit-width sweep (2..32, 3 seeds) with the
 #                                          # lenet5-fmnist-lowbit recipe's rules (= variant all)
 #   scripts/lowbit.sh widths-old           # the same sweep with the default recipe's rules
@@ -72,8 +72,8 @@ case "$mode" in
   class)
     for v in "${names[@]}"; do
       mapfile -t extra < <(sets "$v")
-      qtrain sweep --one-at-a-time --bits 8 --bits-w 4,6 --bits-a 4,6 --bits-g 4,6 \
-        --bits-e 4,6 --norm l1 --seeds "$SEEDS" --jobs "$JOBS" "${SCHEDULE[@]}" "${extra[@]}" \
+      qtrain sweep --one-at-a-time --bits 8 --bits-w 2,4,6 --bits-a 2,4,6 --bits-g 2,4,6 \
+        --bits-e 2,4,6 --norm l1 --seeds "$SEEDS" --jobs "$JOBS" "${SCHEDULE[@]}" "${extra[@]}" \
         --out "$OUT/class-$v"
     done
     ;;

@@ -21,7 +21,7 @@ from pathlib import Path
 
 NAME = re.compile(r"^l1-int-W(\d+)A(\d+)G(\d+)E(\d+)-s(\d+)$")
 ALL = [(b, b, b, b) for b in (8, 6, 4)]
-CLASS = [tuple(b if i == k else 8 for i in range(4)) for k in range(4) for b in (6, 4)]
+CLASS = [tuple(b if i == k else 8 for i in range(4)) for k in range(4) for b in (6, 4, 2)]
 
 
 def label(bits: tuple[int, ...]) -> str:
