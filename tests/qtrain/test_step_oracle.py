@@ -228,9 +228,11 @@ def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=Fa
 def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, norm_input_exp):
     """Two int-backend steps (errors with one exponent per batch, or per sample; the norms'
     input errors rounded to nearest or stochastically; activations after the ReLU as signed
-    or unsigned codes; the norms' inputs with one exponent per tensor or per channel): forward (weights, activations, BN, logits), output error, every error and weight gradient, the SGD update with momentum (the
-    second step's velocity is not zero), every optimizer state (store codes, store exponent, velocity) and the BN running
-    mean and L1 deviation equal the numpy int64 oracle bit for bit after each step."""
+    or unsigned codes; the norms' inputs with one exponent per tensor or per channel):
+    forward (weights, activations, BN, logits), output error, every error and weight
+    gradient, the SGD update with momentum (the second step's velocity is not zero), every
+    optimizer state (store codes, store exponent, velocity) and the BN running mean and L1
+    deviation equal the numpy int64 oracle bit for bit after each step."""
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, size=(24, 28, 28), dtype=np.uint8),
                 rng.integers(0, 10, 24)) for _ in range(2)]
