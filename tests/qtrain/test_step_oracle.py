@@ -16,9 +16,7 @@ import pytest
 import torch
 
 from qkernels import oracle as bn_oracle
-from qkernels.loss import EXP2_TABLE
 from qkernels.optim import LR_BITS
-from qkernels.rng import random_u64_np, stream_key_np
 from qtrain.loss import cross_entropy
 from qtrain.models import mlp
 from qtrain.nn import L1BatchNorm1d, QuantLinear
@@ -26,44 +24,19 @@ from qtrain.optim import QSGD
 from qtrain.quant import QConfig, Quantize
 from qtrain.train import to_input
 
+from . import int64_oracle as oracle
+from .int64_oracle import (check_updates, codes_of, initial_stores, int8_view, nearest,
+                           range_exp, running, softmax_error, view)
+
 BITS = dict(bits_w=6, bits_a=8, bits_g=7, bits_e=8)
 SEED = 11
 
 
-# --- the definitions, in numpy int64 -----------------------------------------------------------
-
-def range_exp(c, exp, bits):
-    top = int(np.abs(c).max()) if c.size else 0
-    return exp if top == 0 else top.bit_length() + exp - (bits - 1)
-
-
-def nearest(c, exp, bits):
-    e = range_exp(c, exp, bits)
-    s = e - exp
-    y = (c + (1 << (s - 1))) >> s if s > 0 else c << -s
-    q = (1 << (bits - 1)) - 1
-    return np.clip(y, -q, q), e
-
+# --- the definitions, in numpy int64 (the shared ones in int64_oracle.py) ----------------------
 
 def stochastic(c, exp, bits, step, tensor_id):
-    e = range_exp(c, exp, bits)
-    up = exp - e + 24
-    w = c << up if up >= 0 else c >> -up
-    key = stream_key_np(SEED, step, tensor_id)
-    r = (random_u64_np(key, np.arange(c.size, dtype=np.uint64)) >> np.uint64(40)).astype(np.int64)
-    q = (1 << (bits - 1)) - 1
-    return np.clip((w + r.reshape(c.shape)) >> 24, -q, q), e
+    return oracle.stochastic(c, exp, bits, SEED, step, tensor_id)
 
-
-def view(c, exp, bits):
-    """The kernels' representation of codes of up to 8 bits (int8, exponent E - 7) or 16
-    bits (int16, exponent E - 15)."""
-    e = range_exp(c, exp, bits)
-    return (c << (exp - e)).astype(np.int8 if bits <= 8 else np.int16), e
-
-
-def int8_view(c, exp):
-    return view(c, exp, 8)
 
 
 def per_sample(c, exp, bits):
@@ -86,73 +59,6 @@ def error_round(c, exp, error_exp):
     if error_exp == "sample":
         return per_sample(c, exp, BITS["bits_e"])
     return nearest(c, exp, BITS["bits_e"])
-
-
-def softmax_error(z, z_exp, labels):
-    d = z - z.max(axis=1, keepdims=True)
-    shift = z_exp + 10
-    t = d << shift if shift >= 0 else (d + (1 << (-shift - 1))) >> -shift
-    whole = -(t >> 10)
-    v = np.where(whole < 63, EXP2_TABLE[t & 1023] >> np.minimum(whole, 62), 0)
-    recip = (1 << 46) // v.sum(axis=1, keepdims=True)
-    p = (v * recip) >> 30
-    return p - (np.eye(z.shape[1], dtype=np.int64)[labels] << 16), -16
-
-
-def sgd(w, v, g, g_exp, w_exp, lr_q, mom_q, bits=24):
-    """torch's SGD with momentum on integer codes (docs section 8): velocity and store rounded
-    half up, the store's exponent rising until every code fits."""
-    def rshift(x, s):
-        return x << -s if s <= 0 else (x + (1 << (s - 1))) >> s
-    vmax, q = 1 << 38, (1 << (bits - 1)) - 1
-    v = np.clip(rshift(mom_q * v, 16) + np.clip(rshift(g, w_exp - g_exp), -vmax, vmax),
-                -vmax, vmax)
-    w = w - rshift(lr_q * v, LR_BITS)
-    s = 0  # the store's exponent rises until every code fits
-    while np.abs(rshift(w, s)).max() > q:
-        s += 1
-    return rshift(w, s), rshift(v, s), w_exp + s
-
-
-def running(old, batch_num, m_power, m, x_exp, mom_q):
-    """One running-statistics update (docs/l1bn-integer.md section 7), on Python integers:
-    the batch statistic num/m**k (k = 1: mean S/m, k = 2: deviation D/m**2) through the dyadic
-    1/m = 2**62 // mant (31-bit mantissas, truncating), rounded half up to RUN_EXP = -24 codes,
-    then old + round(mom_q * (batch - old) / 2**16), everything saturated at 2**44."""
-    def norm(v, e):
-        if v == 0:
-            return 0, 0
-        b = abs(v).bit_length()
-        a = abs(v) >> (b - 31) if b > 31 else abs(v) << (31 - b)
-        return (a if v > 0 else -a), e + b - 31
-
-    def mul(a, b):
-        return norm(a[0] * b[0], a[1] + b[1])
-
-    mm, me = norm(m, 0)
-    inv = norm((1 << 62) // mm, -62 - me)
-    v = norm(batch_num, 0)
-    for _ in range(m_power):
-        v = mul(v, inv)
-    s = v[1] + x_exp + 24
-    if v[0] and s + abs(v[0]).bit_length() > 62:
-        batch = (1 << 62) if v[0] > 0 else -(1 << 62)
-    else:
-        batch = v[0] << s if s >= 0 else (v[0] + (1 << (-s - 1))) >> -s
-    lim = 1 << 44
-    old = max(-lim, min(lim, old))
-    delta = max(-lim, min(lim, batch)) - old
-    return max(-lim, min(lim, old + ((mom_q * delta + (1 << 15)) >> 16)))
-
-
-def codes_of(t, exp):
-    c = t.detach().double().numpy() * 2.0 ** -exp
-    assert np.array_equal(c, np.round(c))
-    return c.astype(np.int64)
-
-
-def store_exp(t):
-    return int(torch.frexp(t.detach().abs().max()).exponent) + 2 - 23
 
 
 # --- the test -----------------------------------------------------------------------------------
@@ -260,18 +166,7 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, nor
             ids[f"bn{i}.e"] = bns[i].error_id
     opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)
 
-    # the optimizer's store (initial exponent: 4x headroom) as the oracle sees it
-    stores, velocity = {}, {}
-    for name, p in params.items():
-        e = store_exp(p) if p.abs().max() > 0 else 1 + 2 - 23
-        stores[name] = (np.floor(p.detach().double().numpy() * 2.0 ** -e + 0.5)
-                        .astype(np.int64), e)
-        velocity[name] = np.zeros(p.shape, np.int64)
-    with torch.no_grad():
-        for name, p in params.items():
-            opt._store(p, opt.state[p])
-            assert opt.state[p]["store_exp"] == stores[name][1]
-            assert np.array_equal(codes_of(p, stores[name][1]), stores[name][0])
+    stores, velocity = initial_stores(params, opt)
     run_mean = [[0] * bn.num_features for bn in bns]
     run_dev = [[1 << 24] * bn.num_features for bn in bns]  # running_dev starts at 1.0
     mom_q = round(BN_MOMENTUM * (1 << 16))
@@ -298,14 +193,7 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, nor
         assert np.array_equal(codes_of(logits_t, z_exp), z), f"logits, step {step}"
         for name, (g, g_exp) in want.items():
             assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"
-        for name, (g, g_exp) in want.items():
-            w, v, e = sgd(*stores[name][:1], velocity[name], g, g_exp, stores[name][1], lr_q,
-                          sgd_mom_q)
-            stores[name], velocity[name] = (w, e), v
-            state = opt.state[params[name]]
-            assert state["store_exp"] == e, f"{name} store_exp, step {step}"
-            assert np.array_equal(codes_of(params[name], e), w), f"{name} store, step {step}"
-            assert np.array_equal(state["velocity"].numpy(), v), f"{name} velocity, step {step}"
+        check_updates(want, stores, velocity, params, opt, lr_q, sgd_mom_q, step)
         for i, bn in enumerate(bns):
             stats, x_exp = bn_stats[i]
             m = len(labels)
