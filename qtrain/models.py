@@ -6,7 +6,8 @@ quantizer rounds the exact accumulator to ``bits_a`` (and the error coming back 
 the second hands the next layer ``bits_a`` codes (unsigned ones, one bit more than signed,
 with ``act_codes = "unsigned"``) and rounds the (wide) error from it to ``bits_e``. The last
 layer's logits are rounded to 16 bits for the loss. In a float network the quantizers are
-absent.
+absent, and the classifier has a bias; a quantized built-in network's classifier has none (a
+converted float network keeps its biases, quantized: :mod:`qtrain.conversion`).
 
 * ``lenet5``: the paper's LeNet-5 for 28x28 inputs: conv5x5 6, pool, conv5x5 16, pool, fc 120,
   fc 84, fc 10, with BN after every conv and hidden fc.
