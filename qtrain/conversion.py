@@ -36,7 +36,8 @@ the max-pool that directly follow it (``conv -> Q -> BN -> ReLU [-> pool] -> Q``
 block; after a ReLU it rounds to the activations' code width, ``act_codes``; before a norm it
 takes per-channel exponents under ``norm_input_exp = "channel"``). The quantizer after the
 model's last layer, when nothing but pass-through modules follow it, rounds the logits to 16
-bits (:data:`qtrain.loss.LOGIT_BITS`). There is no input quantizer: inputs enter as 8-bit codes (:func:`qtrain.train.to_input`), as in the built-ins.
+bits (:data:`qtrain.loss.LOGIT_BITS`). There is no input quantizer: inputs enter as 8-bit
+codes (:func:`qtrain.train.to_input`), as in the built-ins.
 
 Your own ``nn.Module`` subclass (a ``forward`` qtrain cannot see): its children are converted
 in place, each conv/linear as ``nn.Sequential(QuantX, Quantize)`` and each batch norm as

@@ -595,10 +595,10 @@ class _ConvBlockFn(torch.autograd.Function):
         w8 = intgemm.codes8(w)
         assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (conv_block)"
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
-        exp = None
         if quant.channels:  # each channel at its own exponent (nearest_channels)
             xq, counts = intgemm.requantize_channels(acc, x8.exp + w8.exp, quant.bits_fwd)
         else:
+            exp = None
             if dist.active():
                 exp = dist.range_exponent(intgemm.top_exponent(acc, x8.exp + w8.exp),
                                           quant.bits_fwd)
