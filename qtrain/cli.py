@@ -294,10 +294,14 @@ def _train(args: argparse.Namespace, command: str | None = None) -> int:
         label = recipe_label(recipe)
         out = Path(args.out) if args.out else Path("runs") / (
             f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from . import distributed
     from .run import train
 
-    train(cfg, out, resume=args.resume is not None, download=not args.no_download,
-          recipe=label, command=command)
+    try:
+        train(cfg, out, resume=args.resume is not None, download=not args.no_download,
+              recipe=label, command=command)
+    finally:  # torchrun's processes leave the group: gloo's threads left at exit abort it
+        distributed.shutdown()
     return 0
 
 

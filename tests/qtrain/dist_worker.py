@@ -97,3 +97,20 @@ def biased_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, out_path)
     finally:
         dist.shutdown()
+
+
+def cli_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    """One of the processes torchrun would start for ``qtrain ARGV``: exits 0 if the command
+    line succeeded and left the process group behind it (a gloo group still up at exit aborts
+    the interpreter now and then: "terminate called without an active exception")."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.pop("QTRAIN_DATA", None)
+    torch.set_num_threads(1)
+    from qtrain.cli import main
+
+    status = main(argv)
+    left = not torch.distributed.is_initialized()
+    print(f"rank {rank}: qtrain returned {status}, group left: {left}")
+    os._exit(0 if status == 0 and left else 1)

@@ -16,7 +16,7 @@ import torch
 from qtrain import distributed as dist
 from qtrain.config import load_recipe
 
-from .dist_worker import train_worker
+from .dist_worker import cli_worker, train_worker
 
 
 def _free_port() -> int:
@@ -160,6 +160,13 @@ def test_nproc_and_resume_at_another_world_size_are_bit_identical(tmp_path, fake
     assert [m["world_size"] for m in lines] == [2, 2, 1]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert [s["world_size"] for s in summary["provenance"]] == [2, 1]
+
+
+def test_each_process_of_a_run_leaves_the_group_before_it_exits(tmp_path, fake_mnist):
+    data = fake_mnist(tmp_path / "data", 20, 5)
+    spawn(cli_worker, 2, ["--data-dir", str(data), "--no-download", "--batch-size", "16",
+                          "--set", "per_class=20", "--epochs", "1", "--out", str(tmp_path / "r")])
+    assert (tmp_path / "r" / "summary.json").is_file()
 
 
 def test_a_process_that_dies_stops_the_others_with_one_line(tmp_path, fake_mnist):
