@@ -5,7 +5,8 @@
 #   scripts/wage.sh nobn      # wage-2888 (WAGE's rules, no BN), seeds 0 and 1, side by side
 #   scripts/wage.sh l1bn      # wage-2888-l1bn (the same with integer L1BN), seeds 0 and 1
 #   scripts/wage.sh float     # the same network in float without BN, same epochs and milestones
-#                             # (lr 0.1 / 10, momentum 0.9: float SGD's usual), seeds 0 and 1
+#                             # (lr 0.01 / 10, momentum 0.9; lr 0.1 diverged without BN at
+#                             # epoch 28-29 on both seeds), seeds 0 and 1
 #   scripts/wage.sh keep      # copy finished runs' config, summary, metrics to docs/runs/wage
 #
 # OUT (default runs/wage) holds the run directories; results and their commands go to
@@ -50,7 +51,8 @@ case "$phase" in
     pids=()
     for seed in 0 1; do
       run "$OUT/float-nobn-s$seed" --recipe lenet5-fmnist-paper --norm none --bits 32 \
-        --backend emulate --set lr_milestones=60,75 --seed "$seed" > "$OUT/float-nobn-s$seed.log" 2>&1 &
+        --backend float --lr 0.01 --set lr_milestones=60,75 --seed "$seed" \
+        > "$OUT/float-nobn-s$seed.log" 2>&1 &
       pids+=($!)
     done
     both "${pids[@]}"

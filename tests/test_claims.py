@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CITE = re.compile(r"docs/runs/([\w.-]+)/summary\.json")
+CITE = re.compile(r"docs/runs/([\w.-]+(?:/[\w.-]+)*)/summary\.json")
 
 
 def cited_runs() -> list[tuple[str, str, str]]:
