@@ -51,7 +51,7 @@ case "$phase" in
     pids=()
     for seed in 0 1; do
       run "$OUT/float-nobn-s$seed" --recipe lenet5-fmnist-paper --norm none --bits 32 \
-        --backend float --lr 0.01 --set lr_milestones=60,75 --seed "$seed" \
+        --backend emulate --lr 0.01 --set lr_milestones=60,75 --seed "$seed" \
         > "$OUT/float-nobn-s$seed.log" 2>&1 &
       pids+=($!)
     done
