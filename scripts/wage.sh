@@ -7,6 +7,8 @@
 #   scripts/wage.sh float     # the same network in float without BN, same epochs and milestones
 #                             # (lr 0.01 / 10, momentum 0.9; lr 0.1 diverged without BN at
 #                             # epoch 28-29 on both seeds), seeds 0 and 1
+#   scripts/wage.sh long      # wage-2888 on WAGE's own MNIST schedule: 300 epochs, lr 8 / 8
+#                             # after epochs 200 and 250 (wage-2888-e300-s0, -s1)
 #   scripts/wage.sh keep      # copy finished runs' config, summary, metrics to docs/runs/wage
 #
 # OUT (default runs/wage) holds the run directories; results and their commands go to
@@ -14,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/wage}
-phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | keep}
+phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | long | keep}
 mkdir -p "$OUT"
 
 both() {  # both: wait for the two background runs, failing if either failed
@@ -38,6 +40,15 @@ run() {  # run DIR ARGS...: start, or resume an unfinished run, or skip a finish
 }
 
 case "$phase" in
+  long)
+    pids=()
+    for seed in 0 1; do
+      run "$OUT/wage-2888-e300-s$seed" --recipe wage-2888 --epochs 300 \
+        --set lr_milestones=200,250 --seed "$seed" > "$OUT/wage-2888-e300-s$seed.log" 2>&1 &
+      pids+=($!)
+    done
+    both "${pids[@]}"
+    ;;
   nobn|l1bn)
     recipe=wage-2888; [ "$phase" = l1bn ] && recipe=wage-2888-l1bn
     pids=()
@@ -67,7 +78,7 @@ case "$phase" in
     done
     ;;
   *)
-    echo "wage.sh: unknown phase '$phase' (nobn, l1bn, float or keep)" >&2
+    echo "wage.sh: unknown phase '$phase' (nobn, l1bn, float, long or keep)" >&2
     exit 2
     ;;
 esac
