@@ -1,8 +1,6 @@
 """``python -m qtrain``: the command line; ``torchrun --nproc-per-node N -m qtrain ...`` starts N
 data-parallel processes of it (:mod:`qtrain.distributed`)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -355,5 +355,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``qtrain`` program: :func:`main`'s status is the exit status. A process of a
+    several-process run (torchrun, ``--nproc``) exits without the interpreter's teardown, its
+    output flushed and its process group left: gloo's transport threads outlive the group,
+    and their teardown now and then aborted a process whose run was done and written
+    ("terminate called without an active exception")."""
+    status = main()
+    parallel = sys.modules.get("qtrain.distributed")  # imported by every run that trains
+    if parallel is not None and parallel.launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

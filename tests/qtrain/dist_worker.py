@@ -97,6 +97,7 @@ def biased_worker(rank: int, world_size: int, port: int, out_path: str) -> None:
             torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, out_path)
     finally:
         dist.shutdown()
+    os._exit(0)  # as train_worker: gloo's threads, torn down at exit, now and then abort it
 
 
 def cli_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:

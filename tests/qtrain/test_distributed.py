@@ -169,6 +169,28 @@ def test_each_process_of_a_run_leaves_the_group_before_it_exits(tmp_path, fake_m
     assert (tmp_path / "r" / "summary.json").is_file()
 
 
+def test_a_process_of_a_run_exits_without_the_interpreters_teardown(monkeypatch):
+    from qtrain import cli
+
+    class Exited(Exception):
+        pass
+
+    def _exit(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", _exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(Exited) as one_of_two:
+        cli.entry()
+    assert one_of_two.value.args == (3,)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as alone:
+        cli.entry()
+    assert alone.value.code == 3
+
+
 def test_a_process_that_dies_stops_the_others_with_one_line(tmp_path, fake_mnist):
     import os
     import signal
