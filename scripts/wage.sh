@@ -19,12 +19,6 @@ OUT=${OUT:-runs/wage}
 phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | long | keep}
 mkdir -p "$OUT"
 
-both() {  # both: wait for the two background runs, failing if either failed
-  local rc=0
-  for pid in "$@"; do wait "$pid" || rc=1; done
-  return $rc
-}
-
 finished() {  # finished DIR: the run in DIR did all its epochs
   [ -f "$1/summary.json" ] && python - "$1/summary.json" <<'PY'
 import json, sys
@@ -39,34 +33,27 @@ run() {  # run DIR ARGS...: start, or resume an unfinished run, or skip a finish
   if [ -f "$dir/checkpoint.pt" ]; then qtrain --resume "$dir"; else qtrain "$@" --out "$dir"; fi
 }
 
+pair() {  # pair NAME ARGS...: seeds 0 and 1 side by side in $OUT/NAME-s0, -s1 (logs beside)
+  local name=$1 seed pid rc=0 pids=(); shift
+  for seed in 0 1; do
+    run "$OUT/$name-s$seed" "$@" --seed "$seed" > "$OUT/$name-s$seed.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  return $rc
+}
+
 case "$phase" in
   long)
-    pids=()
-    for seed in 0 1; do
-      run "$OUT/wage-2888-e300-s$seed" --recipe wage-2888 --epochs 300 \
-        --set lr_milestones=200,250 --seed "$seed" > "$OUT/wage-2888-e300-s$seed.log" 2>&1 &
-      pids+=($!)
-    done
-    both "${pids[@]}"
+    pair wage-2888-e300 --recipe wage-2888 --epochs 300 --set lr_milestones=200,250
     ;;
   nobn|l1bn)
     recipe=wage-2888; [ "$phase" = l1bn ] && recipe=wage-2888-l1bn
-    pids=()
-    for seed in 0 1; do
-      run "$OUT/$recipe-s$seed" --recipe "$recipe" --seed "$seed" > "$OUT/$recipe-s$seed.log" 2>&1 &
-      pids+=($!)
-    done
-    both "${pids[@]}"
+    pair "$recipe" --recipe "$recipe"
     ;;
   float)
-    pids=()
-    for seed in 0 1; do
-      run "$OUT/float-nobn-s$seed" --recipe lenet5-fmnist-paper --norm none --bits 32 \
-        --backend emulate --lr 0.01 --set lr_milestones=60,75 --seed "$seed" \
-        > "$OUT/float-nobn-s$seed.log" 2>&1 &
-      pids+=($!)
-    done
-    both "${pids[@]}"
+    pair float-nobn --recipe lenet5-fmnist-paper --norm none --bits 32 --backend emulate \
+      --lr 0.01 --set lr_milestones=60,75
     ;;
   keep)
     for dir in "$OUT"/*/; do  # (the logs beside them stay)

@@ -145,3 +145,23 @@ def check_updates(want, stores, velocity, params, opt, lr_q, mom_q, step):
         assert state["store_exp"] == e, f"{name} store_exp, step {step}"
         assert np.array_equal(codes_of(params[name], e), w), f"{name} store, step {step}"
         assert np.array_equal(state["velocity"].numpy(), v), f"{name} velocity, step {step}"
+
+
+def initial_running(bns):
+    """The norms' running statistics as codes at -24 when training starts: every mean 0,
+    every deviation 1.0 (``running_mean``, ``running_dev``: one list per norm)."""
+    return [[0] * bn.num_features for bn in bns], [[1 << 24] * bn.num_features for bn in bns]
+
+
+def check_running(bns, bn_stats, run_mean, run_dev, mom_q, step):
+    """Update each norm's running statistics with :func:`running` from its batch statistics
+    (``bn_stats``: per norm its statistics, input exponent and codes per channel ``m``) and
+    check the norm's own against them; ``run_mean`` and ``run_dev`` are updated in place."""
+    for i, (bn, (stats, x_exp, m)) in enumerate(zip(bns, bn_stats)):
+        for c in range(bn.num_features):
+            run_mean[i][c] = running(run_mean[i][c], int(stats["sum"][c]), 1, m, x_exp, mom_q)
+            run_dev[i][c] = running(run_dev[i][c], int(stats["dev"][c]), 2, m, x_exp, mom_q)
+        assert bn._codes_of(bn.running_mean).tolist() == run_mean[i], \
+            f"bn{i} running mean, step {step}"
+        assert bn._codes_of(bn.running_dev).tolist() == run_dev[i], \
+            f"bn{i} running dev, step {step}"

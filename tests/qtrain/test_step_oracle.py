@@ -25,8 +25,8 @@ from qtrain.quant import QConfig, Quantize
 from qtrain.train import to_input
 
 from . import int64_oracle as oracle
-from .int64_oracle import (check_updates, codes_of, initial_stores, int8_view, nearest,
-                           range_exp, running, softmax_error, view)
+from .int64_oracle import (check_running, check_updates, codes_of, initial_running,
+                           initial_stores, int8_view, nearest, range_exp, softmax_error, view)
 
 BITS = dict(bits_w=6, bits_a=8, bits_g=7, bits_e=8)
 SEED = 11
@@ -36,7 +36,6 @@ SEED = 11
 
 def stochastic(c, exp, bits, step, tensor_id):
     return oracle.stochastic(c, exp, bits, SEED, step, tensor_id)
-
 
 
 def per_sample(c, exp, bits):
@@ -69,7 +68,7 @@ LR, MOMENTUM, BN_MOMENTUM = 0.1, 0.9, 0.1
 def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=False,
                 out_bits=BITS["bits_a"], channels=False):
     """The forward and backward of one step from the store codes: (logit codes, their exponent,
-    {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent)]).
+    {name: (gradient codes, exponent)}, [per BN layer: (statistics, input exponent, m)]).
     ``out_bits``: the width of the norms' output codes and of the activations after the ReLU
     (``bits_a``, or one more for unsigned activations); ``channels``: the norms' inputs round
     each channel at its own exponent (16-bit codes at the tensor's 16-bit exponent)."""
@@ -124,7 +123,7 @@ def oracle_step(images, labels, stores, ids, step, error_exp="batch", norm_sr=Fa
         want[f"lin{i}.w"] = stochastic(d.T @ s["h"], d_exp + s["h_exp"], BITS["bits_g"],
                                        step, ids[f"lin{i}.w"])
         d, d_exp = d @ s["w"], d_exp + s["w_exp"]
-    return z, z_exp, want, [(s["stats"], s["a8_exp"]) for s in saved]
+    return z, z_exp, want, [(s["stats"], s["a8_exp"], n) for s in saved]
 
 
 @pytest.mark.parametrize("error_exp,norm_errors,act_codes,norm_input_exp", [
@@ -167,8 +166,7 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, nor
     opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)
 
     stores, velocity = initial_stores(params, opt)
-    run_mean = [[0] * bn.num_features for bn in bns]
-    run_dev = [[1 << 24] * bn.num_features for bn in bns]  # running_dev starts at 1.0
+    run_mean, run_dev = initial_running(bns)
     mom_q = round(BN_MOMENTUM * (1 << 16))
     lr_q, sgd_mom_q = round(LR / 24 * (1 << LR_BITS)), round(MOMENTUM * (1 << 16))
 
@@ -194,12 +192,5 @@ def test_two_mlp_steps_equal_int64_oracle(error_exp, norm_errors, act_codes, nor
         for name, (g, g_exp) in want.items():
             assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"
         check_updates(want, stores, velocity, params, opt, lr_q, sgd_mom_q, step)
-        for i, bn in enumerate(bns):
-            stats, x_exp = bn_stats[i]
-            m = len(labels)
-            for c in range(bn.num_features):
-                run_mean[i][c] = running(run_mean[i][c], int(stats["sum"][c]), 1, m, x_exp, mom_q)
-                run_dev[i][c] = running(run_dev[i][c], int(stats["dev"][c]), 2, m, x_exp, mom_q)
-            assert bn._codes_of(bn.running_mean).tolist() == run_mean[i], f"mean, step {step}"
-            assert bn._codes_of(bn.running_dev).tolist() == run_dev[i], f"dev, step {step}"
+        check_running(bns, bn_stats, run_mean, run_dev, mom_q, step)
     assert all(np.abs(v).max() > 0 for v in velocity.values())

@@ -33,8 +33,8 @@ from qtrain.quant import QConfig, Quantize
 from qtrain.train import to_input
 
 from . import int64_oracle as oracle
-from .int64_oracle import (check_updates, codes_of, initial_stores, int8_view, nearest,
-                           running, softmax_error)
+from .int64_oracle import (check_running, check_updates, codes_of, initial_running,
+                           initial_stores, int8_view, nearest, softmax_error)
 
 BITS = dict(bits_w=6, bits_a=8, bits_g=7, bits_e=8)
 SEED = 5
@@ -45,7 +45,6 @@ N = 4  # images per batch
 
 def stochastic(c, exp, bits, step, tensor_id):
     return oracle.stochastic(c, exp, bits, SEED, step, tensor_id)
-
 
 
 # --- convolution and pool on codes ----------------------------------------------------------
@@ -230,8 +229,7 @@ def test_two_lenet5_paper_steps_equal_int64_oracle():
     opt = QSGD(net.parameters(), lr=LR, momentum=MOMENTUM, qconfig=cfg)
 
     stores, velocity = initial_stores(params, opt)
-    run_mean = [[0] * bn.num_features for bn in bns]
-    run_dev = [[1 << 24] * bn.num_features for bn in bns]  # running_dev starts at 1.0
+    run_mean, run_dev = initial_running(bns)
     mom_q = round(BN_MOMENTUM * (1 << 16))
     lr_q, sgd_mom_q = round(LR / N * (1 << LR_BITS)), round(MOMENTUM * (1 << 16))
 
@@ -259,12 +257,4 @@ def test_two_lenet5_paper_steps_equal_int64_oracle():
             assert np.abs(g).max() > 0, f"{name} grad is zero, step {step}"
             assert np.array_equal(codes_of(grads[name], g_exp), g), f"{name} grad, step {step}"
         check_updates(want, stores, velocity, params, opt, lr_q, sgd_mom_q, step)
-        for i, bn in enumerate(bns):
-            stats, x_exp, m = bn_stats[i]
-            for c in range(bn.num_features):
-                run_mean[i][c] = running(run_mean[i][c], int(stats["sum"][c]), 1, m, x_exp, mom_q)
-                run_dev[i][c] = running(run_dev[i][c], int(stats["dev"][c]), 2, m, x_exp, mom_q)
-            assert bn._codes_of(bn.running_mean).tolist() == run_mean[i], \
-                f"bn{i} running mean, step {step}"
-            assert bn._codes_of(bn.running_dev).tolist() == run_dev[i], \
-                f"bn{i} running dev, step {step}"
+        check_running(bns, bn_stats, run_mean, run_dev, mom_q, step)
