@@ -186,13 +186,12 @@ def dy_to_fixed(m, e, sh):
 
 
 @njit(cache=True)
-def _narrow_affine(am, ae, cm, ce, mag):
+def _narrow_affine(am, ae, cm, ce, mag, b):
     """The narrow form: ``(A, B, sh)`` from the per-code slope ``am*2**ae`` and intercepts
     ``cm[j]*2**ce[j]`` all below ``2**mag``, with ``sh = min(29 - mag, 30)`` and the rounding
-    half folded into ``B``."""
+    half folded into ``B`` (written into ``b``)."""
     sh = min(np.int64(29) - mag, np.int64(30))
     half = np.int64(1) << np.int64(sh - 1)
-    b = np.empty(cm.shape[0], dtype=np.int64)
     for j in range(cm.shape[0]):
         b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
     return dy_to_fixed(am, ae, sh), b, sh
@@ -209,7 +208,7 @@ def _clamp_slope(km, ke):
 
 
 @njit(cache=True)
-def affine_params(km, ke, a1, b1, om, oe):
+def affine_params(km, ke, a1, b1, om, oe, work):
     """Integer affines ``y = saturate((A*x + B[j]) >> sh, q)`` for ``y = K*(a1*x - b1) + O[j]``.
 
     ``K = km * 2**ke`` is the slope in output LSBs per unit of ``u = a1*x - b1`` (exact integers,
@@ -226,22 +225,22 @@ def affine_params(km, ke, a1, b1, om, oe):
       a large slope on a near-constant channel loses nothing to cancellation. Slopes above
       ``2**SLOPE_MAX_LOG2`` are clamped there (every ``|u| >= 1`` saturates either way).
 
-    Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``.
+    ``work``: int64 scratch of at least ``3*len(om)`` (per-channel callers pass one array
+    instead of allocating several per call). Returns ``(A, B, sh)`` with ``B`` the int64 array
+    ``work[:len(om)]``.
     """
     n = om.shape[0]
-    b = np.empty(n, dtype=np.int64)
+    b, cm, ce = work[:n], work[n:2 * n], work[2 * n:3 * n]
     # narrow: slope per code and intercepts as dyadics
     am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
     pm, pe = dy_mul(km, ke, *dy_norm(b1, 0))
-    cm = np.empty(n, dtype=np.int64)
-    ce = np.empty(n, dtype=np.int64)
     mag = ae + bit_length(am) + 7 if am != 0 else np.int64(-64)
     for j in range(n):
         cm[j], ce[j] = dy_add(om[j], oe[j], -pm, pe)
         if cm[j] != 0:
             mag = max(mag, ce[j] + bit_length(cm[j]))
     if mag <= NARROW_MAG:
-        return _narrow_affine(am, ae, cm, ce, mag)
+        return _narrow_affine(am, ae, cm, ce, mag, b)
     # wide: centred on the exact integer u
     km, ke = _clamp_slope(km, ke)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
@@ -393,7 +392,7 @@ def grad_p(s, m, t, sg, sgx):
 
 
 @njit(cache=True)
-def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
+def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi, work):
     """Centred integer affines ``y = saturate((A*(x - cen[j]) + B[j]) >> sh, q)`` for
     ``y = K*(a1*x - b1) + O[j]`` over codes ``lo <= x <= hi`` (the form of 16-bit codes;
     derivation and bounds in docs/l1bn-integer.md, section 3).
@@ -412,13 +411,12 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
       ``|B[j]| >= 2**CENTRED_B_BITS``; every ``|B[j]| < 2**61``, so the saturation at
       ``+-CENTRED_B_MAX`` is never reached.
 
-    Returns ``(A, B, sh)`` with ``B`` an int64 array like ``om``; evaluating it needs no more
-    than int64 once ``x - cen[j]`` is clamped to the window of :func:`centred_lanes`.
+    Returns ``(A, B, sh)`` with ``B`` the int64 array ``work[:len(om)]`` (``work`` as in
+    :func:`affine_params`); evaluating it needs no more than int64 once ``x - cen[j]`` is
+    clamped to the window of :func:`centred_lanes`.
     """
     n = om.shape[0]
-    b = np.empty(n, dtype=np.int64)
-    cm = np.empty(n, dtype=np.int64)
-    ce = np.empty(n, dtype=np.int64)
+    b, cm, ce = work[:n], work[n:2 * n], work[2 * n:3 * n]
     am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
     mag = np.int64(-64)
     dlog = np.int64(0)
@@ -431,7 +429,7 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi):
     if am != 0:
         mag = max(mag, ae + bit_length(am) + dlog)
     if mag <= min(np.int64(NARROW_MAG), np.int64(26) - dlog):
-        return _narrow_affine(am, ae, cm, ce, mag)
+        return _narrow_affine(am, ae, cm, ce, mag, b)
     km, ke = _clamp_slope(km, ke)
     sh = min(max(-ke - 1, SH_MIN), SH_MAX_C) if km != 0 else np.int64(SH_MIN)
     while True:

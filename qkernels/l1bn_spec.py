@@ -89,12 +89,14 @@ def forward_params(s, m, t, rm, re, gamma_q, gamma_shift, beta_q, beta_shift, lo
     ``centred``; then centred on c = t = floor(S/m) over the channel's codes [lo, hi].
     """
     km, ke = _slope(gamma_q, m, gamma_shift, rm, re)
-    om, oe = dy_norm(beta_q, beta_shift)
+    work = np.empty(6, dtype=np.int64)  # offset (mant, exp), centre, then the affine's scratch
+    work[0], work[1] = dy_norm(beta_q, beta_shift)
+    om, oe, cen = work[0:1], work[1:2], work[2:3]
     if centred:
-        a, b, sh = affine_params_c(km, ke, m, s, np.full(1, om), np.full(1, oe),
-                                   np.full(1, np.int64(t)), lo, hi)
+        cen[0] = t
+        a, b, sh = affine_params_c(km, ke, m, s, om, oe, cen, lo, hi, work[3:])
         return a, b[0], np.int64(t), sh
-    a, b, sh = affine_params(km, ke, m, s, np.full(1, om), np.full(1, oe))
+    a, b, sh = affine_params(km, ke, m, s, om, oe, work[3:])
     return a, b[0], np.int64(0), sh
 
 
@@ -116,16 +118,15 @@ def backward_params(s, m, t, sign_sum, rm, re, sg, sgx, glo, ghi, gamma_q, k_shi
     affine is centred on the integer nearest its root g* = (sum g - (P/D_eps)*(sum s - m*s))/m
     (``1/m ~ im * 2**ie``), over g in [glo, ghi].
     """
-    zeros = np.zeros(3, dtype=np.int64)
+    # offsets (mants, exps), centres, then the affine's scratch, whose first 3 are B
+    work = np.zeros(18, dtype=np.int64)
+    om, oe, cen = work[0:3], work[3:6], work[6:9]
     if rm == 0:
-        return np.int64(0), zeros, zeros.copy(), np.int64(1)
+        return np.int64(0), work[9:12], cen, np.int64(1)
     pm, pe = grad_p_dyadic(s, m, t, sg, sgx)
     prm, pre = dy_mul(pm, pe, rm, re)  # P/D_eps, |.| <= (max g - min g)/2 (+ rounding)
     km, ke = _slope(gamma_q, m, k_shift, rm, re)
     kqm, kqe = dy_mul(km, ke, prm, pre)
-    om = np.empty(3, dtype=np.int64)
-    oe = np.empty(3, dtype=np.int64)
-    cen = zeros.copy()
     sgm, sge = dy_norm(sg, 0)
     for i in range(3):
         vm, ve = dy_norm(sign_sum - m * (i - 1), 0)
@@ -142,9 +143,9 @@ def backward_params(s, m, t, sign_sum, rm, re, sg, sgx, glo, ghi, gamma_q, k_shi
         for i in range(3):
             oe[i] -= excess
     if centred:
-        a, b, sh = affine_params_c(km, ke, m, sg, om, oe, cen, glo, ghi)
+        a, b, sh = affine_params_c(km, ke, m, sg, om, oe, cen, glo, ghi, work[9:])
     else:
-        a, b, sh = affine_params(km, ke, m, sg, om, oe)
+        a, b, sh = affine_params(km, ke, m, sg, om, oe, work[9:])
     return a, b, cen, sh
 
 
@@ -229,7 +230,8 @@ def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev
     out = np.zeros((n, 3), dtype=np.int64)
     to_code = np.int64(RUN_EXP) - x_exp
     floor_mag = np.int64(16 if wide else 8)
-    zero = np.zeros(1, dtype=np.int64)
+    work = np.zeros(6, dtype=np.int64)  # offset (mant, exp), centre 0, the affine's scratch
+    om, oe, zero = work[0:1], work[1:2], work[2:3]
     for c in range(n):
         mum, mue = dy_norm(run_mean[c], to_code)
         mag = max(floor_mag, bit_length(mum) + mue + 1) if mum != 0 else floor_mag
@@ -242,14 +244,12 @@ def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev
             km, ke = np.int64(0), np.int64(0)
         else:
             km, ke = dy_mul(*dy_norm(gamma_q[c], gamma_shift), *dy_recip(sm, se))
-        om, oe = dy_norm(beta_q[c], beta_shift)
+        om[0], oe[0] = dy_norm(beta_q[c], beta_shift)
         if wide:
-            a, b, sh = affine_params_c(km, ke - f, np.int64(1) << f, mu_f, np.full(1, om),
-                                       np.full(1, oe), zero, np.int64(-(1 << 15)),
-                                       np.int64((1 << 15) - 1))
+            a, b, sh = affine_params_c(km, ke - f, np.int64(1) << f, mu_f, om, oe, zero,
+                                     np.int64(-(1 << 15)), np.int64((1 << 15) - 1), work[3:])
         else:
-            a, b, sh = affine_params(km, ke - f, np.int64(1) << f, mu_f, np.full(1, om),
-                                     np.full(1, oe))
+            a, b, sh = affine_params(km, ke - f, np.int64(1) << f, mu_f, om, oe, work[3:])
         out[c, 0] = a
         out[c, 1] = b[0]
         out[c, 2] = sh
