@@ -57,7 +57,7 @@ def check_array(a, name: str, dtypes: tuple, ndims: tuple[int, ...]) -> np.ndarr
     """Check type, dtype and rank of an array argument; TypeError/ValueError name it."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype not in [np.dtype(d) for d in dtypes]:
+    if a.dtype not in dtypes:  # a dtype equals its scalar type (np.dtype("int8") == np.int8)
         want = " or ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}, got {a.dtype}")
     if a.ndim not in ndims:

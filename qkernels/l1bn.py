@@ -40,7 +40,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from . import _i32
-from ._jit import serial_and_parallel
+from ._jit import PARALLEL_MIN, serial_and_parallel
 from .fixedpoint import (
     M_MAX,
     MOMENTUM_BITS,
@@ -425,14 +425,22 @@ def _finish_channel(c, m, eps_shift, use_eps, stats, cnt):
     _tally(cnt, DIV, 1)
 
 
+@njit(cache=True)
+def _channel_forward_params(c, m, gamma_q, gamma_shift, beta_q, beta_shift, wide, stats):
+    """(A, B, c, sh) of one channel's forward affine, from its statistics (over ``m`` codes)."""
+    st = stats[c]
+    return forward_params(st[ST_SUM], m, st[ST_THI] - 1, st[ST_RMANT], st[ST_REXP],
+                          np.int64(gamma_q[c]), gamma_shift, np.int64(beta_q[c]), beta_shift,
+                          st[ST_MIN], st[ST_MAX], wide)
+
+
 @njit(cache=True, inline="always")
 def _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
     """y = gamma*xhat + beta for one channel, from its statistics (over ``m`` codes)."""
     st = stats[c]
     lo, hi = st[ST_MIN], st[ST_MAX]
-    a, b, cen, sh = forward_params(st[ST_SUM], m, st[ST_THI] - 1, st[ST_RMANT], st[ST_REXP],
-                                   np.int64(gamma_q[c]), gamma_shift, np.int64(beta_q[c]),
-                                   beta_shift, lo, hi, wide)
+    a, b, cen, sh = _channel_forward_params(c, m, gamma_q, gamma_shift, beta_q, beta_shift, wide,
+                                            stats)
     if wide:
         lanes32, window = _centred_lanes_of(a, np.full(1, b), np.full(1, cen), sh, q, lo, hi)
         _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
@@ -517,25 +525,34 @@ def _grad_stats_channel(x, g, c, want_range, gstats, cnt):
     gs[GS_MAX] = hi
 
 
+@njit(cache=True)
+def _channel_backward_params(c, m, stats, gstats, inv_m, gamma_q, k_shift, dgamma_shift, dgamma,
+                             dbeta, wide):
+    """(A, [B], [c], sh) of one channel's dx affines; writes its dgamma and dbeta."""
+    st = stats[c]
+    gs = gstats[c]
+    t = st[ST_THI] - 1
+    dbeta[c] = gs[GS_SUM]
+    pm, pe = grad_p_dyadic(st[ST_SUM], m, t, gs[GS_SUM], gs[GS_SUMX])
+    dgamma[c] = dgamma_code(m, pm, pe, st[ST_RMANT], st[ST_REXP], dgamma_shift)
+    return backward_params(st[ST_SUM], m, t, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP],
+                           gs[GS_SUM], gs[GS_SUMX], gs[GS_MIN], gs[GS_MAX], np.int64(gamma_q[c]),
+                           k_shift, inv_m[0], inv_m[1], wide)
+
+
 @njit(cache=True, inline="always")
 def _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
                         dgamma_shift, dgamma, dbeta, wide, cnt):
     st = stats[c]
     gs = gstats[c]
-    t = st[ST_THI] - 1
-    a, b, cen, sh = backward_params(st[ST_SUM], m, t, st[ST_SIGNSUM], st[ST_RMANT],
-                                    st[ST_REXP], gs[GS_SUM], gs[GS_SUMX], gs[GS_MIN],
-                                    gs[GS_MAX], np.int64(gamma_q[c]), k_shift, inv_m[0],
-                                    inv_m[1], wide)
+    a, b, cen, sh = _channel_backward_params(c, m, stats, gstats, inv_m, gamma_q, k_shift,
+                                             dgamma_shift, dgamma, dbeta, wide)
     if wide:
         lanes32, window = _centred_lanes_of(a, b, cen, sh, q, gs[GS_MIN], gs[GS_MAX])
         _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, st[ST_TLO], st[ST_THI], q, lanes32,
                             window, cnt)
     else:
         _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
-    dbeta[c] = gs[GS_SUM]
-    pm, pe = grad_p_dyadic(st[ST_SUM], m, t, gs[GS_SUM], gs[GS_SUMX])
-    dgamma[c] = dgamma_code(m, pm, pe, st[ST_RMANT], st[ST_REXP], dgamma_shift)
     # per channel: P (2 MUL, 1 SUB), slopes (4 MUL), three offsets (3 MUL, 3 SUB), affine
     # (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL); centred: P in two limbs (+1 MUL, +1 SUB) and the
     # three roots (+6 MUL, +3 SUB)
@@ -585,13 +602,244 @@ _affine_serial, _affine_parallel = serial_and_parallel(_affine)
 
 
 # ---------------------------------------------------------------------------------------------
+# 2-D int8 codes (N, C), a linear layer's norm, as they are: the same sums, statistics and
+# affines with the channels along each row, so every pass runs over rows of channels (vectorized
+# across channels) and nothing is transposed. Channels go to the threads in blocks of
+# ROW_BLOCK; a block's statistics and outputs depend on its own channels only.
+
+#: Channels per block of the 2-D kernels (a block of a 128-row batch is 8 KiB: in L1).
+ROW_BLOCK = 64
+#: Rows whose int8 products g*x (|.| <= 2**14) an int32 partial per channel holds.
+ROW_SPAN = 1 << 16
+
+
+@njit(cache=True, inline="always")
+def _row_block(blk, n_ch):
+    return blk * ROW_BLOCK, min(blk * ROW_BLOCK + ROW_BLOCK, n_ch)
+
+
+@njit(cache=True, inline="always")
+def _rows_stats_block(x, c0, c1, inv_m, eps_shift, use_eps, want_range, stats, cnt):
+    """Forward statistics of channels c0..c1 of x (N, C): :func:`_stats_channel`'s."""
+    width = c1 - c0
+    m = np.int64(x.shape[0])
+    s = np.zeros(width, np.int32)  # |S| <= 128 * M_MAX = 2**30
+    lo = x[0, c0:c1].astype(np.int32)
+    hi = lo.copy()
+    for r in range(x.shape[0]):
+        row = x[r, c0:c1]
+        for k in range(width):
+            v = np.int32(row[k])
+            s[k] += v
+            if want_range:
+                lo[k] = min(lo[k], v)
+                hi[k] = max(hi[k], v)
+    t_lo = np.empty(width, np.int32)
+    t_hi = np.empty(width, np.int32)
+    for k in range(width):
+        st = stats[c0 + k]
+        st[ST_SUM] = s[k]
+        st[ST_MIN] = lo[k] if want_range else 0
+        st[ST_MAX] = hi[k] if want_range else 0
+        t_lo[k], t_hi[k] = mean_thresholds(st[ST_SUM], m, inv_m[0], inv_m[1])
+        st[ST_TLO] = t_lo[k]
+        st[ST_THI] = t_hi[k]
+    sx = np.zeros(width, np.int32)  # |sum(s*x)| <= 2**30 as S
+    ss = np.zeros(width, np.int32)
+    for r in range(x.shape[0]):
+        row = x[r, c0:c1]
+        for k in range(width):
+            v = np.int32(row[k])
+            sign = np.int32(v >= t_hi[k]) - np.int32(v <= t_lo[k])
+            sx[k] += sign * v
+            ss[k] += sign
+    for k in range(width):
+        st = stats[c0 + k]
+        st[ST_DEV] = sx[k]
+        st[ST_SIGNSUM] = ss[k]
+        _finish_channel(c0 + k, m, eps_shift, use_eps, stats, cnt)
+
+
+@njit(cache=True, inline="always")
+def _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats):
+    """y = saturate((A*x + B) >> sh) for channels c0..c1 (int32 lanes when every channel of the
+    block fits them, as :func:`_affine_pass` decides per channel; else int64)."""
+    width = c1 - c0
+    m = np.int64(x.shape[0])
+    a = np.empty(width, np.int64)
+    b = np.empty(width, np.int64)
+    sh = np.empty(width, np.int64)
+    narrow = True
+    for k in range(width):
+        a[k], b[k], _, sh[k] = _channel_forward_params(c0 + k, m, gamma_q, gamma_shift, beta_q,
+                                                       beta_shift, False, stats)
+        narrow = narrow and fits_int32(a[k], abs(b[k]), sh[k], 128)
+    if narrow:
+        a32, b32, sh32 = a.astype(np.int32), b.astype(np.int32), sh.astype(np.int32)
+        q32 = np.int32(q)
+        for r in range(x.shape[0]):
+            row = x[r, c0:c1]
+            out = y[r, c0:c1]
+            for k in range(width):
+                out[k] = _i32.clamp(_i32.mul_add_shr(a32[k], np.int32(row[k]), b32[k], sh32[k]),
+                                    q32)
+    else:
+        for r in range(x.shape[0]):
+            row = x[r, c0:c1]
+            out = y[r, c0:c1]
+            for k in range(width):
+                out[k] = saturate((a[k] * np.int64(row[k]) + b[k]) >> sh[k], q)
+
+
+def _rows_forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, stats,
+                  cnt):
+    inv_m = _inv_m(np.int64(x.shape[0]), True, cnt)
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_stats_block(x, c0, c1, inv_m, eps_shift, use_eps, False, stats, cnt)
+        _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats)
+
+
+_rows_forward_serial, _rows_forward_parallel = serial_and_parallel(_rows_forward)
+
+
+def _rows_stats(x, eps_shift, use_eps, stats, cnt):
+    inv_m = _inv_m(np.int64(x.shape[0]), True, cnt)
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_stats_block(x, c0, c1, inv_m, eps_shift, use_eps, True, stats, cnt)
+
+
+_rows_stats_serial, _rows_stats_parallel = serial_and_parallel(_rows_stats)
+
+
+def _rows_apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats):
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats)
+
+
+_rows_apply_serial, _rows_apply_parallel = serial_and_parallel(_rows_apply)
+
+
+@njit(cache=True, inline="always")
+def _rows_grad_stats_block(x, g, c0, c1, gstats):
+    """sum(g), sum(g*x), smallest and largest g of channels c0..c1 (int8 x and g)."""
+    width = c1 - c0
+    sg = np.zeros(width, np.int64)
+    sgx = np.zeros(width, np.int64)
+    part_g = np.zeros(width, np.int32)
+    part_gx = np.zeros(width, np.int32)
+    lo = g[0, c0:c1].astype(np.int32)
+    hi = lo.copy()
+    for start in range(0, g.shape[0], ROW_SPAN):
+        part_g[:] = 0
+        part_gx[:] = 0
+        for r in range(start, min(start + ROW_SPAN, g.shape[0])):
+            row = x[r, c0:c1]
+            grow = g[r, c0:c1]
+            for k in range(width):
+                gv = np.int32(grow[k])
+                part_g[k] += gv
+                part_gx[k] += gv * np.int32(row[k])
+                lo[k] = min(lo[k], gv)
+                hi[k] = max(hi[k], gv)
+        for k in range(width):
+            sg[k] += part_g[k]
+            sgx[k] += part_gx[k]
+    for k in range(width):
+        gs = gstats[c0 + k]
+        gs[GS_SUM] = sg[k]
+        gs[GS_SUMX] = sgx[k]
+        gs[GS_MIN] = lo[k]
+        gs[GS_MAX] = hi[k]
+
+
+@njit(cache=True, inline="always")
+def _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
+                           dgamma_shift, dgamma, dbeta):
+    """dx of channels c0..c1 (:func:`_grad_affine_pass`'s affines), dgamma and dbeta."""
+    width = c1 - c0
+    m = np.int64(x.shape[0])
+    a = np.empty(width, np.int64)
+    sh = np.empty(width, np.int64)
+    b = np.empty((3, width), np.int64)
+    narrow = True
+    for k in range(width):
+        a[k], bk, _, sh[k] = _channel_backward_params(c0 + k, m, stats, gstats, inv_m, gamma_q,
+                                                      k_shift, dgamma_shift, dgamma, dbeta,
+                                                      False)
+        b[0, k], b[1, k], b[2, k] = bk[0], bk[1], bk[2]
+        narrow = narrow and fits_int32(a[k], max(abs(bk[0]), abs(bk[1]), abs(bk[2])), sh[k],
+                                       128)
+    t_lo = stats[c0:c1, ST_TLO].astype(np.int32)
+    t_hi = stats[c0:c1, ST_THI].astype(np.int32)
+    if narrow:
+        a32, sh32, b32 = a.astype(np.int32), sh.astype(np.int32), b.astype(np.int32)
+        b_neg, b_zero, b_pos = b32[0], b32[1], b32[2]
+        q32 = np.int32(q)
+        for r in range(x.shape[0]):
+            row = x[r, c0:c1]
+            grow = g[r, c0:c1]
+            out = dx[r, c0:c1]
+            for k in range(width):
+                off = _i32.pick3(np.int32(row[k]), t_lo[k], t_hi[k], b_neg[k], b_zero[k],
+                                 b_pos[k])
+                out[k] = _i32.clamp(_i32.mul_add_shr(a32[k], np.int32(grow[k]), off, sh32[k]),
+                                    q32)
+    else:
+        for r in range(x.shape[0]):
+            row = x[r, c0:c1]
+            grow = g[r, c0:c1]
+            out = dx[r, c0:c1]
+            for k in range(width):
+                v = row[k]
+                off = b[2, k] if v >= t_hi[k] else (b[0, k] if v <= t_lo[k] else b[1, k])
+                out[k] = saturate((a[k] * np.int64(grow[k]) + off) >> sh[k], q)
+
+
+def _rows_backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                   cnt):
+    inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_grad_stats_block(x, g, c0, c1, gstats)
+        _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
+                               dgamma_shift, dgamma, dbeta)
+
+
+_rows_backward_serial, _rows_backward_parallel = serial_and_parallel(_rows_backward)
+
+
+def _rows_grad_stats(x, g, gstats):
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_grad_stats_block(x, g, c0, c1, gstats)
+
+
+_rows_grad_stats_serial, _rows_grad_stats_parallel = serial_and_parallel(_rows_grad_stats)
+
+
+def _rows_grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                     cnt):
+    inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
+    for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
+        c0, c1 = _row_block(blk, x.shape[1])
+        _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
+                               dgamma_shift, dgamma, dbeta)
+
+
+_rows_grad_apply_serial, _rows_grad_apply_parallel = serial_and_parallel(_rows_grad_apply)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public API: validate, reshape to (N, C, L), call a driver, reshape back.
 
 
 class L1BNCache(NamedTuple):
     """What a training forward leaves for its backward and for the running statistics."""
 
-    x: np.ndarray  # the input codes as (N, C, L)
+    x: np.ndarray  # the input codes as (N, C, L), or as (N, C) for the 2-D int8 kernels
     shape: tuple  # the caller's input shape
     x_exp: int
     gamma: QTensor
@@ -603,7 +851,7 @@ class L1BNCache(NamedTuple):
     @property
     def count(self) -> int:
         """Values per channel the statistics cover."""
-        return self.m or self.x.shape[0] * self.x.shape[2]
+        return self.m or self.x.size // self.x.shape[1]
 
 
 def _as_ncl(a: np.ndarray) -> np.ndarray:
@@ -622,17 +870,31 @@ def _from_ncl(a: np.ndarray, shape: tuple, out: np.ndarray | None) -> np.ndarray
     return a.reshape(shape) if out is None else out
 
 
-def _output_ncl(out: np.ndarray | None, name: str, shape: tuple, bits: int) -> np.ndarray:
-    """An (N, C, L) array to write codes into: a view of ``out`` (4-D) or a new array."""
+def _output(out: np.ndarray | None, name: str, shape: tuple, bits: int) -> np.ndarray:
+    """``out`` once checked (C-contiguous, ``shape``, the dtype of ``bits``-wide codes), or a
+    new array."""
     dtype = code_dtype(bits)
-    ncl = (1, shape[1], shape[0]) if len(shape) == 2 else (shape[0], shape[1], -1)
     if out is None:
-        return np.empty(ncl if len(shape) == 2 else shape, dtype=dtype).reshape(ncl)
+        return np.empty(shape, dtype=dtype)
     check_array(out, name, (dtype,), (len(shape),))
     if out.shape != shape or not out.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous array of shape {shape}, got "
                          f"{out.shape}")
-    return np.empty(ncl, dtype=dtype) if len(shape) == 2 else out.reshape(ncl)
+    return out
+
+
+def _output_ncl(out: np.ndarray | None, name: str, shape: tuple, bits: int) -> np.ndarray:
+    """An (N, C, L) array to write codes into: a view of ``out`` (4-D) or a new array."""
+    if len(shape) == 2:
+        if out is not None:
+            _output(out, name, shape, bits)
+        return np.empty((1, shape[1], shape[0]), dtype=code_dtype(bits))
+    return _output(out, name, shape, bits).reshape(shape[0], shape[1], -1)
+
+
+def _rows_layout(q: np.ndarray) -> bool:
+    """Codes the 2-D int8 kernels take as they are."""
+    return q.ndim == 2 and q.dtype == np.int8
 
 
 def _check_input(x: np.ndarray, name: str, share: bool = False) -> tuple[int, int]:
@@ -763,10 +1025,13 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
     _check_affine(gamma, beta, n_channels)
     eps_shift, use_eps = _eps_shift(eps_log2, x.exp)
 
-    x3 = _as_ncl(x.q)
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
-    y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     q = (1 << (out_bits - 1)) - 1
+    if _rows_layout(x.q) and collective is None:
+        return _rows_forward_call(x, gamma, beta, out_bits, out_exp, eps_shift, use_eps, eps_log2,
+                                  out, parallel and x.q.size >= PARALLEL_MIN, stats, m, q)
+    x3 = _as_ncl(x.q)
+    y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     wide = x3.dtype != np.int8
     stats_fn, apply_fn, forward_fn = ((_stats_parallel, _apply_parallel, _forward_parallel)
                                       if parallel else
@@ -790,6 +1055,48 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
     cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats,
                       m if collective is not None else 0, collective)
     return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
+
+
+def _rows_forward_call(x, gamma, beta, out_bits, out_exp, eps_shift, use_eps, eps_log2, out,
+                       parallel, stats, m, q):
+    """:func:`l1bn_forward` of 2-D int8 codes on the 2-D kernels."""
+    xq = np.ascontiguousarray(x.q)
+    y = _output(out, "out", xq.shape, out_bits)
+    if out_exp is None:
+        (_rows_stats_parallel if parallel else _rows_stats_serial)(xq, eps_shift, use_eps, stats,
+                                                                  _NO_COUNT)
+        out_exp = output_exponent(stats, m, gamma.q, gamma.exp, beta.q, beta.exp, out_bits)
+        out_exp = check_exp(int(out_exp), "out_exp")
+        _check_offset(beta, out_exp)
+        (_rows_apply_parallel if parallel else _rows_apply_serial)(
+            xq, y, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, stats)
+    else:
+        out_exp = check_exp(out_exp, "out_exp")
+        _check_offset(beta, out_exp)
+        (_rows_forward_parallel if parallel else _rows_forward_serial)(
+            xq, y, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift, use_eps,
+            q, stats, _NO_COUNT)
+    return QTensor(y, out_exp), L1BNCache(xq, xq.shape, x.exp, gamma, eps_log2, stats)
+
+
+def _rows_backward_call(dy, cache, dx_bits, dx_exp, dgamma_exp, out, parallel, gstats, k_base,
+                        q, dgamma, dbeta):
+    """:func:`l1bn_backward` of 2-D int8 codes on the 2-D kernels."""
+    g = np.ascontiguousarray(dy.q)
+    dx = _output(out, "out", cache.shape, dx_bits)
+    if dx_exp is None:
+        (_rows_grad_stats_parallel if parallel else _rows_grad_stats_serial)(cache.x, g, gstats)
+        dx_exp = grad_exponent(cache.stats, gstats, cache.count, cache.gamma.q, k_base, dx_bits)
+        dx_exp = check_exp(int(dx_exp), "dx_exp")
+        (_rows_grad_apply_parallel if parallel else _rows_grad_apply_serial)(
+            cache.x, g, dx, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
+            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+    else:
+        dx_exp = check_exp(dx_exp, "dx_exp")
+        (_rows_backward_parallel if parallel else _rows_backward_serial)(
+            cache.x, g, dx, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
+            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
+    return QTensor(dx, dx_exp), QTensor(dgamma, dgamma_exp), QTensor(dbeta, dy.exp)
 
 
 def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | None = None,
@@ -826,31 +1133,38 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     dx_bits = check_bits(dx_bits, "dx_bits")
     dgamma_exp = dy.exp - 16 if dgamma_exp is None else check_exp(dgamma_exp, "dgamma_exp")
 
-    g3 = _as_ncl(dy.q)
-    n_channels = g3.shape[1]
+    n_channels = dy.q.shape[1]
     m = cache.count
     gstats = np.empty((n_channels, N_GSTATS), dtype=np.int64)
     k_base = cache.gamma.exp + dy.exp - cache.x_exp
-    dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     dgamma = np.empty(n_channels, dtype=np.int64)
     dbeta = np.empty(n_channels, dtype=np.int64)
     q = (1 << (dx_bits - 1)) - 1
-    wide = cache.x.dtype != np.int8 or g3.dtype != np.int8
+    x3 = cache.x
+    if x3.ndim == 2:  # the 2-D kernels' forward
+        if _rows_layout(dy.q):
+            return _rows_backward_call(dy, cache, dx_bits, dx_exp, dgamma_exp, out,
+                                       parallel and dy.q.size >= PARALLEL_MIN, gstats, k_base, q,
+                                       dgamma, dbeta)
+        x3 = _as_ncl(x3)
+    g3 = _as_ncl(dy.q)
+    dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
+    wide = x3.dtype != np.int8 or g3.dtype != np.int8
     stats_fn, apply_fn, backward_fn = (
         (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel) if parallel else
         (_grad_stats_serial, _grad_apply_serial, _backward_serial))
     if dx_exp is None or cache.collective is not None:
-        stats_fn(cache.x, g3, gstats, _NO_COUNT)
+        stats_fn(x3, g3, gstats, _NO_COUNT)
         if cache.collective is not None:  # the whole batch's sums, smallest and largest g
             _allreduce(cache.collective, gstats, (GS_SUM, GS_SUMX), GS_MIN, GS_MAX)
         if dx_exp is None:
             dx_exp = grad_exponent(cache.stats, gstats, m, cache.gamma.q, k_base, dx_bits)
         dx_exp = check_exp(int(dx_exp), "dx_exp")
-        apply_fn(cache.x, g3, dx3, np.int64(m), cache.stats, gstats, cache.gamma.q,
+        apply_fn(x3, g3, dx3, np.int64(m), cache.stats, gstats, cache.gamma.q,
                  k_base - dx_exp, q, dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
     else:
         dx_exp = check_exp(dx_exp, "dx_exp")
-        backward_fn(cache.x, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
+        backward_fn(x3, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
                     dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
     return (QTensor(_from_ncl(dx3, cache.shape, out), dx_exp), QTensor(dgamma, dgamma_exp),
             QTensor(dbeta, dy.exp))

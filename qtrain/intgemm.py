@@ -371,8 +371,9 @@ def conv2d_weight_grad(g: Codes, columns: bool, cols: torch.Tensor | Limbs, x_ex
     :func:`conv2d_error_codes` made with ``columns``."""
     if columns:  # g: (N*OH*OW, O)
         acc = matmul(cols, g.q).t().contiguous()
-    else:  # g: (O, N*OH*OW)
-        acc = matmul(g.q, cols.t())
+    else:  # g: (O, N*OH*OW); cols @ g.T measured faster than g @ cols.T (LeNet-5's first
+        # layer, (6, 73728) x (73728, 25): 0.27 against 0.44 ms; the paper's, 32 rows: level)
+        acc = matmul(cols, g.q.t()).t().contiguous()
     return _grad_codes(acc, g.exp + x_exp, w_shape)
 
 

@@ -376,6 +376,47 @@ def test_serial_and_parallel_identical_and_repeatable(x_bits, dy_bits, out_bits,
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(3, 70), (128, 600)])  # blocks of 64 channels; 2nd: threads
+@pytest.mark.parametrize("case", ["random", "constant channels", "narrow range"])
+def test_2d_int8_kernels_equal_the_nchw_kernels(shape, case):
+    """2-D int8 codes (N, C) run on their own kernels (channels along the rows, no
+    transposes); the same codes as (N, C, 1, 1) take the (N, C, L) kernels. Outputs, exponents,
+    the forward's statistics, dx (int8 and int16), dgamma and dbeta are identical, with
+    exponents given and chosen, with and without epsilon, serial and parallel; an int16 dy
+    against a 2-D forward falls back to the (N, C, L) kernels."""
+    rng = np.random.default_rng(11)
+    n, c = shape
+    x = rng.integers(-127, 128, shape).astype(np.int8)
+    if case == "constant channels":
+        x[:, ::3] = x[0, ::3]
+    elif case == "narrow range":
+        x = (x // 40).astype(np.int8)
+    gamma = QTensor(rng.integers(1, 1 << 14, c).astype(np.int32), -12)
+    beta = QTensor(rng.integers(-(1 << 12), 1 << 12, c).astype(np.int32), -12)
+    dy = rng.integers(-127, 128, shape).astype(np.int8)
+    dy16 = rng.integers(-3000, 3000, shape).astype(np.int16)
+    as4 = (n, c, 1, 1)
+    for eps_log2, out_exp, dx_exp, parallel in [(None, None, None, True), (-10, -5, -9, True),
+                                                (-10, None, -9, False), (None, -5, None, False)]:
+        y, cache = l1bn_forward(QTensor(x, -4), gamma, beta, out_bits=8, out_exp=out_exp,
+                                eps_log2=eps_log2, parallel=parallel)
+        y4, cache4 = l1bn_forward(QTensor(x.reshape(as4), -4), gamma, beta, out_bits=8,
+                                  out_exp=out_exp, eps_log2=eps_log2, parallel=parallel)
+        assert cache.x.ndim == 2 and y.exp == y4.exp and cache.count == cache4.count == n
+        np.testing.assert_array_equal(y.q, y4.q.reshape(shape))
+        np.testing.assert_array_equal(cache.stats, cache4.stats)
+        for g, dx_bits in ((dy, 8), (dy, 16), (dy16, 16)):
+            got = l1bn_backward(QTensor(g, -6), cache, dx_bits=dx_bits, dx_exp=dx_exp,
+                                parallel=parallel)
+            want = l1bn_backward(QTensor(g.reshape(as4), -6), cache4, dx_bits=dx_bits,
+                                 dx_exp=dx_exp, parallel=parallel)
+            assert got[0].q.dtype == want[0].q.dtype and got[0].exp == want[0].exp
+            np.testing.assert_array_equal(got[0].q, want[0].q.reshape(shape))
+            for a, b in zip(got[1:], want[1:]):
+                assert a.exp == b.exp
+                np.testing.assert_array_equal(a.q, b.q)
+
+
 @pytest.mark.parametrize("shape", [(64, 5), (16, 6, 6, 6)])
 @pytest.mark.parametrize("bits, out_bits", [(8, 4), (8, 8), (8, 16), (16, 8), (16, 12),
                                             (16, 16)])

@@ -89,6 +89,7 @@ HELPERS = {
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
     "qkernels.l1bn._finish_channel": ("qkernels.l1bn._finish_phase",
+                                      "qkernels.l1bn._rows_stats_block",
                                       "qkernels.l1bn._stats_channel"),
     "qkernels.l1bn._grad_apply_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
@@ -96,6 +97,22 @@ HELPERS = {
     "qkernels.l1bn._grad_stats_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_stats_parallel", "qkernels.l1bn._grad_stats_serial"),
+    "qkernels.l1bn._row_block": tuple(
+        f"qkernels.l1bn._rows_{k}_{b}" for k in ("apply", "backward", "forward", "grad_apply",
+                                                 "grad_stats", "stats")
+        for b in ("parallel", "serial")),
+    "qkernels.l1bn._rows_apply_block": (
+        "qkernels.l1bn._rows_apply_parallel", "qkernels.l1bn._rows_apply_serial",
+        "qkernels.l1bn._rows_forward_parallel", "qkernels.l1bn._rows_forward_serial"),
+    "qkernels.l1bn._rows_grad_apply_block": (
+        "qkernels.l1bn._rows_backward_parallel", "qkernels.l1bn._rows_backward_serial",
+        "qkernels.l1bn._rows_grad_apply_parallel", "qkernels.l1bn._rows_grad_apply_serial"),
+    "qkernels.l1bn._rows_grad_stats_block": (
+        "qkernels.l1bn._rows_backward_parallel", "qkernels.l1bn._rows_backward_serial",
+        "qkernels.l1bn._rows_grad_stats_parallel", "qkernels.l1bn._rows_grad_stats_serial"),
+    "qkernels.l1bn._rows_stats_block": (
+        "qkernels.l1bn._rows_forward_parallel", "qkernels.l1bn._rows_forward_serial",
+        "qkernels.l1bn._rows_stats_parallel", "qkernels.l1bn._rows_stats_serial"),
     "qkernels.l1bn._sign_channel": (
         "qkernels.l1bn._sign_phase_parallel", "qkernels.l1bn._sign_phase_serial",
         "qkernels.l1bn._stats_channel"),
@@ -293,6 +310,16 @@ def _l1bn_calls(g, full):
                 folded = l1bn.l1bn_fold(gamma, beta, run_mean, run_dev, x_exp=-4,
                                         out_bits=xbits, out_exp=-5, eps_log2=-8, x_bits=xbits)
                 l1bn.l1bn_inference(x, folded, out_bits=xbits, out_exp=-5, parallel=parallel)
+    # 2-D int8 codes take their own kernels: serial below PARALLEL_MIN values, parallel above
+    for shape in ((6, 5), (256, 256)):
+        c = shape[1]
+        x = QTensor(g.integers(-100, 100, shape).astype(np.int8), -4)
+        gamma = QTensor(g.integers(2000, 6000, c).astype(np.int32), -12)
+        beta = QTensor(g.integers(-50, 50, c).astype(np.int32), -12)
+        dy = QTensor(g.integers(-100, 100, shape).astype(np.int8), -7)
+        for out_exp in (None, -5):
+            y, cache = l1bn.l1bn_forward(x, gamma, beta, out_bits=8, out_exp=out_exp)
+            l1bn.l1bn_backward(dy, cache, dx_bits=8, dx_exp=out_exp)
     l1bn.count_ops((2, 3, 4, 4), eps_log2=-8)
     opcount.bn_report((2, 3, 4, 4), eps_log2=-8)
     if full:  # the slow references call the per-channel spec functions from Python
