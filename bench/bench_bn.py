@@ -96,7 +96,6 @@ Derived quantities:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -113,6 +112,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from qkernels import QTensor, l1bn_backward, l1bn_forward
+from qtrain import memory
 
 #: The reference shapes, then the BN inputs of the paper's LeNet-5 (conv 32, conv 64, fc 512).
 DEFAULT_SHAPES = ((128, 6, 28, 28), (128, 16, 10, 10), (128, 64, 32, 32), (256, 128, 16, 16),
@@ -432,16 +432,12 @@ def keep_freed_memory() -> str:
     By default glibc serves multi-MB arrays with mmap and unmaps them on free, so every call
     that allocates its output pays a first-touch page fault per 4 KiB (about 2 ms per 8 MiB
     here), for torch as much as for the int8 kernels. Raising the mmap and trim thresholds
-    keeps freed memory in the heap, as a long-running training process ends up doing, so the
-    benchmark times the kernels rather than the kernel's page-fault path.
+    (:func:`qtrain.memory.keep_freed_memory`, as the ``qtrain`` program does) keeps freed
+    memory in the heap, so the benchmark times the kernels rather than the page-fault path.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc mmap/trim thresholds 1 GiB (both sides)" if ok else "default"
+    if memory.keep_freed_memory():
+        return "glibc mmap/trim thresholds 1 GiB (both sides)"
+    return "default"
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, memory
 from .config import (BACKENDS, DATA_PATHS, DATASETS, DEFAULT_RECIPE, MODELS, NORMS, UserError,
                      apply_sets, data_problem, load_recipe, model_problem, recipe_label,
                      recipe_names)
@@ -356,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``qtrain`` program: :func:`main`'s status is the exit status. A process of a
+    """The ``qtrain`` program: :func:`main`'s status is the exit status. It keeps freed memory
+    in the heap (:func:`qtrain.memory.keep_freed_memory`). A process of a
     several-process run (torchrun, ``--nproc``) exits without the interpreter's teardown, its
     output flushed and its process group left: gloo's transport threads outlive the group,
     and their teardown now and then aborted a process whose run was done and written
     ("terminate called without an active exception")."""
+    memory.keep_freed_memory()
     status = main()
     parallel = sys.modules.get("qtrain.distributed")  # imported by every run that trains
     if parallel is not None and parallel.launched():

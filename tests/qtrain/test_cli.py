@@ -303,3 +303,39 @@ def test_learning_rate_schedule_must_stay_finite():
             dataclasses.replace(base, lr=1e-200 if gamma < 1 else 0.1, lr_gamma=gamma,
                                 lr_milestones=(1, 2))
         assert "\n" not in str(err.value)
+
+
+_MMAPPED = """
+import ctypes, sys
+import numpy as np
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    from qtrain import memory
+    assert memory.keep_freed_memory()
+block = np.ones(1 << 26, np.uint8)  # 64 MiB
+print(libc.mallinfo2().hblkhd >= block.nbytes)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_qtrain_program_keeps_freed_memory_in_the_heap(monkeypatch):
+    """glibc maps a 64 MiB array with mmap (returned to the system when freed, faulted in
+    again on the next allocation) unless the thresholds are raised, as ``qtrain`` does at
+    start; run in fresh processes, so this one's allocator stays as it was."""
+    mapped = {how: subprocess.run([sys.executable, "-c", _MMAPPED, how], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+              for how in ("default", "keep")}
+    assert mapped == {"default": "True", "keep": "False"}
+    from qtrain import cli
+
+    calls = []
+    monkeypatch.setattr(cli.memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert calls == [1]

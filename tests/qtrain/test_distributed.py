@@ -179,6 +179,7 @@ def test_a_process_of_a_run_exits_without_the_interpreters_teardown(monkeypatch)
         raise Exited(status)
 
     monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.memory, "keep_freed_memory", lambda: True)  # this process's as is
     monkeypatch.setattr(cli.os, "_exit", _exit)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
