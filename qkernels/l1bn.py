@@ -1004,7 +1004,8 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
             constant channel (sigma = 0) outputs beta and passes back no error.
         out: optional C-contiguous array (x's shape, int8 or int16 per out_bits) to write the
             codes into, so a training loop can reuse its buffers.
-        parallel: run channels on all Numba threads (results are identical either way).
+        parallel: run channels on all Numba threads (results are identical either way; 2-D
+            int8 input, on its own kernels, takes one thread below 2**16 codes anyway).
         collective: the batch is split across processes (a synchronized batch norm): each
             holds its share of the batch, with the same ``x.exp``, ``gamma``, ``beta``,
             ``eps_log2`` and ``out_exp``; the statistics are the whole batch's, added up between
