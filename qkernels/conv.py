@@ -30,9 +30,20 @@ from .format import QTensor, check_array, check_qtensor
 BLOCK = 1 << 16
 
 
+@njit(cache=True, inline="always")
+def _span(k, s, p, n_in, n_out):
+    """The outputs i in [lo, hi) whose tap ``k`` reads inside the input: 0 <= i*s + k - p <
+    n_in (stride s, padding p, n_out outputs); lo >= hi when there are none."""
+    lo = max(0, (p - k + s - 1) // s)
+    hi = min(n_out, (n_in - 1 + p - k) // s + 1)
+    return lo, max(lo, hi)
+
+
 @njit(cache=True, parallel=True)
 def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
-    """out[(c*kh + u)*kw + v, (n*oh + i)*ow + j] = x[n, c, i*sh + u - ph, j*sw + v - pw] (or 0)."""
+    """out[(c*kh + u)*kw + v, (n*oh + i)*ow + j] = x[n, c, i*sh + u - ph, j*sw + v - pw] (or 0).
+    (Rows of a conv's columns are short, OW codes: one select per code measured faster than
+    :func:`_span`'s three loops.)"""
     n_img, n_ch, h, w = x.shape
     for row in prange(n_ch * kh * kw):
         c = row // (kh * kw)
@@ -56,23 +67,23 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, oh, ow, out):
 @njit(cache=True, parallel=True)
 def _col2im(cols, kh, kw, sh, sw, ph, pw, oh, ow, out):
     """out[n, c, y, x] += cols[(c*kh + u)*kw + v, (n*oh + i)*ow + j] for every (u, v, i, j)
-    with i*sh + u - ph = y and j*sw + v - pw = x (one thread per channel: no write races)."""
+    with i*sh + u - ph = y and j*sw + v - pw = x (one thread per channel: no write races).
+    Indices known to be in range are cast to np.uintp: Numba then skips the wraparound of
+    negative indices, and the inner loop vectorizes (1.5x faster than bounds checks per code
+    on the paper's LeNet's second conv)."""
     n_img, n_ch, h, w = out.shape
     for c in prange(n_ch):
         for u in range(kh):
+            i_lo, i_hi = _span(u, sh, ph, h, oh)
             for v in range(kw):
+                j_lo, j_hi = _span(v, sw, pw, w, ow)
                 src = cols[(c * kh + u) * kw + v]
                 for n in range(n_img):
-                    for i in range(oh):
-                        y = i * sh + u - ph
-                        if y < 0 or y >= h:
-                            continue
-                        dst = out[n, c, y]
-                        base = (n * oh + i) * ow
-                        for j in range(ow):
-                            xx = j * sw + v - pw
-                            if 0 <= xx < w:
-                                dst[xx] += src[base + j]
+                    for i in range(i_lo, i_hi):
+                        dst = out[n, c, np.uintp(i * sh + u - ph)]
+                        base = np.uintp((n * oh + i) * ow)
+                        for j in range(j_lo, j_hi):
+                            dst[np.uintp(j * sw + v - pw)] += src[base + np.uintp(j)]
 
 
 @njit(cache=True, parallel=True)
@@ -184,6 +195,19 @@ def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tupl
         dtype.
     """
     check_array(cols, "cols", (np.int32, np.int64), (2,))
+    return col2im_add(cols, np.zeros(tuple(shape), cols.dtype), kernel_size, stride, padding)
+
+
+def col2im_add(cols: np.ndarray, out: np.ndarray, kernel_size: tuple[int, int], stride=1,
+               padding=0) -> np.ndarray:
+    """:func:`col2im` added into ``out`` (N, C, H, W), a C-contiguous array of ``cols``'
+    dtype, in place (and returned): a batch's input gradient can be built from the columns
+    of a few images at a time (``out[n0:n1]``)."""
+    check_array(cols, "cols", (np.int32, np.int64), (2,))
+    check_array(out, "out", (cols.dtype.type,), (4,))
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous (col2im_add writes into it)")
+    shape = out.shape
     kh, kw, sh, sw, ph, pw, oh, ow = _geometry(shape, kernel_size, stride, padding)
     n_img, n_ch = shape[:2]
     if cols.shape != (n_ch * kh * kw, n_img * oh * ow):
@@ -191,7 +215,6 @@ def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], kernel_size: tupl
                          f"{(n_ch * kh * kw, n_img * oh * ow)} for an input of shape "
                          f"{tuple(shape)}, kernel {kernel_size}, stride {stride}, padding "
                          f"{padding}")
-    out = np.zeros(tuple(shape), dtype=cols.dtype)
     _col2im(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, oh, ow, out)
     return out
 

@@ -42,8 +42,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from qkernels.conv import (channels_first, channels_last, col2im, im2col, im2col_as, join_limbs,
-                           split_limbs)
+from qkernels.conv import (channels_first, channels_last, col2im, col2im_add, im2col, im2col_as,
+                           join_limbs, split_limbs)
 from qkernels.format import QTensor
 from qkernels.ieee import f32_to_codes_exact
 from qkernels.quant import QuantCounts, quantize_nearest, quantize_rows
@@ -360,9 +360,35 @@ def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Ten
             images = [col2im(p.numpy(), tuple(x_shape), kernel, stride, padding)
                       for p in limb_products(a, b)]
             return container(torch.from_numpy(join_limbs(*images)), g.exp + w.exp)
-    acc = matmul(a, b)
-    image = col2im(acc.numpy(), tuple(x_shape), kernel, stride, padding)
+        image = col2im(matmul(a, b).numpy(), tuple(x_shape), kernel, stride, padding)
+    else:
+        image = _input_grad8(a, g.q, tuple(x_shape), kernel, stride, padding)
     return container(torch.from_numpy(image), g.exp + w.exp)
+
+
+#: Bytes of int32 products that :func:`_input_grad8` makes at a time (they are added into the
+#: image while still in cache).
+BLOCK_BYTES = 4 << 20
+
+
+def _input_grad8(wt: torch.Tensor, g: torch.Tensor, x_shape, kernel, stride, padding
+                 ) -> np.ndarray:
+    """``col2im(wt @ g.T)`` for int8 ``wt`` (C*kh*kw, O) and errors ``g`` (N*OH*OW, O), a few
+    images at a time: each block's int32 products are added into the image while they are in
+    cache, instead of writing and reading back all of the (C*kh*kw, N*OH*OW) products (the
+    paper's LeNet's second conv: 26 MB; 3.5 -> 2.0 ms). The sums are the same integers."""
+    n = x_shape[0]
+    per_image = g.shape[0] // n  # OH*OW error rows per image
+    block = max(1, min(n, BLOCK_BYTES // (4 * wt.shape[0] * per_image)))
+    image = np.zeros(x_shape, np.int32)
+    buf = torch.empty(wt.shape[0], block * per_image, dtype=torch.int32)
+    for n0 in range(0, n, block):
+        n1 = min(n, n0 + block)
+        rows = g[n0 * per_image:n1 * per_image].t()
+        # a last, shorter block gets its own array (a slice of buf would not be contiguous)
+        part = torch._int_mm(wt, rows, out=buf) if n1 - n0 == block else torch._int_mm(wt, rows)
+        col2im_add(part.numpy(), image[n0:n1], kernel, stride, padding)
+    return image
 
 
 def conv2d_weight_grad(g: Codes, columns: bool, cols: torch.Tensor | Limbs, x_exp: int,

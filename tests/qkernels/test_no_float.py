@@ -68,6 +68,7 @@ ALLOWED_FLOAT_IR = {
 #: by the IR of the callers named here (checked by signature; each helper needs at least one
 #: caller that is not allowlisted).
 HELPERS = {
+    "qkernels.conv._span": ("qkernels.conv._col2im",),
     "qkernels.ieee._code_at": (
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
         "qkernels.ieee._rows_nearest_p", "qkernels.ieee._rows_nearest_s",

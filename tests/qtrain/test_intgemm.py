@@ -23,8 +23,9 @@ def codes(shape, exp, gen, extreme=False):
 
 
 class Spy:
-    """Counts the integer GEMM calls: products through ``matmul``, or through ``limb_products``
-    outside of ``matmul`` (a wide conv's input gradient)."""
+    """Counts the integer GEMM calls: products through ``matmul``, through ``limb_products``
+    outside of ``matmul`` (a wide conv's input gradient), or an int8 conv's input gradient by
+    blocks of images (``_input_grad8``)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
@@ -43,8 +44,14 @@ class Spy:
             self.calls += not self.inside
             return limb_products(a, b)
 
+        def counting_blocks(*args):
+            self.calls += 1
+            return input_grad8(*args)
+
+        input_grad8 = intgemm._input_grad8
         monkeypatch.setattr(intgemm, "matmul", counting)
         monkeypatch.setattr(intgemm, "limb_products", counting_limbs)
+        monkeypatch.setattr(intgemm, "_input_grad8", counting_blocks)
 
 
 def run_layer(make, x, gy, weight, first: bool):
@@ -94,6 +101,28 @@ def test_conv_gemm_equals_the_float_path(shape, o, k, stride, pad, first, monkey
     out_shape = make()(x).shape
     gy = codes(out_shape, -11, gen, extreme=True)
     got, want = both_paths(make, x, gy, weight, first, monkeypatch)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("images_per_block", [1, 3, 8])
+def test_conv_input_grad_by_blocks_of_images(images_per_block, monkeypatch):
+    """The int8 input gradient's blocks of images (a shorter last one: 8 = 3 + 3 + 2) give the
+    float path's input gradient."""
+    shape, o, k = (8, 6, 12, 12), 16, 5
+    per_image = 4 * 6 * k * k * 8 * 8  # bytes of one image's int32 products
+    monkeypatch.setattr(intgemm, "BLOCK_BYTES", images_per_block * per_image)
+    gen = torch.Generator().manual_seed(7)
+    q = QConfig(seed=5)
+    make = lambda: QuantConv2d(6, o, k, bias=False, qconfig=q, qstate=QState())  # noqa: E731
+    weight = torch.randn(make().weight.shape, generator=gen)
+    x = codes(shape, -7, gen, extreme=True)
+    gy = codes((8, o, 8, 8), -11, gen, extreme=True)
+    blocks = []
+    col2im_add = intgemm.col2im_add
+    monkeypatch.setattr(intgemm, "col2im_add",
+                        lambda cols, out, *a: blocks.append(len(out)) or col2im_add(cols, out, *a))
+    got, want = both_paths(make, x, gy, weight, monkeypatch=monkeypatch)
+    assert blocks == {1: [1] * 8, 3: [3, 3, 2], 8: [8]}[images_per_block]
     assert_same(got, want)
 
 
