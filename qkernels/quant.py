@@ -48,14 +48,19 @@ class QuantCounts(NamedTuple):
     total: int
 
 
-@njit(cache=True)
 def _max_abs(c):
     m = np.int64(0)
-    for i in range(c.shape[0]):
-        v = abs(np.int64(c[i]))
-        if v > m:
-            m = v
+    for i in prange(c.shape[0]):
+        m = max(m, abs(np.int64(c[i])))
     return m
+
+
+_max_abs_s, _max_abs_p = serial_and_parallel(_max_abs)
+
+
+def max_abs(flat: np.ndarray) -> int:
+    """The largest magnitude of a 1-D integer array (0 when empty)."""
+    return int(pick(_max_abs_s, _max_abs_p, flat.size)(flat))
 
 
 @njit(cache=True)
@@ -155,7 +160,7 @@ def calibrated_exponent(per_batch: list[int], rule: str = "median") -> int:
 def code_top(c: QTensor) -> int | None:
     """``E`` with ``max|c.q| * 2**c.exp < 2**E`` (the peak's binary exponent), or None when
     every code is zero."""
-    peak = int(_max_abs(np.ascontiguousarray(c.q).reshape(-1)))
+    peak = max_abs(np.ascontiguousarray(c.q).reshape(-1))
     return c.exp + peak.bit_length() if peak else None
 
 
@@ -180,7 +185,7 @@ def _prepare(c: QTensor, bits: int, name: str, exp: int | None = None):
     bits = check_bits(bits, "bits")
     flat = np.ascontiguousarray(c.q).reshape(-1)
     if exp is None:
-        exp = int(range_exponent(_max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits))
+        exp = int(range_exponent(max_abs(flat), check_exp(c.exp, f"{name}.exp"), bits))
     check_exp(exp, "the chosen exponent")
     return flat, bits, exp, np.empty(flat.shape[0], dtype=code_dtype(bits))
 
