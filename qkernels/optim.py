@@ -97,6 +97,18 @@ def _grad_shifts(g_shift):
     return left, right, (np.int64(1) << right) >> 1
 
 
+@njit(cache=True, inline="always")
+def _update(wi, gs, vi, momentum_q, lr_q, decay_q):
+    """One element's step from its store code ``wi``, gradient ``gs`` in store units and
+    velocity ``vi``: (v', w') of the module docstring, the velocity capped."""
+    vmax = np.int64(1) << VELOCITY_BITS
+    gs += (decay_q * wi + (np.int64(1) << (DECAY_BITS - 1))) >> DECAY_BITS
+    vi = ((momentum_q * vi + (np.int64(1) << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS) \
+        + min(max(gs, -vmax), vmax)
+    vi = min(max(vi, -vmax), vmax)
+    return vi, wi - ((lr_q * vi + (np.int64(1) << (LR_BITS - 1))) >> LR_BITS)
+
+
 def _sgd(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, w_exp, out):
     """Update ``v`` in place, write ``w'`` (int64) to ``w_new`` and ``sat(w')`` to ``w``;
     returns (min, max) of w'. ``sat(w')`` is the store whenever every w' fits (the common
@@ -109,7 +121,6 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, w_exp, o
     ``out`` receives the float32 bits of ``sat(w')`` at ``w_exp`` (the new container when the
     exponent does not rise)."""
     left, right, half = _grad_shifts(g_shift)
-    vmax = np.int64(1) << VELOCITY_BITS
     lo = np.int64(1) << 62
     hi = -lo
     for i in prange(w.shape[0]):
@@ -117,12 +128,8 @@ def _sgd(w, v, g, g_shift, momentum_q, lr_q, decay_q, q, w_new, g_bits, w_exp, o
             gs = _code_at(g_bits[i], w_exp)
         else:
             gs = ((np.int64(g[i]) << left) + half) >> right
-        gs += (decay_q * np.int64(w[i]) + (np.int64(1) << (DECAY_BITS - 1))) >> DECAY_BITS
-        vi = ((momentum_q * v[i] + (np.int64(1) << (MOMENTUM_BITS - 1))) >> MOMENTUM_BITS) \
-            + min(max(gs, -vmax), vmax)
-        vi = min(max(vi, -vmax), vmax)
+        vi, wn = _update(np.int64(w[i]), gs, v[i], momentum_q, lr_q, decay_q)
         v[i] = vi
-        wn = np.int64(w[i]) - ((lr_q * vi + (np.int64(1) << (LR_BITS - 1))) >> LR_BITS)
         w_new[i] = wn
         w[i] = min(max(wn, -q), q)
         if g_bits.shape[0]:
@@ -138,8 +145,34 @@ def _encode_all(w, e, out):
         out[i] = _encode(w[i], e)
 
 
+def _sgd_inplace(wb, v, g_bits, w_exp, momentum_q, lr_q, decay_q, q, w_new):
+    """:func:`_sgd` with the store as the float32 bits ``wb`` of its container (codes at
+    ``w_exp``, read exactly by ``_code_at``) and the gradient's container ``g_bits``; writes
+    the float32 bits of ``sat(w')`` back into ``wb``, ``w'`` to ``w_new``; returns (min, max)
+    of w'. Each element is read before it is written, so the loop vectorizes in place."""
+    lo = np.int64(1) << 62
+    hi = -lo
+    for i in prange(wb.shape[0]):
+        vi, wn = _update(_code_at(wb[i], w_exp), _code_at(g_bits[i], w_exp), v[i], momentum_q,
+                         lr_q, decay_q)
+        v[i] = vi
+        w_new[i] = wn
+        wb[i] = _encode(min(max(wn, -q), q), w_exp)
+        lo = min(lo, wn)
+        hi = max(hi, wn)
+    return lo, hi
+
+
 #: serial (small tensors) and parallel (large ones): ``prange`` is ``range`` in the first.
 _sgd_s, _sgd_p = serial_and_parallel(_sgd)
+_sgd_inplace_s, _sgd_inplace_p = serial_and_parallel(_sgd_inplace)
+
+
+@njit(cache=True, inline="always")
+def _rescaled(wn, s, q):
+    """sat(round(w' / 2**s)) and whether it saturated."""
+    wi = round_shift(wn, s)
+    return min(max(wi, -q), q), np.int64(wi > q or wi < -q)
 
 
 @njit(cache=True, parallel=True)
@@ -148,11 +181,20 @@ def _rescale(w, v, w_new, s, q):
     (none unless the exponent's ceiling held s down)."""
     saturated = 0
     for i in prange(w.shape[0]):
-        wi = round_shift(w_new[i], s)
-        if wi > q or wi < -q:
-            saturated += 1
-            wi = q if wi > 0 else -q
-        w[i] = wi
+        w[i], sat = _rescaled(w_new[i], s, q)
+        saturated += sat
+        v[i] = round_shift(v[i], s)
+    return saturated
+
+
+@njit(cache=True, parallel=True)
+def _rescale_bits(wb, v, w_new, s, q, exp):
+    """:func:`_rescale` writing the float32 bits of the store's codes at ``exp`` to ``wb``."""
+    saturated = 0
+    for i in prange(wb.shape[0]):
+        wi, sat = _rescaled(w_new[i], s, q)
+        wb[i] = _encode(wi, exp)
+        saturated += sat
         v[i] = round_shift(v[i], s)
     return saturated
 
@@ -166,8 +208,9 @@ class SgdResult(NamedTuple):
 
 
 def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
-                momentum_q: int, decay_q: int, store_bits: int, exp_max: int) -> int:
-    check_array(store.q, "store.q", (np.int32,), tuple(range(1, 9)))
+                momentum_q: int, decay_q: int, store_bits: int, exp_max: int,
+                store_dtype=np.int32) -> int:
+    check_array(store.q, "store.q", (store_dtype,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
     if velocity.shape != store.q.shape or grad_shape != store.q.shape:
         raise ValueError(f"store, velocity and grad shapes differ: {store.q.shape}, "
@@ -258,3 +301,39 @@ def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np
     if res.rise or res.saturated:
         _encode_all(store.q.reshape(-1), store.exp + res.rise, bits_out)
     return res
+
+
+#: Widest store a float32 container holds exactly (a 24-bit significand).
+F32_STORE_BITS_MAX = 24
+
+
+def sgd_step_f32_inplace(param: np.ndarray, exp: int, velocity: np.ndarray, grad: np.ndarray,
+                         *, lr_q: int, momentum_q: int, store_bits: int, exp_max: int = 126,
+                         decay_q: int = 0) -> SgdResult:
+    """:func:`sgd_step_f32` on the store's own float32 container ``param`` (C-contiguous,
+    codes of at most ``store_bits <= 24`` bits at ``exp``), updated in place: its codes are
+    read from it exactly and its new container written back, so a parameter's storage is the
+    store (no int32 copy of the store, no separate output). The new exponent is
+    ``exp + rise``. The integers are those of ``sgd_step_f32(f32_to_codes(param, 24,
+    np.int32, exp=exp), ...)`` with its ``out``."""
+    check_array(param, "param", (np.float32,), tuple(range(1, 9)))
+    b = _bits_of(grad, "grad")
+    if not param.flags.c_contiguous:
+        raise ValueError("param must be C-contiguous (it is updated in place)")
+    if not 2 <= store_bits <= F32_STORE_BITS_MAX:
+        raise ValueError(f"store_bits={store_bits} is outside 2..{F32_STORE_BITS_MAX} (a float32 "
+                         f"container holds codes of at most {F32_STORE_BITS_MAX} bits)")
+    exp = check_exp(exp, "exp")
+    exp_max = _check_step(QTensor(param, exp), velocity, grad.shape, lr_q, momentum_q, decay_q,
+                          store_bits, exp_max, np.float32)
+    if param.size == 0:
+        return SgdResult(0, 0)
+    wb, v = param.reshape(-1).view(np.int32), velocity.reshape(-1)
+    q = qmax(store_bits)
+    w_new = np.empty(wb.shape[0], np.int64)
+    lo, hi = pick(_sgd_inplace_s, _sgd_inplace_p, wb.shape[0])(
+        wb, v, b, exp, momentum_q, lr_q, decay_q, q, w_new)
+    s = min(int(store_shift(lo, hi, q)), exp_max - exp)
+    if s or lo < -q or hi > q:
+        return SgdResult(s, int(_rescale_bits(wb, v, w_new, s, q, exp + s)))
+    return SgdResult(0, 0)

@@ -75,6 +75,7 @@ HELPERS = {
         "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
         "qkernels.ieee._to_codes_p", "qkernels.ieee._to_codes_s",
         "qkernels.ieee._to_codes_where_p", "qkernels.ieee._to_codes_where_s",
+        "qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
         "qkernels.optim._sgd_p", "qkernels.optim._sgd_s",
         "qkernels.pool._relu_backward_codes"),
     "qkernels.ieee._decode": (
@@ -85,7 +86,9 @@ HELPERS = {
         "qkernels.ieee._from_codes_relu_s", "qkernels.ieee._from_codes_s",
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
-        "qkernels.optim._encode_all", "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
+        "qkernels.optim._encode_all", "qkernels.optim._rescale_bits",
+        "qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
+        "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
     "qkernels.l1bn._apply_channel": (
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
@@ -129,6 +132,9 @@ HELPERS = {
         "qkernels.l1bn._sum_pass",
         "qkernels.opcount._l2bn_backward", "qkernels.opcount._l2bn_forward"),
     "qkernels.optim._grad_shifts": ("qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
+    "qkernels.optim._rescaled": ("qkernels.optim._rescale", "qkernels.optim._rescale_bits"),
+    "qkernels.optim._update": ("qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
+                               "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
     "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
     "qkernels.quant.saturate_count": (
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
@@ -387,6 +393,8 @@ def _container_calls(g, full):
                 optim.sgd_step(store, velocity, QTensor(grad.astype(dt), -8), **step)
             gf = (g.integers(-100, 100, n) * 0.25 * scale).astype(np.float32)
             optim.sgd_step_f32(store, velocity, gf, np.empty(n, np.float32), **step)
+            param = ieee.codes_to_f32(store)
+            optim.sgd_step_f32_inplace(param, store.exp, velocity, gf, **step)
     if not full:
         return
     for dt in wide:

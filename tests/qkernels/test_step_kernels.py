@@ -10,7 +10,8 @@ from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
-from qkernels.optim import LR_BITS, decay_code, lr_code, momentum_code, sgd_step, sgd_step_f32
+from qkernels.optim import (LR_BITS, decay_code, lr_code, momentum_code, sgd_step, sgd_step_f32,
+                            sgd_step_f32_inplace)
 from qkernels.quant import mean_exponent, quantize_nearest, quantize_stochastic, range_exponent
 from qkernels.rng import random_u64_np, stream_key_np
 
@@ -261,11 +262,12 @@ def test_sgd_step_matches_its_formula(g_exp, grows, decay):
     assert (res.rise >= 1) == grows
 
 
-@pytest.mark.parametrize("n", [300, (1 << 16) + 5])
+@pytest.mark.parametrize("n", [300, (1 << 16) + 4])  # 2-D as (n // 5, 5) too
 @pytest.mark.parametrize("case", ["plain", "rise", "ceiling", "huge gradient"])
 def test_sgd_step_on_containers_equals_the_step_on_codes(n, case):
     """sgd_step_f32 (gradient and new store as float32 containers) gives the store, velocity,
-    result and container of converting, stepping and converting back."""
+    result and container of converting, stepping and converting back; so does
+    sgd_step_f32_inplace on the store's own container, written back in place."""
     rng = np.random.default_rng(n)
     w = rng.integers(-(1 << 22), 1 << 22, n).astype(np.int32)
     v = rng.integers(-(1 << 30), 1 << 30, n).astype(np.int64)
@@ -277,13 +279,29 @@ def test_sgd_step_on_containers_equals_the_step_on_codes(n, case):
     kw = dict(lr_q=lr_code(0.1 / 128), momentum_q=momentum_code(0.9), store_bits=24,
               exp_max=-24 if case == "ceiling" else 126, decay_q=decay_code(0.064))
     w2, v2 = w.copy(), v.copy()
+    w2_start, v_start = w.copy(), v.copy()
     want = sgd_step(QTensor(w, -24), v, f32_to_codes(grad, 24), **kw)
     out = np.empty(n, np.float32)
     got = sgd_step_f32(QTensor(w2, -24), v2, grad, out, **kw)
     assert got == want and np.array_equal(w2, w) and np.array_equal(v2, v)
     assert np.array_equal(out, codes_to_f32(QTensor(w, -24 + want.rise)))
+    param, v3 = codes_to_f32(QTensor(w2_start, -24)).reshape(-1, 5), v_start.copy()
+    assert sgd_step_f32_inplace(param, -24, v3.reshape(-1, 5), grad.reshape(-1, 5), **kw) == want
+    assert np.array_equal(param.reshape(-1), out) and np.array_equal(v3, v)
     assert (want.rise > 0) == (case in ("rise", "huge gradient"))
     assert (want.saturated > 0) == (case == "ceiling")
+
+
+def test_sgd_step_in_place_rejects_what_it_cannot_update():
+    kw = dict(lr_q=lr_code(0.01), momentum_q=momentum_code(0.9), store_bits=24)
+    param, v, g = np.zeros((4, 6), np.float32), np.zeros((4, 6), np.int64), np.zeros((4, 6),
+                                                                                    np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sgd_step_f32_inplace(param.T, -10, v.T.copy(), g.T.copy(), **kw)
+    with pytest.raises(ValueError, match="outside 2..24"):
+        sgd_step_f32_inplace(param, -10, v, g, **{**kw, "store_bits": 25})
+    with pytest.raises(ValueError, match="shapes differ"):
+        sgd_step_f32_inplace(param, -10, v[:2], g, **kw)
 
 
 @pytest.mark.parametrize("ceiling", [0, 1])
