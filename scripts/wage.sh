@@ -9,6 +9,8 @@
 #                             # epoch 28-29 on both seeds), seeds 0 and 1
 #   scripts/wage.sh long      # wage-2888 on WAGE's own MNIST schedule: 300 epochs, lr 8 / 8
 #                             # after epochs 200 and 250 (wage-2888-e300-s0, -s1)
+#   scripts/wage.sh float-long  # its float baseline on the same schedule: float without BN,
+#                             # 300 epochs, lr 0.01 / 10 after 200 and 250 (float-nobn-e300-s0, -s1)
 #   scripts/wage.sh keep      # copy finished runs' config, summary, metrics to docs/runs/wage
 #
 # OUT (default runs/wage) holds the run directories; results and their commands go to
@@ -16,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/wage}
-phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | long | keep}
+phase=${1:?usage: scripts/wage.sh nobn | l1bn | float | long | float-long | keep}
 mkdir -p "$OUT"
 
 finished() {  # finished DIR: the run in DIR did all its epochs
@@ -47,6 +49,10 @@ case "$phase" in
   long)
     pair wage-2888-e300 --recipe wage-2888 --epochs 300 --set lr_milestones=200,250
     ;;
+  float-long)
+    pair float-nobn-e300 --recipe lenet5-fmnist-paper --norm none --bits 32 --backend emulate \
+      --lr 0.01 --epochs 300 --set lr_milestones=200,250
+    ;;
   nobn|l1bn)
     recipe=wage-2888; [ "$phase" = l1bn ] && recipe=wage-2888-l1bn
     pair "$recipe" --recipe "$recipe"
@@ -65,7 +71,7 @@ case "$phase" in
     done
     ;;
   *)
-    echo "wage.sh: unknown phase '$phase' (nobn, l1bn, float, long or keep)" >&2
+    echo "wage.sh: unknown phase '$phase' (nobn, l1bn, float, long, float-long or keep)" >&2
     exit 2
     ;;
 esac
