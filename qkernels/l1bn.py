@@ -69,7 +69,7 @@ from .l1bn_spec import (
     ST_SUM,
     ST_THI,
     ST_TLO,
-    backward_params,
+    backward_params_p,
     dev_reciprocal,
     dgamma_code,
     forward_params,
@@ -535,9 +535,9 @@ def _channel_backward_params(c, m, stats, gstats, inv_m, gamma_q, k_shift, dgamm
     dbeta[c] = gs[GS_SUM]
     pm, pe = grad_p_dyadic(st[ST_SUM], m, t, gs[GS_SUM], gs[GS_SUMX])
     dgamma[c] = dgamma_code(m, pm, pe, st[ST_RMANT], st[ST_REXP], dgamma_shift)
-    return backward_params(st[ST_SUM], m, t, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP],
-                           gs[GS_SUM], gs[GS_SUMX], gs[GS_MIN], gs[GS_MAX], np.int64(gamma_q[c]),
-                           k_shift, inv_m[0], inv_m[1], wide)
+    return backward_params_p(pm, pe, m, st[ST_SIGNSUM], st[ST_RMANT], st[ST_REXP], gs[GS_SUM],
+                             gs[GS_MIN], gs[GS_MAX], np.int64(gamma_q[c]), k_shift, inv_m[0],
+                             inv_m[1], wide)
 
 
 @njit(cache=True, inline="always")
@@ -723,8 +723,10 @@ _rows_apply_serial, _rows_apply_parallel = serial_and_parallel(_rows_apply)
 
 
 @njit(cache=True, inline="always")
-def _rows_grad_stats_block(x, g, c0, c1, gstats):
-    """sum(g), sum(g*x), smallest and largest g of channels c0..c1 (int8 x and g)."""
+def _rows_grad_stats_block(x, g, c0, c1, want_range, gstats):
+    """sum(g), sum(g*x), and when ``want_range`` the smallest and largest g (else 0, 0) of
+    channels c0..c1 (int8 x and g). The flag is loop-invariant: LLVM compiles the loop once
+    for each value."""
     width = c1 - c0
     sg = np.zeros(width, np.int64)
     sgx = np.zeros(width, np.int64)
@@ -742,8 +744,9 @@ def _rows_grad_stats_block(x, g, c0, c1, gstats):
                 gv = np.int32(grow[k])
                 part_g[k] += gv
                 part_gx[k] += gv * np.int32(row[k])
-                lo[k] = min(lo[k], gv)
-                hi[k] = max(hi[k], gv)
+                if want_range:
+                    lo[k] = min(lo[k], gv)
+                    hi[k] = max(hi[k], gv)
         for k in range(width):
             sg[k] += part_g[k]
             sgx[k] += part_gx[k]
@@ -751,8 +754,8 @@ def _rows_grad_stats_block(x, g, c0, c1, gstats):
         gs = gstats[c0 + k]
         gs[GS_SUM] = sg[k]
         gs[GS_SUMX] = sgx[k]
-        gs[GS_MIN] = lo[k]
-        gs[GS_MAX] = hi[k]
+        gs[GS_MIN] = lo[k] if want_range else 0
+        gs[GS_MAX] = hi[k] if want_range else 0
 
 
 @njit(cache=True, inline="always")
@@ -803,7 +806,7 @@ def _rows_backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, d
     inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
-        _rows_grad_stats_block(x, g, c0, c1, gstats)
+        _rows_grad_stats_block(x, g, c0, c1, False, gstats)
         _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
                                dgamma_shift, dgamma, dbeta)
 
@@ -814,7 +817,7 @@ _rows_backward_serial, _rows_backward_parallel = serial_and_parallel(_rows_backw
 def _rows_grad_stats(x, g, gstats):
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
-        _rows_grad_stats_block(x, g, c0, c1, gstats)
+        _rows_grad_stats_block(x, g, c0, c1, True, gstats)
 
 
 _rows_grad_stats_serial, _rows_grad_stats_parallel = serial_and_parallel(_rows_grad_stats)

@@ -118,12 +118,21 @@ def backward_params(s, m, t, sign_sum, rm, re, sg, sgx, glo, ghi, gamma_q, k_shi
     affine is centred on the integer nearest its root g* = (sum g - (P/D_eps)*(sum s - m*s))/m
     (``1/m ~ im * 2**ie``), over g in [glo, ghi].
     """
+    pm, pe = grad_p_dyadic(s, m, t, sg, sgx)
+    return backward_params_p(pm, pe, m, sign_sum, rm, re, sg, glo, ghi, gamma_q, k_shift, im, ie,
+                             centred)
+
+
+@njit(cache=True)
+def backward_params_p(pm, pe, m, sign_sum, rm, re, sg, glo, ghi, gamma_q, k_shift, im, ie,
+                      centred):
+    """:func:`backward_params` from P's dyadic ``(pm, pe)`` (:func:`grad_p_dyadic`), for a
+    caller that needs P anyway (the kernels: dgamma too), so it is computed once."""
     # offsets (mants, exps), centres, then the affine's scratch, whose first 3 are B
     work = np.zeros(18, dtype=np.int64)
     om, oe, cen = work[0:3], work[3:6], work[6:9]
     if rm == 0:
         return np.int64(0), work[9:12], cen, np.int64(1)
-    pm, pe = grad_p_dyadic(s, m, t, sg, sgx)
     prm, pre = dy_mul(pm, pe, rm, re)  # P/D_eps, |.| <= (max g - min g)/2 (+ rounding)
     km, ke = _slope(gamma_q, m, k_shift, rm, re)
     kqm, kqe = dy_mul(km, ke, prm, pre)

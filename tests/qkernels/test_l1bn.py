@@ -47,9 +47,9 @@ from qkernels.l1bn import (
     ST_THI,
     ST_TLO,
     _centred_lanes_of,
-    backward_params,
     forward_params,
 )
+from qkernels.l1bn_spec import backward_params
 
 #: (x_bits, dy_bits): int8 codes, int16 codes, and the two mixes.
 WIDTHS = [(8, 8), (16, 16), (8, 16), (16, 8)]

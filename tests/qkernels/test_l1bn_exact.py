@@ -36,14 +36,14 @@ from qkernels.fixedpoint import (
     floor_div_by_recip,
     round_shift,
 )
-from qkernels.l1bn_spec import RUN_LIMIT
-from qkernels.l1bn import (
+from qkernels.l1bn_spec import (
     GS_MAX,
     GS_MIN,
     GS_SUM,
     GS_SUMX,
     N_GSTATS,
     N_STATS,
+    RUN_LIMIT,
     ST_DEV,
     ST_MAX,
     ST_MIN,

@@ -288,7 +288,7 @@ def _l1bn_calls(g, full):
     """L1BN forward, backward, running update, fold and inference on int8 and int16 codes,
     chosen and given exponents, serial and parallel; the op counters. Full: activations and
     errors of different widths, and the slow references."""
-    from qkernels import QTensor, l1bn, opcount, oracle
+    from qkernels import QTensor, l1bn, l1bn_spec, opcount, oracle
 
     widths = [(np.int8, np.int8), (np.int16, np.int16)]  # (x, dy) code dtypes
     if full:
@@ -329,6 +329,9 @@ def _l1bn_calls(g, full):
             l1bn.l1bn_backward(dy, cache, dx_bits=8, dx_exp=out_exp)
     l1bn.count_ops((2, 3, 4, 4), eps_log2=-8)
     opcount.bn_report((2, 3, 4, 4), eps_log2=-8)
+    for centred in (False, True):  # the spec's entry the oracle calls (kernels: _p's)
+        l1bn_spec.backward_params(100, 64, 1, 4, 1 << 40, -60, 30, 500, -20, 20, 4096, 0,
+                                  1 << 30, -36, centred)
     if full:  # the slow references call the per-channel spec functions from Python
         for dt in (np.int8, np.int16):
             x = g.integers(-100, 100, (4, 3, 2, 2)).astype(dt)
