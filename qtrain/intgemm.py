@@ -376,7 +376,7 @@ def _input_grad8(wt: torch.Tensor, g: torch.Tensor, x_shape, kernel, stride, pad
     """``col2im(wt @ g.T)`` for int8 ``wt`` (C*kh*kw, O) and errors ``g`` (N*OH*OW, O), a few
     images at a time: each block's int32 products are added into the image while they are in
     cache, instead of writing and reading back all of the (C*kh*kw, N*OH*OW) products (the
-    paper's LeNet's second conv: 26 MB; 3.5 -> 2.0 ms). The sums are the same integers."""
+    paper's LeNet's second conv: 26 MB; 3.4 -> 2.2 ms). The sums are the same integers."""
     n = x_shape[0]
     per_image = g.shape[0] // n  # OH*OW error rows per image
     block = max(1, min(n, BLOCK_BYTES // (4 * wt.shape[0] * per_image)))

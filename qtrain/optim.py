@@ -4,7 +4,7 @@ For a quantized network every parameter lives in a wide integer store (``QConfig
 significant bits and a per-tensor exponent, first chosen from its initial range with 4x
 headroom; the float32 parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a
 step is :func:`qkernels.optim.sgd_step` (run on the float32 containers of the gradient and the
-parameter: :func:`~qkernels.optim.sgd_step_f32`):
+parameter, the parameter's updated in place: :func:`~qkernels.optim.sgd_step_f32_inplace`):
 
 .. math:: v \leftarrow \mu v + g + N \lambda w, \qquad w \leftarrow w - \frac{\eta}{N} v
 
@@ -28,8 +28,7 @@ import torch
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
 from qkernels.optim import (DECAY_BITS, LR_BITS, VELOCITY_BITS, decay_code, lr_code,
-                            momentum_code, sgd_step, sgd_step_f32, sgd_step_f32_inplace,
-                            store_shift)
+                            momentum_code, sgd_step, sgd_step_f32_inplace, store_shift)
 
 from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes
 
@@ -179,30 +178,25 @@ class QSGD(torch.optim.Optimizer):
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if self.qconfig.engine.kernels(p):
             velocity = state["velocity"].numpy()
-            grad = p.grad.detach().cpu()
-            if self.qconfig.bits_g < FLOAT_BITS and p.dtype == torch.float32 \
-                    and p.is_contiguous():
-                # a quantized gradient's container, and the parameter's own storage as the
+            grad = p.grad.detach().cpu().float().contiguous()
+            if self.qconfig.bits_g < FLOAT_BITS:
+                # a quantized gradient's container, and the parameter's float32 storage as the
                 # store: the kernel reads both and writes the new container in place
-                rise, sat = sgd_step_f32_inplace(
-                    p.detach().numpy(), exp, velocity, grad.float().contiguous().numpy(),
-                    lr_q=lr_q, momentum_q=mom_q, store_bits=bits, exp_max=exp_max,
-                    decay_q=decay_q)
-                torch.autograd.graph.increment_version(p)
-            else:
-                store = f32_to_codes(p.detach().cpu().numpy(), 24, np.int32, exp=exp)
-                if self.qconfig.bits_g < FLOAT_BITS:
-                    out = np.empty(p.shape, np.float32)
-                    rise, sat = sgd_step_f32(store, velocity,
-                                             grad.float().contiguous().numpy(), out, lr_q=lr_q,
-                                             momentum_q=mom_q, store_bits=bits,
-                                             exp_max=exp_max, decay_q=decay_q)
-                else:  # a float gradient: its 24-bit codes, as emulate's torch operations read
-                    rise, sat = sgd_step(store, velocity, f32_to_codes(grad.float().numpy(), 24),
-                                         lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
-                                         exp_max=exp_max, decay_q=decay_q)
-                    out = codes_to_f32(store._replace(exp=exp + rise))
-                p.copy_(torch.from_numpy(out).reshape(p.shape))
+                own = p.dtype == torch.float32 and p.is_contiguous()
+                param = (p.detach() if own else p.detach().float().contiguous()).numpy()
+                rise, sat = sgd_step_f32_inplace(param, exp, velocity, grad.numpy(), lr_q=lr_q,
+                                                 momentum_q=mom_q, store_bits=bits,
+                                                 exp_max=exp_max, decay_q=decay_q)
+                if own:
+                    torch.autograd.graph.increment_version(p)  # as an in-place op would
+                else:
+                    p.copy_(torch.from_numpy(param))
+            else:  # a float gradient: its 24-bit codes, as emulate's torch operations read it
+                store = f32_to_codes(p.detach().float().numpy(), 24, np.int32, exp=exp)
+                rise, sat = sgd_step(store, velocity, f32_to_codes(grad.numpy(), 24),
+                                     lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
+                                     exp_max=exp_max, decay_q=decay_q)
+                p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + rise))))
         else:
             codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
                                           mom_q, decay_q, bits, exp_max)

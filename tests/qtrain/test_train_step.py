@@ -181,6 +181,24 @@ def test_optimizer_honours_writes_between_steps_and_float_gradients():
     assert torch.equal(o1, o2) and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def test_optimizer_steps_a_non_contiguous_parameter_as_a_contiguous_one():
+    """The int kernel updates a parameter's own float32 storage in place; a parameter that is
+    not contiguous goes through a contiguous copy, with the same integers."""
+    cfg = QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8, backend="int")
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    grad = torch.randint(-127, 128, (4, 6), generator=torch.Generator().manual_seed(1)) * 2.0 ** -9
+    results = []
+    for contiguous in (True, False):
+        p = torch.nn.Parameter(base.t().contiguous() if contiguous else base.clone().t())
+        opt = QSGD([p], lr=0.1, momentum=0.9, qconfig=cfg)
+        for _ in range(3):
+            p.grad = grad.float()
+            opt.step(batch_size=8)
+        results.append(p.detach().clone())
+    assert not p.is_contiguous() and torch.equal(*results)
+    assert not torch.equal(results[0], base.t())  # the steps moved it
+
+
 @pytest.mark.parametrize("rule", ["max", "mean"])
 def test_weight_gradient_stops_at_saturated_weights_with_the_mean_exponent(rule):
     """Straight-through everywhere with the range exponent; with the mean exponent the weights
