@@ -2,7 +2,8 @@
 
 A paragraph that cites ``docs/runs/<name>/summary.json`` must quote that run's final test error
 (two decimals, in %) and its wall time (whole seconds); the run's files must agree with each
-other and record the command and the clean commit they came from. So a figure cannot drift
+other and record the command and the clean commit they came from (each segment's, for a run
+resumed across commits). So a figure cannot drift
 from its artifact, and the artifact names the code and command that reproduce it.
 """
 
@@ -49,16 +50,21 @@ def test_cited_figures_equal_the_run(doc, name, para):
     seconds = f"{round(summary['wall_s'])} s"
     assert seconds in para, f"{doc} cites {name} but does not quote its wall time {seconds}"
     assert summary["command"].startswith("qtrain"), "the run must record its command"
-    assert re.fullmatch(r"[0-9a-f]{40}", summary["commit"] or ""), \
-        f"{name} must come from a clean commit, not {summary['commit']!r}"
-    assert summary["commit"][:7] in para, f"{doc} must name the commit of {name}"
+    # a run resumed across commits records each segment's commit (summary "commit" is then
+    # None): every one must be clean
+    commits = [seg["commit"] for seg in summary.get("provenance") or []] or [summary["commit"]]
+    assert all(re.fullmatch(r"[0-9a-f]{40}", c or "") for c in commits), \
+        f"{name} must come from clean commits, not {commits!r}"
+    for c in commits:
+        assert c[:7] in para, f"{doc} must name the commit {c[:7]} of {name}"
     if (ROOT / ".git").exists():
         shallow = subprocess.run(["git", "-C", str(ROOT), "rev-parse",
                                   "--is-shallow-repository"], capture_output=True, text=True)
         if shallow.stdout.strip() == "false":
-            known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e",
-                                    summary["commit"] + "^{commit}"], capture_output=True)
-            assert known.returncode == 0, f"{summary['commit']} is not in this repository"
+            for c in commits:
+                known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e",
+                                        c + "^{commit}"], capture_output=True)
+                assert known.returncode == 0, f"{c} is not in this repository"
 
 
 def test_worked_example_prints_what_the_docs_show():
