@@ -186,12 +186,18 @@ def dy_to_fixed(m, e, sh):
 
 
 @njit(cache=True)
+def _narrow_shift(mag):
+    """The narrow form's ``sh = min(29 - mag, 30)`` for terms below ``2**mag``, and its rounding
+    half ``2**(sh-1)``, folded into ``B``."""
+    sh = min(np.int64(29) - mag, np.int64(30))
+    return sh, np.int64(1) << np.int64(sh - 1)
+
+
+@njit(cache=True)
 def _narrow_affine(am, ae, cm, ce, mag, b):
     """The narrow form: ``(A, B, sh)`` from the per-code slope ``am*2**ae`` and intercepts
-    ``cm[j]*2**ce[j]`` all below ``2**mag``, with ``sh = min(29 - mag, 30)`` and the rounding
-    half folded into ``B`` (written into ``b``)."""
-    sh = min(np.int64(29) - mag, np.int64(30))
-    half = np.int64(1) << np.int64(sh - 1)
+    ``cm[j]*2**ce[j]`` all below ``2**mag`` (written into ``b``)."""
+    sh, half = _narrow_shift(mag)
     for j in range(cm.shape[0]):
         b[j] = dy_to_fixed(cm[j], ce[j], sh) + half
     return dy_to_fixed(am, ae, sh), b, sh
@@ -208,50 +214,91 @@ def _clamp_slope(km, ke):
 
 
 @njit(cache=True)
-def affine_params(km, ke, a1, b1, om, oe, work):
-    """Integer affines ``y = saturate((A*x + B[j]) >> sh, q)`` for ``y = K*(a1*x - b1) + O[j]``.
+def _affine_slope(km, ke, a1, b1):
+    """``K*a1`` and ``K*b1`` as dyadics, and the narrow form's bound on ``|K*a1|*128``: the
+    exponent ``mag`` with ``|K*a1|*128 < 2**mag``."""
+    am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
+    pm, pe = dy_mul(km, ke, *dy_norm(b1, 0))
+    mag = ae + bit_length(am) + 7 if am != 0 else np.int64(-64)
+    return am, ae, pm, pe, mag
+
+
+@njit(cache=True)
+def _intercept(om, oe, pm, pe, mag):
+    """The intercept ``O - K*b1`` as a dyadic, and ``mag`` raised to bound it too."""
+    cm, ce = dy_add(om, oe, -pm, pe)
+    if cm != 0:
+        mag = max(mag, ce + bit_length(cm))
+    return cm, ce, mag
+
+
+@njit(cache=True)
+def _wide_slope(km, ke):
+    """The wide form's clamped fixed-point slope ``Kf``, its ``sh`` and rounding half."""
+    km, ke = _clamp_slope(km, ke)
+    sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
+    return dy_to_fixed(km, ke, sh), np.int64(sh), np.int64(1) << np.int64(sh - 1)
+
+
+@njit(cache=True)
+def _wide_offset(om, oe, kf, b1, sh, rounding):
+    """The wide form's ``B = round(O*2**sh) - Kf*b1 + rounding`` (``rounding = 2**(sh-1)``):
+    with ``|Kf*u| < 2**30 * 2**31`` and the offset saturated at ``2**61``, ``|A*x + B| < 2**62
+    + 2**61 + 2**60``."""
+    of = saturate(dy_to_fixed(om, oe, sh) if om != 0 else np.int64(0),
+                  np.int64(1) << np.int64(61))
+    return of - kf * b1 + rounding
+
+
+@njit(cache=True)
+def affine_params(km, ke, a1, b1, om, oe):
+    """Integer affine ``y = saturate((A*x + B) >> sh, q)`` for ``y = K*(a1*x - b1) + O``.
 
     ``K = km * 2**ke`` is the slope in output LSBs per unit of ``u = a1*x - b1`` (exact integers,
-    ``|u| < 2**31`` for every int8 ``x``), ``O[j] = om[j] * 2**oe[j]`` the offsets in output LSBs
-    (one per affine sharing the slope). The rounding half is folded into ``B``, so applying one
-    is a multiply, an add, a shift and a clamp. Two forms, chosen by magnitude:
+    ``|u| < 2**31`` for every int8 ``x``), ``O = om * 2**oe`` the offset in output LSBs. The
+    rounding half is folded into ``B``, so applying it is a multiply, an add, a shift and a
+    clamp. Two forms, chosen by magnitude:
 
-    * narrow (when ``|K*a1|*128`` and every ``|O[j] - K*b1|`` are below ``2**NARROW_MAG``): slope
-      per code ``A = round(K*a1 * 2**sh)`` and intercepts ``B[j] = round((O[j] - K*b1)*2**sh)``
-      with ``SH_NARROW <= sh <= 30`` chosen so that ``|A|*128 + |B[j]| < 2**31``: the kernels
-      evaluate it in int32 lanes. Rounding ``A`` costs at most ``64.5 / 2**sh`` LSB.
+    * narrow (when ``|K*a1|*128`` and ``|O - K*b1|`` are below ``2**NARROW_MAG``): slope per
+      code ``A = round(K*a1 * 2**sh)`` and intercept ``B = round((O - K*b1)*2**sh)`` with
+      ``SH_NARROW <= sh <= 30`` chosen so that ``|A|*128 + |B| < 2**31``: the kernels evaluate
+      it in int32 lanes. Rounding ``A`` costs at most ``64.5 / 2**sh`` LSB.
     * wide (otherwise): exactly centred, ``A*x + B = Kf*u + round(O*2**sh) + 2**(sh-1)`` with
       ``Kf = round(K * 2**sh) <= 2**30`` and ``SH_MIN <= sh <= SH_MAX``, evaluated in int64, so
       a large slope on a near-constant channel loses nothing to cancellation. Slopes above
       ``2**SLOPE_MAX_LOG2`` are clamped there (every ``|u| >= 1`` saturates either way).
 
-    ``work``: int64 scratch of at least ``3*len(om)`` (per-channel callers pass one array
-    instead of allocating several per call). Returns ``(A, B, sh)`` with ``B`` the int64 array
-    ``work[:len(om)]``.
+    Scalars in and out: a per-channel loop then creates no array views, whose reference
+    counting (atomic increments and decrements) cost more than this arithmetic. Returns
+    ``(A, B, sh)``.
     """
-    n = om.shape[0]
-    b, cm, ce = work[:n], work[n:2 * n], work[2 * n:3 * n]
-    # narrow: slope per code and intercepts as dyadics
-    am, ae = dy_mul(km, ke, *dy_norm(a1, 0))
-    pm, pe = dy_mul(km, ke, *dy_norm(b1, 0))
-    mag = ae + bit_length(am) + 7 if am != 0 else np.int64(-64)
-    for j in range(n):
-        cm[j], ce[j] = dy_add(om[j], oe[j], -pm, pe)
-        if cm[j] != 0:
-            mag = max(mag, ce[j] + bit_length(cm[j]))
+    am, ae, pm, pe, mag = _affine_slope(km, ke, a1, b1)
+    cm, ce, mag = _intercept(om, oe, pm, pe, mag)
     if mag <= NARROW_MAG:
-        return _narrow_affine(am, ae, cm, ce, mag, b)
-    # wide: centred on the exact integer u
-    km, ke = _clamp_slope(km, ke)
-    sh = min(max(-ke - 1, SH_MIN), SH_MAX) if km != 0 else np.int64(SH_MIN)
-    kf = dy_to_fixed(km, ke, sh)
-    # |Kf*u| < 2**30 * 2**31; offsets up to 2**61 keep |A*x + B| < 2**62 + 2**61 + 2**60
-    lim = np.int64(1) << np.int64(61)
-    half = np.int64(1) << np.int64(sh - 1)
-    for j in range(n):
-        of = saturate(dy_to_fixed(om[j], oe[j], sh) if om[j] != 0 else np.int64(0), lim)
-        b[j] = of - kf * b1 + half
-    return kf * a1, b, np.int64(sh)
+        sh, half = _narrow_shift(mag)
+        return dy_to_fixed(am, ae, sh), dy_to_fixed(cm, ce, sh) + half, sh
+    kf, sh, half = _wide_slope(km, ke)
+    return kf * a1, _wide_offset(om, oe, kf, b1, sh, half), sh
+
+
+@njit(cache=True)
+def affine_params3(km, ke, a1, b1, om, oe):
+    """:func:`affine_params` for three offsets sharing the slope (the backward's, one per sign):
+    ``om``, ``oe`` and the returned ``B`` are 3-tuples. One form for all three: narrow when
+    the slope and every intercept fit it."""
+    am, ae, pm, pe, mag = _affine_slope(km, ke, a1, b1)
+    c0m, c0e, mag = _intercept(om[0], oe[0], pm, pe, mag)
+    c1m, c1e, mag = _intercept(om[1], oe[1], pm, pe, mag)
+    c2m, c2e, mag = _intercept(om[2], oe[2], pm, pe, mag)
+    if mag <= NARROW_MAG:
+        sh, half = _narrow_shift(mag)
+        return dy_to_fixed(am, ae, sh), (dy_to_fixed(c0m, c0e, sh) + half,
+                                         dy_to_fixed(c1m, c1e, sh) + half,
+                                         dy_to_fixed(c2m, c2e, sh) + half), sh
+    kf, sh, half = _wide_slope(km, ke)
+    return kf * a1, (_wide_offset(om[0], oe[0], kf, b1, sh, half),
+                     _wide_offset(om[1], oe[1], kf, b1, sh, half),
+                     _wide_offset(om[2], oe[2], kf, b1, sh, half)), sh
 
 
 @njit(cache=True)
@@ -411,9 +458,10 @@ def affine_params_c(km, ke, a1, b1, om, oe, cen, lo, hi, work):
       ``|B[j]| >= 2**CENTRED_B_BITS``; every ``|B[j]| < 2**61``, so the saturation at
       ``+-CENTRED_B_MAX`` is never reached.
 
-    Returns ``(A, B, sh)`` with ``B`` the int64 array ``work[:len(om)]`` (``work`` as in
-    :func:`affine_params`); evaluating it needs no more than int64 once ``x - cen[j]`` is
-    clamped to the window of :func:`centred_lanes`.
+    ``om``, ``oe``, ``cen``: int64 arrays (one entry per affine); ``work``: int64 scratch of at
+    least ``3*len(om)``. Returns ``(A, B, sh)`` with ``B`` the int64 array ``work[:len(om)]``;
+    evaluating it needs no more than int64 once ``x - cen[j]`` is clamped to the window of
+    :func:`centred_lanes`.
     """
     n = om.shape[0]
     b, cm, ce = work[:n], work[n:2 * n], work[2 * n:3 * n]

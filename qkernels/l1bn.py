@@ -365,10 +365,11 @@ def _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, t_lo, t_hi, q, lanes32, wind
 
 @njit(cache=True)
 def _centred_lanes_of(a, b, cen, sh, q, lo, hi):
-    """int32 lanes and clamp window for one channel's centred affines over codes [lo, hi]."""
+    """int32 lanes and clamp window for one channel's centred affines over codes [lo, hi] (``b``
+    and ``cen``: tuples, one entry per affine)."""
     b_max = np.int64(0)
     d_max = np.int64(0)
-    for j in range(b.shape[0]):
+    for j in range(len(b)):
         b_max = max(b_max, abs(b[j]))
         d_max = max(d_max, abs(lo - cen[j]), abs(hi - cen[j]))
     return centred_lanes(a, b_max, d_max, sh, q)
@@ -442,7 +443,7 @@ def _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide
     a, b, cen, sh = _channel_forward_params(c, m, gamma_q, gamma_shift, beta_q, beta_shift, wide,
                                             stats)
     if wide:
-        lanes32, window = _centred_lanes_of(a, np.full(1, b), np.full(1, cen), sh, q, lo, hi)
+        lanes32, window = _centred_lanes_of(a, (b,), (cen,), sh, q, lo, hi)
         _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
     else:
         _affine_pass(x, y, c, a, b, sh, q, cnt)

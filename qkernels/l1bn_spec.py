@@ -22,6 +22,7 @@ from .fixedpoint import (
     RUN_EXP,
     SLOPE_MAX_LOG2,
     affine_params,
+    affine_params3,
     affine_params_c,
     bit_length,
     dy_add,
@@ -89,15 +90,15 @@ def forward_params(s, m, t, rm, re, gamma_q, gamma_shift, beta_q, beta_shift, lo
     ``centred``; then centred on c = t = floor(S/m) over the channel's codes [lo, hi].
     """
     km, ke = _slope(gamma_q, m, gamma_shift, rm, re)
-    work = np.empty(6, dtype=np.int64)  # offset (mant, exp), centre, then the affine's scratch
-    work[0], work[1] = dy_norm(beta_q, beta_shift)
-    om, oe, cen = work[0:1], work[1:2], work[2:3]
+    om, oe = dy_norm(beta_q, beta_shift)
     if centred:
-        cen[0] = t
-        a, b, sh = affine_params_c(km, ke, m, s, om, oe, cen, lo, hi, work[3:])
+        work = np.empty(6, dtype=np.int64)  # offset (mant, exp), centre, the affine's scratch
+        work[0], work[1], work[2] = om, oe, t
+        a, b, sh = affine_params_c(km, ke, m, s, work[0:1], work[1:2], work[2:3], lo, hi,
+                                   work[3:])
         return a, b[0], np.int64(t), sh
-    a, b, sh = affine_params(km, ke, m, s, om, oe, work[3:])
-    return a, b[0], np.int64(0), sh
+    a, b, sh = affine_params(km, ke, m, s, om, oe)
+    return a, b, np.int64(0), sh
 
 
 @njit(cache=True)
@@ -116,46 +117,62 @@ def backward_params(s, m, t, sign_sum, rm, re, sg, sgx, glo, ghi, gamma_q, k_shi
     dx = K*(m*g - sum g) - K*(P/D_eps)*(m*s - sum s), with K = gamma_q*m/D_eps * 2**k_shift:
     affine in g with one offset per sign. Centres are 0 unless ``centred``; then each sign's
     affine is centred on the integer nearest its root g* = (sum g - (P/D_eps)*(sum s - m*s))/m
-    (``1/m ~ im * 2**ie``), over g in [glo, ghi].
+    (``1/m ~ im * 2**ie``), over g in [glo, ghi]. B and the centres are int64 arrays.
     """
     pm, pe = grad_p_dyadic(s, m, t, sg, sgx)
-    return backward_params_p(pm, pe, m, sign_sum, rm, re, sg, glo, ghi, gamma_q, k_shift, im, ie,
-                             centred)
+    a, b, cen, sh = backward_params_p(pm, pe, m, sign_sum, rm, re, sg, glo, ghi, gamma_q,
+                                      k_shift, im, ie, centred)
+    return a, np.array(b), np.array(cen), sh
+
+
+@njit(cache=True)
+def _root(sgm, sge, prm, pre, vm, ve, im, ie):
+    """The centre of one sign's centred affine: the integer nearest (sum g - (P/D_eps)*v)/m
+    for v = sum s - m*s, saturated at CENTRE_MAX."""
+    rtm, rte = dy_mul(*dy_add(sgm, sge, *dy_mul(-prm, pre, vm, ve)), im, ie)
+    return saturate(dy_to_fixed(rtm, rte, 0), np.int64(CENTRE_MAX))
 
 
 @njit(cache=True)
 def backward_params_p(pm, pe, m, sign_sum, rm, re, sg, glo, ghi, gamma_q, k_shift, im, ie,
                       centred):
     """:func:`backward_params` from P's dyadic ``(pm, pe)`` (:func:`grad_p_dyadic`), for a
-    caller that needs P anyway (the kernels: dgamma too), so it is computed once."""
-    # offsets (mants, exps), centres, then the affine's scratch, whose first 3 are B
-    work = np.zeros(18, dtype=np.int64)
-    om, oe, cen = work[0:3], work[3:6], work[6:9]
+    caller that needs P anyway (the kernels: dgamma too), so it is computed once. B and the
+    centres are 3-tuples: the kernels call this per channel, and the plain (int8) form makes
+    no array at all."""
+    zeros = (np.int64(0), np.int64(0), np.int64(0))
     if rm == 0:
-        return np.int64(0), work[9:12], cen, np.int64(1)
+        return np.int64(0), zeros, zeros, np.int64(1)
     prm, pre = dy_mul(pm, pe, rm, re)  # P/D_eps, |.| <= (max g - min g)/2 (+ rounding)
     km, ke = _slope(gamma_q, m, k_shift, rm, re)
     kqm, kqe = dy_mul(km, ke, prm, pre)
-    sgm, sge = dy_norm(sg, 0)
-    for i in range(3):
-        vm, ve = dy_norm(sign_sum - m * (i - 1), 0)
-        om[i], oe[i] = dy_mul(kqm, kqe, vm, ve)
-        if centred:
-            rtm, rte = dy_mul(*dy_add(sgm, sge, *dy_mul(-prm, pre, vm, ve)), im, ie)
-            cen[i] = saturate(dy_to_fixed(rtm, rte, 0), np.int64(CENTRE_MAX))
+    # each sign's factor v = sum s - m*s, s = -1, 0, +1, and its offset K*(P/D_eps)*v
+    v0m, v0e = dy_norm(sign_sum + m, 0)
+    v1m, v1e = dy_norm(sign_sum, 0)
+    v2m, v2e = dy_norm(sign_sum - m, 0)
+    o0m, o0e = dy_mul(kqm, kqe, v0m, v0e)
+    o1m, o1e = dy_mul(kqm, kqe, v1m, v1e)
+    o2m, o2e = dy_mul(kqm, kqe, v2m, v2e)
     # The offsets grow with the slope: past the slope clamp, scale the whole affine down by a
     # power of two instead of clamping the slope alone. Signs and saturated outputs are kept;
     # unsaturated ones shrink by that power of two (outside the accuracy contract anyway).
-    excess = ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0)
-    if excess > 0:
-        ke -= excess
-        for i in range(3):
-            oe[i] -= excess
+    excess = max(ke + bit_length(km) - SLOPE_MAX_LOG2 if km != 0 else np.int64(0), np.int64(0))
+    ke -= excess
+    om = (o0m, o1m, o2m)
+    oe = (o0e - excess, o1e - excess, o2e - excess)
     if centred:
-        a, b, sh = affine_params_c(km, ke, m, sg, om, oe, cen, glo, ghi, work[9:])
-    else:
-        a, b, sh = affine_params(km, ke, m, sg, om, oe, work[9:])
-    return a, b, cen, sh
+        sgm, sge = dy_norm(sg, 0)
+        cen = (_root(sgm, sge, prm, pre, v0m, v0e, im, ie),
+               _root(sgm, sge, prm, pre, v1m, v1e, im, ie),
+               _root(sgm, sge, prm, pre, v2m, v2e, im, ie))
+        work = np.empty(18, dtype=np.int64)  # offsets (mants, exps), centres, the scratch
+        for i in range(3):
+            work[i], work[3 + i], work[6 + i] = om[i], oe[i], cen[i]
+        a, b, sh = affine_params_c(km, ke, m, sg, work[0:3], work[3:6], work[6:9], glo, ghi,
+                                   work[9:])
+        return a, (b[0], b[1], b[2]), cen, sh
+    a, b3, sh = affine_params3(km, ke, m, sg, om, oe)
+    return a, b3, zeros, sh
 
 
 @njit(cache=True)
@@ -239,8 +256,7 @@ def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev
     out = np.zeros((n, 3), dtype=np.int64)
     to_code = np.int64(RUN_EXP) - x_exp
     floor_mag = np.int64(16 if wide else 8)
-    work = np.zeros(6, dtype=np.int64)  # offset (mant, exp), centre 0, the affine's scratch
-    om, oe, zero = work[0:1], work[1:2], work[2:3]
+    work = np.zeros(6, dtype=np.int64)  # 16-bit: offset (mant, exp), centre 0, the scratch
     for c in range(n):
         mum, mue = dy_norm(run_mean[c], to_code)
         mag = max(floor_mag, bit_length(mum) + mue + 1) if mum != 0 else floor_mag
@@ -253,15 +269,16 @@ def inference_params(gamma_q, gamma_shift, beta_q, beta_shift, run_mean, run_dev
             km, ke = np.int64(0), np.int64(0)
         else:
             km, ke = dy_mul(*dy_norm(gamma_q[c], gamma_shift), *dy_recip(sm, se))
-        om[0], oe[0] = dy_norm(beta_q[c], beta_shift)
+        om, oe = dy_norm(beta_q[c], beta_shift)
         if wide:
-            a, b, sh = affine_params_c(km, ke - f, np.int64(1) << f, mu_f, om, oe, zero,
-                                     np.int64(-(1 << 15)), np.int64((1 << 15) - 1), work[3:])
+            work[0], work[1] = om, oe
+            a, b, sh = affine_params_c(km, ke - f, np.int64(1) << f, mu_f, work[0:1],
+                                       work[1:2], work[2:3], np.int64(-(1 << 15)),
+                                       np.int64((1 << 15) - 1), work[3:])
+            out[c, 0], out[c, 1], out[c, 2] = a, b[0], sh
         else:
-            a, b, sh = affine_params(km, ke - f, np.int64(1) << f, mu_f, om, oe, work[3:])
-        out[c, 0] = a
-        out[c, 1] = b[0]
-        out[c, 2] = sh
+            out[c, 0], out[c, 1], out[c, 2] = affine_params(km, ke - f, np.int64(1) << f, mu_f,
+                                                            om, oe)
     return out
 
 

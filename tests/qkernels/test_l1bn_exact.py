@@ -28,6 +28,8 @@ from qkernels.fixedpoint import (
     MANT_BITS,
     MOMENTUM_BITS,
     RUN_EXP,
+    affine_params,
+    affine_params3,
     dy_add,
     dy_mul,
     dy_norm,
@@ -279,6 +281,27 @@ def test_round_shift_rounds_half_up(v, s):
 def test_floor_div_by_recip_is_exact(s, m):
     """floor_div_by_recip: exactly floor(s/m), from the dyadic 1/m."""
     assert floor_div_by_recip(s, m, *inv_m(m)) == s // m
+
+
+@settings(max_examples=300, deadline=None)
+@given(km=MANT, ke=st.integers(-70, 0), a1=st.integers(1, 2**23), u=st.integers(-128, 128),
+       offsets=st.lists(st.tuples(st.one_of(st.just(0), MANT), st.integers(-60, 30)),
+                        min_size=3, max_size=3))
+def test_affine_params3_is_three_affine_params_sharing_one_form(km, ke, a1, u, offsets):
+    """affine_params3 (the backward's three offsets) gives each offset the B that
+    affine_params gives it alone whenever the three single calls choose the same shift; else
+    its one form is that of the offset that needs the most room (the widest intercept, or a
+    wide form), so that offset's single call equals it."""
+    b1 = u * a1  # S = m * mean, |mean| <= 128
+    om = tuple(np.int64(m) for m, _ in offsets)
+    oe = tuple(np.int64(e) for _, e in offsets)
+    a, b3, sh = affine_params3(km, ke, a1, b1, om, oe)
+    singles = [affine_params(km, ke, a1, b1, om[j], oe[j]) for j in range(3)]
+    if len({int(s[2]) for s in singles}) == 1:
+        assert int(sh) == int(singles[0][2]) and int(a) == int(singles[0][0])
+        assert [int(b) for b in b3] == [int(s[1]) for s in singles]
+    assert any((int(s[0]), int(s[1]), int(s[2])) == (int(a), int(b3[j]), int(sh))
+               for j, s in enumerate(singles))
 
 
 # --- statistics: thresholds and the reciprocal (section 2) ---------------------------------------
