@@ -606,7 +606,9 @@ _affine_serial, _affine_parallel = serial_and_parallel(_affine)
 # 2-D int8 codes (N, C), a linear layer's norm, as they are: the same sums, statistics and
 # affines with the channels along each row, so every pass runs over rows of channels (vectorized
 # across channels) and nothing is transposed. Channels go to the threads in blocks of
-# ROW_BLOCK; a block's statistics and outputs depend on its own channels only.
+# ROW_BLOCK; a block's statistics and outputs depend on its own channels only. The drivers take
+# the (N, C, L) drivers' arguments (``m`` and ``wide`` unused: int8 codes, m = N), so the public
+# functions call either set alike.
 
 #: Channels per block of the 2-D kernels (a block of a 128-row batch is 8 KiB: in L1).
 ROW_BLOCK = 64
@@ -692,8 +694,8 @@ def _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q,
                 out[k] = saturate((a[k] * np.int64(row[k]) + b[k]) >> sh[k], q)
 
 
-def _rows_forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, stats,
-                  cnt):
+def _rows_forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, wide,
+                  stats, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), True, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
@@ -714,7 +716,7 @@ def _rows_stats(x, eps_shift, use_eps, stats, cnt):
 _rows_stats_serial, _rows_stats_parallel = serial_and_parallel(_rows_stats)
 
 
-def _rows_apply(x, y, gamma_q, gamma_shift, beta_q, beta_shift, q, stats):
+def _rows_apply(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
         _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats)
@@ -803,7 +805,7 @@ def _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_sh
 
 
 def _rows_backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                   cnt):
+                   wide, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
@@ -815,7 +817,7 @@ def _rows_backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, d
 _rows_backward_serial, _rows_backward_parallel = serial_and_parallel(_rows_backward)
 
 
-def _rows_grad_stats(x, g, gstats):
+def _rows_grad_stats(x, g, gstats, cnt):
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
         _rows_grad_stats_block(x, g, c0, c1, True, gstats)
@@ -824,8 +826,8 @@ def _rows_grad_stats(x, g, gstats):
 _rows_grad_stats_serial, _rows_grad_stats_parallel = serial_and_parallel(_rows_grad_stats)
 
 
-def _rows_grad_apply(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
-                     cnt):
+def _rows_grad_apply(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                     dbeta, wide, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
         c0, c1 = _row_block(blk, x.shape[1])
@@ -899,6 +901,22 @@ def _output_ncl(out: np.ndarray | None, name: str, shape: tuple, bits: int) -> n
 def _rows_layout(q: np.ndarray) -> bool:
     """Codes the 2-D int8 kernels take as they are."""
     return q.ndim == 2 and q.dtype == np.int8
+
+
+#: (statistics, apply, both in one region) drivers by (2-D int8 codes, parallel).
+_FORWARD_KERNELS = {
+    (False, False): (_stats_serial, _apply_serial, _forward_serial),
+    (False, True): (_stats_parallel, _apply_parallel, _forward_parallel),
+    (True, False): (_rows_stats_serial, _rows_apply_serial, _rows_forward_serial),
+    (True, True): (_rows_stats_parallel, _rows_apply_parallel, _rows_forward_parallel),
+}
+_BACKWARD_KERNELS = {
+    (False, False): (_grad_stats_serial, _grad_apply_serial, _backward_serial),
+    (False, True): (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel),
+    (True, False): (_rows_grad_stats_serial, _rows_grad_apply_serial, _rows_backward_serial),
+    (True, True): (_rows_grad_stats_parallel, _rows_grad_apply_parallel,
+                   _rows_backward_parallel),
+}
 
 
 def _check_input(x: np.ndarray, name: str, share: bool = False) -> tuple[int, int]:
@@ -1032,15 +1050,16 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
 
     stats = np.empty((n_channels, N_STATS), dtype=np.int64)
     q = (1 << (out_bits - 1)) - 1
-    if _rows_layout(x.q) and collective is None:
-        return _rows_forward_call(x, gamma, beta, out_bits, out_exp, eps_shift, use_eps, eps_log2,
-                                  out, parallel and x.q.size >= PARALLEL_MIN, stats, m, q)
-    x3 = _as_ncl(x.q)
-    y3 = _output_ncl(out, "out", x.q.shape, out_bits)
+    rows = _rows_layout(x.q) and collective is None  # x3, y3: (N, C) there, else (N, C, L)
+    if rows:
+        x3 = np.ascontiguousarray(x.q)
+        y3 = _output(out, "out", x3.shape, out_bits)
+        parallel = parallel and x.q.size >= PARALLEL_MIN
+    else:
+        x3 = _as_ncl(x.q)
+        y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     wide = x3.dtype != np.int8
-    stats_fn, apply_fn, forward_fn = ((_stats_parallel, _apply_parallel, _forward_parallel)
-                                      if parallel else
-                                      (_stats_serial, _apply_serial, _forward_serial))
+    stats_fn, apply_fn, forward_fn = _FORWARD_KERNELS[rows, parallel]
     if collective is not None:
         m = _synchronized_stats(x3, eps_shift, use_eps, stats, collective, parallel)
     if out_exp is None or collective is not None:
@@ -1059,49 +1078,7 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
                    use_eps, q, wide, stats, _NO_COUNT)
     cache = L1BNCache(x3, x.q.shape, x.exp, gamma, eps_log2, stats,
                       m if collective is not None else 0, collective)
-    return QTensor(_from_ncl(y3, x.q.shape, out), out_exp), cache
-
-
-def _rows_forward_call(x, gamma, beta, out_bits, out_exp, eps_shift, use_eps, eps_log2, out,
-                       parallel, stats, m, q):
-    """:func:`l1bn_forward` of 2-D int8 codes on the 2-D kernels."""
-    xq = np.ascontiguousarray(x.q)
-    y = _output(out, "out", xq.shape, out_bits)
-    if out_exp is None:
-        (_rows_stats_parallel if parallel else _rows_stats_serial)(xq, eps_shift, use_eps, stats,
-                                                                  _NO_COUNT)
-        out_exp = output_exponent(stats, m, gamma.q, gamma.exp, beta.q, beta.exp, out_bits)
-        out_exp = check_exp(int(out_exp), "out_exp")
-        _check_offset(beta, out_exp)
-        (_rows_apply_parallel if parallel else _rows_apply_serial)(
-            xq, y, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, q, stats)
-    else:
-        out_exp = check_exp(out_exp, "out_exp")
-        _check_offset(beta, out_exp)
-        (_rows_forward_parallel if parallel else _rows_forward_serial)(
-            xq, y, gamma.q, gamma.exp - out_exp, beta.q, beta.exp - out_exp, eps_shift, use_eps,
-            q, stats, _NO_COUNT)
-    return QTensor(y, out_exp), L1BNCache(xq, xq.shape, x.exp, gamma, eps_log2, stats)
-
-
-def _rows_backward_call(dy, cache, dx_bits, dx_exp, dgamma_exp, out, parallel, gstats, k_base,
-                        q, dgamma, dbeta):
-    """:func:`l1bn_backward` of 2-D int8 codes on the 2-D kernels."""
-    g = np.ascontiguousarray(dy.q)
-    dx = _output(out, "out", cache.shape, dx_bits)
-    if dx_exp is None:
-        (_rows_grad_stats_parallel if parallel else _rows_grad_stats_serial)(cache.x, g, gstats)
-        dx_exp = grad_exponent(cache.stats, gstats, cache.count, cache.gamma.q, k_base, dx_bits)
-        dx_exp = check_exp(int(dx_exp), "dx_exp")
-        (_rows_grad_apply_parallel if parallel else _rows_grad_apply_serial)(
-            cache.x, g, dx, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
-            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
-    else:
-        dx_exp = check_exp(dx_exp, "dx_exp")
-        (_rows_backward_parallel if parallel else _rows_backward_serial)(
-            cache.x, g, dx, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
-            dy.exp - dgamma_exp, dgamma, dbeta, _NO_COUNT)
-    return QTensor(dx, dx_exp), QTensor(dgamma, dgamma_exp), QTensor(dbeta, dy.exp)
+    return QTensor(y3 if rows else _from_ncl(y3, x.q.shape, out), out_exp), cache
 
 
 def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | None = None,
@@ -1146,18 +1123,17 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
     dbeta = np.empty(n_channels, dtype=np.int64)
     q = (1 << (dx_bits - 1)) - 1
     x3 = cache.x
-    if x3.ndim == 2:  # the 2-D kernels' forward
-        if _rows_layout(dy.q):
-            return _rows_backward_call(dy, cache, dx_bits, dx_exp, dgamma_exp, out,
-                                       parallel and dy.q.size >= PARALLEL_MIN, gstats, k_base, q,
-                                       dgamma, dbeta)
-        x3 = _as_ncl(x3)
-    g3 = _as_ncl(dy.q)
-    dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
+    rows = x3.ndim == 2 and _rows_layout(dy.q)  # the 2-D kernels' forward, int8 errors
+    if rows:
+        g3 = np.ascontiguousarray(dy.q)
+        dx3 = _output(out, "out", cache.shape, dx_bits)
+        parallel = parallel and dy.q.size >= PARALLEL_MIN
+    else:
+        x3 = _as_ncl(x3) if x3.ndim == 2 else x3
+        g3 = _as_ncl(dy.q)
+        dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     wide = x3.dtype != np.int8 or g3.dtype != np.int8
-    stats_fn, apply_fn, backward_fn = (
-        (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel) if parallel else
-        (_grad_stats_serial, _grad_apply_serial, _backward_serial))
+    stats_fn, apply_fn, backward_fn = _BACKWARD_KERNELS[rows, parallel]
     if dx_exp is None or cache.collective is not None:
         stats_fn(x3, g3, gstats, _NO_COUNT)
         if cache.collective is not None:  # the whole batch's sums, smallest and largest g
@@ -1171,8 +1147,8 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
         dx_exp = check_exp(dx_exp, "dx_exp")
         backward_fn(x3, g3, dx3, cache.stats, gstats, cache.gamma.q, k_base - dx_exp, q,
                     dy.exp - dgamma_exp, dgamma, dbeta, wide, _NO_COUNT)
-    return (QTensor(_from_ncl(dx3, cache.shape, out), dx_exp), QTensor(dgamma, dgamma_exp),
-            QTensor(dbeta, dy.exp))
+    return (QTensor(dx3 if rows else _from_ncl(dx3, cache.shape, out), dx_exp),
+            QTensor(dgamma, dgamma_exp), QTensor(dbeta, dy.exp))
 
 
 def l1bn_update_running(running_mean: np.ndarray, running_dev: np.ndarray, cache: L1BNCache,
