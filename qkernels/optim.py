@@ -207,9 +207,8 @@ class SgdResult(NamedTuple):
     saturated: int
 
 
-def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
-                momentum_q: int, decay_q: int, store_bits: int, exp_max: int,
-                store_dtype=np.int32) -> int:
+def _check_arrays(store: QTensor, velocity: np.ndarray, grad_shape: tuple,
+                  store_dtype=np.int32) -> None:
     check_array(store.q, "store.q", (store_dtype,), tuple(range(1, 9)))
     check_array(velocity, "velocity", (np.int64,), (store.q.ndim,))
     if velocity.shape != store.q.shape or grad_shape != store.q.shape:
@@ -217,8 +216,12 @@ def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: i
                          f"{velocity.shape}, {grad_shape}")
     if not store.q.flags.c_contiguous or not velocity.flags.c_contiguous:
         raise ValueError("store.q and velocity must be C-contiguous (they are updated in place)")
-    if not 2 <= store_bits <= STORE_BITS_MAX:
-        raise ValueError(f"store_bits={store_bits} is outside 2..{STORE_BITS_MAX}")
+
+
+def _check_constants(lr_q: int, momentum_q: int, decay_q: int, store_bits: int,
+                     store_bits_max: int = STORE_BITS_MAX) -> None:
+    if not 2 <= store_bits <= store_bits_max:
+        raise ValueError(f"store_bits={store_bits} is outside 2..{store_bits_max}")
     if not 0 <= momentum_q < (1 << MOMENTUM_BITS):
         raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}-1")
     if not 0 < lr_q < (1 << LR_BITS):
@@ -226,11 +229,21 @@ def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: i
     if not 0 <= decay_q < (1 << DECAY_MAX_BITS):
         raise ValueError(f"decay_q={decay_q} is outside 0..2**{DECAY_MAX_BITS}-1 (a weight "
                          f"decay times the batch size below {1 << (DECAY_MAX_BITS - DECAY_BITS)})")
-    check_exp(store.exp, "store.exp")
+
+
+def _check_exps(exp: int, exp_max: int) -> int:
+    check_exp(exp, "store.exp")
     exp_max = check_exp(exp_max, "exp_max")
-    if store.exp > exp_max:
-        raise ValueError(f"store.exp={store.exp} is above exp_max={exp_max}")
+    if exp > exp_max:
+        raise ValueError(f"store.exp={exp} is above exp_max={exp_max}")
     return exp_max
+
+
+def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
+                momentum_q: int, decay_q: int, store_bits: int, exp_max: int) -> int:
+    _check_arrays(store, velocity, grad_shape)
+    _check_constants(lr_q, momentum_q, decay_q, store_bits)
+    return _check_exps(store.exp, exp_max)
 
 
 _NONE_I8 = np.zeros(0, np.int8)
@@ -307,6 +320,52 @@ def sgd_step_f32(store: QTensor, velocity: np.ndarray, grad: np.ndarray, out: np
 F32_STORE_BITS_MAX = 24
 
 
+class F32Store:
+    """A parameter's float32 container as its own integer store (codes of at most
+    ``store_bits <= 24`` bits at one exponent, held exactly), with its int64 velocity, for
+    repeated in-place SGD steps (:meth:`step`).
+
+    The arrays are checked once, here; a step then checks only the gradient and the
+    constants. (An optimizer steps every parameter of a network on every batch; for the
+    small tensors of a small network, checking the arrays again each time took longer than
+    the update.) Both arrays are updated in place by each step.
+    """
+
+    def __init__(self, param: np.ndarray, velocity: np.ndarray, store_bits: int):
+        check_array(param, "param", (np.float32,), tuple(range(1, 9)))
+        if not 2 <= store_bits <= F32_STORE_BITS_MAX:
+            raise ValueError(f"store_bits={store_bits} is outside 2..{F32_STORE_BITS_MAX} (a "
+                             f"float32 container holds codes of at most {F32_STORE_BITS_MAX} "
+                             f"bits)")
+        if not param.flags.c_contiguous:
+            raise ValueError("param must be C-contiguous (it is updated in place)")
+        _check_arrays(QTensor(param, 0), velocity, param.shape, np.float32)
+        self.param, self.velocity, self.store_bits = param, velocity, store_bits
+        self._wb, self._v = param.reshape(-1).view(np.int32), velocity.reshape(-1)
+        self._w_new = np.empty(param.size, np.int64)  # the new codes before saturation
+        self._kernel = pick(_sgd_inplace_s, _sgd_inplace_p, param.size)
+
+    def step(self, exp: int, grad: np.ndarray, *, lr_q: int, momentum_q: int,
+             exp_max: int = 126, decay_q: int = 0) -> SgdResult:
+        """:func:`sgd_step_f32_inplace` on the store's arrays, with the store at exponent
+        ``exp``; the new exponent is ``exp + rise``."""
+        b = _bits_of(grad, "grad")
+        if grad.shape != self.param.shape:
+            raise ValueError(f"grad has shape {grad.shape}, the store {self.param.shape}")
+        _check_constants(lr_q, momentum_q, decay_q, self.store_bits, F32_STORE_BITS_MAX)
+        exp_max = _check_exps(exp, exp_max)
+        if self.param.size == 0:
+            return SgdResult(0, 0)
+        q = qmax(self.store_bits)
+        lo, hi = self._kernel(self._wb, self._v, b, exp, momentum_q, lr_q, decay_q, q,
+                              self._w_new)
+        s = min(int(store_shift(lo, hi, q)), exp_max - exp)
+        if s or lo < -q or hi > q:
+            return SgdResult(s, int(_rescale_bits(self._wb, self._v, self._w_new, s, q,
+                                                  exp + s)))
+        return SgdResult(0, 0)
+
+
 def sgd_step_f32_inplace(param: np.ndarray, exp: int, velocity: np.ndarray, grad: np.ndarray,
                          *, lr_q: int, momentum_q: int, store_bits: int, exp_max: int = 126,
                          decay_q: int = 0) -> SgdResult:
@@ -315,25 +374,8 @@ def sgd_step_f32_inplace(param: np.ndarray, exp: int, velocity: np.ndarray, grad
     read from it exactly and its new container written back, so a parameter's storage is the
     store (no int32 copy of the store, no separate output). The new exponent is
     ``exp + rise``. The integers are those of ``sgd_step_f32(f32_to_codes(param, 24,
-    np.int32, exp=exp), ...)`` with its ``out``."""
-    check_array(param, "param", (np.float32,), tuple(range(1, 9)))
-    b = _bits_of(grad, "grad")
-    if not param.flags.c_contiguous:
-        raise ValueError("param must be C-contiguous (it is updated in place)")
-    if not 2 <= store_bits <= F32_STORE_BITS_MAX:
-        raise ValueError(f"store_bits={store_bits} is outside 2..{F32_STORE_BITS_MAX} (a float32 "
-                         f"container holds codes of at most {F32_STORE_BITS_MAX} bits)")
-    exp = check_exp(exp, "exp")
-    exp_max = _check_step(QTensor(param, exp), velocity, grad.shape, lr_q, momentum_q, decay_q,
-                          store_bits, exp_max, np.float32)
-    if param.size == 0:
-        return SgdResult(0, 0)
-    wb, v = param.reshape(-1).view(np.int32), velocity.reshape(-1)
-    q = qmax(store_bits)
-    w_new = np.empty(wb.shape[0], np.int64)
-    lo, hi = pick(_sgd_inplace_s, _sgd_inplace_p, wb.shape[0])(
-        wb, v, b, exp, momentum_q, lr_q, decay_q, q, w_new)
-    s = min(int(store_shift(lo, hi, q)), exp_max - exp)
-    if s or lo < -q or hi > q:
-        return SgdResult(s, int(_rescale_bits(wb, v, w_new, s, q, exp + s)))
-    return SgdResult(0, 0)
+    np.int32, exp=exp), ...)`` with its ``out``. (:class:`F32Store` checks the arrays once
+    for many steps.)"""
+    return F32Store(param, velocity, store_bits).step(exp, grad, lr_q=lr_q,
+                                                      momentum_q=momentum_q, exp_max=exp_max,
+                                                      decay_q=decay_q)

@@ -4,9 +4,9 @@ A quantized block ``conv|linear -> Quantize -> L1 batch norm -> ReLU [-> max-poo
 becomes one :class:`QuantBlock` module, once, when the model is built (:func:`fuse`). It holds
 the same modules (so ``print(model)`` shows them, under the block) and, where the int kernels
 run them, computes them as one fused autograd node (:func:`qtrain.nn.conv_block`,
-:func:`qtrain.nn.quant_bn_relu`): the same integers in fewer passes. Everywhere else (eval mode,
-``emulate`` under :func:`~qtrain.quant.torch_emulation`, CUDA, an unfused block) it runs the
-modules one by one.
+:func:`qtrain.nn.linear_block`, :func:`qtrain.nn.quant_bn_relu`): the same integers in fewer
+passes. Everywhere else (eval mode, ``emulate`` under :func:`~qtrain.quant.torch_emulation`,
+CUDA, an unfused block) it runs the modules one by one.
 
 Hooks: a hook on a block sees the block. A fused block does not call the modules inside it, so
 their hooks (and global module hooks) do not fire while it is fused: turn fusion off first,
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .nn import (QuantConv2d, QuantLinear, QuantMaxPool2d, _L1BatchNorm, conv_block,
-                 quant_bn_relu)
+                 linear_block, quant_bn_relu)
 from .quant import Quantize
 
 
@@ -53,6 +53,9 @@ class QuantBlock(nn.Module):
         node = None
         if self.fused and isinstance(self.layer, QuantConv2d):
             node = conv_block(self.layer, self.quant, self.bn, self.relu, x, self.pool)
+        elif self.fused and self.pool is None:
+            y = linear_block(self.layer, self.quant, self.bn, self.relu, x)
+            node = None if y is None else (y, False)
         if node is None:
             x = self.layer(x)
             if self.fused:

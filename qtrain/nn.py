@@ -580,6 +580,28 @@ class _QuantBNReLUFn(torch.autograd.Function):
         return torch.from_numpy(codes_to_f32(dx)), grad_w, grad_b, None, None, None
 
 
+def _weight_codes8(w: torch.Tensor) -> intgemm.Codes:
+    w8 = intgemm.codes8(w)
+    assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (a GEMM block)"
+    return w8
+
+
+def _norm_input(acc: torch.Tensor, exp: int, quant, bn) -> QTensor:
+    """A GEMM block's int32 accumulators (O, N, ...) at ``exp`` rounded by ``quant`` straight
+    to the norm's input codes (N, O, ...), counted: what ``quant`` gives on their exact float32
+    container."""
+    if quant.channels:  # each channel at its own exponent (nearest_channels)
+        xq, counts = intgemm.requantize_channels(acc, exp, quant.bits_fwd)
+    else:
+        round_exp = None
+        if dist.active():
+            round_exp = dist.range_exponent(intgemm.top_exponent(acc, exp), quant.bits_fwd)
+        xq, counts = intgemm.requantize(acc, exp, quant.bits_fwd,
+                                        *_storage(bn.qconfig.norm_in_bits), round_exp=round_exp)
+    quant.stats_fwd.add(*counts)
+    return xq
+
+
 class _ConvBlockFn(torch.autograd.Function):
     """``QuantConv2d -> Quantize -> L1 batch norm -> ReLU [-> 2x2 max-pool]`` of 8-bit codes as
     one autograd node: :class:`_QuantBNReLUFn` with the convolution inside.
@@ -592,22 +614,11 @@ class _ConvBlockFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8):
-        w8 = intgemm.codes8(w)
-        assert w8 is not None, "weights rounded to bits_w <= 8 are 8-bit codes (conv_block)"
+        w8 = _weight_codes8(w)
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
-        if quant.channels:  # each channel at its own exponent (nearest_channels)
-            xq, counts = intgemm.requantize_channels(acc, x8.exp + w8.exp, quant.bits_fwd)
-        else:
-            exp = None
-            if dist.active():
-                exp = dist.range_exponent(intgemm.top_exponent(acc, x8.exp + w8.exp),
-                                          quant.bits_fwd)
-            xq, counts = intgemm.requantize(acc, x8.exp + w8.exp, quant.bits_fwd,
-                                            *_storage(bn.qconfig.norm_in_bits), round_exp=exp)
-        quant.stats_fwd.add(*counts)
         ctx.save_for_backward(x, w)
         ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
-        return _block_forward(ctx, xq, bn, quant, pool)
+        return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant, pool)
 
     @staticmethod
     def backward(ctx, gy):
@@ -620,6 +631,33 @@ class _ConvBlockFn(torch.autograd.Function):
             if columns else None
         gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
         return (gx, conv._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None, None,
+                None, None)
+
+
+class _LinearBlockFn(torch.autograd.Function):
+    """``QuantLinear -> Quantize -> L1 batch norm -> ReLU`` of 8-bit codes as one autograd
+    node, as :class:`_ConvBlockFn` for a convolution: the int32 accumulators, computed
+    transposed (O, N) as the convolution's are, are rounded straight to the norm's input
+    codes, and going back the quantizer's error codes feed both GEMMs. The integers are those
+    of the modules in a row (``tests/qtrain/test_fused.py``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, weight, bias, linear, quant, bn, x8):
+        w8 = _weight_codes8(w)
+        acc = intgemm.matmul(w8.q, x8.q.t())  # (O, N)
+        ctx.save_for_backward(w)
+        ctx.linear, ctx.x8, ctx.w8 = linear, x8, w8
+        return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant,
+                              False)
+
+    @staticmethod
+    def backward(ctx, gy):
+        dx, grad_bn_w, grad_bn_b = _block_backward(ctx, gy)
+        (w,) = ctx.saved_tensors
+        g = intgemm.Codes(torch.from_numpy(dx.q), dx.exp)
+        gx = intgemm.linear_input_grad(g, ctx.w8) if ctx.needs_input_grad[0] else None
+        gw = intgemm.linear_weight_grad(g, ctx.x8)
+        return (gx, ctx.linear._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None,
                 None, None)
 
 
@@ -656,6 +694,14 @@ def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
     return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool), fuse_pool
 
 
+def _gemm_block_applies(q: QConfig, x: torch.Tensor, terms: int) -> bool:
+    """A GEMM block's products run on 8-bit codes, with dot products of ``terms`` products
+    whose sums stay below ``2**24`` (so the unfused layer's float32 output is exact)."""
+    return (max(q.act_code_bits, INPUT_BITS, q.bits_w, q.error_code_bits) <= 8
+            and _gemm(x, q, max(q.act_code_bits, INPUT_BITS), q.bits_w, q.error_code_bits)
+            and terms * intgemm.CODE_MAX ** 2 < F32_EXACT)
+
+
 def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
                ) -> tuple[torch.Tensor, bool] | None:
     """``relu(bn(quant(conv(x))))`` as one fused node (:class:`_ConvBlockFn`) when
@@ -665,11 +711,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
     if not (isinstance(conv, QuantConv2d) and conv.quantized and conv.bias is None
             and isinstance(quant, Quantize)):
         return None
-    q = conv.qconfig
-    if not (max(q.act_code_bits, INPUT_BITS, q.bits_w, q.error_code_bits) <= 8
-            and _gemm(x, q, max(q.act_code_bits, INPUT_BITS), q.bits_w, q.error_code_bits)
-            and intgemm.conv_applies(conv)
-            and conv.weight[0].numel() * intgemm.CODE_MAX ** 2 < F32_EXACT
+    if not (intgemm.conv_applies(conv)
+            and _gemm_block_applies(conv.qconfig, x, conv.weight[0].numel())
             and _fusable(quant, bn, relu, x)):
         return None
     x8 = intgemm.codes8(x)
@@ -679,6 +722,21 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
     w = _WeightFn.apply(conv.weight, conv)
     return (_ConvBlockFn.apply(x, w, bn.weight, bn.bias, conv, quant, bn, fuse_pool, x8),
             fuse_pool)
+
+
+def linear_block(linear, quant, bn, relu, x: torch.Tensor) -> torch.Tensor | None:
+    """``relu(bn(quant(linear(x))))`` as one fused node (:class:`_LinearBlockFn`) on the
+    conditions of :func:`conv_block` (2-D input); None otherwise."""
+    if not (isinstance(linear, QuantLinear) and linear.quantized and linear.bias is None
+            and isinstance(quant, Quantize) and x.dim() == 2
+            and _gemm_block_applies(linear.qconfig, x, linear.in_features)
+            and _fusable(quant, bn, relu, x)):
+        return None
+    x8 = intgemm.codes8(x)
+    if x8 is None:
+        return None
+    w = _WeightFn.apply(linear.weight, linear)
+    return _LinearBlockFn.apply(x, w, bn.weight, bn.bias, linear, quant, bn, x8)
 
 
 class _L1BatchNorm(nn.Module, _Quantized):

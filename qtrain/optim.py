@@ -21,14 +21,15 @@ int64 operations on the parameter's device. A float network gets torch's SGD sem
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import codes_to_f32, f32_to_codes
-from qkernels.optim import (DECAY_BITS, LR_BITS, VELOCITY_BITS, decay_code, lr_code,
-                            momentum_code, sgd_step, sgd_step_f32_inplace, store_shift)
+from qkernels.optim import (DECAY_BITS, LR_BITS, VELOCITY_BITS, F32Store, SgdResult, decay_code,
+                            lr_code, momentum_code, sgd_step, sgd_step_f32_inplace, store_shift)
 
 from .quant import FLOAT_BITS, QConfig, pow2, top_exponent, to_codes
 
@@ -83,6 +84,7 @@ class QSGD(torch.optim.Optimizer):
                                   "weight_decay": weight_decay})
         self.qconfig = qconfig
         self.stats: dict[int, StoreStats] = {}
+        self._f32_stores: dict[int, tuple] = {}  # by id(p): see _f32_store
         if self.integer and qconfig.wage:
             if momentum or weight_decay:
                 raise ValueError(f"scheme wage updates by plain SGD (WAGE's rule): set momentum "
@@ -129,13 +131,17 @@ class QSGD(torch.optim.Optimizer):
         if self.integer and batch_size is None:
             raise ValueError("QSGD.step needs batch_size= for a quantized network")
         for group in self.param_groups:
+            if self.integer and not self.qconfig.wage:
+                consts = _StepConstants(lr_code(group["lr"] / batch_size),
+                                        momentum_code(group["momentum"]),
+                                        decay_code(group.get("weight_decay", 0.0) * batch_size))
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if self.integer and self.qconfig.wage:
                     self._wage_step(p, group)
                 elif self.integer:
-                    self._integer_step(p, group, batch_size)
+                    self._integer_step(p, consts)
                 else:
                     self._float_step(p, group)
         return loss
@@ -168,44 +174,57 @@ class QSGD(torch.optim.Optimizer):
             self.stats[id(p)] = StoreStats(exp)
         return state["store_exp"]
 
-    def _integer_step(self, p, group, batch_size):
+    def _integer_step(self, p, consts: _StepConstants):
         state = self.state[p]
         exp = self._store(p, state)
-        lr_q = lr_code(group["lr"] / batch_size)
-        mom_q = momentum_code(group["momentum"])
-        decay_q = decay_code(group.get("weight_decay", 0.0) * batch_size)
         bits = self.qconfig.store_bits
         exp_max = max(exp, WEIGHT_MAX_LOG2 - (bits - 1))
         if self.qconfig.engine.kernels(p):
-            velocity = state["velocity"].numpy()
-            grad = p.grad.detach().cpu().float().contiguous()
-            if self.qconfig.bits_g < FLOAT_BITS:
-                # a quantized gradient's container, and the parameter's float32 storage as the
-                # store: the kernel reads both and writes the new container in place
-                own = p.dtype == torch.float32 and p.is_contiguous()
-                param = (p.detach() if own else p.detach().float().contiguous()).numpy()
-                rise, sat = sgd_step_f32_inplace(param, exp, velocity, grad.numpy(), lr_q=lr_q,
-                                                 momentum_q=mom_q, store_bits=bits,
-                                                 exp_max=exp_max, decay_q=decay_q)
-                if own:
-                    torch.autograd.graph.increment_version(p)  # as an in-place op would
-                else:
-                    p.copy_(torch.from_numpy(param))
-            else:  # a float gradient: its 24-bit codes, as emulate's torch operations read it
-                store = f32_to_codes(p.detach().float().numpy(), 24, np.int32, exp=exp)
-                rise, sat = sgd_step(store, velocity, f32_to_codes(grad.numpy(), 24),
-                                     lr_q=lr_q, momentum_q=mom_q, store_bits=bits,
-                                     exp_max=exp_max, decay_q=decay_q)
-                p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + rise))))
+            rise, sat = self._kernel_step(p, state["velocity"], exp, exp_max, consts)
         else:
-            codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp, lr_q,
-                                          mom_q, decay_q, bits, exp_max)
+            codes, rise, sat = _sgd_torch(p, state["velocity"], to_codes(p.grad), exp,
+                                          *consts, bits, exp_max)
             p.copy_(codes * pow2(exp + rise))
         state["store_exp"] = exp + rise
         st = self.stats[id(p)]
         st.exp, st.raised, st.steps = exp + rise, st.raised + rise, st.steps + 1
         st.saturated += sat
 
+    def _kernel_step(self, p, velocity: torch.Tensor, exp: int, exp_max: int,
+                     consts: _StepConstants) -> SgdResult:
+        """qkernels' update of ``p`` (its store at ``exp``) and its velocity."""
+        kw = {"lr_q": consts.lr_q, "momentum_q": consts.momentum_q, "exp_max": exp_max,
+              "decay_q": consts.decay_q}
+        bits = self.qconfig.store_bits
+        grad = p.grad.detach().cpu().float().contiguous().numpy()
+        if self.qconfig.bits_g >= FLOAT_BITS:
+            # a float gradient: its 24-bit codes, as emulate's torch operations read it
+            store = f32_to_codes(p.detach().float().numpy(), 24, np.int32, exp=exp)
+            res = sgd_step(store, velocity.numpy(), f32_to_codes(grad, 24), store_bits=bits,
+                           **kw)
+            p.copy_(torch.from_numpy(codes_to_f32(store._replace(exp=exp + res.rise))))
+            return res
+        if p.dtype == torch.float32 and p.is_contiguous():
+            # a quantized gradient's container, and the parameter's float32 storage as the
+            # store: the kernel reads both and writes the new container in place
+            res = self._f32_store(p, velocity).step(exp, grad, **kw)
+            torch.autograd.graph.increment_version(p)  # as an in-place op would
+            return res
+        param = p.detach().float().contiguous().numpy()  # a float32 copy as the store
+        res = sgd_step_f32_inplace(param, exp, velocity.numpy(), grad, store_bits=bits, **kw)
+        p.copy_(torch.from_numpy(param))
+        return res
+
+    def _f32_store(self, p, velocity: torch.Tensor) -> F32Store:
+        """The kernels' store on ``p``'s own float32 storage, made at its first step and
+        remade when the parameter's or the velocity's memory changed (say, a parameter's
+        ``.data`` replaced, or the velocity loaded from a checkpoint)."""
+        key = (p.data_ptr(), p.shape, velocity.data_ptr())
+        held = self._f32_stores.get(id(p))
+        if held is None or held[0] != key:
+            held = self._f32_stores[id(p)] = (key, F32Store(p.detach().numpy(), velocity.numpy(),
+                                                            self.qconfig.store_bits))
+        return held[1]
 
     def _wage_step(self, p, group):
         """WAGE's update (:func:`qtrain.wage.update`): integer steps of the ``bits_g`` grid,
@@ -218,6 +237,15 @@ class QSGD(torch.optim.Optimizer):
         update(p, p.grad, group["lr"], q.bits_w, q.bits_g, q.engine, q.seed, count,
                self._streams[id(p)], clip=p.dim() > 1)  # a weight; not a norm's scale, shift
         state["wage_steps"] = count + 1
+
+
+class _StepConstants(NamedTuple):
+    """A group's fixed-point constants for one step: learning rate per sample (``lr / N``),
+    momentum and weight decay (``N * weight_decay``), as :mod:`qkernels.optim` takes them."""
+
+    lr_q: int
+    momentum_q: int
+    decay_q: int
 
 
 def _round_shift(v: torch.Tensor, s: int) -> torch.Tensor:

@@ -10,8 +10,8 @@ from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
-from qkernels.optim import (LR_BITS, decay_code, lr_code, momentum_code, sgd_step, sgd_step_f32,
-                            sgd_step_f32_inplace)
+from qkernels.optim import (LR_BITS, F32Store, decay_code, lr_code, momentum_code, sgd_step,
+                            sgd_step_f32, sgd_step_f32_inplace)
 from qkernels.quant import mean_exponent, quantize_nearest, quantize_stochastic, range_exponent
 from qkernels.rng import random_u64_np, stream_key_np
 
@@ -290,6 +290,32 @@ def test_sgd_step_on_containers_equals_the_step_on_codes(n, case):
     assert np.array_equal(param.reshape(-1), out) and np.array_equal(v3, v)
     assert (want.rise > 0) == (case in ("rise", "huge gradient"))
     assert (want.saturated > 0) == (case == "ceiling")
+
+
+def test_a_store_steps_as_the_step_on_codes_every_time():
+    """F32Store (arrays checked once) over several steps, its exponent rising on the way, keeps
+    the container and velocity of sgd_step on int32 codes, with the same results; a gradient
+    of another shape is refused."""
+    rng = np.random.default_rng(7)
+    w = rng.integers(-(1 << 22), 1 << 22, (40, 3)).astype(np.int32)
+    w[0, 0] = (1 << 23) - 2
+    param, velocity = codes_to_f32(QTensor(w, -24)), np.zeros((40, 3), np.int64)
+    velocity2 = velocity.copy()
+    store = F32Store(param, velocity, 24)
+    kw = dict(lr_q=lr_code(0.1 / 128), momentum_q=momentum_code(0.9), decay_q=decay_code(0.064))
+    exp, rises = -24, 0
+    for step in range(6):
+        grad = (rng.integers(-127, 128, (40, 3)) * 2.0 ** (-14 + step)).astype(np.float32)
+        grad[0, 0] = -(2.0 ** (-7 + step))  # pushes the largest code out of the store
+        got = store.step(exp, grad, **kw)
+        want = sgd_step(QTensor(w, exp), velocity2, f32_to_codes(grad, 24), store_bits=24, **kw)
+        exp, rises = exp + want.rise, rises + want.rise
+        assert got == want
+        assert np.array_equal(param, codes_to_f32(QTensor(w, exp)))
+        assert np.array_equal(velocity, velocity2)
+    assert rises > 0
+    with pytest.raises(ValueError, match="shape"):
+        store.step(exp, np.zeros((3, 40), np.float32), **kw)
 
 
 def test_sgd_step_in_place_rejects_what_it_cannot_update():

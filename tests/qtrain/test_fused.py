@@ -17,10 +17,12 @@ from qtrain.quant import QConfig, quant_report, torch_emulation
 from qtrain.train import to_input
 
 
-def count_fused(monkeypatch, convs=None):
-    """Calls of the fused nodes (both kinds); those of the conv block also go to ``convs``."""
+def count_fused(monkeypatch, convs=None, linears=None):
+    """Calls of the fused nodes (all kinds); those of the conv and linear blocks also go to
+    ``convs`` and ``linears``."""
     calls = []
-    for fn, extra in ((qnn._QuantBNReLUFn, None), (qnn._ConvBlockFn, convs)):
+    for fn, extra in ((qnn._QuantBNReLUFn, None), (qnn._ConvBlockFn, convs),
+                      (qnn._LinearBlockFn, linears)):
         monkeypatch.setattr(fn, "apply", (lambda apply, extra: lambda *a: (
             calls.append(1), extra is not None and extra.append(1), apply(*a))[-1])(
                 fn.apply, extra))
@@ -60,8 +62,8 @@ def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, rules, 
     fused = build(name, "l1", cfg)
     plain = copy.deepcopy(fused)
     disable_fusion(plain)
-    convs = []
-    calls = count_fused(monkeypatch, convs)
+    convs, linears = [], []
+    calls = count_fused(monkeypatch, convs, linears)
     results = []
     for net in (fused, plain):
         start = len(calls)
@@ -74,7 +76,12 @@ def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, rules, 
     n_bn = sum(isinstance(m, qnn._L1BatchNorm) for m in fused.modules())
     n_conv = sum(isinstance(m, qnn.QuantConv2d) for m in fused.modules())
     assert n1 == 2 * n_bn and n2 == 0
-    assert len(convs) == (2 * n_conv if bits <= 8 else 0)  # the conv joins at 8 bits or less
+    n_linear = sum(isinstance(m, QuantBlock) and isinstance(m.layer, qnn.QuantLinear)
+                   for m in fused.modules())
+    joins = max(bits, cfg.act_code_bits, cfg.error_code_bits) <= 8  # 8-bit codes throughout
+    assert len(convs) == (2 * n_conv if joins else 0)  # then the conv joins its node
+    assert len(linears) == (2 * n_linear if joins else 0)  # and so does a linear
+    assert n_linear >= 2
     assert torch.equal(o1, o2)
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # running statistics, last exponents

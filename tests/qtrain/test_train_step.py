@@ -181,6 +181,45 @@ def test_optimizer_honours_writes_between_steps_and_float_gradients():
     assert torch.equal(o1, o2) and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+@pytest.mark.parametrize("replaced", ["data", "velocity"])
+def test_optimizer_follows_a_replaced_parameter_or_velocity(replaced):
+    """The int kernels keep a store per parameter (its arrays checked once): a parameter whose
+    ``.data`` is replaced, or a velocity loaded into the same optimizer, is stepped as a fresh
+    optimizer given the same weights and state steps it."""
+    cfg = QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8, backend="int")
+    base = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    grad = (torch.randint(-127, 128, (6, 4), generator=torch.Generator().manual_seed(1))
+            * 2.0 ** -9).float()
+
+    def steps(p, opt, n):
+        for _ in range(n):
+            p.grad = grad.clone()
+            opt.step(batch_size=8)
+
+    results = []
+    for same_optimizer in (True, False):
+        p = torch.nn.Parameter(base.clone())
+        opt = QSGD([p], lr=0.1, momentum=0.9, qconfig=cfg)
+        steps(p, opt, 2)
+        saved, weights = copy.deepcopy(opt.state_dict()), p.detach().clone()
+        steps(p, opt, 2)
+        if same_optimizer and replaced == "data":
+            p.data = weights.clone()  # new memory; the velocity stays
+        elif same_optimizer:
+            p.data.copy_(weights)  # the same memory; a new velocity
+            opt.load_state_dict(saved)
+        else:
+            state = copy.deepcopy(opt.state_dict()) if replaced == "data" else saved
+            p = torch.nn.Parameter(weights.clone())
+            opt = QSGD([p], lr=0.1, momentum=0.9, qconfig=cfg)
+            opt.load_state_dict(state)
+        steps(p, opt, 3)
+        results.append((p.detach().clone(), opt.state[p]["velocity"].clone()))
+    (w1, v1), (w2, v2) = results
+    assert torch.equal(w1, w2) and torch.equal(v1, v2)
+    assert not torch.equal(w1, base)
+
+
 def test_optimizer_steps_a_non_contiguous_parameter_as_a_contiguous_one():
     """The int kernel updates a parameter's own float32 storage in place; a parameter that is
     not contiguous goes through a contiguous copy, with the same integers."""
