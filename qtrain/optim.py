@@ -4,7 +4,8 @@ For a quantized network every parameter lives in a wide integer store (``QConfig
 significant bits and a per-tensor exponent, first chosen from its initial range with 4x
 headroom; the float32 parameter holds ``code * 2**e`` exactly) with an int64 velocity, and a
 step is :func:`qkernels.optim.sgd_step` (run on the float32 containers of the gradient and the
-parameter, the parameter's updated in place: :func:`~qkernels.optim.sgd_step_f32_inplace`):
+parameter, the parameter's updated in place by a :class:`~qkernels.optim.F32Store` kept per
+parameter, whose arrays are checked once):
 
 .. math:: v \leftarrow \mu v + g + N \lambda w, \qquad w \leftarrow w - \frac{\eta}{N} v
 
