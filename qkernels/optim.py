@@ -218,10 +218,7 @@ def _check_arrays(store: QTensor, velocity: np.ndarray, grad_shape: tuple,
         raise ValueError("store.q and velocity must be C-contiguous (they are updated in place)")
 
 
-def _check_constants(lr_q: int, momentum_q: int, decay_q: int, store_bits: int,
-                     store_bits_max: int = STORE_BITS_MAX) -> None:
-    if not 2 <= store_bits <= store_bits_max:
-        raise ValueError(f"store_bits={store_bits} is outside 2..{store_bits_max}")
+def _check_constants(lr_q: int, momentum_q: int, decay_q: int) -> None:
     if not 0 <= momentum_q < (1 << MOMENTUM_BITS):
         raise ValueError(f"momentum_q={momentum_q} is outside 0..2**{MOMENTUM_BITS}-1")
     if not 0 < lr_q < (1 << LR_BITS):
@@ -242,7 +239,9 @@ def _check_exps(exp: int, exp_max: int) -> int:
 def _check_step(store: QTensor, velocity: np.ndarray, grad_shape: tuple, lr_q: int,
                 momentum_q: int, decay_q: int, store_bits: int, exp_max: int) -> int:
     _check_arrays(store, velocity, grad_shape)
-    _check_constants(lr_q, momentum_q, decay_q, store_bits)
+    if not 2 <= store_bits <= STORE_BITS_MAX:
+        raise ValueError(f"store_bits={store_bits} is outside 2..{STORE_BITS_MAX}")
+    _check_constants(lr_q, momentum_q, decay_q)
     return _check_exps(store.exp, exp_max)
 
 
@@ -352,7 +351,7 @@ class F32Store:
         b = _bits_of(grad, "grad")
         if grad.shape != self.param.shape:
             raise ValueError(f"grad has shape {grad.shape}, the store {self.param.shape}")
-        _check_constants(lr_q, momentum_q, decay_q, self.store_bits, F32_STORE_BITS_MAX)
+        _check_constants(lr_q, momentum_q, decay_q)
         exp_max = _check_exps(exp, exp_max)
         if self.param.size == 0:
             return SgdResult(0, 0)
