@@ -29,6 +29,9 @@ if config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT 
     def clamp(t, q):
         return min(max(t, -q), q)
 
+    def round_shr(v, s, s1, bit):
+        return (int(v) >> int(s)) + ((int(v) >> int(s1)) & int(bit))
+
     def clz64(v):
         return 64 - int(v).bit_length() if v >= 0 else 0
 
@@ -70,6 +73,16 @@ else:
             t_ = builder.select(builder.icmp_signed("<", t_, q_), t_, q_)
             return builder.select(builder.icmp_signed(">", t_, neg), t_, neg)
         return _i32(_i32, _i32), codegen
+
+    @intrinsic
+    def round_shr(typingctx, v, s, s1, bit):
+        """``(v >> s) + ((v >> s1) & bit)`` on int32: with ``s1 = s - 1`` and ``bit = 1``,
+        ``v / 2**s`` rounded half up for every int32 ``v`` (the sum ``v + 2**(s-1)`` could
+        overflow); with ``bit = 0``, ``v >> s``."""
+        def codegen(context, builder, sig, args):
+            v_, s_, s1_, bit_ = args
+            return builder.add(builder.ashr(v_, s_), builder.and_(builder.ashr(v_, s1_), bit_))
+        return _i32(_i32, _i32, _i32, _i32), codegen
 
     @intrinsic
     def clz64(typingctx, v):

@@ -31,7 +31,7 @@ from numba import njit, prange
 from ._jit import pick, serial_and_parallel
 from .fixedpoint import bit_length
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
-from .quant import ROW_WIDTH, SR_BITS, QuantCounts, saturate_count
+from .quant import CHUNK, LANES, ROW_WIDTH, SR_BITS, QuantCounts, chunk_span, saturate_count
 from .rng import check_first, check_stream_args, random_u64, stream_key
 
 _ABS = np.int32(0x7FFFFFFF)
@@ -94,17 +94,50 @@ def _code_at(b, e):
     return (m + (np.int64(1) << (right - 1))) >> right if s > 0 else m << min(-s, np.int64(38))
 
 
+@njit(cache=True, inline="always")
+def _nearest_element(b, e, q, up):
+    """One element of :func:`_quantize_nearest`: (what to write, saturated?, rounded to
+    zero?)."""
+    code = _code_at(b, e)
+    y = min(max(code, -q), q)
+    value = _encode(y, e) if up < 0 else y << up
+    return value, np.int32(y != code), np.int32((y == 0) & ((b & _ABS) != 0))
+
+
+@njit(cache=True)
+def _quantize_nearest_chunk(bits, out, e, q, up):
+    """:func:`_quantize_nearest` of one chunk, counting into one running count per position of
+    a block of :data:`~qkernels.quant.LANES` (a single count stops the loop vectorizing)."""
+    sat = np.zeros(LANES, np.int32)
+    zero = np.zeros(LANES, np.int32)
+    whole = bits.shape[0] - bits.shape[0] % LANES
+    for start in range(0, whole, LANES):
+        block = bits[start:start + LANES]
+        dst = out[start:start + LANES]
+        for j in range(LANES):
+            dst[j], s, z = _nearest_element(block[j], e, q, up)
+            sat[j] += s
+            zero[j] += z
+    saturated = np.int64(sat.sum())
+    zeroed = np.int64(zero.sum())
+    for i in range(whole, bits.shape[0]):
+        out[i], s, z = _nearest_element(bits[i], e, q, up)
+        saturated += s
+        zeroed += z
+    return saturated, zeroed
+
+
 def _quantize_nearest(bits, out, e, q, up):
     """Round to ``e`` (half up) and saturate; write a float32 container (``up < 0``), or the
-    codes shifted left by ``up`` (codes at exponent ``e - up``)."""
+    codes shifted left by ``up`` (codes at exponent ``e - up``). In chunks of
+    :data:`~qkernels.quant.CHUNK` elements."""
     saturated = 0
     zeroed = 0
-    for i in prange(bits.shape[0]):
-        code = _code_at(bits[i], e)
-        y = min(max(code, -q), q)
-        saturated += np.int64(y != code)
-        zeroed += np.int64((y == 0) & ((bits[i] & _ABS) != 0))
-        out[i] = _encode(y, e) if up < 0 else y << up
+    for k in prange(-(-bits.shape[0] // CHUNK)):
+        lo, hi = chunk_span(k, bits.shape[0])
+        sat, zero = _quantize_nearest_chunk(bits[lo:hi], out[lo:hi], e, q, up)
+        saturated += sat
+        zeroed += zero
     return saturated, zeroed
 
 
@@ -129,18 +162,43 @@ def _to_codes(bits, out, e):
         out[i] = _code_at(bits[i], e)
 
 
-def _to_codes_exact(bits, out, e):
-    """:func:`_to_codes`, counting the values that are not a whole code at ``e`` (a set bit
-    of the mantissa below ``2**e``)."""
-    inexact = 0
-    for i in prange(bits.shape[0]):
-        a = np.int64(bits[i]) & 0x7FFFFFFF
-        f = a >> 23
-        m = (a & _MANT) | ((f > 0) << 23)
-        s = e - (max(f, np.int64(1)) - 150)
-        below = (np.int64(1) << min(max(s, np.int64(0)), np.int64(40))) - 1
-        inexact += np.int64((m & below) != 0)
+@njit(cache=True, inline="always")
+def _inexact(b, e):
+    """1 when float32 bits ``b`` are not a whole code at ``e`` (a set bit of the mantissa below
+    ``2**e``), else 0."""
+    a = np.int64(b) & 0x7FFFFFFF
+    f = a >> 23
+    m = (a & _MANT) | ((f > 0) << 23)
+    s = e - (max(f, np.int64(1)) - 150)
+    below = (np.int64(1) << min(max(s, np.int64(0)), np.int64(40))) - 1
+    return np.int32((m & below) != 0)
+
+
+@njit(cache=True)
+def _to_codes_exact_chunk(bits, out, e):
+    """:func:`_to_codes_exact` of one chunk (running counts per position, as
+    :func:`_quantize_nearest_chunk`)."""
+    inexact = np.zeros(LANES, np.int32)
+    whole = bits.shape[0] - bits.shape[0] % LANES
+    for start in range(0, whole, LANES):
+        block = bits[start:start + LANES]
+        dst = out[start:start + LANES]
+        for j in range(LANES):
+            inexact[j] += _inexact(block[j], e)
+            dst[j] = _code_at(block[j], e)
+    total = np.int64(inexact.sum())
+    for i in range(whole, bits.shape[0]):
+        total += _inexact(bits[i], e)
         out[i] = _code_at(bits[i], e)
+    return total
+
+
+def _to_codes_exact(bits, out, e):
+    """:func:`_to_codes`, counting the values that are not a whole code at ``e``."""
+    inexact = 0
+    for k in prange(-(-bits.shape[0] // CHUNK)):
+        lo, hi = chunk_span(k, bits.shape[0])
+        inexact += _to_codes_exact_chunk(bits[lo:hi], out[lo:hi], e)
     return inexact
 
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from . import _i32
 from ._jit import pick, serial_and_parallel
 from .fixedpoint import bit_length, qmax, round_shift
 from .format import QTensor, check_array, check_bits, check_exp, code_dtype
@@ -93,6 +94,70 @@ def _nearest(c, shift, q, out):
     return saturated, zeroed
 
 
+#: Elements per task of the int32-lane kernels below.
+CHUNK = 1 << 15
+#: Running counts per task: one per position in a block of LANES elements. A single running
+#: count keeps LLVM from vectorizing the loop (measured on 2.36M int32 accumulators, the paper
+#: network's first conv: 0.86 ms per call against 0.42 ms with these).
+LANES = 64
+
+
+@njit(cache=True, inline="always")
+def chunk_span(k, n):
+    """Elements ``[lo, hi)`` of task ``k`` of ``-(-n // CHUNK)`` over ``n`` elements."""
+    lo = k * CHUNK
+    return lo, min(lo + CHUNK, n)
+
+
+@njit(cache=True)
+def _nearest32_chunk(c, shift, q, out):
+    """:func:`_nearest` of int8/int16/int32 codes and ``0 <= shift <= 31`` in int32 lanes
+    (shift 0 only for int8/int16 codes: then ``y + q`` below cannot overflow). Round half up
+    is ``(v >> s) + bit (s-1) of v``, ``(v + 2**(s-1)) >> s`` without the sum that could
+    overflow int32; at shift 0 the bit is masked off (y = v)."""
+    s = np.int32(shift)
+    s1 = np.int32(max(shift - 1, 0))
+    one = np.int32(1 if shift > 0 else 0)
+    q32 = np.int32(q)
+    span = np.uint32(2 * q)  # y outside [-q, q] <=> y + q outside [0, 2q]
+    sat = np.zeros(LANES, np.int32)
+    zero = np.zeros(LANES, np.int32)
+    whole = c.shape[0] - c.shape[0] % LANES
+    for start in range(0, whole, LANES):
+        block = c[start:start + LANES]
+        dst = out[start:start + LANES]
+        for j in range(LANES):
+            v = np.int32(block[j])
+            y = _i32.round_shr(v, s, s1, one)
+            sat[j] += np.int32(np.uint32(y + q32) > span)
+            zero[j] += np.int32(y == 0) - np.int32(v == 0)  # v == 0 gives y == 0
+            dst[j] = _i32.clamp(y, q32)
+    saturated = np.int64(0)
+    zeroed = np.int64(0)
+    for j in range(LANES):
+        saturated += sat[j]
+        zeroed += zero[j]
+    for i in range(whole, c.shape[0]):
+        v = np.int32(c[i])
+        y = (v >> s) + ((v >> s1) & one)
+        saturated += np.uint32(y + q32) > span
+        zeroed += np.int64(y == 0) - np.int64(v == 0)
+        out[i] = min(max(y, -q32), q32)
+    return saturated, zeroed
+
+
+def _nearest32(c, shift, q, out):
+    """:func:`_nearest` in chunks of int32 lanes (where :func:`_nearest32_chunk` applies)."""
+    saturated = 0
+    zeroed = 0
+    for k in prange(-(-c.shape[0] // CHUNK)):
+        lo, hi = chunk_span(k, c.shape[0])
+        sat, zero = _nearest32_chunk(c[lo:hi], shift, q, out[lo:hi])
+        saturated += sat
+        zeroed += zero
+    return saturated, zeroed
+
+
 def _stochastic(c, up, q, key, out, first):
     """``up = e_c - e + SR_BITS``: bits to move the code left (right if negative); element
     ``first + i`` of the stream for element ``i``."""
@@ -136,6 +201,7 @@ def _rows_nearest(c, shift_floor, km1, q, out):
 
 
 _nearest_s, _nearest_p = serial_and_parallel(_nearest)
+_nearest32_s, _nearest32_p = serial_and_parallel(_nearest32)
 _rows_nearest_s, _rows_nearest_p = serial_and_parallel(_rows_nearest)
 _stochastic_s, _stochastic_p = serial_and_parallel(_stochastic)
 
@@ -195,7 +261,14 @@ def quantize_nearest(c: QTensor, bits: int, exp: int | None = None
     """Requantize codes to ``bits`` with the range exponent (or ``exp``), rounding half up
     and saturating."""
     flat, bits, exp, out = _prepare(c, bits, "c", exp)
-    sat, zero = pick(_nearest_s, _nearest_p, flat.size)(flat, exp - c.exp, qmax(bits), out)
+    shift = exp - c.exp
+    # int32 lanes: int8/int16 codes, and int32 codes once they move right (y + q then fits)
+    if flat.itemsize <= 2:
+        lanes32 = 0 <= shift <= 31
+    else:
+        lanes32 = flat.itemsize == 4 and 1 <= shift <= 31
+    kernels = (_nearest32_s, _nearest32_p) if lanes32 else (_nearest_s, _nearest_p)
+    sat, zero = pick(*kernels, flat.size)(flat, shift, qmax(bits), out)
     return QTensor(out.reshape(c.q.shape), exp), QuantCounts(int(sat), int(zero), flat.size)
 
 

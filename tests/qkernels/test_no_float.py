@@ -70,10 +70,10 @@ ALLOWED_FLOAT_IR = {
 HELPERS = {
     "qkernels.conv._span": ("qkernels.conv._col2im",),
     "qkernels.ieee._code_at": (
-        "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._nearest_element",
         "qkernels.ieee._rows_nearest_p", "qkernels.ieee._rows_nearest_s",
-        "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
-        "qkernels.ieee._to_codes_p", "qkernels.ieee._to_codes_s",
+        "qkernels.ieee._to_codes_exact_chunk", "qkernels.ieee._to_codes_p",
+        "qkernels.ieee._to_codes_s",
         "qkernels.ieee._to_codes_where_p", "qkernels.ieee._to_codes_where_s",
         "qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
         "qkernels.optim._sgd_p", "qkernels.optim._sgd_s",
@@ -84,11 +84,13 @@ HELPERS = {
     "qkernels.ieee._encode": (
         "qkernels.ieee._from_codes_p", "qkernels.ieee._from_codes_relu_p",
         "qkernels.ieee._from_codes_relu_s", "qkernels.ieee._from_codes_s",
-        "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._nearest_element",
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
         "qkernels.optim._encode_all", "qkernels.optim._rescale_bits",
         "qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
         "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
+    "qkernels.ieee._inexact": ("qkernels.ieee._to_codes_exact_chunk",),
+    "qkernels.ieee._nearest_element": ("qkernels.ieee._quantize_nearest_chunk",),
     "qkernels.l1bn._apply_channel": (
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
@@ -141,6 +143,10 @@ HELPERS = {
         "qkernels.quant._nearest_p", "qkernels.quant._nearest_s",
         "qkernels.quant._rows_nearest_p", "qkernels.quant._rows_nearest_s",
         "qkernels.quant._stochastic_p", "qkernels.quant._stochastic_s"),
+    "qkernels.quant.chunk_span": (
+        "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
+        "qkernels.quant._nearest32_p", "qkernels.quant._nearest32_s"),
     "qkernels.rng._nearest_element": ("qkernels.rng._nearest_parallel",
                                       "qkernels.rng._nearest_serial"),
     "qkernels.rng._stochastic_element": ("qkernels.rng._stochastic_parallel",

@@ -4,15 +4,18 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from numba import njit
 
 from qkernels import QTensor
+from qkernels import ieee
 from qkernels.fixedpoint import MOMENTUM_BITS
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32, quantize_f32_to_codes)
 from qkernels.loss import EXP2_TABLE, PROB_BITS, softmax_xent_error
 from qkernels.optim import (LR_BITS, F32Store, decay_code, lr_code, momentum_code, sgd_step,
                             sgd_step_f32, sgd_step_f32_inplace)
-from qkernels.quant import mean_exponent, quantize_nearest, quantize_stochastic, range_exponent
+from qkernels.quant import (CHUNK, LANES, _nearest32_p, _nearest32_s, _nearest_s, mean_exponent,
+                            quantize_nearest, quantize_stochastic, range_exponent)
 from qkernels.rng import random_u64_np, stream_key_np
 
 
@@ -42,6 +45,123 @@ def test_nearest_matches_exact_rational_rounding(bits, exp):
     assert counts.saturated == sum(abs(int((Fraction(int(v)) * Fraction(2) ** (exp - e)
                                             + Fraction(1, 2)) // 1)) > q for v in c)
     assert counts.zeroed == sum(1 for v, y in zip(c, want) if v != 0 and y == 0)
+
+
+def _nearest_edge_cases(dtype, shift: int, rng) -> np.ndarray:
+    """Random codes of ``dtype`` plus the cases the int32 lanes must get right at ``shift``:
+    ties either side of zero, the extremes, zero, and values just inside and beyond half."""
+    info = np.iinfo(dtype)
+    half = 1 << max(shift - 1, 0)
+    edges = [0, 1, -1, half, -half, half - 1, -half - 1, 3 * half, -3 * half,
+             info.max, info.min, info.max - half, info.min + half]
+    edges = [v for v in edges if info.min <= v <= info.max]
+    # not a multiple of LANES, and longer than CHUNK: several tasks and a scalar tail
+    body = rng.integers(info.min, info.max, CHUNK + 3 * LANES + 7, dtype=np.int64, endpoint=True)
+    body[:len(edges)] = edges
+    return body.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32])
+def test_nearest_int32_lanes_equal_the_int64_kernel(dtype):
+    """The int32-lane rounding (every shift it takes: 1..31, and 0 for int8/int16 codes; several
+    widths) gives the codes and counts of the int64 kernel, serial and parallel."""
+    rng = np.random.default_rng(np.dtype(dtype).itemsize)
+    seen = np.zeros(2, np.int64)  # saturated and zeroed codes over all cases
+    for shift in range(0 if dtype != np.int32 else 1, 32):
+        c = _nearest_edge_cases(dtype, shift, rng)
+        for bits in (2, 8, 12, 16):
+            q = (1 << (bits - 1)) - 1
+            want = np.empty(c.size, np.int16)
+            want_counts = _nearest_s(c, shift, q, want)
+            seen += want_counts
+            for kernel in (_nearest32_s, _nearest32_p):
+                got = np.empty(c.size, np.int16)
+                assert kernel(c, shift, q, got) == want_counts, (shift, bits, kernel)
+                np.testing.assert_array_equal(got, want, err_msg=f"shift {shift} bits {bits}")
+    assert seen.min() > 1000  # the cases both saturate and round to zero
+
+
+def _float_soup(rng, n: int) -> np.ndarray:
+    """float32 bit patterns of every kind: uniform over all 2**32 patterns (every exponent,
+    subnormals, infinities, NaNs), then small codes, signed zeros and the largest floats."""
+    bits = rng.integers(-(1 << 31), 1 << 31, n, dtype=np.int64).astype(np.int32)
+    codes = rng.integers(-300, 301, n // 4).astype(np.float32) * np.float32(2.0 ** -9)
+    bits[:codes.size] = codes.view(np.int32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-45, -1e-45,
+                        2.0 ** -126, 0.5, -0.5, 1.5, -1.5], np.float32).view(np.int32)
+    bits[codes.size:codes.size + special.size] = special
+    return bits
+
+
+@njit
+def _plain_quantize_nearest(bits, out, e, q, up):
+    """The rounding of a float32 container as one plain loop with scalar counts."""
+    saturated = 0
+    zeroed = 0
+    for i in range(bits.shape[0]):
+        code = ieee._code_at(bits[i], e)
+        y = min(max(code, -q), q)
+        saturated += y != code
+        zeroed += (y == 0) and (bits[i] & 0x7FFFFFFF) != 0
+        out[i] = ieee._encode(y, e) if up < 0 else y << up
+    return saturated, zeroed
+
+
+@njit
+def _plain_to_codes_exact(bits, out, e):
+    """The exact conversion as one plain loop: a value is inexact when a set bit of its
+    mantissa lies below 2**e."""
+    inexact = 0
+    for i in range(bits.shape[0]):
+        a = np.int64(bits[i]) & 0x7FFFFFFF
+        f = a >> 23
+        m = (a & 0x7FFFFF) | ((f > 0) << 23)
+        lsb = max(f, 1) - 150  # the exponent of the mantissa's last bit
+        if e > lsb:
+            inexact += (m & ((np.int64(1) << min(e - lsb, 40)) - 1)) != 0
+        out[i] = ieee._code_at(bits[i], e)
+    return inexact
+
+
+def test_chunked_ieee_kernels_equal_a_plain_loop():
+    """The chunked rounding and exact conversion of float32 bit patterns (per-position
+    counts, scalar tails, several tasks) give a plain loop's results and counts at every
+    exponent: container and code outputs, serial and parallel."""
+    rng = np.random.default_rng(32)
+    b = _float_soup(rng, CHUNK + 5 * LANES + 3)
+    seen = np.zeros(3, np.int64)
+    for e in range(-126, 127, 3):
+        for bits, up in ((2, -1), (8, -1), (16, -1), (8, 0), (8, 7), (12, 3), (16, 14)):
+            q = (1 << (bits - 1)) - 1
+            dtype = np.int32 if up < 0 else (np.int8 if bits - 1 + up <= 7 else np.int32)
+            want = np.empty(b.size, dtype)
+            want_counts = _plain_quantize_nearest(b, want, e, q, up)
+            seen[:2] += want_counts
+            for kernel in (ieee._quantize_nearest_s, ieee._quantize_nearest_p):
+                got = np.empty(b.size, dtype)
+                assert kernel(b, got, e, q, up) == want_counts, (e, bits, up)
+                np.testing.assert_array_equal(got, want, err_msg=f"e {e} bits {bits} up {up}")
+        for dtype in (np.int8, np.int16):
+            want = np.empty(b.size, dtype)
+            want_inexact = _plain_to_codes_exact(b, want, e)
+            seen[2] += want_inexact
+            for kernel in (ieee._to_codes_exact_s, ieee._to_codes_exact_p):
+                got = np.empty(b.size, dtype)
+                assert kernel(b, got, e) == want_inexact, (e, dtype)
+                np.testing.assert_array_equal(got, want, err_msg=f"e {e} {dtype}")
+    assert seen.min() > 1000  # the patterns saturate, round to zero and are inexact
+
+
+def test_quantize_nearest_takes_int32_lanes_only_where_they_apply():
+    """Codes move left (shift <= 0) or are int64: the int64 kernel; the results agree with
+    the oracle either way."""
+    c = np.array([5, -7, 0, 1 << 40, -(1 << 40) + 3], np.int64)
+    got, counts = quantize_nearest(QTensor(c, 0), 8)
+    want, e = nearest_oracle(c, 0, 8)
+    assert (got.exp, got.q.tolist(), counts.zeroed) == (e, want, 2)
+    small = np.array([3, -2, 1, 0], np.int8)
+    got, counts = quantize_nearest(QTensor(small, 0), 8, -2)  # shift -2: codes move left
+    assert got.q.tolist() == [12, -8, 4, 0] and counts.saturated == 0
 
 
 def test_mean_exponent_is_floor_log2_of_the_mean():
