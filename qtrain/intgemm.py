@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -369,6 +370,18 @@ def conv2d_input_grad(g: Codes, w: Codes, x_shape, stride, padding) -> torch.Ten
 #: Bytes of int32 products that :func:`_input_grad8` makes at a time (they are added into the
 #: image while still in cache).
 BLOCK_BYTES = 4 << 20
+#: Per thread, the block buffers of :func:`_input_grad8` by shape (at most BLOCK_BYTES each),
+#: kept from step to step: a freshly allocated one made the product itself 2x slower here
+#: (LeNet-5's second conv: 0.82 -> 0.43 ms median in the step).
+_blocks = threading.local()
+
+
+def _block_buffer(rows: int, cols: int) -> torch.Tensor:
+    bufs = _blocks.__dict__.setdefault("bufs", {})
+    buf = bufs.get((rows, cols))
+    if buf is None:
+        buf = bufs[rows, cols] = torch.empty(rows, cols, dtype=torch.int32)
+    return buf
 
 
 def _input_grad8(wt: torch.Tensor, g: torch.Tensor, x_shape, kernel, stride, padding
@@ -381,12 +394,11 @@ def _input_grad8(wt: torch.Tensor, g: torch.Tensor, x_shape, kernel, stride, pad
     per_image = g.shape[0] // n  # OH*OW error rows per image
     block = max(1, min(n, BLOCK_BYTES // (4 * wt.shape[0] * per_image)))
     image = np.zeros(x_shape, np.int32)
-    buf = torch.empty(wt.shape[0], block * per_image, dtype=torch.int32)
     for n0 in range(0, n, block):
         n1 = min(n, n0 + block)
         rows = g[n0 * per_image:n1 * per_image].t()
-        # a last, shorter block gets its own array (a slice of buf would not be contiguous)
-        part = torch._int_mm(wt, rows, out=buf) if n1 - n0 == block else torch._int_mm(wt, rows)
+        # a last, shorter block has a buffer of its own (a slice would not be contiguous)
+        part = torch._int_mm(wt, rows, out=_block_buffer(wt.shape[0], (n1 - n0) * per_image))
         col2im_add(part.numpy(), image[n0:n1], kernel, stride, padding)
     return image
 
