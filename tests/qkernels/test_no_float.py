@@ -137,7 +137,6 @@ HELPERS = {
     "qkernels.optim._rescaled": ("qkernels.optim._rescale", "qkernels.optim._rescale_bits"),
     "qkernels.optim._update": ("qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
                                "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
-    "qkernels.pool._first_max": ("qkernels.pool._backward", "qkernels.pool._relu_forward_codes"),
     "qkernels.quant.saturate_count": (
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
         "qkernels.quant._nearest_p", "qkernels.quant._nearest_s",
