@@ -45,7 +45,6 @@ def stratified_subset(ds: Dataset, per_class: int, seed: int | None = 0) -> Data
 
 #: Exponent of the input codes: value = code * 2**INPUT_EXP.
 INPUT_EXP = -7
-_CODE_TABLE = np.clip(np.arange(256) - 128, -127, 127).astype(np.int8)
 
 
 def to_codes(images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -66,7 +65,8 @@ def to_codes(images: np.ndarray) -> tuple[np.ndarray, int]:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"to_codes expects uint8 pixels, got {images.dtype.name}")
-    return _CODE_TABLE[images], INPUT_EXP
+    codes = images.view(np.int8) ^ np.int8(-128)  # p - 128, in two's complement
+    return np.maximum(codes, np.int8(-127), out=codes), INPUT_EXP
 
 
 def batches(ds_images: np.ndarray, ds_labels: np.ndarray, batch_size: int, seed: int,

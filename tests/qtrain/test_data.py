@@ -427,6 +427,9 @@ def test_to_codes():
     np.testing.assert_array_equal(codes, expected)
     values = codes.astype(np.float64) * 2.0 ** exp
     np.testing.assert_array_equal(values.ravel()[1:], (np.arange(1, 256) - 128) / 128)
+    strided, _ = data.to_codes(pixels[:, ::2])  # a view; the pixels stay as they were
+    np.testing.assert_array_equal(strided, expected[:, ::2])
+    np.testing.assert_array_equal(pixels.ravel(), np.arange(256))
     with pytest.raises(TypeError):
         data.to_codes(pixels.astype(np.int16))
 
