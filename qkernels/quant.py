@@ -94,11 +94,11 @@ def _nearest(c, shift, q, out):
     return saturated, zeroed
 
 
-#: Elements per task of the int32-lane kernels below.
+#: Elements per parallel task of the chunked counting kernels (here and in qkernels.ieee).
 CHUNK = 1 << 15
-#: Running counts per task: one per position in a block of LANES elements. A single running
-#: count keeps LLVM from vectorizing the loop (measured on 2.36M int32 accumulators, the paper
-#: network's first conv: 0.86 ms per call against 0.42 ms with these).
+#: Running counts per task: one per position in a block of LANES elements, added up at the
+#: end. A single running count keeps LLVM from vectorizing the loop (2.36M int32 accumulators,
+#: the paper network's first conv: 0.79-0.82 ms per call, 0.30 ms in int32 lanes with these).
 LANES = 64
 
 
@@ -139,10 +139,10 @@ def _nearest32_chunk(c, shift, q, out):
         zeroed += zero[j]
     for i in range(whole, c.shape[0]):
         v = np.int32(c[i])
-        y = (v >> s) + ((v >> s1) & one)
+        y = _i32.round_shr(v, s, s1, one)
         saturated += np.uint32(y + q32) > span
         zeroed += np.int64(y == 0) - np.int64(v == 0)
-        out[i] = min(max(y, -q32), q32)
+        out[i] = _i32.clamp(y, q32)
     return saturated, zeroed
 
 
