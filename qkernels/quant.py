@@ -109,11 +109,19 @@ def chunk_span(k, n):
     return lo, min(lo + CHUNK, n)
 
 
+@njit(cache=True, inline="always")
+def _nearest32_element(v, s, s1, one, q32, span):
+    """One code of :func:`_nearest32_chunk`: (code, saturated?, rounded to zero?)."""
+    y = _i32.round_shr(v, s, s1, one)
+    return (_i32.clamp(y, q32), np.int32(np.uint32(y + q32) > span),
+            np.int32(y == 0) - np.int32(v == 0))  # v == 0 gives y == 0
+
+
 @njit(cache=True)
 def _nearest32_chunk(c, shift, q, out):
     """:func:`_nearest` of int8/int16/int32 codes and ``0 <= shift <= 31`` in int32 lanes
-    (shift 0 only for int8/int16 codes: then ``y + q`` below cannot overflow). Round half up
-    is ``(v >> s) + bit (s-1) of v``, ``(v + 2**(s-1)) >> s`` without the sum that could
+    (shift 0 only for int8/int16 codes: then ``y + q`` cannot overflow). Round half up is
+    ``(v >> s) + bit (s-1) of v``, ``(v + 2**(s-1)) >> s`` without the sum that could
     overflow int32; at shift 0 the bit is masked off (y = v)."""
     s = np.int32(shift)
     s1 = np.int32(max(shift - 1, 0))
@@ -127,22 +135,15 @@ def _nearest32_chunk(c, shift, q, out):
         block = c[start:start + LANES]
         dst = out[start:start + LANES]
         for j in range(LANES):
-            v = np.int32(block[j])
-            y = _i32.round_shr(v, s, s1, one)
-            sat[j] += np.int32(np.uint32(y + q32) > span)
-            zero[j] += np.int32(y == 0) - np.int32(v == 0)  # v == 0 gives y == 0
-            dst[j] = _i32.clamp(y, q32)
-    saturated = np.int64(0)
-    zeroed = np.int64(0)
-    for j in range(LANES):
-        saturated += sat[j]
-        zeroed += zero[j]
+            dst[j], ds, dz = _nearest32_element(np.int32(block[j]), s, s1, one, q32, span)
+            sat[j] += ds
+            zero[j] += dz
+    saturated = np.int64(sat.sum())
+    zeroed = np.int64(zero.sum())
     for i in range(whole, c.shape[0]):
-        v = np.int32(c[i])
-        y = _i32.round_shr(v, s, s1, one)
-        saturated += np.uint32(y + q32) > span
-        zeroed += np.int64(y == 0) - np.int64(v == 0)
-        out[i] = _i32.clamp(y, q32)
+        out[i], ds, dz = _nearest32_element(np.int32(c[i]), s, s1, one, q32, span)
+        saturated += ds
+        zeroed += dz
     return saturated, zeroed
 
 

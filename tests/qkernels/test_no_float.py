@@ -137,15 +137,16 @@ HELPERS = {
     "qkernels.optim._rescaled": ("qkernels.optim._rescale", "qkernels.optim._rescale_bits"),
     "qkernels.optim._update": ("qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
                                "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
+    "qkernels.quant._nearest32_element": ("qkernels.quant._nearest32_chunk",),
+    "qkernels.quant.chunk_span": (
+        "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
+        "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
+        "qkernels.quant._nearest32_p", "qkernels.quant._nearest32_s"),
     "qkernels.quant.saturate_count": (
         "qkernels.ieee._quantize_stochastic_p", "qkernels.ieee._quantize_stochastic_s",
         "qkernels.quant._nearest_p", "qkernels.quant._nearest_s",
         "qkernels.quant._rows_nearest_p", "qkernels.quant._rows_nearest_s",
         "qkernels.quant._stochastic_p", "qkernels.quant._stochastic_s"),
-    "qkernels.quant.chunk_span": (
-        "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
-        "qkernels.ieee._to_codes_exact_p", "qkernels.ieee._to_codes_exact_s",
-        "qkernels.quant._nearest32_p", "qkernels.quant._nearest32_s"),
     "qkernels.rng._nearest_element": ("qkernels.rng._nearest_parallel",
                                       "qkernels.rng._nearest_serial"),
     "qkernels.rng._stochastic_element": ("qkernels.rng._stochastic_parallel",
