@@ -26,6 +26,10 @@ most :data:`LIMB_TERMS` terms per piece), so the int64 result is the exact produ
 ``col2im`` adds it up in int64. Codes wider than 16 bits, or a container that is not codes,
 keep the float path of :mod:`qtrain.nn`: float32 BLAS where a sum provably stays below
 ``2**24``, float64 otherwise.
+The containers a layer makes from integer codes (a fused block's output, the rounded weights,
+the input images) carry those codes (:func:`attach`), so the next product takes them without
+reading the float32 container back (:func:`codes8`); the record lapses if the container is
+changed in place.
 Before its first use the GEMM is checked on this machine against int64 arithmetic with the
 largest codes (a CPU whose int8 kernel saturates int16 pairs fails it); if the check fails
 the float path is used throughout. ``QTRAIN_INT_GEMM=0`` or :func:`float_gemm` selects the
@@ -137,11 +141,72 @@ def enabled() -> bool:
     return _enabled and _int_mm_exact()
 
 
+#: The attribute under which a float32 container carries the codes it was made from
+#: (:func:`attach`).
+_HELD = "_qtrain_codes"
+
+
+def attach(t: torch.Tensor, q: np.ndarray, exp: int, relu: bool = False) -> torch.Tensor:
+    """Record on the float32 CPU container ``t`` that it holds the integer codes ``q`` (an
+    array of ``t``'s shape) at ``exp`` (with ``relu``: their ``max(q, 0)``), so that
+    :func:`codes8` of ``t``, or of a view of all of it in the same order (a flatten, a
+    ``view_as``), takes them instead of reading the container again (two passes over a
+    float32 tensor: its peak, then its codes). The record lapses when ``t`` is changed in
+    place, or through a view: torch's version counter moves. Returns ``t``."""
+    base = t._base if _whole_view(t) else t  # kept where every view of it looks
+    base.__dict__[_HELD] = (q, exp, relu, t._version)
+    return t
+
+
+def _whole_view(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a view of all of its base, in the same order (a reshape, a flatten, a
+    ``view_as``)."""
+    base = t._base
+    return (base is not None and t.is_contiguous() and base.is_contiguous()
+            and t.numel() == base.numel() and t.storage_offset() == base.storage_offset())
+
+
+def _record(t: torch.Tensor) -> tuple | None:
+    """The valid record of codes of ``t`` (or of its base, where ``t`` is a whole view of
+    it); None without one."""
+    held = t.__dict__.get(_HELD)
+    if held is None and _whole_view(t):
+        held = t._base.__dict__.get(_HELD)
+    if held is None or held[3] != t._version:
+        return None
+    return held
+
+
+def _held_codes8(t: torch.Tensor) -> Codes | None | bool:
+    """:func:`codes8` from ``t``'s record: what reading the container gives (the peak's
+    exponent ``E - 7``, the codes shifted to it), False where there is no valid record or its
+    codes do not fit int8 (then the container is read)."""
+    held = _record(t)
+    if held is None:
+        return False
+    q, exp, relu, _ = held
+    q = q.reshape(t.shape)
+    if relu:
+        q = np.maximum(q, 0)
+    peak = max(int(q.max()), -int(q.min())) if q.size else 0
+    if peak == 0:
+        return Codes(torch.zeros(q.shape, dtype=torch.int8), 0)
+    shift = 7 - peak.bit_length()
+    if shift < 0:
+        return False
+    q8 = q if q.dtype == np.int8 else q.astype(np.int8)
+    return Codes(torch.from_numpy(q8 << np.int8(shift) if shift else q8), exp - shift)
+
+
 def codes8(t: torch.Tensor) -> Codes | None:
     """The int8 codes of a float32 CPU container, or None when it is not codes of at most 8
-    bits (then the caller takes the float path)."""
+    bits (then the caller takes the float path). A container's record (:func:`attach`)
+    gives them without reading it."""
     if t.dtype != torch.float32:
         return None
+    c = _held_codes8(t)
+    if c is not False:
+        return c
     c = f32_to_codes_exact(t.detach().numpy(), 7, np.int8)
     return None if c is None else Codes(torch.from_numpy(c.q), c.exp)
 

@@ -143,6 +143,13 @@ class _WeightFn(torch.autograd.Function):
         if exp is not None:  # the mean exponent: which weights stay inside the codes
             codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
             ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
+        if (q.bits_w <= 8 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+                and q.engine.kernels(weight)):
+            # nearest's rounding, keeping the codes with the container for the integer GEMM
+            wq, counts = quantize_f32_to_codes(weight.detach().numpy(), q.bits_w, 7, np.int8,
+                                               exp)
+            layer.stats_w.add(*counts)
+            return intgemm.attach(torch.from_numpy(codes_to_f32(wq)), wq.q, wq.exp)
         return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp, replicated=True)
 
     @staticmethod
@@ -522,9 +529,11 @@ def _block_forward(ctx, xq: QTensor, bn, quant, pool: bool) -> torch.Tensor:
     ctx.bn, ctx.quant, ctx.pool, ctx.shape = bn, quant, pool, shape
     if pool:  # the backward needs the pool's selection, not y
         pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(shape))
-        return torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp)))
+        return intgemm.attach(torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp))), pooled,
+                              y.exp)
     ctx.y = y.q
-    return torch.from_numpy(codes_to_f32(y, relu=True)).reshape(shape)
+    return intgemm.attach(torch.from_numpy(codes_to_f32(y, relu=True)).reshape(shape),
+                          y.q.reshape(shape), y.exp, relu=True)
 
 
 def _block_backward(ctx, gy: torch.Tensor) -> tuple[QTensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from . import intgemm
 from .data import INPUT_EXP, batches, to_codes
 from .loss import cross_entropy, sample_losses
 from .optim import QSGD
@@ -25,7 +26,13 @@ def to_input(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     codes, _ = to_codes(images)
     x = torch.from_numpy(codes).to(device, torch.float32)
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-    return x * pow2(INPUT_EXP)
+    x = x * pow2(INPUT_EXP)
+    if x.device.type != "cpu":
+        return x
+    # the codes ride along for the int backend's integer GEMM (qtrain.intgemm.attach)
+    codes = codes[:, None] if codes.ndim == 3 else np.ascontiguousarray(
+        codes.transpose(0, 3, 1, 2))
+    return intgemm.attach(x, codes, INPUT_EXP)
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: np.ndarray,

@@ -3,12 +3,19 @@ same forward containers, input gradients and rounded weight gradients, bit for b
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from qkernels import QTensor
+from qkernels.ieee import codes_to_f32
 from qtrain import intgemm
+from qtrain.loss import cross_entropy
+from qtrain.models import build
 from qtrain.nn import QuantConv2d, QuantLinear
+from qtrain.optim import QSGD
 from qtrain.quant import QConfig, QState
+from qtrain.train import to_input
 
 pytestmark = pytest.mark.skipif(not intgemm.enabled(),
                                 reason="torch._int_mm is not exact on this machine")
@@ -279,3 +286,79 @@ def test_wide_linear_gemm_equals_the_float_path(peak, monkeypatch):
     gy = wide_codes((16, 48), -30, gen, peak)
     got, want = both_paths(make, x, gy, weight, monkeypatch=monkeypatch)
     assert_same(got, want)
+
+
+# --- codes carried by containers (intgemm.attach) ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("peak", [0, 1, 5, 64, 127, 128, 300])
+def test_a_record_gives_the_codes_reading_the_container_gives(dtype, relu, peak):
+    """codes8 from a container's record of codes: the same int8 codes and exponent as reading
+    the container (the peak's exponent, codes shifted up to it), or None where its codes do
+    not fit int8 either way."""
+    if peak > np.iinfo(dtype).max:
+        pytest.skip("int8 codes end at 127")
+    rng = np.random.default_rng(peak)
+    for exp in (-9, 0, 3):
+        q = rng.integers(-peak, peak + 1, (3, 4, 5)).astype(dtype)
+        q.flat[7], q.flat[8] = peak, -peak
+        values = np.maximum(q, 0) if relu else q
+        container = torch.from_numpy(codes_to_f32(QTensor(values, exp)))
+        read = intgemm.codes8(container)
+        held = intgemm.codes8(intgemm.attach(container.clone(), q, exp, relu))
+        assert (read is None) == (held is None)
+        if read is not None:
+            assert held.exp == read.exp and held.q.dtype == torch.int8
+            assert torch.equal(held.q, read.q)
+
+
+def test_a_record_lapses_when_the_container_changes_in_place():
+    q = np.arange(-60, 60, dtype=np.int8).reshape(8, 15)
+    t = intgemm.attach(torch.from_numpy(codes_to_f32(QTensor(q, -4))), q, -4)
+    view = t.view_as(t)
+    held = intgemm._held_codes8(view)  # the record's codes, shifted up to the peak
+    assert held.exp == -5 and torch.equal(held.q, torch.from_numpy(q << 1))
+    view.mul_(0.5)  # through the view: the base's version moves too
+    for c in (intgemm.codes8(t), intgemm.codes8(view)):
+        assert c.exp == -6 and torch.equal(c.q, torch.from_numpy(q << 1))  # read: halved
+    assert intgemm._held_codes8(t) is False and intgemm._held_codes8(view) is False
+
+
+def train_steps(model: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    qconfig = QConfig(backend="int", bits_w=8, bits_a=8, bits_g=8, bits_e=8)
+    net = build(model, "l1", qconfig)
+    opt = QSGD(net.parameters(), lr=0.1, momentum=0.9, qconfig=qconfig)
+    for _ in range(steps):
+        x = to_input(rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+        loss = cross_entropy(net(x), torch.from_numpy(rng.integers(0, 10, 16)), qconfig)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step(batch_size=16)
+        net.qstate.step += 1
+    return net.state_dict()
+
+
+def test_training_with_records_equals_training_without(monkeypatch):
+    """A few steps of LeNet-5 give the same weights, norms and running statistics bit for bit
+    whether the containers carry their codes or every layer reads them again; and the
+    records were used (the input image, the blocks' outputs and the weights)."""
+    used = []
+    held_codes8 = intgemm._held_codes8
+
+    def counting(t):
+        c = held_codes8(t)
+        used.append(c is not False)
+        return c
+
+    monkeypatch.setattr(intgemm, "_held_codes8", counting)
+    with_records = train_steps("lenet5", 3)
+    assert sum(used) == 3 * 10  # per step: 5 layers' inputs and weights (errors: none)
+    monkeypatch.setattr(intgemm, "attach", lambda t, *args, **kw: t)
+    without = train_steps("lenet5", 3)
+    assert with_records.keys() == without.keys()
+    for key, value in with_records.items():
+        assert torch.equal(value, without[key]), key
