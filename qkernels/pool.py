@@ -9,7 +9,9 @@ patterns gave the same results 1.4-1.5x slower.)
 :func:`maxpool2x2_relu_codes` / :func:`maxpool2x2_relu_backward_codes` pool ``relu(y)`` for
 integer codes ``y`` (a batch norm's output) and send the error back to ``y``'s codes, through
 the container's bit patterns: integers only, and the same results as ReLU, max-pool and the
-conversions one after the other.
+conversions one after the other. :func:`maxpool2x2_relu_backward_of_codes` sends back an
+error held as codes (one rounded straight to codes), with the same results as from its
+container.
 
 The backward routes each error to the first largest element of its window in row-major order
 (a, b / c, d), which is the choice ``torch.nn.functional.max_pool2d`` makes, so the results are
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .format import QTensor, check_array
+from .format import QTensor, check_array, check_qtensor
 from .ieee import _ABS, _NO_TOP, _bits_of, _code_at, _top_exponent
 
 
@@ -89,23 +91,33 @@ def _relu_forward_codes(y, out, sel):
                 chosen[j] = k if m > 0 else -1
 
 
+@njit(cache=True, inline="always")
+def _magnitude(g, bits):
+    """An error's magnitude, comparable across one array: from float32 bits (``bits``) the
+    bits without the sign, which order as the values do; from a code its absolute value."""
+    return np.int64(g & _ABS) if bits else abs(np.int64(g))
+
+
 @njit(cache=True, parallel=True)
-def _relu_backward_peak(sel, gz):
-    """Largest magnitude bits of the errors that go back (windows with a selected element)."""
-    top = np.int32(0)
+def _relu_backward_peak(sel, gz, bits):
+    """Largest magnitude (:func:`_magnitude`) of the errors that go back (windows with a
+    selected element)."""
+    top = np.int64(0)
     for p in prange(sel.shape[0]):
         for i in range(sel.shape[1]):
             for j in range(sel.shape[2]):
-                top = max(top, gz[p, i, j] & _ABS if sel[p, i, j] >= 0 else np.int32(0))
+                top = max(top, _magnitude(gz[p, i, j], bits) if sel[p, i, j] >= 0
+                          else np.int64(0))
     return top
 
 
 @njit(cache=True, parallel=True)
-def _relu_backward_codes(sel, gz, e, out):
+def _relu_backward_codes(sel, gz, bits, e, out):
     """Each error's code to its window's selected element, zeros elsewhere: every element of
     ``out`` written once, as the code ANDed with an all-ones or all-zeros mask, without
     branches (0.90 -> 0.58 ms alone on the paper's LeNet's first block, against zeroing the
-    planes and then storing the selected elements)."""
+    planes and then storing the selected elements). The code: float32 bits (``bits``) read at
+    exponent ``e``, or a code shifted left by ``e``."""
     for p in prange(sel.shape[0]):
         for i in range(sel.shape[1]):
             o0 = out[p, 2 * i]
@@ -114,7 +126,7 @@ def _relu_backward_codes(sel, gz, e, out):
             g = gz[p, i]
             for j in range(sel.shape[2]):
                 k = np.int64(chosen[j])
-                code = _code_at(g[j], e)
+                code = _code_at(g[j], e) if bits else np.int64(g[j]) << e
                 o0[2 * j] = code & -np.int64(k == 0)
                 o0[2 * j + 1] = code & -np.int64(k == 1)
                 o1[2 * j] = code & -np.int64(k == 2)
@@ -184,12 +196,36 @@ def maxpool2x2_relu_backward_codes(sel: np.ndarray, gz: np.ndarray, width: int, 
         raise ValueError(f"gz has shape {gz.shape}, expected the pooled shape {sel.shape}")
     sp = np.ascontiguousarray(sel).reshape(-1, *sel.shape[-2:])
     gb = b.reshape(sp.shape)
-    top = int(_top_exponent(_relu_backward_peak(sp, gb)))
+    top = int(_top_exponent(np.int32(_relu_backward_peak(sp, gb, True))))
     e = 0 if top == _NO_TOP else top - width
     out = np.empty((sp.shape[0], 2 * sp.shape[1], 2 * sp.shape[2]), dtype)
-    _relu_backward_codes(sp, gb, e, out)
+    _relu_backward_codes(sp, gb, True, e, out)
     return QTensor(out.reshape(*sel.shape[:-2], 2 * sel.shape[-2], 2 * sel.shape[-1]), e)
 
 
+def maxpool2x2_relu_backward_of_codes(sel: np.ndarray, gz: QTensor, width: int, dtype
+                                      ) -> QTensor:
+    """:func:`maxpool2x2_relu_backward_codes` of errors held as codes (int8 or int16 ``gz.q``
+    of ``sel``'s shape at ``gz.exp``, each of at most ``width`` bits): the same codes and
+    exponent as from their float32 container, without one. The exponent is ``E - width`` for
+    the largest error that goes back, so each code moves left by ``width`` less its bit
+    length."""
+    check_array(sel, "sel", (np.int8,), (3, 4))
+    check_qtensor(gz, "gz")
+    check_array(gz.q, "gz.q", (np.int8, np.int16), (sel.ndim,))
+    if gz.q.shape != sel.shape:
+        raise ValueError(f"gz.q has shape {gz.q.shape}, expected the pooled shape {sel.shape}")
+    sp = np.ascontiguousarray(sel).reshape(-1, *sel.shape[-2:])
+    gq = np.ascontiguousarray(gz.q).reshape(sp.shape)
+    peak = int(_relu_backward_peak(sp, gq, False))
+    if peak >> width:
+        raise ValueError(f"gz holds a code of {peak.bit_length()} bits, more than width={width}")
+    shift = width - peak.bit_length() if peak else 0
+    out = np.empty((sp.shape[0], 2 * sp.shape[1], 2 * sp.shape[2]), dtype)
+    _relu_backward_codes(sp, gq, False, shift, out)
+    shape = (*sel.shape[:-2], 2 * sel.shape[-2], 2 * sel.shape[-1])
+    return QTensor(out.reshape(shape), gz.exp - shift if peak else 0)
+
+
 __all__ = ["maxpool2x2", "maxpool2x2_backward", "maxpool2x2_relu_codes",
-           "maxpool2x2_relu_backward_codes"]
+           "maxpool2x2_relu_backward_codes", "maxpool2x2_relu_backward_of_codes"]

@@ -231,6 +231,29 @@ def code_top(c: QTensor) -> int | None:
     return c.exp + peak.bit_length() if peak else None
 
 
+def codes_where(x: QTensor, mask: np.ndarray, width: int, dtype) -> QTensor:
+    """Codes of ``x`` where ``mask > 0`` and 0 elsewhere (``mask`` any integer array of
+    ``x.q``'s size), at exponent ``E - width`` with ``E`` from the largest selected magnitude
+    (0 when every selected code is zero): the same codes and exponent as
+    :func:`qkernels.ieee.f32_to_codes_where` on ``x``'s float32 container, for int8 or int16
+    codes of at most ``width`` bits (each moves left by ``width`` less the peak's bit
+    length)."""
+    check_array(x.q, "x.q", (np.int8, np.int16), tuple(range(0, 9)))
+    check_exp(x.exp, "x.exp")
+    flat_mask = np.ascontiguousarray(mask).reshape(-1)
+    if flat_mask.size != x.q.size:
+        raise ValueError(f"mask has {flat_mask.size} elements, x.q has {x.q.size}")
+    picked = np.where(flat_mask > 0, np.ascontiguousarray(x.q).reshape(-1), 0)
+    peak = max_abs(picked)
+    if peak >> width:
+        raise ValueError(f"x holds a code of {peak.bit_length()} bits, more than width={width}")
+    out = picked.astype(dtype).reshape(x.q.shape)
+    if not peak:
+        return QTensor(out, 0)
+    shift = width - peak.bit_length()
+    return QTensor(np.left_shift(out, shift, out=out), x.exp - shift)
+
+
 def mean_exponent(abs_sum: int, n: int, exp: int, bits: int) -> int | None:
     """The *mean* rule's exponent for ``n`` codes at exponent ``exp`` whose magnitudes sum to
     ``abs_sum``: ``e = floor(log2(mean|v|)) + 3 - bits`` (None when all are zero), exactly,

@@ -34,7 +34,9 @@ class QuantBlock(nn.Module):
     ``fused`` (public, default True) turns the fused path off for this block. When the fused
     node ran, ``out`` is told that its input holds the norm's ``out_bits`` codes (after ReLU and
     max-pool), so it skips a rounding that would change nothing
-    (``Quantize.forward(x, code_bits=...)``).
+    (``Quantize.forward(x, code_bits=...)``); where its backward rounds errors to nearest,
+    ``out`` joins the node instead (:func:`qtrain.nn._out_joins`), which rounds the error
+    coming back straight to codes.
     """
 
     def __init__(self, layer: nn.Module, quant: Quantize, bn: _L1BatchNorm, relu: nn.ReLU,
@@ -52,22 +54,22 @@ class QuantBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         node = None
         if self.fused and isinstance(self.layer, QuantConv2d):
-            node = conv_block(self.layer, self.quant, self.bn, self.relu, x, self.pool)
+            node = conv_block(self.layer, self.quant, self.bn, self.relu, x, self.pool,
+                              self.out)
         elif self.fused and self.pool is None:
-            y = linear_block(self.layer, self.quant, self.bn, self.relu, x)
-            node = None if y is None else (y, False)
+            node = linear_block(self.layer, self.quant, self.bn, self.relu, x, self.out)
         if node is None:
             x = self.layer(x)
             if self.fused:
-                node = quant_bn_relu(self.quant, self.bn, self.relu, x, self.pool)
+                node = quant_bn_relu(self.quant, self.bn, self.relu, x, self.pool, self.out)
         if node is None:
             for m in self.modules_in_order()[1:]:
                 x = m(x)
             return x
-        y, pooled = node
+        y, pooled, quantized = node
         if self.pool is not None and not pooled:
             y = self.pool(y)  # max-pool selects codes: still the norm's output codes
-        return self.out(y, code_bits=self.bn.out_bits)
+        return y if quantized else self.out(y, code_bits=self.bn.out_bits)
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}"

@@ -37,11 +37,11 @@ from qkernels.conv import conv2d_weight_grad
 from qkernels.ieee import (codes_to_f32, f32_to_codes, f32_to_codes_where, peak_exponent,
                            quantize_f32_rows, quantize_f32_to_codes)
 from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
-                           maxpool2x2_relu_codes)
+                           maxpool2x2_relu_backward_of_codes, maxpool2x2_relu_codes)
 from qkernels import l1bn_update_running
 from qkernels.fixedpoint import MOMENTUM_BITS, RUN_EXP
 from qkernels.format import code_dtype
-from qkernels.quant import code_top, quantize_stochastic
+from qkernels.quant import code_top, codes_where, quantize_stochastic
 
 from . import distributed as dist
 from . import intgemm
@@ -521,19 +521,25 @@ class _L1BNFn(torch.autograd.Function):
         return _container(dx, gy), grad_w, grad_b, None
 
 
-def _block_forward(ctx, xq: QTensor, bn, quant, pool: bool) -> torch.Tensor:
+def _block_forward(ctx, xq: QTensor, bn, quant, pool: bool, out) -> torch.Tensor:
     """The fused nodes' common forward from the norm's input codes ``xq`` (N, C, ...): L1BN,
-    ReLU [and the 2x2 max-pool] on codes; the output container."""
+    ReLU [and the 2x2 max-pool] on codes; the output container. ``out``: the block's output
+    quantizer where it joins the node (:func:`_out_joins`; its forward changes nothing and is
+    counted here), else None."""
     shape = xq.q.shape
     y, ctx.cache = bn._forward_codes(_ncl(xq))
-    ctx.bn, ctx.quant, ctx.pool, ctx.shape = bn, quant, pool, shape
+    ctx.bn, ctx.quant, ctx.pool, ctx.shape, ctx.out = bn, quant, pool, shape, out
     if pool:  # the backward needs the pool's selection, not y
         pooled, ctx.sel = maxpool2x2_relu_codes(y.q.reshape(shape))
-        return intgemm.attach(torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp))), pooled,
-                              y.exp)
-    ctx.y = y.q
-    return intgemm.attach(torch.from_numpy(codes_to_f32(y, relu=True)).reshape(shape),
-                          y.q.reshape(shape), y.exp, relu=True)
+        result = intgemm.attach(torch.from_numpy(codes_to_f32(QTensor(pooled, y.exp))),
+                                pooled, y.exp)
+    else:
+        ctx.y = y.q
+        result = intgemm.attach(torch.from_numpy(codes_to_f32(y, relu=True)).reshape(shape),
+                                y.q.reshape(shape), y.exp, relu=True)
+    if out is not None:  # as Quantize.forward counts codes it leaves as they are
+        out.stats_fwd.add(0, 0, result.numel())
+    return result
 
 
 def _block_backward(ctx, gy: torch.Tensor) -> tuple[QTensor, torch.Tensor, torch.Tensor]:
@@ -543,7 +549,12 @@ def _block_backward(ctx, gy: torch.Tensor) -> tuple[QTensor, torch.Tensor, torch
     bn, quant = ctx.bn, ctx.quant
     dtype, width = _storage(bn.qconfig.error_code_bits)
     gy_f32 = gy.detach().float().contiguous().numpy()
-    if ctx.pool:
+    if ctx.out is not None:  # the output quantizer's backward (nearest), rounding to codes
+        gq, counts = quantize_f32_to_codes(gy_f32, ctx.out.bits_bwd, width, dtype)
+        ctx.out.stats_bwd.add(*counts)
+        g = (maxpool2x2_relu_backward_of_codes(ctx.sel, gq, width, dtype) if ctx.pool
+             else codes_where(gq, ctx.y, width, dtype))
+    elif ctx.pool:
         g = maxpool2x2_relu_backward_codes(ctx.sel, gy_f32, width, dtype)
     else:
         g = f32_to_codes_where(gy_f32, ctx.y, width, dtype)
@@ -566,7 +577,7 @@ class _QuantBNReLUFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, quant, bn, pool):
+    def forward(ctx, x, weight, bias, quant, bn, pool, out):
         dtype, width = _storage(bn.qconfig.norm_in_bits)
         x32 = x.detach().numpy()
         if quant.channels:  # each channel at its own exponent: 16-bit codes (nearest_channels)
@@ -575,18 +586,18 @@ class _QuantBNReLUFn(torch.autograd.Function):
             xq = QTensor(np.ascontiguousarray(np.moveaxis(xq.q, 0, 1)),
                          xq.exp if xq.q.any() else 0)
             quant.stats_fwd.add(*counts)
-            return _block_forward(ctx, xq, bn, quant, pool)
+            return _block_forward(ctx, xq, bn, quant, pool, out)
         exp = None
         if dist.active():
             exp = dist.range_exponent(peak_exponent(x32), quant.bits_fwd)
         xq, counts = quantize_f32_to_codes(x32, quant.bits_fwd, width, dtype, exp)
         quant.stats_fwd.add(*counts)
-        return _block_forward(ctx, xq, bn, quant, pool)
+        return _block_forward(ctx, xq, bn, quant, pool, out)
 
     @staticmethod
     def backward(ctx, gy):
         dx, grad_w, grad_b = _block_backward(ctx, gy)
-        return torch.from_numpy(codes_to_f32(dx)), grad_w, grad_b, None, None, None
+        return torch.from_numpy(codes_to_f32(dx)), grad_w, grad_b, None, None, None, None
 
 
 def _weight_codes8(w: torch.Tensor) -> intgemm.Codes:
@@ -622,12 +633,13 @@ class _ConvBlockFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8):
+    def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8, out):
         w8 = _weight_codes8(w)
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
         ctx.save_for_backward(x, w)
         ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
-        return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant, pool)
+        return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant, pool,
+                              out)
 
     @staticmethod
     def backward(ctx, gy):
@@ -640,7 +652,7 @@ class _ConvBlockFn(torch.autograd.Function):
             if columns else None
         gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
         return (gx, conv._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None, None,
-                None, None)
+                None, None, None)
 
 
 class _LinearBlockFn(torch.autograd.Function):
@@ -651,13 +663,13 @@ class _LinearBlockFn(torch.autograd.Function):
     of the modules in a row (``tests/qtrain/test_fused.py``)."""
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, linear, quant, bn, x8):
+    def forward(ctx, x, w, weight, bias, linear, quant, bn, x8, out):
         w8 = _weight_codes8(w)
         acc = intgemm.matmul(w8.q, x8.q.t())  # (O, N)
         ctx.save_for_backward(w)
         ctx.linear, ctx.x8, ctx.w8 = linear, x8, w8
         return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant,
-                              False)
+                              False, out)
 
     @staticmethod
     def backward(ctx, gy):
@@ -667,7 +679,7 @@ class _LinearBlockFn(torch.autograd.Function):
         gx = intgemm.linear_input_grad(g, ctx.w8) if ctx.needs_input_grad[0] else None
         gw = intgemm.linear_weight_grad(g, ctx.x8)
         return (gx, ctx.linear._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None,
-                None, None)
+                None, None, None)
 
 
 def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
@@ -691,16 +703,44 @@ def _pool_joins(pool, x: torch.Tensor) -> bool:
     return isinstance(pool, QuantMaxPool2d) and x.dim() == 4 and pool._fast(x)
 
 
-def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None
-                  ) -> tuple[torch.Tensor, bool] | None:
+def _hooked(m: nn.Module) -> bool:
+    """Whether a hook would see ``m`` run: its own, or a global module hook."""
+    from torch.nn.modules import module as torch_module
+
+    return any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                m._backward_pre_hooks, torch_module._global_forward_hooks,
+                torch_module._global_forward_pre_hooks, torch_module._global_backward_hooks,
+                torch_module._global_backward_pre_hooks))
+
+
+def _out_joins(out, bn, pool, fuse_pool: bool) -> bool:
+    """Whether the block's output quantizer ``out`` (the ``Quantize`` after the ReLU [and
+    pool]) joins a fused node: where its forward leaves the norm's codes as they are and its
+    backward rounds the error to nearest at the range exponent (not WAGE's grid or rule, not
+    stochastically, not per sample; one process), into codes the norm's error storage holds;
+    where nothing runs between the node and it (a pool outside the node would); and where no
+    hook waits to see it run (a fused block calls ``out`` as a module otherwise)."""
+    if not isinstance(out, Quantize) or out.grid or out.wage or out.stochastic_bwd \
+            or out.sample_exp or (pool is not None and not fuse_pool) or _hooked(out):
+        return False
+    return (bn.out_bits <= out.bits_fwd < FLOAT_BITS and out.bits_bwd < FLOAT_BITS
+            and (out.frozen_exp is None or out.training) and not dist.active()
+            and out.bits_bwd - 1 <= _storage(bn.qconfig.error_code_bits)[1])
+
+
+def quant_bn_relu(quant, bn, relu, x: torch.Tensor, pool=None, out=None
+                  ) -> tuple[torch.Tensor, bool, bool] | None:
     """``relu(bn(quant(x)))`` as one fused node when the int kernels would run all three
     (:func:`_fusable`); None when they would not, and the caller runs the modules. A 2x2
-    ``QuantMaxPool2d`` ``pool`` (the next module) joins the node when its fast path applies.
-    Returns the output and whether ``pool`` was applied."""
+    ``QuantMaxPool2d`` ``pool`` (the next module) joins the node when its fast path applies,
+    and so does the output quantizer ``out`` (the module after them) where
+    :func:`_out_joins`. Returns the output and whether ``pool`` and ``out`` were applied."""
     if not _fusable(quant, bn, relu, x):
         return None
     fuse_pool = _pool_joins(pool, x)
-    return _QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool), fuse_pool
+    fuse_out = _out_joins(out, bn, pool, fuse_pool)
+    return (_QuantBNReLUFn.apply(x, bn.weight, bn.bias, quant, bn, fuse_pool,
+                                 out if fuse_out else None), fuse_pool, fuse_out)
 
 
 def _gemm_block_applies(q: QConfig, x: torch.Tensor, terms: int) -> bool:
@@ -711,12 +751,13 @@ def _gemm_block_applies(q: QConfig, x: torch.Tensor, terms: int) -> bool:
             and terms * intgemm.CODE_MAX ** 2 < F32_EXACT)
 
 
-def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
-               ) -> tuple[torch.Tensor, bool] | None:
+def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None, out=None
+               ) -> tuple[torch.Tensor, bool, bool] | None:
     """``relu(bn(quant(conv(x))))`` as one fused node (:class:`_ConvBlockFn`) when
     :func:`quant_bn_relu` would fuse the last three and the conv runs as an integer GEMM of
     8-bit codes whose sums stay below ``2**24`` (so the unfused conv's float32 output would be
-    exact); None otherwise. Returns the output and whether ``pool`` was applied."""
+    exact); None otherwise. ``pool`` and ``out`` join as in :func:`quant_bn_relu`. Returns the
+    output and whether ``pool`` and ``out`` were applied."""
     if not (isinstance(conv, QuantConv2d) and conv.quantized and conv.bias is None
             and isinstance(quant, Quantize)):
         return None
@@ -728,14 +769,17 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None
     if x8 is None:
         return None
     fuse_pool = _pool_joins(pool, x)
+    fuse_out = _out_joins(out, bn, pool, fuse_pool)
     w = _WeightFn.apply(conv.weight, conv)
-    return (_ConvBlockFn.apply(x, w, bn.weight, bn.bias, conv, quant, bn, fuse_pool, x8),
-            fuse_pool)
+    return (_ConvBlockFn.apply(x, w, bn.weight, bn.bias, conv, quant, bn, fuse_pool, x8,
+                               out if fuse_out else None), fuse_pool, fuse_out)
 
 
-def linear_block(linear, quant, bn, relu, x: torch.Tensor) -> torch.Tensor | None:
+def linear_block(linear, quant, bn, relu, x: torch.Tensor, out=None
+                 ) -> tuple[torch.Tensor, bool, bool] | None:
     """``relu(bn(quant(linear(x))))`` as one fused node (:class:`_LinearBlockFn`) on the
-    conditions of :func:`conv_block` (2-D input); None otherwise."""
+    conditions of :func:`conv_block` (2-D input, no pool); None otherwise. Returns the output,
+    False (no pool) and whether ``out`` was applied."""
     if not (isinstance(linear, QuantLinear) and linear.quantized and linear.bias is None
             and isinstance(quant, Quantize) and x.dim() == 2
             and _gemm_block_applies(linear.qconfig, x, linear.in_features)
@@ -744,8 +788,10 @@ def linear_block(linear, quant, bn, relu, x: torch.Tensor) -> torch.Tensor | Non
     x8 = intgemm.codes8(x)
     if x8 is None:
         return None
+    fuse_out = _out_joins(out, bn, None, False)
     w = _WeightFn.apply(linear.weight, linear)
-    return _LinearBlockFn.apply(x, w, bn.weight, bn.bias, linear, quant, bn, x8)
+    return (_LinearBlockFn.apply(x, w, bn.weight, bn.bias, linear, quant, bn, x8,
+                                 out if fuse_out else None), False, fuse_out)
 
 
 class _L1BatchNorm(nn.Module, _Quantized):

@@ -137,6 +137,7 @@ HELPERS = {
     "qkernels.optim._rescaled": ("qkernels.optim._rescale", "qkernels.optim._rescale_bits"),
     "qkernels.optim._update": ("qkernels.optim._sgd_inplace_p", "qkernels.optim._sgd_inplace_s",
                                "qkernels.optim._sgd_p", "qkernels.optim._sgd_s"),
+    "qkernels.pool._magnitude": ("qkernels.pool._relu_backward_peak",),
     "qkernels.quant._nearest32_element": ("qkernels.quant._nearest32_chunk",),
     "qkernels.quant.chunk_span": (
         "qkernels.ieee._quantize_nearest_p", "qkernels.ieee._quantize_nearest_s",
@@ -421,6 +422,8 @@ def _container_calls(g, full):
             pooled, sel = pool.maxpool2x2_relu_codes(g.integers(-9, 9, shape).astype(dt))
             pool.maxpool2x2_relu_backward_codes(sel, np.ones(pooled.shape, np.float32), width,
                                                 dt)
+            pool.maxpool2x2_relu_backward_of_codes(sel, QTensor(np.ones(pooled.shape, dt), -3),
+                                                   width, dt)
 
 
 WORKLOAD = (_qtrain_steps, _l1bn_calls, _container_calls)

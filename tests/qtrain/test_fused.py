@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qtrain import nn as qnn
+from qtrain import quant as qquant
 from qtrain.fusion import QuantBlock, fuse, unfuse, unfused
 from qtrain.loss import cross_entropy
 from qtrain.models import build
@@ -86,6 +87,40 @@ def test_fused_node_equals_the_modules_one_by_one(name, bits, sr_errors, rules, 
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # running statistics, last exponents
     assert r1 == r2  # every quantizer's saturation and zero counts
+
+
+@pytest.mark.parametrize("sr_errors", [False, True])
+def test_the_output_quantizer_joins_where_it_rounds_to_nearest(sr_errors, monkeypatch):
+    """A block's output quantizer becomes part of its fused node (no autograd node of its own)
+    where its backward rounds errors to nearest; with stochastic errors it stays a module.
+    (test_fused_node_equals_the_modules_one_by_one checks both give the modules' integers.)"""
+    cfg = QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8, stochastic_errors=sr_errors)
+    torch.manual_seed(0)
+    net = build("lenet5", "l1", cfg)
+    quantize_nodes = []
+    monkeypatch.setattr(qquant._QuantizeFn, "apply", (lambda apply: lambda *a: (
+        quantize_nodes.append(1), apply(*a))[-1])(qquant._QuantizeFn.apply))
+    one_step(net, cfg)
+    joined = len(quantize_nodes)
+    monkeypatch.setattr(qnn, "_out_joins", lambda *args: False)
+    quantize_nodes.clear()
+    one_step(net, cfg)
+    n_blocks = sum(isinstance(m, QuantBlock) for m in net.modules())
+    assert n_blocks == 4 and len(quantize_nodes) == joined + (0 if sr_errors else n_blocks)
+
+
+def test_a_hooked_output_quantizer_stays_a_module():
+    """A hook on a block's output quantizer sees it run forward and backward, as before it
+    could join the node."""
+    cfg = QConfig(bits_w=8, bits_a=8, bits_g=8, bits_e=8)
+    torch.manual_seed(0)
+    net = build("lenet5", "l1", cfg)
+    out = next(m for m in net.modules() if isinstance(m, QuantBlock)).out
+    seen = []
+    out.register_forward_hook(lambda *args: seen.append("forward"))
+    out.register_full_backward_hook(lambda *args: seen.append("backward"))
+    one_step(net, cfg)
+    assert seen == ["forward", "backward"]
 
 
 def test_fusion_only_where_the_int_kernels_run(monkeypatch):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from qkernels import QTensor
 from qkernels.ieee import codes_to_f32, f32_to_codes_where
 from qkernels.pool import (maxpool2x2, maxpool2x2_backward, maxpool2x2_relu_backward_codes,
-                           maxpool2x2_relu_codes)
+                           maxpool2x2_relu_backward_of_codes, maxpool2x2_relu_codes)
+from qkernels.quant import codes_where
 from qtrain.nn import QuantMaxPool2d
 from qtrain.quant import torch_emulation
 
@@ -85,3 +86,32 @@ def test_relu_pool_on_codes_equals_relu_pool_and_conversion(dtype, width, levels
         maxpool2x2_relu_backward_codes(sel, np.zeros(y.shape, np.float32), width, dtype)
     with pytest.raises(ValueError, match="even height"):
         maxpool2x2_relu_codes(np.zeros((1, 2, 3, 4), np.int8))
+
+
+@pytest.mark.parametrize("dtype, width", [(np.int8, 7), (np.int16, 15)])
+@pytest.mark.parametrize("peak", [0, 1, 9, 127])
+def test_relu_pool_backward_of_codes_equals_it_of_their_container(dtype, width, peak):
+    """Errors held as codes go back through ReLU and the pool as their float32 container
+    does: the same codes at the same exponent (the largest that goes back sets it), and
+    through ReLU alone as the masked conversion does."""
+    rng = np.random.default_rng(peak + width)
+    y = rng.integers(-4, 5, (3, 4, 6, 8)).astype(dtype)
+    pooled, sel = maxpool2x2_relu_codes(y)
+    for exp in (-20, 0, 5):
+        gq = QTensor(rng.integers(-peak, peak + 1, pooled.shape).astype(dtype), exp)
+        gz = codes_to_f32(gq)
+        got = maxpool2x2_relu_backward_of_codes(sel, gq, width, dtype)
+        want = maxpool2x2_relu_backward_codes(sel, gz, width, dtype)
+        assert got.exp == want.exp and got.q.dtype == dtype and np.array_equal(got.q, want.q)
+        gy = QTensor(rng.integers(-peak, peak + 1, y.shape).astype(dtype), exp)
+        got = codes_where(gy, y, width, dtype)
+        want = f32_to_codes_where(codes_to_f32(gy), y, width, dtype)
+        assert got.exp == want.exp and got.q.dtype == dtype and np.array_equal(got.q, want.q)
+    # a code wider than width cannot be shifted into it (where it goes back)
+    wide = np.where(sel >= 0, 200, 0).astype(np.int16)
+    with pytest.raises(ValueError, match="more than width"):
+        maxpool2x2_relu_backward_of_codes(sel, QTensor(wide, 0), 7, np.int8)
+    with pytest.raises(ValueError, match="more than width"):
+        codes_where(QTensor(np.full(y.shape, 200, np.int16), 0), np.ones(y.shape), 7, np.int8)
+    with pytest.raises(ValueError, match="pooled shape"):
+        maxpool2x2_relu_backward_of_codes(sel, QTensor(y, 0), width, dtype)
