@@ -133,28 +133,40 @@ class _WeightFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, layer):
-        q = layer.qconfig
-        ctx.inside = None
-        if q.wage:  # WAGE's fixed grid and scale, straight through
-            from .wage import weight_codes
-
-            return weight_codes(weight, q.bits_w, layer.wage_shift, layer.stats_w)
-        exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
-        if exp is not None:  # the mean exponent: which weights stay inside the codes
-            codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
-            ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
-        if (q.bits_w <= 8 and weight.dtype == torch.float32 and weight.device.type == "cpu"
-                and q.engine.kernels(weight)):
-            # nearest's rounding, keeping the codes with the container for the integer GEMM
-            wq, counts = quantize_f32_to_codes(weight.detach().numpy(), q.bits_w, 7, np.int8,
-                                               exp)
-            layer.stats_w.add(*counts)
-            return intgemm.attach(torch.from_numpy(codes_to_f32(wq)), wq.q, wq.exp)
-        return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp, replicated=True)
+        return _weight_forward(ctx, weight, layer)
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad if ctx.inside is None else grad * ctx.inside), None
+        return _weight_backward(ctx, grad), None
+
+
+def _weight_forward(ctx, weight: torch.Tensor, layer) -> torch.Tensor:
+    """:class:`_WeightFn`'s forward, which a GEMM block's node also runs (no node of its own):
+    the bits_w container (with its codes, :func:`qtrain.intgemm.attach`, where the kernels
+    round); ``ctx.inside`` for the backward."""
+    q = layer.qconfig
+    ctx.inside = None
+    if q.wage:  # WAGE's fixed grid and scale, straight through
+        from .wage import weight_codes
+
+        return weight_codes(weight, q.bits_w, layer.wage_shift, layer.stats_w)
+    exp = weight_exponent(weight, q.bits_w, q.engine, q.weight_exp)
+    if exp is not None:  # the mean exponent: which weights stay inside the codes
+        codes = torch.floor(weight.detach().double() * pow2(-exp) + 0.5)  # exact
+        ctx.inside = codes.abs_() <= (1 << (q.bits_w - 1)) - 1
+    if (q.bits_w <= 8 and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and q.engine.kernels(weight)):
+        # nearest's rounding, keeping the codes with the container for the integer GEMM
+        wq, counts = quantize_f32_to_codes(weight.detach().numpy(), q.bits_w, 7, np.int8, exp)
+        layer.stats_w.add(*counts)
+        return intgemm.attach(torch.from_numpy(codes_to_f32(wq)), wq.q, wq.exp)
+    return nearest(weight, q.bits_w, q.engine, layer.stats_w, exp, replicated=True)
+
+
+def _weight_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """:class:`_WeightFn`'s backward: straight through, stopped at saturated weights where the
+    mean exponent saturates them."""
+    return grad if ctx.inside is None else grad * ctx.inside
 
 
 #: Bias codes saturate here, as an int32 accumulator holds them.
@@ -633,26 +645,26 @@ class _ConvBlockFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, conv, quant, bn, pool, x8, out):
+    def forward(ctx, x, weight_store, weight, bias, conv, quant, bn, pool, x8, out):
+        w = _weight_forward(ctx, weight_store, conv)
         w8 = _weight_codes8(w)
         acc, ctx.cols = intgemm.conv2d_acc(x8, w8, conv.stride, conv.padding)
-        ctx.save_for_backward(x, w)
-        ctx.conv, ctx.x_exp, ctx.w8 = conv, x8.exp, w8
+        ctx.save_for_backward(x)
+        ctx.conv, ctx.x_exp, ctx.w8, ctx.w = conv, x8.exp, w8, w
         return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant, pool,
                               out)
 
     @staticmethod
     def backward(ctx, gy):
         dx, grad_bn_w, grad_bn_b = _block_backward(ctx, gy)
-        x, w = ctx.saved_tensors
-        conv = ctx.conv
+        (x,), w, conv = ctx.saved_tensors, ctx.w, ctx.conv
         columns = ctx.needs_input_grad[0]
         g8 = intgemm.error_matrix(dx.q, dx.exp, columns)
         gx = _conv_gx(x, w, g8, ctx.w8, lambda: torch.from_numpy(codes_to_f32(dx)), conv) \
             if columns else None
         gw = intgemm.conv2d_weight_grad(g8, columns, ctx.cols, ctx.x_exp, w.shape)
-        return (gx, conv._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None, None,
-                None, None, None)
+        return (gx, _weight_backward(ctx, conv._quantize_grad_codes(gw, w)), grad_bn_w,
+                grad_bn_b, None, None, None, None, None, None)
 
 
 class _LinearBlockFn(torch.autograd.Function):
@@ -663,23 +675,22 @@ class _LinearBlockFn(torch.autograd.Function):
     of the modules in a row (``tests/qtrain/test_fused.py``)."""
 
     @staticmethod
-    def forward(ctx, x, w, weight, bias, linear, quant, bn, x8, out):
+    def forward(ctx, x, weight_store, weight, bias, linear, quant, bn, x8, out):
+        w = _weight_forward(ctx, weight_store, linear)
         w8 = _weight_codes8(w)
         acc = intgemm.matmul(w8.q, x8.q.t())  # (O, N)
-        ctx.save_for_backward(w)
-        ctx.linear, ctx.x8, ctx.w8 = linear, x8, w8
+        ctx.linear, ctx.x8, ctx.w8, ctx.w = linear, x8, w8, w
         return _block_forward(ctx, _norm_input(acc, x8.exp + w8.exp, quant, bn), bn, quant,
                               False, out)
 
     @staticmethod
     def backward(ctx, gy):
         dx, grad_bn_w, grad_bn_b = _block_backward(ctx, gy)
-        (w,) = ctx.saved_tensors
         g = intgemm.Codes(torch.from_numpy(dx.q), dx.exp)
         gx = intgemm.linear_input_grad(g, ctx.w8) if ctx.needs_input_grad[0] else None
         gw = intgemm.linear_weight_grad(g, ctx.x8)
-        return (gx, ctx.linear._quantize_grad_codes(gw, w), grad_bn_w, grad_bn_b, None, None,
-                None, None, None)
+        return (gx, _weight_backward(ctx, ctx.linear._quantize_grad_codes(gw, ctx.w)), grad_bn_w,
+                grad_bn_b, None, None, None, None, None)
 
 
 def _fusable(quant, bn, relu, x: torch.Tensor) -> bool:
@@ -770,9 +781,8 @@ def conv_block(conv, quant, bn, relu, x: torch.Tensor, pool=None, out=None
         return None
     fuse_pool = _pool_joins(pool, x)
     fuse_out = _out_joins(out, bn, pool, fuse_pool)
-    w = _WeightFn.apply(conv.weight, conv)
-    return (_ConvBlockFn.apply(x, w, bn.weight, bn.bias, conv, quant, bn, fuse_pool, x8,
-                               out if fuse_out else None), fuse_pool, fuse_out)
+    return (_ConvBlockFn.apply(x, conv.weight, bn.weight, bn.bias, conv, quant, bn, fuse_pool,
+                               x8, out if fuse_out else None), fuse_pool, fuse_out)
 
 
 def linear_block(linear, quant, bn, relu, x: torch.Tensor, out=None
@@ -789,8 +799,7 @@ def linear_block(linear, quant, bn, relu, x: torch.Tensor, out=None
     if x8 is None:
         return None
     fuse_out = _out_joins(out, bn, None, False)
-    w = _WeightFn.apply(linear.weight, linear)
-    return (_LinearBlockFn.apply(x, w, bn.weight, bn.bias, linear, quant, bn, x8,
+    return (_LinearBlockFn.apply(x, linear.weight, bn.weight, bn.bias, linear, quant, bn, x8,
                                  out if fuse_out else None), False, fuse_out)
 
 
