@@ -343,6 +343,7 @@ class F32Store:
         self._wb, self._v = param.reshape(-1).view(np.int32), velocity.reshape(-1)
         self._w_new = np.empty(param.size, np.int64)  # the new codes before saturation
         self._kernel = pick(_sgd_inplace_s, _sgd_inplace_p, param.size)
+        self._q = int(qmax(store_bits))
 
     def step(self, exp: int, grad: np.ndarray, *, lr_q: int, momentum_q: int,
              exp_max: int = 126, decay_q: int = 0) -> SgdResult:
@@ -355,9 +356,11 @@ class F32Store:
         exp_max = _check_exps(exp, exp_max)
         if self.param.size == 0:
             return SgdResult(0, 0)
-        q = qmax(self.store_bits)
+        q = self._q
         lo, hi = self._kernel(self._wb, self._v, b, exp, momentum_q, lr_q, decay_q, q,
                               self._w_new)
+        if -q <= lo and hi <= q:  # no rise, nothing saturated (store_shift would give 0)
+            return SgdResult(0, 0)
         s = min(int(store_shift(lo, hi, q)), exp_max - exp)
         if s or lo < -q or hi > q:
             return SgdResult(s, int(_rescale_bits(self._wb, self._v, self._w_new, s, q,

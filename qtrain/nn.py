@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
 from qkernels.conv import conv2d_weight_grad
@@ -716,8 +717,6 @@ def _pool_joins(pool, x: torch.Tensor) -> bool:
 
 def _hooked(m: nn.Module) -> bool:
     """Whether a hook would see ``m`` run: its own, or a global module hook."""
-    from torch.nn.modules import module as torch_module
-
     return any((m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
                 m._backward_pre_hooks, torch_module._global_forward_hooks,
                 torch_module._global_forward_pre_hooks, torch_module._global_backward_hooks,
