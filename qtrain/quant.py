@@ -32,8 +32,9 @@ import torch
 
 from qkernels import QTensor
 from qkernels.ieee import f32_to_codes, quantize_f32, quantize_f32_rows
-from qkernels.quant import (ROW_WIDTH, SR_BITS, code_top, mean_exponent, quantize_nearest,
-                            quantize_rows, quantize_stochastic)
+from qkernels.format import code_dtype
+from qkernels.quant import (ROW_WIDTH, SR_BITS, QuantCounts, code_top, max_abs, mean_exponent,
+                            quantize_nearest, quantize_rows, quantize_stochastic)
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
@@ -526,6 +527,18 @@ class _QuantizeFn(torch.autograd.Function):
         return out, None, None
 
 
+def _nearest_codes(c: QTensor, bits: int, exp: int | None) -> tuple[QTensor, QuantCounts]:
+    """:func:`qkernels.quant.quantize_nearest` of codes, which gives back codes of ``bits``
+    at their own range exponent as they are (an L1BN backward's error, say): rounding
+    them would change nothing, and counts nothing saturated or rounded to zero."""
+    if exp is None and c.q.dtype == code_dtype(bits):
+        peak = max_abs(np.ascontiguousarray(c.q).reshape(-1))
+        exp = peak.bit_length() + c.exp - (bits - 1) if peak else c.exp  # the range exponent
+        if exp == c.exp:
+            return c, QuantCounts(0, 0, c.q.size)
+    return quantize_nearest(c, bits, exp)
+
+
 class Quantize(torch.nn.Module):
     """Quantize activations to ``bits_fwd`` going forward and errors to ``bits_bwd`` coming back.
 
@@ -615,7 +628,7 @@ class Quantize(torch.nn.Module):
                                               step=self.state.step, tensor_id=self.tensor_id,
                                               exp=exp, first=first)
         else:
-            out, counts = quantize_nearest(err, self.bits_bwd, exp)
+            out, counts = _nearest_codes(err, self.bits_bwd, exp)
         self.stats_bwd.add(*counts)
         return out
 

@@ -10,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qkernels import QTensor
+from qkernels.quant import quantize_nearest
+from qtrain import quant as qquant
 from qtrain.loss import cross_entropy
 from qtrain.models import build, lenet5
 from qtrain.nn import L1BatchNorm1d, L1BatchNorm2d, QuantConv2d, QuantLinear
@@ -525,3 +528,22 @@ def test_error_exp_refusals():
         build("lenet5", "l1", wage)
     with pytest.raises(ValueError, match="set norm_errors nearest or error_exp batch"):
         QConfig(norm_errors="stochastic", error_exp="sample")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("peak", [0, 1, 63, 64, 127, 128, 300])
+def test_error_codes_at_their_range_come_back_as_they_are(dtype, peak):
+    """Rounding error codes to nearest at their range exponent: codes of ``bits`` already at
+    it come back as they are (the same object, counted as nothing saturated or zeroed), all
+    others as quantize_nearest rounds them; values and counts equal in every case."""
+    if peak > np.iinfo(dtype).max:
+        pytest.skip("beyond int8")
+    rng = np.random.default_rng(peak)
+    q = rng.integers(-peak, peak + 1, (4, 3, 5)).astype(dtype)
+    q.flat[0] = -peak
+    err = QTensor(q, -11)
+    got, counts = qquant._nearest_codes(err, 8, None)
+    want, want_counts = quantize_nearest(err, 8)
+    assert counts == want_counts and got.exp == want.exp and got.q.dtype == want.q.dtype
+    assert np.array_equal(got.q, want.q)
+    assert (got is err) == (dtype == np.int8 and (peak == 0 or 64 <= peak <= 127))
