@@ -641,8 +641,11 @@ class _ConvBlockFn(torch.autograd.Function):
 
     The conv's int32 accumulators are rounded straight to the norm's input codes (no float32
     container of the conv output), and going back the quantizer's error codes feed the conv's
-    integer GEMMs (no error container, no conversion back to codes). The integers are those
-    of the modules in a row (``tests/qtrain/test_fused.py``).
+    integer GEMMs (no error container, no conversion back to codes). The node takes the
+    weight store and rounds it as :class:`_WeightFn` does (``weight_store``; ``weight`` and
+    ``bias`` are the norm's), and ``out``, the block's output quantizer where it joins
+    (:func:`_out_joins`). The integers are those of the modules in a row
+    (``tests/qtrain/test_fused.py``).
     """
 
     @staticmethod
