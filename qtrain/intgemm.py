@@ -51,7 +51,7 @@ from qkernels.conv import (channels_first, channels_last, col2im, col2im_add, im
                            join_limbs, split_limbs)
 from qkernels.format import QTensor
 from qkernels.ieee import f32_to_codes_exact
-from qkernels.quant import QuantCounts, quantize_nearest, quantize_rows
+from qkernels.quant import QuantCounts, max_abs, quantize_nearest, quantize_rows
 
 #: Largest code magnitude of an int8 operand (the quantizers' codes are symmetric).
 CODE_MAX = 127
@@ -188,7 +188,7 @@ def _held_codes8(t: torch.Tensor) -> Codes | None | bool:
     q = q.reshape(t.shape)
     if relu:
         q = np.maximum(q, 0)
-    peak = max(int(q.max()), -int(q.min())) if q.size else 0
+    peak = max_abs(np.ascontiguousarray(q).reshape(-1))
     if peak == 0:
         return Codes(torch.zeros(q.shape, dtype=torch.int8), 0)
     shift = 7 - peak.bit_length()

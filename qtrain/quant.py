@@ -34,7 +34,8 @@ from qkernels import QTensor
 from qkernels.ieee import f32_to_codes, quantize_f32, quantize_f32_rows
 from qkernels.format import code_dtype
 from qkernels.quant import (ROW_WIDTH, SR_BITS, QuantCounts, code_top, max_abs, mean_exponent,
-                            quantize_nearest, quantize_rows, quantize_stochastic)
+                            quantize_nearest, quantize_rows, quantize_stochastic,
+                            range_exponent)
 from qkernels.rng import random_top_bits
 
 from . import distributed as dist
@@ -533,7 +534,7 @@ def _nearest_codes(c: QTensor, bits: int, exp: int | None) -> tuple[QTensor, Qua
     them would change nothing, and counts nothing saturated or rounded to zero."""
     if exp is None and c.q.dtype == code_dtype(bits):
         peak = max_abs(np.ascontiguousarray(c.q).reshape(-1))
-        exp = peak.bit_length() + c.exp - (bits - 1) if peak else c.exp  # the range exponent
+        exp = int(range_exponent(peak, c.exp, bits))
         if exp == c.exp:
             return c, QuantCounts(0, 0, c.q.size)
     return quantize_nearest(c, bits, exp)
