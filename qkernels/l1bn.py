@@ -33,8 +33,10 @@ depend on the thread count.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -435,21 +437,31 @@ def _channel_forward_params(c, m, gamma_q, gamma_shift, beta_q, beta_shift, wide
                           st[ST_MIN], st[ST_MAX], wide)
 
 
-@njit(cache=True, inline="always")
-def _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
-    """y = gamma*xhat + beta for one channel, from its statistics (over ``m`` codes)."""
-    st = stats[c]
-    lo, hi = st[ST_MIN], st[ST_MAX]
+@njit(cache=True)
+def _forward_affine(c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+    """(A, B, c, sh, int32 lanes, window) of one channel's forward affine (the lanes and window
+    of the centred form; True, 0 for the plain one)."""
     a, b, cen, sh = _channel_forward_params(c, m, gamma_q, gamma_shift, beta_q, beta_shift, wide,
                                             stats)
+    lanes32, window = True, np.int64(0)
     if wide:
-        lanes32, window = _centred_lanes_of(a, (b,), (cen,), sh, q, lo, hi)
-        _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
-    else:
-        _affine_pass(x, y, c, a, b, sh, q, cnt)
+        st = stats[c]
+        lanes32, window = _centred_lanes_of(a, (b,), (cen,), sh, q, st[ST_MIN], st[ST_MAX])
     _tally(cnt, MUL, 3)  # slope (2), affine (1)
     _tally(cnt, ADD, 2)
     _tally(cnt, SUB, 1)
+    return a, b, cen, sh, lanes32, window
+
+
+@njit(cache=True, inline="always")
+def _apply_channel(x, y, c, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
+    """y = gamma*xhat + beta for one channel, from its statistics (over ``m`` codes)."""
+    a, b, cen, sh, lanes32, window = _forward_affine(c, m, gamma_q, gamma_shift, beta_q,
+                                                     beta_shift, q, wide, stats, cnt)
+    if wide:
+        _affine_pass_c(x, y, c, a, b, cen, sh, q, lanes32, window, cnt)
+    else:
+        _affine_pass(x, y, c, a, b, sh, q, cnt)
 
 
 # Drivers. With the output exponent given, one region does each channel's statistics and apply
@@ -541,25 +553,38 @@ def _channel_backward_params(c, m, stats, gstats, inv_m, gamma_q, k_shift, dgamm
                              inv_m[1], wide)
 
 
-@njit(cache=True, inline="always")
-def _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
-                        dgamma_shift, dgamma, dbeta, wide, cnt):
-    st = stats[c]
-    gs = gstats[c]
+@njit(cache=True)
+def _backward_affine(c, m, stats, gstats, inv_m, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                     dbeta, wide, cnt):
+    """(A, B, centres, sh, int32 lanes, window) of one channel's dx affines (B and the centres:
+    one per sign); writes its dgamma and dbeta."""
     a, b, cen, sh = _channel_backward_params(c, m, stats, gstats, inv_m, gamma_q, k_shift,
                                              dgamma_shift, dgamma, dbeta, wide)
+    lanes32, window = True, np.int64(0)
     if wide:
+        gs = gstats[c]
         lanes32, window = _centred_lanes_of(a, b, cen, sh, q, gs[GS_MIN], gs[GS_MAX])
-        _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, st[ST_TLO], st[ST_THI], q, lanes32,
-                            window, cnt)
-    else:
-        _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
     # per channel: P (2 MUL, 1 SUB), slopes (4 MUL), three offsets (3 MUL, 3 SUB), affine
     # (2 MUL, 2 ADD, 1 SUB), dgamma (2 MUL); centred: P in two limbs (+1 MUL, +1 SUB) and the
     # three roots (+6 MUL, +3 SUB)
     _tally(cnt, MUL, 20 if wide else 13)
     _tally(cnt, ADD, 2)
     _tally(cnt, SUB, 9 if wide else 5)
+    return a, b, cen, sh, lanes32, window
+
+
+@njit(cache=True, inline="always")
+def _grad_apply_channel(x, g, dx, c, m, stats, gstats, inv_m, gamma_q, k_shift, q,
+                        dgamma_shift, dgamma, dbeta, wide, cnt):
+    a, b, cen, sh, lanes32, window = _backward_affine(c, m, stats, gstats, inv_m, gamma_q,
+                                                      k_shift, q, dgamma_shift, dgamma, dbeta,
+                                                      wide, cnt)
+    st = stats[c]
+    if wide:
+        _grad_affine_pass_c(x, g, dx, c, a, b, cen, sh, st[ST_TLO], st[ST_THI], q, lanes32,
+                            window, cnt)
+    else:
+        _grad_affine_pass(x, g, dx, c, a, b, sh, st[ST_TLO], st[ST_THI], q, cnt)
 
 
 def _backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta, wide,
@@ -603,6 +628,193 @@ _affine_serial, _affine_parallel = serial_and_parallel(_affine)
 
 
 # ---------------------------------------------------------------------------------------------
+# Channel groups, for large (N, C, L) tensors: the same passes, each over a group of channels
+# one row of the batch at a time, so it reads memory in order (a group's rows of one sample are
+# adjacent) instead of jumping by C*L codes after every L. Channel by channel, short rows at a
+# large stride keep the hardware prefetcher from ramping up; (256, 128, 16, 16) int8 codes read
+# at half the speed. A group holds about GROUP_BYTES of codes, so its later passes find them in
+# the L2 cache. Every sum is still one channel's, exact: the results are the channel drivers'.
+
+#: Codes of one group (x, or x and dy in the backward), in bytes: fits a core's L2 cache.
+GROUP_BYTES = 1 << 20
+#: (N, C, L) codes of at least this many bytes (x, and dy in the backward, each) take the
+#: group drivers; smaller ones stay in cache channel by channel.
+GROUPS_MIN = 4 << 20
+
+
+@njit(cache=True, inline="always")
+def _block(blk, size, n):
+    """Bounds of block ``blk`` of ``size`` items out of ``n``."""
+    return blk * size, min(blk * size + size, n)
+
+
+@njit(cache=True, inline="always")
+def _stats_group(x, c0, c1, inv_m, eps_shift, use_eps, want_range, stats, cnt):
+    """:func:`_stats_channel` of channels c0..c1, pass by pass over the group's rows."""
+    m = np.int64(x.shape[0] * x.shape[2])
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        for c in range(c0, c1):
+            s, lo, hi = _sum_pass(xn, c, want_range, cnt)
+            if n == 0:
+                stats[c, ST_SUM], stats[c, ST_MIN], stats[c, ST_MAX] = s, lo, hi
+            else:
+                stats[c, ST_SUM] += s
+                stats[c, ST_MIN] = min(stats[c, ST_MIN], lo)
+                stats[c, ST_MAX] = max(stats[c, ST_MAX], hi)
+    for c in range(c0, c1):
+        stats[c, ST_TLO], stats[c, ST_THI] = mean_thresholds(stats[c, ST_SUM], m, inv_m[0],
+                                                             inv_m[1])
+        stats[c, ST_DEV] = 0
+        stats[c, ST_SIGNSUM] = 0
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        for c in range(c0, c1):
+            sx, ss = _sign_pass(xn, c, stats[c, ST_TLO], stats[c, ST_THI], cnt)
+            stats[c, ST_DEV] += sx
+            stats[c, ST_SIGNSUM] += ss
+    for c in range(c0, c1):
+        _finish_channel(c, m, eps_shift, use_eps, stats, cnt)
+
+
+@njit(cache=True, inline="always")
+def _apply_group(x, y, c0, c1, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats,
+                 cnt):
+    """:func:`_apply_channel` of channels c0..c1, row by row."""
+    p = np.empty((c1 - c0, 6), np.int64)  # A, B, centre, sh, int32 lanes, window
+    for c in range(c0, c1):
+        a, b, cen, sh, lanes32, window = _forward_affine(c, m, gamma_q, gamma_shift, beta_q,
+                                                         beta_shift, q, wide, stats, cnt)
+        k = c - c0
+        p[k, 0], p[k, 1], p[k, 2], p[k, 3], p[k, 4], p[k, 5] = a, b, cen, sh, lanes32, window
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        yn = y[n:n + 1]
+        for c in range(c0, c1):
+            k = c - c0
+            if wide:
+                _affine_pass_c(xn, yn, c, p[k, 0], p[k, 1], p[k, 2], p[k, 3], q, p[k, 4] != 0,
+                               p[k, 5], cnt)
+            else:
+                _affine_pass(xn, yn, c, p[k, 0], p[k, 1], p[k, 3], q, cnt)
+
+
+def _forward_groups(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use_eps, q, wide,
+                    stats, cnt, bounds):
+    m = np.int64(x.shape[0] * x.shape[2])
+    inv_m = _inv_m(m, True, cnt)
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _stats_group(x, c0, c1, inv_m, eps_shift, use_eps, wide, stats, cnt)
+        _apply_group(x, y, c0, c1, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide,
+                     stats, cnt)
+
+
+_forward_groups_serial, _forward_groups_parallel = serial_and_parallel(_forward_groups)
+
+
+def _stats_groups(x, eps_shift, use_eps, stats, cnt, bounds):
+    inv_m = _inv_m(np.int64(x.shape[0] * x.shape[2]), True, cnt)
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _stats_group(x, c0, c1, inv_m, eps_shift, use_eps, True, stats, cnt)
+
+
+_stats_groups_serial, _stats_groups_parallel = serial_and_parallel(_stats_groups)
+
+
+def _apply_groups(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt, bounds):
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _apply_group(x, y, c0, c1, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide,
+                     stats, cnt)
+
+
+_apply_groups_serial, _apply_groups_parallel = serial_and_parallel(_apply_groups)
+
+
+@njit(cache=True, inline="always")
+def _grad_stats_group(x, g, c0, c1, want_range, gstats, cnt):
+    """:func:`_grad_stats_channel` of channels c0..c1, row by row."""
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        gn = g[n:n + 1]
+        for c in range(c0, c1):
+            sg, sgx, lo, hi = _grad_sums_pass(xn, gn, c, want_range, cnt)
+            if n == 0:
+                gstats[c, GS_SUM], gstats[c, GS_SUMX] = sg, sgx
+                gstats[c, GS_MIN], gstats[c, GS_MAX] = lo, hi
+            else:
+                gstats[c, GS_SUM] += sg
+                gstats[c, GS_SUMX] += sgx
+                gstats[c, GS_MIN] = min(gstats[c, GS_MIN], lo)
+                gstats[c, GS_MAX] = max(gstats[c, GS_MAX], hi)
+
+
+@njit(cache=True, inline="always")
+def _grad_apply_group(x, g, dx, c0, c1, m, stats, gstats, inv_m, gamma_q, k_shift, q,
+                      dgamma_shift, dgamma, dbeta, wide, cnt):
+    """:func:`_grad_apply_channel` of channels c0..c1, row by row."""
+    p = np.empty((c1 - c0, 10), np.int64)  # A, B (3), centres (3), sh, int32 lanes, window
+    for c in range(c0, c1):
+        a, b, cen, sh, lanes32, window = _backward_affine(c, m, stats, gstats, inv_m, gamma_q,
+                                                          k_shift, q, dgamma_shift, dgamma,
+                                                          dbeta, wide, cnt)
+        k = c - c0
+        p[k, 0], p[k, 1], p[k, 2], p[k, 3] = a, b[0], b[1], b[2]
+        p[k, 4], p[k, 5], p[k, 6] = cen[0], cen[1], cen[2]
+        p[k, 7], p[k, 8], p[k, 9] = sh, lanes32, window
+    for n in range(x.shape[0]):
+        xn = x[n:n + 1]
+        gn = g[n:n + 1]
+        dxn = dx[n:n + 1]
+        for c in range(c0, c1):
+            k = c - c0
+            b = (p[k, 1], p[k, 2], p[k, 3])
+            t_lo, t_hi = stats[c, ST_TLO], stats[c, ST_THI]
+            if wide:
+                _grad_affine_pass_c(xn, gn, dxn, c, p[k, 0], b, (p[k, 4], p[k, 5], p[k, 6]),
+                                    p[k, 7], t_lo, t_hi, q, p[k, 8] != 0, p[k, 9], cnt)
+            else:
+                _grad_affine_pass(xn, gn, dxn, c, p[k, 0], b, p[k, 7], t_lo, t_hi, q, cnt)
+
+
+def _backward_groups(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma, dbeta,
+                     wide, cnt, bounds):
+    m = np.int64(x.shape[0] * x.shape[2])
+    inv_m = _inv_m(m, wide, cnt)
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _grad_stats_group(x, g, c0, c1, wide, gstats, cnt)
+        _grad_apply_group(x, g, dx, c0, c1, m, stats, gstats, inv_m, gamma_q, k_shift, q,
+                          dgamma_shift, dgamma, dbeta, wide, cnt)
+
+
+_backward_groups_serial, _backward_groups_parallel = serial_and_parallel(_backward_groups)
+
+
+def _grad_stats_groups(x, g, gstats, cnt, bounds):
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _grad_stats_group(x, g, c0, c1, True, gstats, cnt)
+
+
+_grad_stats_groups_serial, _grad_stats_groups_parallel = serial_and_parallel(_grad_stats_groups)
+
+
+def _grad_apply_groups(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
+                       dbeta, wide, cnt, bounds):
+    inv_m = _inv_m(m, wide, cnt)
+    for grp in prange(bounds.shape[0] - 1):
+        c0, c1 = bounds[grp], bounds[grp + 1]
+        _grad_apply_group(x, g, dx, c0, c1, m, stats, gstats, inv_m, gamma_q, k_shift, q,
+                          dgamma_shift, dgamma, dbeta, wide, cnt)
+
+
+_grad_apply_groups_serial, _grad_apply_groups_parallel = serial_and_parallel(_grad_apply_groups)
+
+
+# ---------------------------------------------------------------------------------------------
 # 2-D int8 codes (N, C), a linear layer's norm, as they are: the same sums, statistics and
 # affines with the channels along each row, so every pass runs over rows of channels (vectorized
 # across channels) and nothing is transposed. Channels go to the threads in blocks of
@@ -614,11 +826,6 @@ _affine_serial, _affine_parallel = serial_and_parallel(_affine)
 ROW_BLOCK = 64
 #: Rows whose int8 products g*x (|.| <= 2**14) an int32 partial per channel holds.
 ROW_SPAN = 1 << 16
-
-
-@njit(cache=True, inline="always")
-def _row_block(blk, n_ch):
-    return blk * ROW_BLOCK, min(blk * ROW_BLOCK + ROW_BLOCK, n_ch)
 
 
 @njit(cache=True, inline="always")
@@ -698,7 +905,7 @@ def _rows_forward(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, use
                   stats, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), True, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_stats_block(x, c0, c1, inv_m, eps_shift, use_eps, False, stats, cnt)
         _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats)
 
@@ -709,7 +916,7 @@ _rows_forward_serial, _rows_forward_parallel = serial_and_parallel(_rows_forward
 def _rows_stats(x, eps_shift, use_eps, stats, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), True, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_stats_block(x, c0, c1, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
@@ -718,7 +925,7 @@ _rows_stats_serial, _rows_stats_parallel = serial_and_parallel(_rows_stats)
 
 def _rows_apply(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt):
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_apply_block(x, y, c0, c1, gamma_q, gamma_shift, beta_q, beta_shift, q, stats)
 
 
@@ -808,7 +1015,7 @@ def _rows_backward(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift, d
                    wide, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_grad_stats_block(x, g, c0, c1, False, gstats)
         _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
                                dgamma_shift, dgamma, dbeta)
@@ -819,7 +1026,7 @@ _rows_backward_serial, _rows_backward_parallel = serial_and_parallel(_rows_backw
 
 def _rows_grad_stats(x, g, gstats, cnt):
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_grad_stats_block(x, g, c0, c1, True, gstats)
 
 
@@ -830,7 +1037,7 @@ def _rows_grad_apply(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_shi
                      dbeta, wide, cnt):
     inv_m = _inv_m(np.int64(x.shape[0]), False, cnt)
     for blk in prange(-(-x.shape[1] // ROW_BLOCK)):
-        c0, c1 = _row_block(blk, x.shape[1])
+        c0, c1 = _block(blk, ROW_BLOCK, x.shape[1])
         _rows_grad_apply_block(x, g, dx, c0, c1, stats, gstats, inv_m, gamma_q, k_shift, q,
                                dgamma_shift, dgamma, dbeta)
 
@@ -903,20 +1110,64 @@ def _rows_layout(q: np.ndarray) -> bool:
     return q.ndim == 2 and q.dtype == np.int8
 
 
-#: (statistics, apply, both in one region) drivers by (2-D int8 codes, parallel).
+@functools.lru_cache(maxsize=64)
+def _group_bounds(n_ch: int, parts: int, size: int) -> np.ndarray:
+    """Bounds of the channel groups: ``parts`` near-equal shares of the channels (one per
+    thread: ``prange`` hands each thread an equal run of groups), each split into the same
+    number of near-equal groups of at most ``size`` channels."""
+    parts = min(parts, n_ch)
+    per_part = -(-(-(-n_ch // parts)) // size)
+    bounds = [p * n_ch // parts + j * ((p + 1) * n_ch // parts - p * n_ch // parts) // per_part
+              for p in range(parts) for j in range(per_part)] + [n_ch]
+    out = np.array(bounds, dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+def _in_groups(parallel: bool, streams: int, *drivers):
+    """The group drivers, each called with its last argument filled in: the bounds of the
+    channel groups, each of whose codes in the first ``streams`` arrays (x, or x and dy) hold
+    about GROUP_BYTES, on every Numba thread (one share on a single thread)."""
+    def bind(driver):
+        def call(*args):
+            x = args[0]
+            per_channel = x.shape[0] * x.shape[2] * sum(a.itemsize for a in args[:streams])
+            bounds = _group_bounds(x.shape[1], numba.get_num_threads() if parallel else 1,
+                                   max(1, GROUP_BYTES // per_channel))
+            return driver(*args, bounds)
+        return call
+    return tuple(bind(d) for d in drivers)
+
+
+#: (statistics, apply, both in one region) drivers by (layout, parallel): "rows" for 2-D int8
+#: codes as they are, "groups" for large (N, C, L) codes, "channels" for the rest.
 _FORWARD_KERNELS = {
-    (False, False): (_stats_serial, _apply_serial, _forward_serial),
-    (False, True): (_stats_parallel, _apply_parallel, _forward_parallel),
-    (True, False): (_rows_stats_serial, _rows_apply_serial, _rows_forward_serial),
-    (True, True): (_rows_stats_parallel, _rows_apply_parallel, _rows_forward_parallel),
+    ("channels", False): (_stats_serial, _apply_serial, _forward_serial),
+    ("channels", True): (_stats_parallel, _apply_parallel, _forward_parallel),
+    ("groups", False): _in_groups(False, 1, _stats_groups_serial, _apply_groups_serial,
+                                 _forward_groups_serial),
+    ("groups", True): _in_groups(True, 1, _stats_groups_parallel, _apply_groups_parallel,
+                                _forward_groups_parallel),
+    ("rows", False): (_rows_stats_serial, _rows_apply_serial, _rows_forward_serial),
+    ("rows", True): (_rows_stats_parallel, _rows_apply_parallel, _rows_forward_parallel),
 }
 _BACKWARD_KERNELS = {
-    (False, False): (_grad_stats_serial, _grad_apply_serial, _backward_serial),
-    (False, True): (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel),
-    (True, False): (_rows_grad_stats_serial, _rows_grad_apply_serial, _rows_backward_serial),
-    (True, True): (_rows_grad_stats_parallel, _rows_grad_apply_parallel,
-                   _rows_backward_parallel),
+    ("channels", False): (_grad_stats_serial, _grad_apply_serial, _backward_serial),
+    ("channels", True): (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel),
+    ("groups", False): _in_groups(False, 2, _grad_stats_groups_serial,
+                                 _grad_apply_groups_serial, _backward_groups_serial),
+    ("groups", True): _in_groups(True, 2, _grad_stats_groups_parallel,
+                                _grad_apply_groups_parallel, _backward_groups_parallel),
+    ("rows", False): (_rows_grad_stats_serial, _rows_grad_apply_serial, _rows_backward_serial),
+    ("rows", True): (_rows_grad_stats_parallel, _rows_grad_apply_parallel,
+                     _rows_backward_parallel),
 }
+
+
+def _ncl_layout(*arrays: np.ndarray) -> str:
+    """The drivers of (N, C, L) codes: "groups" when each array holds GROUPS_MIN bytes on
+    average, else "channels"."""
+    return "groups" if sum(a.nbytes for a in arrays) >= GROUPS_MIN * len(arrays) else "channels"
 
 
 def _check_input(x: np.ndarray, name: str, share: bool = False) -> tuple[int, int]:
@@ -1059,7 +1310,8 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
         x3 = _as_ncl(x.q)
         y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     wide = x3.dtype != np.int8
-    stats_fn, apply_fn, forward_fn = _FORWARD_KERNELS[rows, parallel]
+    layout = "rows" if rows else "channels" if collective is not None else _ncl_layout(x3)
+    stats_fn, apply_fn, forward_fn = _FORWARD_KERNELS[layout, parallel]
     if collective is not None:
         m = _synchronized_stats(x3, eps_shift, use_eps, stats, collective, parallel)
     if out_exp is None or collective is not None:
@@ -1133,7 +1385,9 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
         g3 = _as_ncl(dy.q)
         dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     wide = x3.dtype != np.int8 or g3.dtype != np.int8
-    stats_fn, apply_fn, backward_fn = _BACKWARD_KERNELS[rows, parallel]
+    layout = ("rows" if rows else "channels" if cache.collective is not None
+              else _ncl_layout(x3, g3))
+    stats_fn, apply_fn, backward_fn = _BACKWARD_KERNELS[layout, parallel]
     if dx_exp is None or cache.collective is not None:
         stats_fn(x3, g3, gstats, _NO_COUNT)
         if cache.collective is not None:  # the whole batch's sums, smallest and largest g

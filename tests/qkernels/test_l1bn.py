@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkernels import QTensor, l1bn_backward, l1bn_fold, l1bn_forward, l1bn_inference
-from qkernels import exact, l1bn_update_running, oracle
+from qkernels import exact, l1bn, l1bn_update_running, oracle
 from qkernels.fixedpoint import (
     M_MAX,
     MOMENTUM_BITS,
@@ -379,6 +379,107 @@ def test_serial_and_parallel_identical_and_repeatable(x_bits, dy_bits, out_bits,
     for k, other in enumerate(outs):  # serial (given, range), then parallel twice
         for a, b in zip(outs[k % 2], other):
             np.testing.assert_array_equal(a, b)
+
+
+#: (shape, bytes per group, parallel) of the group-driver test: one group per part, several
+#: groups per part with a short last one, one channel per group, serial.
+GROUPED = [((16, 6, 5, 5), 1 << 20, True), ((8, 11, 4, 6), 1500, True),
+           ((8, 5, 3, 3), 1, True), ((8, 7, 4, 4), 600, False)]
+
+
+@pytest.mark.parametrize("widths", WIDTHS, ids=width_id)
+@pytest.mark.parametrize("shape, group_bytes, parallel", GROUPED)
+def test_group_drivers_match_oracle_and_channel_drivers(monkeypatch, widths, shape,
+                                                        group_bytes, parallel):
+    """Large (N, C, L) codes take the group drivers (each pass over a group of channels row by
+    row): forced here on small codes, they match the oracle, float64 and exact rationals, and
+    give the channel drivers' codes, statistics, dgamma and dbeta, with exponents given and
+    chosen and with epsilon."""
+    x, gamma, beta, dy = make_case(shape, *widths, seed=sum(shape) + len(widths))
+    out_bits, out_exp, dx_bits, dx_exp = formats(*widths)
+    runs = []
+    for groups_min in (0, 1 << 62):  # the group drivers, then the channel drivers
+        monkeypatch.setattr(l1bn, "GROUPS_MIN", groups_min)
+        monkeypatch.setattr(l1bn, "GROUP_BYTES", group_bytes)
+        for exps, eps_log2 in (((out_exp, dx_exp), None), ((None, None), -8)):
+            y, cache, stats = check_forward(x, gamma, beta, out_bits, exps[0], eps_log2,
+                                            parallel=parallel)
+            dx = l1bn_backward(QTensor(dy, dy_exp_of(dy)), cache, dx_bits=dx_bits,
+                               dx_exp=exps[1], parallel=parallel)
+            check_backward(x, dy, gamma, cache, stats, dx_bits, exps[1], eps_log2,
+                           parallel=parallel)
+            runs.append((y.q, y.exp, cache.stats) + tuple(v for t in dx for v in (t.q, t.exp)))
+    half = len(runs) // 2
+    for grouped, channels in zip(runs[:half], runs[half:]):
+        for a, b in zip(grouped, channels):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("widths", [(8, 8), (16, 16)], ids=width_id)
+def test_group_drivers_count_the_channel_drivers_operations(monkeypatch, widths):
+    """With the operation counter on, the group drivers tally what the channel drivers do."""
+    monkeypatch.setattr(l1bn, "GROUP_BYTES", 200)  # two channels per group
+    x, gamma, beta, dy = make_case((5, 7, 3, 4), *widths, seed=3)
+    x3, g3 = x.reshape(5, 7, -1), dy.reshape(5, 7, -1)
+    m = np.int64(60)
+    counts = []
+    for layout in ("channels", "groups"):
+        stats_fn, apply_fn, _ = l1bn._FORWARD_KERNELS[layout, False]
+        grad_stats_fn, grad_apply_fn, _ = l1bn._BACKWARD_KERNELS[layout, False]
+        stats = np.empty((7, l1bn.N_STATS), np.int64)
+        gstats = np.empty((7, l1bn.N_GSTATS), np.int64)
+        fwd, bwd = np.zeros(8, np.int64), np.zeros(8, np.int64)
+        stats_fn(x3, -6, True, stats, fwd)
+        apply_fn(x3, np.empty_like(x3), m, gamma.q, 8, beta.q, 8, 127, x.dtype != np.int8,
+                 stats, fwd)
+        grad_stats_fn(x3, g3, gstats, bwd)
+        grad_apply_fn(x3, g3, np.empty_like(g3), m, stats, gstats, gamma.q, 0, 127, 16,
+                      np.empty(7, np.int64), np.empty(7, np.int64), x.dtype != np.int8, bwd)
+        counts.append((fwd, bwd))
+    np.testing.assert_array_equal(counts[0][0], counts[1][0])
+    np.testing.assert_array_equal(counts[0][1], counts[1][1])
+    assert counts[0][0].sum() > 0 and counts[0][1].sum() > 0
+
+
+@pytest.mark.parametrize("n_ch, parts, size", [(128, 2, 16), (32, 2, 7), (5, 2, 1), (7, 1, 2),
+                                                (3, 4, 8), (1, 2, 1), (600, 16, 5)])
+def test_group_bounds_cover_every_channel_in_equal_shares(n_ch, parts, size):
+    """Groups cover the channels in order, none above ``size``; every share (thread) gets as
+    many groups as the others, and the shares' channel counts differ by one at most."""
+    bounds = l1bn._group_bounds(n_ch, parts, size)
+    assert bounds[0] == 0 and bounds[-1] == n_ch and (np.diff(bounds) >= 0).all()
+    assert np.diff(bounds).max() <= size
+    shares = min(parts, n_ch)
+    per_share = (len(bounds) - 1) // shares
+    assert per_share * shares == len(bounds) - 1
+    counts = [bounds[(k + 1) * per_share] - bounds[k * per_share] for k in range(shares)]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_large_codes_take_the_group_drivers(monkeypatch):
+    """The layout follows the codes' size: GROUPS_MIN bytes (each of x and dy) and up take the
+    group drivers, 2-D int8 codes their own."""
+    calls = []
+
+    def logged(layout, driver):
+        def call(*args):
+            calls.append(layout)
+            return driver(*args)
+        return call
+
+    for table in (l1bn._FORWARD_KERNELS, l1bn._BACKWARD_KERNELS):
+        for key, drivers in list(table.items()):
+            monkeypatch.setitem(table, key, tuple(logged(key[0], d) for d in drivers))
+    x, gamma, beta, dy = make_case((4, 3, 8, 8), seed=1)
+    for groups_min, want in ((x.nbytes, "groups"), (x.nbytes + 1, "channels")):
+        monkeypatch.setattr(l1bn, "GROUPS_MIN", groups_min)
+        calls.clear()
+        _, cache = run_forward(x, gamma, beta, 8, None)
+        l1bn_backward(QTensor(dy, -6), cache, dx_bits=8)
+        assert calls == [want] * 4
+    calls.clear()
+    _, cache = run_forward(x.reshape(4, -1)[:, :3], gamma, beta, 8, None)
+    assert calls == ["rows"] * 2
 
 
 @pytest.mark.parametrize("shape", [(3, 70), (128, 600)])  # blocks of 64 channels; 2nd: threads
