@@ -27,8 +27,9 @@ specialises them on the code dtype (the partial-sum types and block lengths belo
 per-channel math is :mod:`qkernels.l1bn_spec`, where the one width-dependent choice is the
 affine form (plain for int8 data, centred ``saturate((A*(x - c) + B) >> sh)`` once x or dy is
 int16, ``docs/l1bn-integer.md`` section 3). Drivers run the same per-channel worker serially or
-with ``prange`` over channels, so each channel's sums stay on one thread and results do not
-depend on the thread count.
+with ``prange`` over channels (large tensors: over groups of channels, each pass in memory
+order), so each channel's sums stay on one thread and results do not depend on the thread
+count.
 """
 
 from __future__ import annotations
@@ -1116,9 +1117,13 @@ def _group_bounds(n_ch: int, parts: int, size: int) -> np.ndarray:
     thread: ``prange`` hands each thread an equal run of groups), each split into the same
     number of near-equal groups of at most ``size`` channels."""
     parts = min(parts, n_ch)
-    per_part = -(-(-(-n_ch // parts)) // size)
-    bounds = [p * n_ch // parts + j * ((p + 1) * n_ch // parts - p * n_ch // parts) // per_part
-              for p in range(parts) for j in range(per_part)] + [n_ch]
+    largest = -(-n_ch // parts)  # channels of the largest share
+    per_part = -(-largest // size)  # groups per share
+    bounds = []
+    for p in range(parts):
+        lo, hi = p * n_ch // parts, (p + 1) * n_ch // parts
+        bounds += [lo + j * (hi - lo) // per_part for j in range(per_part)]
+    bounds.append(n_ch)
     out = np.array(bounds, dtype=np.int64)
     out.flags.writeable = False
     return out
