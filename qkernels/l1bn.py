@@ -711,7 +711,7 @@ def _forward_groups(x, y, gamma_q, gamma_shift, beta_q, beta_shift, eps_shift, u
                      stats, cnt)
 
 
-_forward_groups_serial, _forward_groups_parallel = serial_and_parallel(_forward_groups)
+_forward_groups_parallel = njit(cache=True, parallel=True)(_forward_groups)
 
 
 def _stats_groups(x, eps_shift, use_eps, stats, cnt, bounds):
@@ -721,7 +721,7 @@ def _stats_groups(x, eps_shift, use_eps, stats, cnt, bounds):
         _stats_group(x, c0, c1, inv_m, eps_shift, use_eps, True, stats, cnt)
 
 
-_stats_groups_serial, _stats_groups_parallel = serial_and_parallel(_stats_groups)
+_stats_groups_parallel = njit(cache=True, parallel=True)(_stats_groups)
 
 
 def _apply_groups(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, stats, cnt, bounds):
@@ -731,7 +731,7 @@ def _apply_groups(x, y, m, gamma_q, gamma_shift, beta_q, beta_shift, q, wide, st
                      stats, cnt)
 
 
-_apply_groups_serial, _apply_groups_parallel = serial_and_parallel(_apply_groups)
+_apply_groups_parallel = njit(cache=True, parallel=True)(_apply_groups)
 
 
 @njit(cache=True, inline="always")
@@ -791,7 +791,7 @@ def _backward_groups(x, g, dx, stats, gstats, gamma_q, k_shift, q, dgamma_shift,
                           dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
-_backward_groups_serial, _backward_groups_parallel = serial_and_parallel(_backward_groups)
+_backward_groups_parallel = njit(cache=True, parallel=True)(_backward_groups)
 
 
 def _grad_stats_groups(x, g, gstats, cnt, bounds):
@@ -800,7 +800,7 @@ def _grad_stats_groups(x, g, gstats, cnt, bounds):
         _grad_stats_group(x, g, c0, c1, True, gstats, cnt)
 
 
-_grad_stats_groups_serial, _grad_stats_groups_parallel = serial_and_parallel(_grad_stats_groups)
+_grad_stats_groups_parallel = njit(cache=True, parallel=True)(_grad_stats_groups)
 
 
 def _grad_apply_groups(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_shift, dgamma,
@@ -812,7 +812,7 @@ def _grad_apply_groups(x, g, dx, m, stats, gstats, gamma_q, k_shift, q, dgamma_s
                           dgamma_shift, dgamma, dbeta, wide, cnt)
 
 
-_grad_apply_groups_serial, _grad_apply_groups_parallel = serial_and_parallel(_grad_apply_groups)
+_grad_apply_groups_parallel = njit(cache=True, parallel=True)(_grad_apply_groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1129,15 +1129,15 @@ def _group_bounds(n_ch: int, parts: int, size: int) -> np.ndarray:
     return out
 
 
-def _in_groups(parallel: bool, streams: int, *drivers):
+def _in_groups(streams: int, *drivers):
     """The group drivers, each called with its last argument filled in: the bounds of the
     channel groups, each of whose codes in the first ``streams`` arrays (x, or x and dy) hold
-    about GROUP_BYTES, on every Numba thread (one share on a single thread)."""
+    about GROUP_BYTES, in one share per Numba thread."""
     def bind(driver):
         def call(*args):
             x = args[0]
             per_channel = x.shape[0] * x.shape[2] * sum(a.itemsize for a in args[:streams])
-            bounds = _group_bounds(x.shape[1], numba.get_num_threads() if parallel else 1,
+            bounds = _group_bounds(x.shape[1], numba.get_num_threads(),
                                    max(1, GROUP_BYTES // per_channel))
             return driver(*args, bounds)
         return call
@@ -1145,34 +1145,32 @@ def _in_groups(parallel: bool, streams: int, *drivers):
 
 
 #: (statistics, apply, both in one region) drivers by (layout, parallel): "rows" for 2-D int8
-#: codes as they are, "groups" for large (N, C, L) codes, "channels" for the rest.
+#: codes as they are, "groups" for large (N, C, L) codes on the threads, "channels" for the
+#: rest (and for large codes on one thread).
 _FORWARD_KERNELS = {
     ("channels", False): (_stats_serial, _apply_serial, _forward_serial),
     ("channels", True): (_stats_parallel, _apply_parallel, _forward_parallel),
-    ("groups", False): _in_groups(False, 1, _stats_groups_serial, _apply_groups_serial,
-                                 _forward_groups_serial),
-    ("groups", True): _in_groups(True, 1, _stats_groups_parallel, _apply_groups_parallel,
-                                _forward_groups_parallel),
+    ("groups", True): _in_groups(1, _stats_groups_parallel, _apply_groups_parallel,
+                                 _forward_groups_parallel),
     ("rows", False): (_rows_stats_serial, _rows_apply_serial, _rows_forward_serial),
     ("rows", True): (_rows_stats_parallel, _rows_apply_parallel, _rows_forward_parallel),
 }
 _BACKWARD_KERNELS = {
     ("channels", False): (_grad_stats_serial, _grad_apply_serial, _backward_serial),
     ("channels", True): (_grad_stats_parallel, _grad_apply_parallel, _backward_parallel),
-    ("groups", False): _in_groups(False, 2, _grad_stats_groups_serial,
-                                 _grad_apply_groups_serial, _backward_groups_serial),
-    ("groups", True): _in_groups(True, 2, _grad_stats_groups_parallel,
-                                _grad_apply_groups_parallel, _backward_groups_parallel),
+    ("groups", True): _in_groups(2, _grad_stats_groups_parallel, _grad_apply_groups_parallel,
+                                 _backward_groups_parallel),
     ("rows", False): (_rows_grad_stats_serial, _rows_grad_apply_serial, _rows_backward_serial),
     ("rows", True): (_rows_grad_stats_parallel, _rows_grad_apply_parallel,
                      _rows_backward_parallel),
 }
 
 
-def _ncl_layout(*arrays: np.ndarray) -> str:
-    """The drivers of (N, C, L) codes: "groups" when each array holds GROUPS_MIN bytes on
-    average, else "channels"."""
-    return "groups" if sum(a.nbytes for a in arrays) >= GROUPS_MIN * len(arrays) else "channels"
+def _ncl_layout(parallel: bool, *arrays: np.ndarray) -> str:
+    """The drivers of (N, C, L) codes: "groups" when they run on the threads and each array
+    holds GROUPS_MIN bytes on average, else "channels"."""
+    large = sum(a.nbytes for a in arrays) >= GROUPS_MIN * len(arrays)
+    return "groups" if parallel and large else "channels"
 
 
 def _check_input(x: np.ndarray, name: str, share: bool = False) -> tuple[int, int]:
@@ -1315,7 +1313,8 @@ def l1bn_forward(x: QTensor, gamma: QTensor, beta: QTensor, *, out_bits: int,
         x3 = _as_ncl(x.q)
         y3 = _output_ncl(out, "out", x.q.shape, out_bits)
     wide = x3.dtype != np.int8
-    layout = "rows" if rows else "channels" if collective is not None else _ncl_layout(x3)
+    layout = ("rows" if rows else "channels" if collective is not None
+              else _ncl_layout(parallel, x3))
     stats_fn, apply_fn, forward_fn = _FORWARD_KERNELS[layout, parallel]
     if collective is not None:
         m = _synchronized_stats(x3, eps_shift, use_eps, stats, collective, parallel)
@@ -1391,7 +1390,7 @@ def l1bn_backward(dy: QTensor, cache: L1BNCache, *, dx_bits: int, dx_exp: int | 
         dx3 = _output_ncl(out, "out", cache.shape, dx_bits)
     wide = x3.dtype != np.int8 or g3.dtype != np.int8
     layout = ("rows" if rows else "channels" if cache.collective is not None
-              else _ncl_layout(x3, g3))
+              else _ncl_layout(parallel, x3, g3))
     stats_fn, apply_fn, backward_fn = _BACKWARD_KERNELS[layout, parallel]
     if dx_exp is None or cache.collective is not None:
         stats_fn(x3, g3, gstats, _NO_COUNT)

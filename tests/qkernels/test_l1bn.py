@@ -8,8 +8,10 @@ tests (the int8 regression cases, the two-limb helpers, the clamp window, the ce
 the int16 fold check) say so.
 """
 
+import contextlib
 from fractions import Fraction
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -381,20 +383,31 @@ def test_serial_and_parallel_identical_and_repeatable(x_bits, dy_bits, out_bits,
             np.testing.assert_array_equal(a, b)
 
 
-#: (shape, bytes per group, parallel) of the group-driver test: one group per part, several
-#: groups per part with a short last one, one channel per group, serial.
-GROUPED = [((16, 6, 5, 5), 1 << 20, True), ((8, 11, 4, 6), 1500, True),
-           ((8, 5, 3, 3), 1, True), ((8, 7, 4, 4), 600, False)]
+@contextlib.contextmanager
+def threads_of(n):
+    """Numba's thread count set to ``n`` (at most what it has) for the block."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+#: (shape, bytes per group, threads) of the group-driver test: one group per share, several
+#: groups per share, one channel per group, one share.
+GROUPED = [((16, 6, 5, 5), 1 << 20, 2), ((8, 11, 4, 6), 1500, 2), ((8, 5, 3, 3), 1, 2),
+           ((8, 7, 4, 4), 600, 1)]
 
 
 @pytest.mark.parametrize("widths", WIDTHS, ids=width_id)
-@pytest.mark.parametrize("shape, group_bytes, parallel", GROUPED)
+@pytest.mark.parametrize("shape, group_bytes, threads", GROUPED)
 def test_group_drivers_match_oracle_and_channel_drivers(monkeypatch, widths, shape,
-                                                        group_bytes, parallel):
-    """Large (N, C, L) codes take the group drivers (each pass over a group of channels row by
-    row): forced here on small codes, they match the oracle, float64 and exact rationals, and
-    give the channel drivers' codes, statistics, dgamma and dbeta, with exponents given and
-    chosen and with epsilon."""
+                                                        group_bytes, threads):
+    """Large (N, C, L) codes on the threads take the group drivers (each pass over a group of
+    channels row by row): forced here on small codes, they match the oracle, float64 and exact
+    rationals, and give the channel drivers' codes, statistics, dgamma and dbeta, with
+    exponents given and chosen and with epsilon."""
     x, gamma, beta, dy = make_case(shape, *widths, seed=sum(shape) + len(widths))
     out_bits, out_exp, dx_bits, dx_exp = formats(*widths)
     runs = []
@@ -402,12 +415,11 @@ def test_group_drivers_match_oracle_and_channel_drivers(monkeypatch, widths, sha
         monkeypatch.setattr(l1bn, "GROUPS_MIN", groups_min)
         monkeypatch.setattr(l1bn, "GROUP_BYTES", group_bytes)
         for exps, eps_log2 in (((out_exp, dx_exp), None), ((None, None), -8)):
-            y, cache, stats = check_forward(x, gamma, beta, out_bits, exps[0], eps_log2,
-                                            parallel=parallel)
-            dx = l1bn_backward(QTensor(dy, dy_exp_of(dy)), cache, dx_bits=dx_bits,
-                               dx_exp=exps[1], parallel=parallel)
-            check_backward(x, dy, gamma, cache, stats, dx_bits, exps[1], eps_log2,
-                           parallel=parallel)
+            with threads_of(threads):
+                y, cache, stats = check_forward(x, gamma, beta, out_bits, exps[0], eps_log2)
+                dx = l1bn_backward(QTensor(dy, dy_exp_of(dy)), cache, dx_bits=dx_bits,
+                                   dx_exp=exps[1])
+                check_backward(x, dy, gamma, cache, stats, dx_bits, exps[1], eps_log2)
             runs.append((y.q, y.exp, cache.stats) + tuple(v for t in dx for v in (t.q, t.exp)))
     half = len(runs) // 2
     for grouped, channels in zip(runs[:half], runs[half:]):
@@ -424,17 +436,19 @@ def test_group_drivers_count_the_channel_drivers_operations(monkeypatch, widths)
     m = np.int64(60)
     counts = []
     for layout in ("channels", "groups"):
-        stats_fn, apply_fn, _ = l1bn._FORWARD_KERNELS[layout, False]
-        grad_stats_fn, grad_apply_fn, _ = l1bn._BACKWARD_KERNELS[layout, False]
+        stats_fn, apply_fn, _ = l1bn._FORWARD_KERNELS[layout, True]
+        grad_stats_fn, grad_apply_fn, _ = l1bn._BACKWARD_KERNELS[layout, True]
         stats = np.empty((7, l1bn.N_STATS), np.int64)
         gstats = np.empty((7, l1bn.N_GSTATS), np.int64)
         fwd, bwd = np.zeros(8, np.int64), np.zeros(8, np.int64)
-        stats_fn(x3, -6, True, stats, fwd)
-        apply_fn(x3, np.empty_like(x3), m, gamma.q, 8, beta.q, 8, 127, x.dtype != np.int8,
-                 stats, fwd)
-        grad_stats_fn(x3, g3, gstats, bwd)
-        grad_apply_fn(x3, g3, np.empty_like(g3), m, stats, gstats, gamma.q, 0, 127, 16,
-                      np.empty(7, np.int64), np.empty(7, np.int64), x.dtype != np.int8, bwd)
+        with threads_of(1):  # one thread: the counter is not atomic
+            stats_fn(x3, -6, True, stats, fwd)
+            apply_fn(x3, np.empty_like(x3), m, gamma.q, 8, beta.q, 8, 127, x.dtype != np.int8,
+                     stats, fwd)
+            grad_stats_fn(x3, g3, gstats, bwd)
+            grad_apply_fn(x3, g3, np.empty_like(g3), m, stats, gstats, gamma.q, 0, 127, 16,
+                          np.empty(7, np.int64), np.empty(7, np.int64), x.dtype != np.int8,
+                          bwd)
         counts.append((fwd, bwd))
     np.testing.assert_array_equal(counts[0][0], counts[1][0])
     np.testing.assert_array_equal(counts[0][1], counts[1][1])
@@ -458,7 +472,7 @@ def test_group_bounds_cover_every_channel_in_equal_shares(n_ch, parts, size):
 
 def test_large_codes_take_the_group_drivers(monkeypatch):
     """The layout follows the codes' size: GROUPS_MIN bytes (each of x and dy) and up take the
-    group drivers, 2-D int8 codes their own."""
+    group drivers on the threads (the channel drivers on one), 2-D int8 codes their own."""
     calls = []
 
     def logged(layout, driver):
@@ -477,6 +491,10 @@ def test_large_codes_take_the_group_drivers(monkeypatch):
         _, cache = run_forward(x, gamma, beta, 8, None)
         l1bn_backward(QTensor(dy, -6), cache, dx_bits=8)
         assert calls == [want] * 4
+    calls.clear()
+    _, cache = run_forward(x, gamma, beta, 8, None, parallel=False)  # one thread
+    l1bn_backward(QTensor(dy, -6), cache, dx_bits=8, parallel=False)
+    assert calls == ["channels"] * 4
     calls.clear()
     _, cache = run_forward(x.reshape(4, -1)[:, :3], gamma, beta, 8, None)
     assert calls == ["rows"] * 2

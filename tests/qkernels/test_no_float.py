@@ -94,9 +94,8 @@ HELPERS = {
     "qkernels.l1bn._apply_channel": (
         "qkernels.l1bn._apply_parallel", "qkernels.l1bn._apply_serial",
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial"),
-    "qkernels.l1bn._apply_group": (
-        "qkernels.l1bn._apply_groups_parallel", "qkernels.l1bn._apply_groups_serial",
-        "qkernels.l1bn._forward_groups_parallel", "qkernels.l1bn._forward_groups_serial"),
+    "qkernels.l1bn._apply_group": ("qkernels.l1bn._apply_groups_parallel",
+                                   "qkernels.l1bn._forward_groups_parallel"),
     "qkernels.l1bn._block": tuple(
         f"qkernels.l1bn._rows_{k}_{b}" for k in ("apply", "backward", "forward", "grad_apply",
                                                  "grad_stats", "stats")
@@ -108,15 +107,13 @@ HELPERS = {
     "qkernels.l1bn._grad_apply_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_apply_parallel", "qkernels.l1bn._grad_apply_serial"),
-    "qkernels.l1bn._grad_apply_group": (
-        "qkernels.l1bn._backward_groups_parallel", "qkernels.l1bn._backward_groups_serial",
-        "qkernels.l1bn._grad_apply_groups_parallel", "qkernels.l1bn._grad_apply_groups_serial"),
+    "qkernels.l1bn._grad_apply_group": ("qkernels.l1bn._backward_groups_parallel",
+                                        "qkernels.l1bn._grad_apply_groups_parallel"),
     "qkernels.l1bn._grad_stats_channel": (
         "qkernels.l1bn._backward_parallel", "qkernels.l1bn._backward_serial",
         "qkernels.l1bn._grad_stats_parallel", "qkernels.l1bn._grad_stats_serial"),
-    "qkernels.l1bn._grad_stats_group": (
-        "qkernels.l1bn._backward_groups_parallel", "qkernels.l1bn._backward_groups_serial",
-        "qkernels.l1bn._grad_stats_groups_parallel", "qkernels.l1bn._grad_stats_groups_serial"),
+    "qkernels.l1bn._grad_stats_group": ("qkernels.l1bn._backward_groups_parallel",
+                                        "qkernels.l1bn._grad_stats_groups_parallel"),
     "qkernels.l1bn._rows_apply_block": (
         "qkernels.l1bn._rows_apply_parallel", "qkernels.l1bn._rows_apply_serial",
         "qkernels.l1bn._rows_forward_parallel", "qkernels.l1bn._rows_forward_serial"),
@@ -135,9 +132,8 @@ HELPERS = {
     "qkernels.l1bn._stats_channel": (
         "qkernels.l1bn._forward_parallel", "qkernels.l1bn._forward_serial",
         "qkernels.l1bn._stats_parallel", "qkernels.l1bn._stats_serial"),
-    "qkernels.l1bn._stats_group": (
-        "qkernels.l1bn._forward_groups_parallel", "qkernels.l1bn._forward_groups_serial",
-        "qkernels.l1bn._stats_groups_parallel", "qkernels.l1bn._stats_groups_serial"),
+    "qkernels.l1bn._stats_group": ("qkernels.l1bn._forward_groups_parallel",
+                                   "qkernels.l1bn._stats_groups_parallel"),
     "qkernels.l1bn._tally": (
         "qkernels.l1bn._affine_pass", "qkernels.l1bn._affine_pass_c",
         "qkernels.l1bn._backward_affine", "qkernels.l1bn._finish_channel",
@@ -336,19 +332,18 @@ def _l1bn_calls(g, full):
                 folded = l1bn.l1bn_fold(gamma, beta, run_mean, run_dev, x_exp=-4,
                                         out_bits=xbits, out_exp=-5, eps_log2=-8, x_bits=xbits)
                 l1bn.l1bn_inference(x, folded, out_bits=xbits, out_exp=-5, parallel=parallel)
-    # large (N, C, L) codes take the group drivers: forced here on small ones
+    # large (N, C, L) codes on the threads take the group drivers: forced here on small ones
     groups_min, l1bn.GROUPS_MIN = l1bn.GROUPS_MIN, 0
     try:
-        for xdt, gdt in widths:
+        for xdt, gdt in widths if full else widths[:1]:
             x = QTensor(g.integers(-100, 100, (4, 3, 5, 5)).astype(xdt), -4)
             dy = QTensor(g.integers(-100, 100, (4, 3, 5, 5)).astype(gdt), -7)
             gamma = QTensor(g.integers(2000, 6000, 3).astype(np.int32), -12)
             beta = QTensor(g.integers(-50, 50, 3).astype(np.int32), -12)
-            for parallel in (False, True):
-                for out_exp in (None, -5):
-                    y, cache = l1bn.l1bn_forward(x, gamma, beta, out_bits=8, out_exp=out_exp,
-                                                 eps_log2=-8, parallel=parallel)
-                    l1bn.l1bn_backward(dy, cache, dx_bits=8, dx_exp=out_exp, parallel=parallel)
+            for out_exp in (None, -5):
+                y, cache = l1bn.l1bn_forward(x, gamma, beta, out_bits=8, out_exp=out_exp,
+                                             eps_log2=-8)
+                l1bn.l1bn_backward(dy, cache, dx_bits=8, dx_exp=out_exp)
     finally:
         l1bn.GROUPS_MIN = groups_min
     # 2-D int8 codes take their own kernels: serial below PARALLEL_MIN values, parallel above
