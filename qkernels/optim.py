@@ -362,10 +362,7 @@ class F32Store:
         if -q <= lo and hi <= q:  # no rise, nothing saturated (store_shift would give 0)
             return SgdResult(0, 0)
         s = min(int(store_shift(lo, hi, q)), exp_max - exp)
-        if s or lo < -q or hi > q:
-            return SgdResult(s, int(_rescale_bits(self._wb, self._v, self._w_new, s, q,
-                                                  exp + s)))
-        return SgdResult(0, 0)
+        return SgdResult(s, int(_rescale_bits(self._wb, self._v, self._w_new, s, q, exp + s)))
 
 
 def sgd_step_f32_inplace(param: np.ndarray, exp: int, velocity: np.ndarray, grad: np.ndarray,
